@@ -1,0 +1,170 @@
+"""
+What coconut.py and latro.py share about the model: loading it (a tiny config from scratch, or any Hugging Face
+causal LM by name or local path), log-probabilities of target tokens computed only where they are needed, a
+KV-cached decoding loop, and the atomic checkpoint write.
+
+Everything here works with any `transformers` causal LM that accepts `inputs_embeds`, `position_ids`,
+`attention_mask` and a `DynamicCache` (GPT-2, Llama, Qwen, Mistral, Phi, SmolLM ...).
+"""
+
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+
+# -----------------------------------------------------------------------------
+# loading
+
+def pick_attention(attn_implementation, device_type):
+    """'auto' -> flash_attention_2 when flash-attn is installed and we are on CUDA, else PyTorch SDPA."""
+    if attn_implementation != "auto":
+        return attn_implementation
+    if device_type == "cuda":
+        try:
+            import flash_attn  # noqa: F401  (optional GPU extra, see requirements-gpu.txt)
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+def load_model(init_from, vocab_size, *, arch="gpt2", n_layer=2, n_head=4, n_embd=128, block_size=512,
+               dropout=0.0, bos_id=None, eos_id=None, pad_id=None, attn_implementation="auto", device_type="cpu"):
+    """A causal LM in fp32 on the CPU (the caller moves it). init_from='scratch' builds a tiny model with the given
+    shape and vocabulary; anything else is a hub name or a local directory for from_pretrained."""
+    attn = pick_attention(attn_implementation, device_type)
+    if init_from == "scratch":
+        if arch == "gpt2":
+            cfg = AutoConfig.for_model("gpt2", vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd,
+                                       n_layer=n_layer, n_head=n_head, resid_pdrop=dropout, embd_pdrop=dropout,
+                                       attn_pdrop=dropout, bos_token_id=bos_id, eos_token_id=eos_id,
+                                       pad_token_id=pad_id)
+        elif arch == "llama":
+            cfg = AutoConfig.for_model("llama", vocab_size=vocab_size, max_position_embeddings=block_size,
+                                       hidden_size=n_embd, intermediate_size=4 * n_embd, num_hidden_layers=n_layer,
+                                       num_attention_heads=n_head, num_key_value_heads=n_head,
+                                       attention_dropout=dropout, tie_word_embeddings=True, bos_token_id=bos_id,
+                                       eos_token_id=eos_id, pad_token_id=pad_id)
+        else:
+            raise ValueError(f"arch={arch!r} is not known for init_from='scratch': use 'gpt2' or 'llama'")
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
+    else:
+        if not os.path.isdir(init_from) and os.path.exists(init_from):
+            raise ValueError(f"init_from={init_from!r} is a file; give a directory written by save_pretrained, "
+                             f"a hub name, 'scratch' or 'resume'")
+        model = AutoModelForCausalLM.from_pretrained(init_from, attn_implementation=attn, dtype=torch.float32)
+    if model.get_input_embeddings().weight.shape[0] < vocab_size:
+        # added special tokens (e.g. Coconut's three markers) need rows; extra rows stay the padding-to-64 kind
+        model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    return model
+
+def backbone(model):
+    """The transformer without the LM head; its .last_hidden_state is taken after the final norm."""
+    return model.base_model
+
+def lm_head(model):
+    return model.get_output_embeddings()
+
+def autocast_ctx(device_type):
+    """bf16 autocast on CUDA (no fp16, no GradScaler); plain fp32 on the CPU."""
+    if device_type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+# -----------------------------------------------------------------------------
+# log-probabilities of targets, only where they are used
+
+def position_ids_from_mask(attention_mask):
+    """Positions that skip left padding: row [0 0 1 1 1] -> [0 0 0 1 2]. (B, T) long."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+def token_logprobs(model, hidden, targets, mask):
+    """log p(targets) from hidden states (B, T, C), in fp32, with the LM head applied only at mask positions:
+    a full-vocabulary head on every position is most of a small model's memory and a waste for masked tokens."""
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)  # (B, T)
+    logits = lm_head(model)(hidden[mask]).float()  # (N, V): N = mask.sum()
+    out[mask] = logits.log_softmax(-1).gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+    return out
+
+# -----------------------------------------------------------------------------
+# KV-cached decoding
+
+@torch.no_grad()
+def prefill(model, input_ids, attention_mask):
+    """Encode a left-padded prompt batch once; returns the last position's logits (B, V) fp32 and the cache."""
+    cache = DynamicCache()
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), past_key_values=cache, use_cache=True,
+                logits_to_keep=1)
+    return out.logits[:, -1].float(), out.past_key_values
+
+def sample_next(logits, temperature, top_p, generator):
+    """Greedy when temperature == 0, else sample from softmax(logits / T) restricted to the top-p nucleus."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = (logits / temperature).softmax(-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p  # keep the smallest prefix whose mass reaches top_p
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+def ends_with_stop(tokens, stop_sequences):
+    """(B,) bool: does each row of tokens (B, t) currently end with one of the stop sequences?"""
+    hit = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    for seq in stop_sequences:
+        n = len(seq)
+        if 0 < n <= tokens.shape[1]:
+            hit |= (tokens[:, -n:] == torch.tensor(seq, device=tokens.device)).all(-1)
+    return hit
+
+@torch.no_grad()
+def decode(model, last_logits, past_key_values, attention_mask, max_new_tokens, *, stop_sequences, pad_id,
+           temperature=0.0, top_p=1.0, generator=None):
+    """Continue a prefilled batch one token at a time with the KV cache.
+    A row is finished once its tokens end with a stop sequence (kept in the output, pad after it); the loop ends
+    when every row is finished. Every step draws for the whole batch, so a row's tokens never depend on when the
+    other rows stop: early stopping returns exactly the no-early-stop tokens cut at the first stop.
+    Returns tokens (B, T_new) and stopped (B,) bool."""
+    B = last_logits.shape[0]
+    device = last_logits.device
+    logits, mask = last_logits, attention_mask
+    tokens = torch.empty(B, 0, dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_p, generator)  # (B,)
+        nxt = nxt.masked_fill(finished, pad_id)
+        tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+        finished |= ends_with_stop(tokens, stop_sequences)
+        if finished.all():
+            break
+        mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position_ids_from_mask(mask)[:, -1:],
+                    past_key_values=past_key_values, use_cache=True)
+        logits, past_key_values = out.logits[:, -1].float(), out.past_key_values
+    return tokens, finished
+
+def generate(model, input_ids, attention_mask, max_new_tokens, **decode_kwargs):
+    """prefill + decode for a left-padded prompt batch."""
+    last_logits, cache = prefill(model, input_ids, attention_mask)
+    return decode(model, last_logits, cache, attention_mask, max_new_tokens, **decode_kwargs)
+
+# -----------------------------------------------------------------------------
+# checkpoints: plain tensors and Python values only, so torch.load(weights_only=True) can read them
+
+def save_checkpoint(path, obj):
+    """Write to a temporary file, then rename: a crash mid-write never leaves a half checkpoint at `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+def load_checkpoint(path, map_location="cpu"):
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}: check out_dir / init_from, or start with init_from=scratch")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, wrong file, pickled objects ...
+        raise RuntimeError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); "
+                           f"delete it and restart, or point init_from at another checkpoint") from e
