@@ -1,0 +1,755 @@
+"""
+Data for nanolatent: every task as one example format, the text each method trains on, and the tokenizers.
+
+An example is a dict {"question": str, "steps": [str, ...], "answer": str} plus optional metadata. Coconut trains
+on question + steps + answer, LaTRO sees only question + answer (its rationales are latent), and SFT baselines use
+the steps as the gold rationale.
+
+    examples = load_task("prosqa", "train")            # generated here, no download, deterministic by seed
+    examples = load_task("gsm8k", "test")              # hub `openai/gsm8k` through `datasets` (imported lazily)
+    examples = load_task("json", "train", path="prosqa_train.json")   # the official Coconut files load unchanged
+    tok = build_tokenizer("words", examples)           # closed word-level vocabulary, fast for tiny models
+
+Generated tasks (Coconut's ProsQA and ProntoQA, iCoT's multiplication, and "modsum", a toy for LaTRO) keep their
+splits disjoint by construction: a question belongs to train, val or test according to a stable hash of its
+canonical text, and each split's generator keeps only the questions of its own bucket. The split a question lands
+in therefore never depends on the seed or on the requested sizes.
+"""
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from functools import cached_property
+
+from tokenizers import Regex, models, pre_tokenizers
+from tokenizers import Tokenizer as _RustTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+COCONUT_SPECIAL_TOKENS = ["<|start-latent|>", "<|end-latent|>", "<|latent|>"]
+STEP_BY_STEP = " Let's think step by step."
+ARC_INSTRUCTION = "Let's think step by step first then print your answer like 'The answer is (one of the options)'."
+SPLITS = ("train", "val", "test")
+
+# -----------------------------------------------------------------------------
+# text formats
+
+def question_text(ex):
+    """Coconut: the question line, `Q\\n`."""
+    return ex["question"] + "\n"
+
+
+def step_text(step):
+    """Coconut: one language reasoning step per line."""
+    return step + "\n"
+
+
+def answer_text(ex):
+    """Coconut: `### A` (the script appends eos as a token id, so no tokenizer ever has to spell it)."""
+    return "### " + ex["answer"]
+
+
+def arc_options_text(options):
+    """ARC options in the prompt: `(A) text (B) text ...`; letters let a strict checker accept a letter answer."""
+    return " ".join(f"({label}) {text}" for label, text in options)
+
+
+def latro_prompt(ex, task):
+    """LaTRO: the user turn. ARC gets the released multiple-choice template; every other task the CoT suffix."""
+    if task == "arc":
+        options = arc_options_text(ex["options"])
+        return f"Question: {ex['question']}\nOptions: {options}\n{ARC_INSTRUCTION}"
+    return ex["question"] + STEP_BY_STEP
+
+
+def latro_answer(gold):
+    """LaTRO: the answer y whose likelihood is the reward (the script appends the end-of-turn token id).
+    A gold answer that is a sentence ("Tom is a lempus.") keeps one final period."""
+    return f"The answer is {gold.rstrip('.')}."
+
+
+def latro_rationale(ex):
+    """SFT warm-up / baseline: the gold rationale, one step per line."""
+    return "\n".join(ex["steps"])
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+# Word-level pre-tokenization: "\n" is a token; . , ? ! : ; are tokens when they end a word ("terpus." -> "terpus"
+# "."), but stay inside a word ("3.5", "Let's"); everything else splits on whitespace.
+_WORD_PUNCT = ".,?!:;"
+_WORD_PATTERN = r"\n|[.,?!:;](?=[.,?!:;]*(?:\s|$))|[^\s]+?(?=[.,?!:;]*(?:\s|$))"
+_WORD_RE = re.compile(_WORD_PATTERN)
+_WORD_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+
+def split_words(text):
+    """The word tokenizer's pieces, in Python (same regex as the tokenizers pre-tokenizer)."""
+    return _WORD_RE.findall(text)
+
+
+def join_words(words):
+    """Inverse of split_words for normally spaced text: no space before punctuation, none around newlines."""
+    out = []
+    for w in words:
+        glue = not out or out[-1] == "\n" or w == "\n" or all(c in _WORD_PUNCT for c in w)
+        out.append(w if glue else " " + w)
+    return "".join(out)
+
+
+class Tokenizer:
+    """One small interface over any Hugging Face tokenizer, the offline word-level one included.
+
+    The word-level tokenizer is a PreTrainedTokenizerFast around a `tokenizers` WordLevel model, so it saves and
+    loads with save_pretrained / from_pretrained like any other; only decoding is done here (HF would put a space
+    between every pair of words), so that decode(encode(t)) == t for the generated task texts.
+    """
+
+    def __init__(self, hf):
+        self.hf = hf
+        self.is_words = isinstance(hf.backend_tokenizer.model, models.WordLevel)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path):
+        return cls(AutoTokenizer.from_pretrained(name_or_path))
+
+    @classmethod
+    def from_words(cls, texts):
+        """A closed vocabulary over the words of `texts` (sorted, so the ids do not depend on the text order)."""
+        words = sorted({w for t in texts for w in split_words(t)})
+        vocab = {w: i for i, w in enumerate(_WORD_SPECIALS + [w for w in words if w not in _WORD_SPECIALS])}
+        rust = _RustTokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        # invert=True + "removed": the regex describes the pieces to keep, the whitespace between them is dropped
+        rust.pre_tokenizer = pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="removed", invert=True)
+        hf = PreTrainedTokenizerFast(tokenizer_object=rust, pad_token="<pad>", bos_token="<bos>",
+                                     eos_token="<eos>", unk_token="<unk>")
+        return cls(hf)
+
+    def __len__(self):
+        return len(self.hf)
+
+    def encode(self, text):
+        ids = self.hf.encode(text, add_special_tokens=False)
+        if self.is_words and self.hf.unk_token_id in ids:
+            # a closed vocabulary must not silently map words to <unk>: say which words are missing
+            missing = sorted({w for w in split_words(text) if w not in self.hf.get_vocab()})
+            raise ValueError(f"words not in the word-level vocabulary: {missing[:10]}")
+        return ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        ids = [int(i) for i in ids]
+        if not self.is_words:
+            return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        special = self.special_ids()
+        tokens = self.hf.convert_ids_to_tokens([i for i in ids if not (skip_special_tokens and i in special)])
+        return join_words(tokens)
+
+    def special_ids(self):
+        """Ids of all special tokens, including ones added later with add_special_tokens."""
+        ids = set(self.hf.all_special_ids)
+        ids.update(i for i, t in self.hf.added_tokens_decoder.items() if t.special)
+        return ids
+
+    @property
+    def eos_id(self):
+        return self.hf.eos_token_id
+
+    @property
+    def pad_id(self):
+        return self.hf.pad_token_id if self.hf.pad_token_id is not None else self.hf.eos_token_id
+
+    @property
+    def bos_id(self):
+        return self.hf.bos_token_id
+
+    @cached_property
+    def end_of_turn_id(self):
+        """The token that closes an assistant turn in the chat template (<|eot_id|>, <|end|>, <|im_end|>, ...)."""
+        if not self.hf.chat_template:
+            return self.eos_id
+        marker = "XyzzyReplyMarker"
+        text = self.hf.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
+        tail = text.split(marker, 1)[1] if marker in text else ""
+        special = self.special_ids()
+        for i in self.hf.encode(tail, add_special_tokens=False):
+            if i in special:
+                return i
+        return self.eos_id
+
+    def add_special_tokens(self, tokens):
+        self.hf.add_tokens(list(tokens), special_tokens=True)
+        return [self.token_id(t) for t in tokens]
+
+    def token_id(self, token):
+        i = self.hf.convert_tokens_to_ids(token)
+        if i is None or (i == self.hf.unk_token_id and token != self.hf.unk_token):
+            raise KeyError(f"token {token!r} is not in the vocabulary")
+        return i
+
+    def chat_prompt(self, text):
+        """Token ids of a user turn plus the generation prompt, with exactly one BOS when the tokenizer has one.
+
+        Templates differ: some write the BOS text themselves (Llama 3), some leave it to the tokenizer (Phi-3.5).
+        We render the text, encode it without special tokens, then make sure it starts with exactly one BOS.
+        """
+        if self.hf.chat_template:
+            rendered = self.hf.apply_chat_template([{"role": "user", "content": text}],
+                                                   add_generation_prompt=True, tokenize=False)
+            ids = self.hf.encode(rendered, add_special_tokens=False)
+        else:
+            ids = self.encode(text)
+        bos = self.bos_id
+        if bos is None:
+            return ids
+        while ids and ids[0] == bos:
+            ids = ids[1:]
+        return [bos] + ids
+
+    def save_pretrained(self, path):
+        self.hf.save_pretrained(path)
+
+
+def example_texts(ex):
+    """Every string of an example a tokenizer must cover."""
+    texts = [ex["question"], ex["answer"], *ex["steps"]]
+    if "options" in ex:
+        texts += [text for _, text in ex["options"]]
+    return texts
+
+
+def build_tokenizer(name, examples):
+    """'words': a closed word-level vocabulary over the examples and the fixed templates; else a HF tokenizer."""
+    if name != "words":
+        return Tokenizer.from_pretrained(name)
+    texts = [t for ex in examples for t in example_texts(ex)]
+    # the templates the scripts wrap around examples must be in the vocabulary too
+    # (LaTRO also stops rationales at "Answer:", so it must be encodable)
+    texts += ["\n", "###", STEP_BY_STEP, latro_answer("0"), "Answer:", ARC_INSTRUCTION,
+              "Question: Options: (A) (B) (C) (D) (E)"]
+    return Tokenizer.from_words(texts)
+
+# -----------------------------------------------------------------------------
+# disjoint splits for generated tasks
+
+_SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
+
+
+def canonical_question(question):
+    """The question with its sentences sorted: two shufflings of the same facts are the same question."""
+    return " ".join(sorted(re.split(r"(?<=[.?!])\s+", question.strip())))
+
+
+def split_of(question):
+    """Which split a question belongs to, by a stable hash (independent of seed, sizes and PYTHONHASHSEED)."""
+    h = int(hashlib.sha1(canonical_question(question).encode()).hexdigest()[:8], 16) / 16**8
+    if h < _SPLIT_FRACTIONS["train"]:
+        return "train"
+    return "val" if h < _SPLIT_FRACTIONS["train"] + _SPLIT_FRACTIONS["val"] else "test"
+
+
+def generate_split(make_example, task, split, n, seed, **task_kwargs):
+    """n distinct examples of one split; `make_example(rng, **task_kwargs)` returns an example or None (rejected)."""
+    rng = random.Random(f"{task}/{split}/{seed}")  # str seeds are hashed with sha512: stable across runs
+    out, seen, tries = [], set(), 0
+    max_tries = 200 * n + 10_000
+    t0 = last_print = time.time()
+    while len(out) < n:
+        if time.time() - last_print > 2:  # progress only when it takes a while (release-size ProsQA: ~30 s)
+            last_print = time.time()
+            print(f"\rgenerating {task} {split}: {len(out)}/{n}", end="", file=sys.stderr, flush=True)
+        tries += 1
+        if tries > max_tries:
+            raise RuntimeError(f"{task}: found only {len(out)} of {n} distinct {split} examples in {max_tries} "
+                               f"tries; the task is too small for this size ({task_kwargs}), ask for fewer")
+        ex = make_example(rng, **task_kwargs)
+        if ex is None:
+            continue
+        key = canonical_question(ex["question"])
+        if key in seen or split_of(ex["question"]) != split:
+            continue
+        seen.add(key)
+        out.append(ex)
+    if last_print > t0:
+        print(f"\rgenerated {task} {split}: {n} examples in {time.time() - t0:.0f}s", file=sys.stderr)
+    return out
+
+# -----------------------------------------------------------------------------
+# ProsQA (Coconut, Hao et al. 2024, Appendix: Algorithm 1)
+
+PERSONS = ("Alex Bob Carol Davis Eva Fae Gabriel Jack Max Oliver Polly Rex Sally Sam Stella Tom Wren").split()
+CONCEPTS = ("bompus boompus brimpus chorpus dumpus felpus fompus gerpus gorpus grimpus gwompus hilpus impus jelpus "
+            "jompus kerpus lempus lorpus numpus quimpus rempus rompus rorpus scrompus shumpus sterpus storpus "
+            "terpus timpus tumpus vumpus worpus wumpus yerpus yimpus yumpus zhorpus zumpus").split()
+
+
+def poisson(rng, lam):
+    """Knuth's sampler: count uniform draws until their product falls below exp(-lam)."""
+    k, p, limit = 0, rng.random(), math.exp(-lam)
+    while p > limit:
+        k += 1
+        p *= rng.random()
+    return k
+
+
+def weighted_sample(rng, items, weights, k):
+    """k distinct items, drawn one at a time with probability proportional to weight (numpy's choice, replace=False)."""
+    items, weights, chosen = list(items), list(weights), []
+    for _ in range(k):
+        x, i = rng.random() * sum(weights), 0
+        while i < len(items) - 1 and x >= weights[i]:
+            x -= weights[i]
+            i += 1
+        chosen.append(items.pop(i))
+        weights.pop(i)
+    return chosen
+
+
+def prosqa_dag(rng, n_nodes, lam=1.5, p_side=0.35, depth_weight=1.5):
+    """Algorithm 1: a random DAG whose labels say which of the two roots (nodes 0 and 1) reach each node.
+
+    label bit 1 = descendant of node 0, bit 2 = descendant of node 1 (3 = both, 0 = neither). A new node draws
+    k ~ Poisson(lam) parents: with p_side only from nodes node 1 does not reach, with p_side only from nodes node 0
+    does not reach, else from all, preferring deep parents (weight depth_weight * depth + 1). Returns the list of
+    parent lists and the labels.
+    """
+    parents, labels, depth = [[], []], [1, 2], [0, 0]
+    groups = {0: [], 1: [0], 2: [1], 3: []}  # nodes by label
+    for idx in range(2, n_nodes):
+        r = rng.random()
+        if r < p_side:
+            candidates = groups[0] + groups[1]  # node 1 does not reach these
+        elif r < 2 * p_side:
+            candidates = groups[0] + groups[2]  # node 0 does not reach these
+        else:
+            candidates = list(range(idx))
+        k = min(poisson(rng, lam), len(candidates))
+        chosen = weighted_sample(rng, candidates, [depth_weight * depth[c] + 1 for c in candidates], k)
+        label = 0
+        for c in chosen:
+            label |= labels[c]
+        parents.append(sorted(chosen))
+        labels.append(label)
+        groups[label].append(idx)
+        depth.append(1 + max(depth[c] for c in chosen) if chosen else 0)
+    return parents, labels
+
+
+def shortest_path(children, src, dst):
+    """BFS path src -> dst as a node list (None if unreachable); ties broken by child order (deterministic)."""
+    prev, frontier = {src: None}, [src]
+    while frontier and dst not in prev:
+        nxt = []
+        for u in frontier:
+            for v in children[u]:
+                if v not in prev:
+                    prev[v] = u
+                    nxt.append(v)
+        frontier = nxt
+    if dst not in prev:
+        return None
+    path = [dst]
+    while prev[path[-1]] is not None:
+        path.append(prev[path[-1]])
+    return path[::-1]
+
+
+def hop_distances(children, src):
+    dist, frontier = {src: 0}, [src]
+    while frontier:
+        nxt = []
+        for u in frontier:
+            for v in children[u]:
+                if v not in dist:
+                    dist[v] = dist[u] + 1
+                    nxt.append(v)
+        frontier = nxt
+    return dist
+
+
+def make_prosqa(rng, min_nodes=25, max_nodes=28, min_hops=3, max_hops=6, hop_weights=(202, 217, 69, 12),
+                max_persons=6, symbolic=False, max_tries=1000):
+    """One ProsQA example: "<shuffled facts> Is <entity> a <A> or <B>?", steps = the path, "<entity> is a <A>."
+
+    The hop count is drawn first from hop_weights (the release's test histogram by default; None = whatever the
+    graphs give), then graphs are drawn until one has a suitable A: drawing graphs first and keeping the lucky ones
+    would skew the histogram towards short paths.
+    """
+    if hop_weights:
+        if len(hop_weights) != max_hops - min_hops + 1:
+            raise ValueError(f"hop_weights needs one weight per hop count {min_hops}..{max_hops}, got {hop_weights}")
+        hops = rng.choices(range(min_hops, max_hops + 1), weights=hop_weights)[0]
+        min_hops = max_hops = hops
+    for _ in range(max_tries):
+        ex = prosqa_try(rng, rng.randint(min_nodes, max_nodes), min_hops, max_hops, max_persons, symbolic)
+        if ex is not None:
+            return ex
+    return None
+
+
+def make_prosqa_small(rng, min_nodes=10, max_nodes=12, min_hops=2, max_hops=4, hop_weights=None, **kw):
+    """The CPU-sized variant: smaller graphs, shorter paths, hop counts uniform unless hop_weights says otherwise.
+    Every make_prosqa knob passes through (load_task("prosqa_small", ..., symbolic=True, max_nodes=9))."""
+    hop_weights = hop_weights or (1,) * (max_hops - min_hops + 1)
+    return make_prosqa(rng, min_nodes=min_nodes, max_nodes=max_nodes, min_hops=min_hops, max_hops=max_hops,
+                       hop_weights=hop_weights, **kw)
+
+
+def prosqa_try(rng, n_nodes, min_hops, max_hops, max_persons, symbolic):
+    """One graph, and a question on it if it has one, else None.
+
+    The asked entity is node 0; A is reachable from node 0 only (label 1) at min_hops..max_hops; B is reachable
+    from node 1 only (label 2), so never from the entity. Parentless nodes are persons, the others concepts.
+    Only nodes that occur in some edge are named (a parentless node nobody points to is not in the question).
+    symbolic=True names nodes p0.. / c0.. and writes facts as "p3 > c7." (shorter, same graph).
+    """
+    parents, labels = prosqa_dag(rng, n_nodes)
+    children = [[] for _ in range(n_nodes)]
+    for v, ps in enumerate(parents):
+        for u in ps:
+            children[u].append(v)
+    dist = hop_distances(children, 0)
+    targets = [v for v in range(2, n_nodes) if labels[v] == 1 and min_hops <= dist.get(v, -1) <= max_hops]
+    distractors = [v for v in range(2, n_nodes) if labels[v] == 2]
+    if not targets or not distractors:
+        return None
+    target, neg_target = rng.choice(targets), rng.choice(distractors)
+
+    used = sorted({u for v, ps in enumerate(parents) for u in ps} | {v for v, ps in enumerate(parents) if ps})
+    persons = [v for v in used if not parents[v]]
+    concepts = [v for v in used if parents[v]]
+    pool_p, pool_c = (([f"p{i}" for i in range(len(PERSONS))], [f"c{i}" for i in range(len(CONCEPTS))])
+                      if symbolic else (PERSONS, CONCEPTS))
+    if len(persons) > min(max_persons, len(pool_p)) or len(concepts) > len(pool_c):
+        return None
+    name = dict(zip(persons, rng.sample(pool_p, len(persons))))
+    name.update(zip(concepts, rng.sample(pool_c, len(concepts))))
+
+    def fact(u, v):
+        if symbolic:
+            return f"{name[u]} > {name[v]}."
+        return f"{name[u]} is a {name[v]}." if not parents[u] else f"Every {name[u]} is a {name[v]}."
+
+    edges = [(u, v) for v, ps in enumerate(parents) for u in ps]
+    facts = [fact(u, v) for u, v in edges]
+    rng.shuffle(facts)
+    pair = [name[target], name[neg_target]]
+    rng.shuffle(pair)
+    query = f"{name[0]} > {pair[0]} or {pair[1]}?" if symbolic else f"Is {name[0]} a {pair[0]} or {pair[1]}?"
+    path = shortest_path(children, 0, target)
+    # a step states the entity's membership at each hop: "Tom is a terpus.", "Every terpus is a brimpus.", ...
+    steps = [fact(u, v) for u, v in zip(path, path[1:])]
+    answer = f"{name[0]} > {name[target]}." if symbolic else f"{name[0]} is a {name[target]}."
+    # the release's metadata keys, over the named nodes renumbered 0..n-1 (nodes 0 and 1 keep their ids)
+    idx = {v: i for i, v in enumerate(used)}
+    return {"question": " ".join(facts + [query]), "steps": steps, "answer": answer,
+            "idx_to_symbol": [name[v] for v in used], "edges": [[idx[u], idx[v]] for u, v in edges],
+            "root": 0, "target": idx[target], "neg_target": idx[neg_target]}
+
+# -----------------------------------------------------------------------------
+# ProntoQA-style deduction (Saparov & He 2023, as converted by Coconut)
+
+PRONTO_CONCEPTS = ("brimpus dumpus gorpus grimpus impus jompus lempus lorpus numpus rompus shumpus sterpus "
+                   "tumpus vumpus wumpus yumpus zumpus").split()
+ADJECTIVES = ("aggressive amenable angry blue bright brown bitter cold dull feisty floral fruity happy hot kind "
+              "large liquid luminous mean metallic muffled nervous opaque orange red sad shy small sour spicy "
+              "sweet transparent wooden").split()
+
+
+def _article(word):
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _plural(concept, capital=False):
+    word = concept + "es"
+    return word.capitalize() if capital else word
+
+
+def make_prontoqa(rng, hops=5):
+    """Entity in C1, C1 ⊂ C2 ⊂ ... ⊂ C_hops, C_hops is (not) P; query "True or false: <entity> is [not] P."
+
+    Distractors: other properties along the chain, and a separate two-concept chain that ends in the opposite of
+    P, so the property word alone does not give the answer away. Steps pair the proof sentences, hops + 1 steps.
+    """
+    concepts = rng.sample(PRONTO_CONCEPTS, hops + 2)
+    chain, distract = concepts[:hops], concepts[hops:]
+    adjectives = rng.sample(ADJECTIVES, hops)
+    prop, other_props = adjectives[0], adjectives[1:]
+    entity = rng.choice(PERSONS)
+    positive = rng.random() < 0.5      # C_hops are P (else: are not P)
+    negated = rng.random() < 0.5       # the query asks "is not P"
+
+    def is_prop(positive_, adj):
+        return f"are {adj}" if positive_ else f"are not {adj}"
+
+    first = f"{entity} is {_article(chain[0])} {chain[0]}."
+    rules = [f"{_plural(a, True)} are {_plural(b)}." for a, b in zip(chain, chain[1:])]
+    prop_rule = f"{_plural(chain[-1], True)} {is_prop(positive, prop)}."
+    extra = [f"{_plural(c, True)} {is_prop(rng.random() < 0.5, adj)}." for c, adj in zip(chain, other_props)]
+    extra += [f"{_plural(distract[0], True)} are {_plural(distract[1])}.",
+              f"{_plural(distract[1], True)} {is_prop(not positive, prop)}."]
+    facts = [first] + rules + [prop_rule] + extra
+    rng.shuffle(facts)
+    query = f"True or false: {entity} is {'not ' if negated else ''}{prop}."
+
+    proof = [first]
+    for a, rule in zip(chain[1:], rules):
+        proof += [rule, f"{entity} is {_article(a)} {a}."]
+    proof += [prop_rule, f"{entity} is {'' if positive else 'not '}{prop}."]
+    steps = [" ".join(proof[i:i + 2]) for i in range(0, len(proof), 2)]
+    return {"question": " ".join(facts) + " " + query, "steps": steps,
+            "answer": "True" if positive != negated else "False"}
+
+# -----------------------------------------------------------------------------
+# k x k multiplication (implicit CoT, Deng et al. 2023): digits least-significant first, space-separated
+
+def reversed_digits(x, width):
+    """x written least-significant digit first, zero-padded to `width` digits, space-separated."""
+    s = str(x)[::-1]
+    return " ".join(s + "0" * (width - len(s)))
+
+
+def multiplication_example(a, b, k):
+    """The iCoT layout: partial products A*b_i*10^i, with the running sum after p_1 .. p_(k-2) in parentheses."""
+    b_digits = [int(c) for c in str(b)[::-1]]
+    steps, total = [], 0
+    for i, d in enumerate(b_digits):
+        p = a * d * 10**i
+        total += p
+        step = reversed_digits(p, k + 1 + i)
+        if 1 <= i <= k - 2:
+            step += f" ( {reversed_digits(total, k + 1 + i)} )"
+        steps.append(step if i == 0 else "+ " + step)
+    question = f"{reversed_digits(a, k)} * {reversed_digits(b, k)}"
+    return {"question": question, "steps": steps, "answer": reversed_digits(a * b, 2 * k)}
+
+
+def make_multiplication(rng, digits=4):
+    lo, hi = 10 ** (digits - 1), 10**digits - 1
+    return multiplication_example(rng.randint(lo, hi), rng.randint(lo, hi), digits)
+
+# -----------------------------------------------------------------------------
+# modsum: the LaTRO toy (notes/feasibility.md). Signed running sum mod m; each step is self-contained.
+
+def make_modsum(rng, terms=5, modulus=5):
+    """'2 + 4 - 1 + 0 - 2 + 3 mod 5?' -> steps '2 + 4 = 1', '1 - 1 = 0', ... -> answer '1'."""
+    value = rng.randrange(modulus)
+    parts, steps = [str(value)], []
+    for _ in range(terms):
+        op, d = rng.choice("+-"), rng.randrange(modulus)
+        new = (value + d if op == "+" else value - d) % modulus
+        parts += [op, str(d)]
+        steps.append(f"{value} {op} {d} = {new}")
+        value = new
+    return {"question": " ".join(parts) + f" mod {modulus}?", "steps": steps, "answer": str(value)}
+
+# -----------------------------------------------------------------------------
+# loaders for real data
+
+def _fail(path, row, problem):
+    raise ValueError(f"{path}: row {row}: {problem}")
+
+
+def read_rows(path):
+    """Rows of a .json list or a .jsonl file, each with its 1-based row number (line number for jsonl)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            rows = []
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((i, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        _fail(path, i, f"invalid JSON ({e.msg})")
+            return rows
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of examples, got {type(data).__name__}")
+    return list(enumerate(data, 1))
+
+
+def validate_example(ex, path, row):
+    """The unified format, strictly: a non-empty question, a string answer, steps a list of strings."""
+    if not isinstance(ex, dict):
+        _fail(path, row, f"expected an object, got {type(ex).__name__}")
+    for key in ("question", "answer"):
+        if key not in ex:
+            _fail(path, row, f"missing field '{key}'")
+        if not isinstance(ex[key], str):
+            _fail(path, row, f"field '{key}' must be a string, got {type(ex[key]).__name__}")
+    if not ex["question"].strip():
+        _fail(path, row, "empty question")
+    steps = ex.get("steps", [])
+    if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
+        _fail(path, row, "field 'steps' must be a list of strings")
+    return ex
+
+
+def load_json(path):
+    """Unified-format .json list or .jsonl; extra keys (the release's idx_to_symbol, edges, ...) are kept."""
+    out = []
+    for row, ex in read_rows(path):
+        ex = validate_example(ex, path, row)
+        out.append({**ex, "steps": list(ex.get("steps", []))})
+    return out
+
+
+def gsm8k_example(question, solution, where="", row=0):
+    """Original GSM8K: the solution lines before '#### N' are the steps, N (commas removed) is the answer."""
+    if "####" not in solution:
+        _fail(where, row, "answer has no '#### <number>' line")
+    body, answer = solution.rsplit("####", 1)
+    answer = answer.strip().replace(",", "")
+    if not question.strip() or not answer:
+        _fail(where, row, "empty question" if not question.strip() else "empty answer after '####'")
+    steps = [line.strip() for line in body.strip().split("\n") if line.strip()]
+    return {"question": question.strip(), "steps": steps, "answer": answer}
+
+
+def _check_fields(row_dict, fields, path, row):
+    if not isinstance(row_dict, dict):
+        _fail(path, row, f"expected an object, got {type(row_dict).__name__}")
+    for key in fields:
+        if key not in row_dict:
+            _fail(path, row, f"missing field '{key}'")
+        if not isinstance(row_dict[key], str):
+            _fail(path, row, f"field '{key}' must be a string, got {type(row_dict[key]).__name__}")
+
+
+def load_gsm8k(split, path=""):
+    """GSM8K from a local jsonl ({"question", "answer"}) or the hub. The hub has no val split: val is the last 500
+    training problems, and train the rest, so model selection never looks at the test set."""
+    if path:
+        rows = read_rows(path)
+        for row, r in rows:
+            _check_fields(r, ("question", "answer"), path, row)
+        return [gsm8k_example(r["question"], r["answer"], path, row) for row, r in rows]
+    import datasets  # lazily: only needed on a machine that downloads
+    hub = datasets.load_dataset("openai/gsm8k", "main", split="test" if split == "test" else "train")
+    rows = list(enumerate(hub, 1))
+    if split != "test":
+        print(f"gsm8k: hub has no val split; {split} = {'the last 500' if split == 'val' else 'all but the last 500'}"
+              f" of the {len(rows)} training problems")
+        rows = rows[-500:] if split == "val" else rows[:-500]
+    return [gsm8k_example(r["question"], r["answer"], "openai/gsm8k", row) for row, r in rows]
+
+
+def load_gsm8k_aug(path):
+    """GSM8K-Aug (iCoT) text lines `question||<<eq1>> <<eq2>> #### answer`; steps = the <<...>> equations."""
+    if not path:
+        raise ValueError("gsm8k_aug needs path= a local iCoT text file (train.txt / valid.txt / test.txt)")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data file not found: {path}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for row, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            if "||" not in line:
+                _fail(path, row, "no '||' between question and rationale")
+            question, rest = line.split("||", 1)
+            if "####" not in rest:
+                _fail(path, row, "no '#### <answer>' after the rationale")
+            rationale, answer = rest.rsplit("####", 1)
+            if not question.strip():
+                _fail(path, row, "empty question")
+            steps = re.findall(r"<<[^<>]*>>", rationale)  # some lines have no equation at all: steps = []
+            out.append({"question": question.strip(), "steps": steps, "answer": answer.strip().replace(",", "")})
+    return out
+
+
+def arc_example(r, where, row):
+    """ARC row (question, choices {text, label}, answerKey) -> answer = the text of the keyed option."""
+    _check_fields(r, ("question", "answerKey"), where, row)
+    choices = r.get("choices")
+    if not isinstance(choices, dict) or not isinstance(choices.get("text"), list) \
+            or not isinstance(choices.get("label"), list) or len(choices["text"]) != len(choices["label"]):
+        _fail(where, row, "field 'choices' must be {'text': [...], 'label': [...]} of equal length")
+    options = list(zip(choices["label"], choices["text"]))
+    gold = [text for label, text in options if label == r["answerKey"]]
+    if len(gold) != 1:
+        _fail(where, row, f"answerKey {r['answerKey']!r} is not one of the labels {choices['label']}")
+    if not r["question"].strip():
+        _fail(where, row, "empty question")
+    return {"question": r["question"].strip(), "steps": [], "answer": gold[0],
+            "options": options, "answer_label": r["answerKey"]}
+
+
+def load_arc(split, path=""):
+    """ARC-Challenge from a local jsonl or the hub (`allenai/ai2_arc`, config ARC-Challenge)."""
+    if path:
+        return [arc_example(r, path, row) for row, r in read_rows(path)]
+    import datasets  # lazily: only needed on a machine that downloads
+    hub_split = {"train": "train", "val": "validation", "test": "test"}[split]
+    hub = datasets.load_dataset("allenai/ai2_arc", "ARC-Challenge", split=hub_split)
+    return [arc_example(dict(r), "allenai/ai2_arc", row) for row, r in enumerate(hub, 1)]
+
+# -----------------------------------------------------------------------------
+# one entry point
+
+GENERATORS = {
+    "prosqa": make_prosqa,
+    "prosqa_small": make_prosqa_small,
+    "prontoqa": make_prontoqa,
+    "multiplication": make_multiplication,
+    "modsum": make_modsum,
+}
+
+# default sizes (train, val, test): ProsQA / ProntoQA as released; multiplication and modsum sized for a CPU demo
+DEFAULT_SIZES = {
+    "prosqa": (17886, 300, 500),
+    "prosqa_small": (3000, 200, 500),
+    "prontoqa": (9000, 200, 800),
+    "multiplication": (20000, 1000, 1000),
+    "modsum": (10000, 500, 500),
+}
+TASKS = tuple(GENERATORS) + ("gsm8k", "gsm8k_aug", "arc", "json")
+
+
+def load_task(task, split, *, path="", n=0, seed=0, **task_kwargs):
+    """Examples of one task and split. n=0: the task's default size (all rows for loaded data); n>0: the first n."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if task in GENERATORS:
+        if path:  # e.g. the official prosqa_*.json: loaded as it is, so generator knobs would do nothing
+            if task_kwargs:
+                print(f"{task}: loading {path}; the generator options {sorted(task_kwargs)} do not apply to it")
+            return _first(load_json(path), n)
+        size = n or DEFAULT_SIZES[task][SPLITS.index(split)]
+        return generate_split(GENERATORS[task], task, split, size, seed, **task_kwargs)
+    if task_kwargs:
+        raise ValueError(f"task {task!r} takes no task options, got {sorted(task_kwargs)}")
+    if task == "json":
+        if not path:
+            raise ValueError("task 'json' needs path= a .json list or .jsonl file in the unified format")
+        return _first(load_json(path), n)
+    if task == "gsm8k":
+        return _first(load_gsm8k(split, path), n)
+    if task == "gsm8k_aug":
+        return _first(load_gsm8k_aug(path), n)
+    if task == "arc":
+        return _first(load_arc(split, path), n)
+    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+
+
+def _first(examples, n):
+    return examples[:n] if n else examples
+
+
+if __name__ == "__main__":
+    # a quick look at a task: python data.py prosqa_small train 3
+    task = sys.argv[1]
+    split = sys.argv[2] if len(sys.argv) > 2 else "train"
+    n = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+    for ex in load_task(task, split, n=n):
+        print(json.dumps({k: ex[k] for k in ("question", "steps", "answer")}, indent=1))

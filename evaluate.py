@@ -1,0 +1,234 @@
+"""
+Answer checking for nanolatent, with the semantics of the released code of each paper.
+
+- Coconut (every task): the text after the last '#' of the output, commas removed and stripped, must equal the gold
+  answer exactly ("### 18" is right for 18, "### 18.0" is not).
+- LaTRO, numbers (GSM8K, modsum, any task whose gold answer is a number): after the last "The answer is" the first
+  number, else the last number of the output; commas and $ dropped; compared as numbers, so "18.0" == "18".
+- LaTRO, ARC: lenient = the gold option's text occurs after the last "the answer is" (case-insensitive), as the
+  released checker does; strict = exactly one option (by letter or text) is named there, and it is the gold one.
+- LaTRO, other text answers (ProsQA, ProntoQA, multiplication): the text after the last "The answer is", stripped,
+  without a final period, equals the gold answer.
+- maj@k: majority_vote over the extracted answers of k samples.
+
+Score a predictions file (one JSON object per line with "output" or "outputs", and the example's fields):
+    python evaluate.py --task gsm8k --preds preds.jsonl [--style latro|coconut] [--strict]
+"""
+
+import argparse
+import json
+import re
+import sys
+from decimal import Decimal, InvalidOperation
+
+ANSWER_PREFIX = "the answer is"
+
+# A number: optional sign (only when the "-" is not glued to a word or a closing bracket, so "3-4" is 3 and 4),
+# digits with optional thousands commas, optional decimals. "18." is 18 (a trailing period ends a sentence).
+_NUMBER_RE = re.compile(r"(?:(?<![\w)\]])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?:(?<![\w)\]])-)?\.\d+")
+
+# -----------------------------------------------------------------------------
+# numbers
+
+def canonical_number(s):
+    """'1,000' -> '1000', '18.0' -> '18', '-0.50' -> '-0.5'; None if s is not a number."""
+    try:
+        d = Decimal(s.replace(",", "").replace("$", "").strip())
+    except InvalidOperation:
+        return None
+    if not d.is_finite():
+        return None
+    d = d.normalize()
+    return format(d if d != 0 else Decimal(0), "f")  # format 'f' avoids '1E+2'; -0 prints as 0
+
+
+def after_last_answer_prefix(text):
+    """The text after the last "The answer is" (case-insensitive), or None when it does not occur."""
+    i = text.lower().rfind(ANSWER_PREFIX)
+    return None if i < 0 else text[i + len(ANSWER_PREFIX):]
+
+
+def extract_number(text):
+    """GSM8K / LaTRO: the first number after the last "The answer is", else the last number; canonical string."""
+    tail = after_last_answer_prefix(text)
+    if tail is not None:
+        numbers = _NUMBER_RE.findall(tail.replace("$", ""))
+        return canonical_number(numbers[0]) if numbers else None
+    numbers = _NUMBER_RE.findall(text.replace("$", ""))
+    return canonical_number(numbers[-1]) if numbers else None
+
+# -----------------------------------------------------------------------------
+# Coconut
+
+def coconut_extract(output_text):
+    """The released rule: the text after the last '#', commas removed, stripped."""
+    return output_text.split("#")[-1].replace(",", "").strip()
+
+
+def coconut_correct(output_text, gold):
+    return coconut_extract(output_text) == gold.replace(",", "").strip()
+
+# -----------------------------------------------------------------------------
+# ARC
+
+def _option_mentions(segment, options):
+    """Labels of the options named in segment: "(B)" / a bare "B", or the option's text (case-insensitive).
+
+    A text match inside a longer matched option text does not count ("heat" inside "heat and light").
+    """
+    low = segment.lower()
+    named = set()
+    for label, _ in options:
+        if re.search(rf"\({re.escape(label)}\)", segment) or re.fullmatch(rf"\W*{re.escape(label)}\W*", segment):
+            named.add(label)
+    spans = []
+    for label, text in options:
+        t = text.lower().strip()
+        for m in re.finditer(re.escape(t), low) if t else []:
+            spans.append((m.start(), m.end(), label))
+    for s, e, label in spans:
+        inside_longer = any(s2 <= s and e <= e2 and (e2 - s2) > (e - s) for s2, e2, _ in spans)
+        if not inside_longer:
+            named.add(label)
+    return named
+
+
+def arc_extract(output_text, options, strict=False):
+    """The option text the output answers with, or None.
+
+    strict: exactly one option named after the last "the answer is". lenient: the option whose text occurs first
+    there (this is only for voting; lenient correctness is the released substring test, see arc_correct).
+    """
+    segment = after_last_answer_prefix(output_text)
+    if segment is None:
+        return None
+    texts = dict(options)
+    if strict:
+        named = _option_mentions(segment, options)
+        return texts[named.pop()] if len(named) == 1 else None
+    low = segment.lower()
+    hits = [(low.find(t.lower()), -len(t), t) for _, t in options if t and t.lower() in low]
+    return min(hits)[2] if hits else None
+
+
+def arc_correct(output_text, example, strict=False):
+    if strict:
+        return arc_extract(output_text, example["options"], strict=True) == example["answer"]
+    segment = after_last_answer_prefix(output_text)
+    return segment is not None and example["answer"].lower() in segment.lower()
+
+# -----------------------------------------------------------------------------
+# LaTRO: one extractor per kind of answer
+
+def is_number(s):
+    return canonical_number(s) is not None
+
+
+def latro_extract(task, output_text, example):
+    """The answer a LaTRO output gives (canonical number, option text or text), or None."""
+    if task == "arc":
+        return arc_extract(output_text, example["options"])
+    if is_number(example["answer"]):
+        return extract_number(output_text)
+    tail = after_last_answer_prefix(output_text)
+    if tail is None:
+        return None
+    tail = tail.strip()
+    return tail[:-1].strip() if tail.endswith(".") else tail
+
+
+def normalize_gold(task, example):
+    """The gold answer in the form latro_extract returns."""
+    gold = example["answer"]
+    if task == "arc":
+        return gold
+    if is_number(gold):
+        return canonical_number(gold)
+    gold = gold.strip()
+    return gold[:-1].strip() if gold.endswith(".") else gold
+
+
+def latro_correct(task, output_text, example, strict=False):
+    if task == "arc":
+        return arc_correct(output_text, example, strict)
+    answer = latro_extract(task, output_text, example)
+    return answer is not None and answer == normalize_gold(task, example)
+
+
+def check_answer(task, output_text, example, strict=False):
+    """Coconut-style check for any task: the answer is the text after the last '#' (ARC: an option in it)."""
+    if task == "arc":
+        return arc_correct("the answer is " + coconut_extract(output_text), example, strict)
+    return coconut_correct(output_text, example["answer"])
+
+# -----------------------------------------------------------------------------
+# maj@k and accuracy
+
+def majority_vote(answers):
+    """The most frequent non-None answer; ties go to the one seen first; None only if every answer is None."""
+    counts = {}
+    for a in answers:
+        if a is not None:
+            counts[a] = counts.get(a, 0) + 1
+    if not counts:
+        return None
+    return max(counts, key=counts.get)  # max keeps the first of equal counts, dicts keep insertion order
+
+
+def majority_correct(task, outputs, example):
+    """maj@k for LaTRO: vote over the k outputs' extracted answers, then compare with the gold."""
+    vote = majority_vote([latro_extract(task, o, example) for o in outputs])
+    if vote is None:
+        return False
+    if task == "arc":
+        return vote == example["answer"]
+    return vote == normalize_gold(task, example)
+
+
+def score(task, examples, outputs, style="latro", strict=False):
+    """Per-example correctness of outputs (a str each, or a list of k strings for maj@k)."""
+    assert len(examples) == len(outputs), f"{len(examples)} examples but {len(outputs)} outputs"
+    correct = []
+    for ex, out in zip(examples, outputs):
+        if isinstance(out, list):
+            correct.append(majority_correct(task, out, ex))
+        elif style == "coconut":
+            correct.append(check_answer(task, out, ex, strict))
+        else:
+            correct.append(latro_correct(task, out, ex, strict))
+    return correct
+
+
+def accuracy(generate, task, examples, style="latro", strict=False, batch_size=64):
+    """Run `generate(list of examples) -> list of output texts` over examples in batches; (accuracy, outputs).
+
+    Each example is counted exactly once (no padding of the last batch, unlike a DistributedSampler).
+    """
+    outputs = []
+    for i in range(0, len(examples), batch_size):
+        outputs += generate(examples[i:i + batch_size])
+        print(f"\reval {min(i + batch_size, len(examples))}/{len(examples)}", end="", file=sys.stderr)
+    print(file=sys.stderr)
+    correct = score(task, examples, outputs, style, strict)
+    return sum(correct) / max(len(correct), 1), outputs
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Score a predictions jsonl file.")
+    parser.add_argument("--task", required=True, help="gsm8k, arc, prosqa, ... (decides the answer extraction)")
+    parser.add_argument("--preds", required=True, help='jsonl: {"output": str} or {"outputs": [str]} + "answer"')
+    parser.add_argument("--style", default="latro", choices=["latro", "coconut"])
+    parser.add_argument("--strict", action="store_true", help="ARC: exactly one option named, the gold one")
+    args = parser.parse_args()
+    examples, outputs = [], []
+    with open(args.preds, encoding="utf-8") as f:
+        for row, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            r = json.loads(line)
+            if "answer" not in r or ("output" not in r and "outputs" not in r):
+                raise SystemExit(f"{args.preds}: row {row}: needs 'answer' and 'output' (or 'outputs')")
+            examples.append(r)
+            outputs.append(r["outputs"] if "outputs" in r else r["output"])
+    correct = score(args.task, examples, outputs, args.style, args.strict)
+    print(f"{args.task}: {sum(correct)}/{len(correct)} correct = {sum(correct) / max(len(correct), 1):.4f}")

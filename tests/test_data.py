@@ -1,0 +1,439 @@
+"""Tests for data.py: generators (ProsQA statistics, arithmetic, determinism, disjoint splits), tokenizers, loaders."""
+
+import json
+import re
+import sys
+from collections import Counter
+
+import pytest
+
+import data
+
+# -----------------------------------------------------------------------------
+# ProsQA
+
+
+def parse_fact(sentence):
+    """'Tom is a terpus.' / 'Every terpus is a brimpus.' / 'p0 > c3.' -> (parent, child)."""
+    m = re.fullmatch(r"(?:Every )?(\w+) is a (\w+)\.|(\w+) > (\w+)\.", sentence)
+    assert m, f"not a ProsQA fact: {sentence!r}"
+    return (m[1], m[2]) if m[1] else (m[3], m[4])
+
+
+def parse_prosqa(ex):
+    """The graph and the query as the text states them (not the metadata), so the text itself is checked."""
+    sentences = re.split(r"(?<=[.?])\s+", ex["question"])
+    *facts, query = sentences
+    m = re.fullmatch(r"Is (\w+) a (\w+) or (\w+)\?|(\w+) > (\w+) or (\w+)\?", query)
+    assert m, f"bad query {query!r}"
+    entity, c1, c2 = (m[1], m[2], m[3]) if m[1] else (m[4], m[5], m[6])
+    return [parse_fact(f) for f in facts], entity, {c1, c2}
+
+
+def reachable(edges, src):
+    children = {}
+    for u, v in edges:
+        children.setdefault(u, []).append(v)
+    seen, stack = {src}, [src]
+    while stack:
+        for v in children.get(stack.pop(), []):
+            if v not in seen:
+                seen.add(v)
+                stack.append(v)
+    return seen
+
+
+def check_prosqa_example(ex):
+    """Every invariant one example must satisfy; returns (nodes, edges, hops, persons) for the statistics."""
+    edges, entity, pair = parse_prosqa(ex)
+    assert len(set(edges)) == len(edges), "a fact is stated twice"
+    # the metadata describes the same graph as the text
+    name = ex["idx_to_symbol"]
+    assert sorted((name[u], name[v]) for u, v in ex["edges"]) == sorted(edges)
+    target, neg = name[ex["target"]], name[ex["neg_target"]]
+    assert name[ex["root"]] == entity and pair == {target, neg}
+    # the gold path: a chain of stated facts from the entity to A, one step per hop, and it is a shortest one
+    path = [parse_fact(s) for s in ex["steps"]]
+    assert path[0][0] == entity and path[-1][1] == target
+    assert all(a[1] == b[0] for a, b in zip(path, path[1:])), "steps do not form a path"
+    assert all(e in edges for e in path), "a step is not a fact of the question"
+    assert ex["answer"] in (f"{entity} is a {target}.", f"{entity} > {target}.")
+    frontier = {entity}
+    for _ in range(len(path) - 1):   # A must not be reachable in fewer hops
+        frontier = {v for u, v in edges if u in frontier}
+        assert target not in frontier, "the gold path is not a shortest path"
+    # the distractor B is unreachable from the entity but reachable from another person
+    assert target in reachable(edges, entity) and neg not in reachable(edges, entity)
+    nodes = {u for e in edges for u in e}
+    persons = nodes - {v for _, v in edges}
+    assert any(neg in reachable(edges, p) for p in persons - {entity})
+    return len(nodes), len(edges), len(path), len(persons)
+
+
+def test_prosqa_matches_released_statistics():
+    # Released (spec/tasks.md): 14-28 nodes, mean 23.0; 16-54 edges, mean 36.0; 3-6 hops with test counts
+    # 3:202 4:217 5:69 6:12; 2-6 persons. 300 examples: the means' standard errors are ~0.2 nodes, ~0.4 edges.
+    examples = data.load_task("prosqa", "train", n=300)
+    stats = [check_prosqa_example(ex) for ex in examples]
+    nodes, edges, hops, persons = zip(*stats)
+    assert abs(sum(nodes) / len(nodes) - 23.0) < 1.5
+    assert abs(sum(edges) / len(edges) - 36.0) < 3.0
+    assert set(hops) == {3, 4, 5, 6}
+    released = {3: 202, 4: 217, 5: 69, 6: 12}
+    counts = Counter(hops)
+    for h, c in released.items():  # within ~3.5 standard errors of the released shares (40%, 43%, 14%, 2%)
+        assert abs(counts[h] / len(hops) - c / 500) < 0.1, (h, counts)
+    assert min(persons) >= 2 and max(persons) <= 6
+    assert max(nodes) <= 28
+    assert all(ex["idx_to_symbol"][0] in data.PERSONS for ex in examples)
+    # the whole example survives a JSON round trip (the release is JSON) and loads back as it was
+    assert json.loads(json.dumps(examples[0])) == examples[0]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"symbolic": True}, {"min_nodes": 8, "max_nodes": 9, "max_hops": 3}])
+def test_prosqa_small_knobs(kwargs):
+    examples = data.load_task("prosqa_small", "train", n=60, **kwargs)
+    hops = Counter(check_prosqa_example(ex)[2] for ex in examples)
+    assert set(hops) <= set(range(2, kwargs.get("max_hops", 4) + 1)) and len(hops) >= 2
+    if kwargs.get("symbolic"):
+        assert all(re.fullmatch(r"p\d+ > c\d+\.", s) for ex in examples for s in ex["steps"][:1])
+    assert max(len(ex["idx_to_symbol"]) for ex in examples) <= kwargs.get("max_nodes", 12)
+
+
+def test_prosqa_bad_knob_is_an_error():
+    with pytest.raises(ValueError, match="hop_weights"):
+        data.load_task("prosqa", "val", n=2, hop_weights=(1, 2))
+    with pytest.raises(TypeError):
+        data.load_task("prosqa", "val", n=2, nodes=5)  # a typo must not be ignored
+
+# -----------------------------------------------------------------------------
+# the other generators
+
+
+def test_multiplication_icot_example_exact():
+    ex = data.multiplication_example(3719, 3349, 4)
+    assert ex["question"] == "9 1 7 3 * 9 4 3 3"
+    assert " ".join(ex["steps"]) == ("1 7 4 3 3 + 0 6 7 8 4 1 ( 1 3 2 2 8 1 ) + 0 0 7 5 1 1 1 "
+                                     "( 1 3 9 7 9 2 1 ) + 0 0 0 7 5 1 1 1")
+    assert ex["answer"] == "1 3 9 4 5 4 2 1"
+    assert len(ex["steps"]) == 4
+
+
+def from_reversed(digits):
+    return int("".join(digits.split())[::-1])
+
+
+@pytest.mark.parametrize("k", [3, 4, 5])
+def test_multiplication_arithmetic(k):
+    for ex in data.load_task("multiplication", "train", n=50, digits=k):
+        a_text, b_text = ex["question"].split(" * ")
+        a, b = from_reversed(a_text), from_reversed(b_text)
+        assert len(a_text.split()) == len(b_text.split()) == k and a >= 10 ** (k - 1) and b >= 10 ** (k - 1)
+        partials = [from_reversed(re.sub(r"\(.*\)|\+", "", s)) for s in ex["steps"]]
+        assert partials == [a * int(d) * 10**i for i, d in enumerate(str(b)[::-1])]
+        assert from_reversed(ex["answer"]) == a * b and len(ex["answer"].split()) == 2 * k
+
+
+def test_modsum_arithmetic():
+    for ex in data.load_task("modsum", "train", n=200):
+        q = ex["question"]
+        assert q.endswith(" mod 5?")
+        tokens = q[: -len(" mod 5?")].split()
+        value = int(tokens[0])
+        assert len(tokens) == 11 and len(ex["steps"]) == 5
+        for i, step in enumerate(ex["steps"]):
+            op, d = tokens[1 + 2 * i], int(tokens[2 + 2 * i])
+            new = (value + d if op == "+" else value - d) % 5
+            assert step == f"{value} {op} {d} = {new}"
+            value = new
+        assert ex["answer"] == str(value)
+
+
+def test_prontoqa_proof_is_consistent():
+    for ex in data.load_task("prontoqa", "train", n=100):
+        q, steps = ex["question"], ex["steps"]
+        context, query = q.split(" True or false: ")
+        facts = set(re.split(r"(?<=\.)\s+", context))
+        assert len(steps) == 6
+        entity = steps[0].split()[0]
+        proof = [s for step in steps for s in re.split(r"(?<=\.)\s+", step)]
+        # rules used by the proof are stated in the question; "X is a C" sentences are derived (except the first)
+        assert proof[0] in facts and all(s in facts for s in proof[1::2])
+        m = re.fullmatch(rf"{entity} is (not )?(\w+)\.", query)
+        assert m and proof[-1] in (f"{entity} is {m[2]}.", f"{entity} is not {m[2]}.")
+        proved_not = proof[-1].startswith(f"{entity} is not ")
+        assert ex["answer"] == ("True" if proved_not == bool(m[1]) else "False")
+        # the property word also occurs with the other polarity, so it does not give the answer away
+        assert sum(m[2] in f.split(" ")[-1] for f in facts) >= 2
+
+
+def test_prontoqa_answers_balanced():
+    answers = Counter(ex["answer"] for ex in data.load_task("prontoqa", "val", n=200))
+    assert 60 < answers["True"] < 140
+
+# -----------------------------------------------------------------------------
+# determinism and splits
+
+GENERATED = [("prosqa", {}), ("prosqa_small", {}), ("prontoqa", {}), ("multiplication", {"digits": 3}), ("modsum", {})]
+
+
+@pytest.mark.parametrize("task,kwargs", GENERATED)
+def test_generation_is_deterministic_by_seed(task, kwargs):
+    a = data.load_task(task, "val", n=20, seed=1, **kwargs)
+    b = data.load_task(task, "val", n=20, seed=1, **kwargs)
+    c = data.load_task(task, "val", n=20, seed=2, **kwargs)
+    assert a == b and a != c
+
+
+@pytest.mark.parametrize("task,kwargs", GENERATED)
+def test_splits_are_disjoint_and_deduplicated(task, kwargs):
+    keys = {}
+    for split, n in [("train", 200), ("val", 40), ("test", 40)]:
+        examples = data.load_task(task, split, n=n, **kwargs)
+        assert len(examples) == n
+        keys[split] = [data.canonical_question(ex["question"]) for ex in examples]
+        assert len(set(keys[split])) == n, f"duplicate question within {split}"
+    # a different seed gives other questions, but never ones from another split
+    other_seed = data.load_task(task, "test", n=40, seed=7, **kwargs)
+    keys["test"] += [data.canonical_question(ex["question"]) for ex in other_seed]
+    assert not set(keys["train"]) & set(keys["val"])
+    assert not set(keys["train"]) & set(keys["test"])
+    assert not set(keys["val"]) & set(keys["test"])
+
+
+def test_reordered_facts_are_the_same_question():
+    assert data.canonical_question("B is c. A is b. Is A c?") == data.canonical_question("A is b. B is c. Is A c?")
+
+
+def test_too_small_task_space_is_a_clear_error():
+    # 1-digit multiplication has 81 questions; the test bucket holds ~10% of them
+    with pytest.raises(RuntimeError, match="too small"):
+        data.load_task("multiplication", "test", n=80, digits=1)
+
+# -----------------------------------------------------------------------------
+# text formats
+
+
+def test_coconut_and_latro_text_formats():
+    ex = {"question": "Q?", "steps": ["s1", "s2"], "answer": "Tom is a lempus."}
+    text = data.question_text(ex) + "".join(data.step_text(s) for s in ex["steps"]) + data.answer_text(ex)
+    assert text == "Q?\ns1\ns2\n### Tom is a lempus."
+    assert data.latro_prompt(ex, "gsm8k") == "Q? Let's think step by step."
+    assert data.latro_answer("18") == "The answer is 18."
+    assert data.latro_answer("Tom is a lempus.") == "The answer is Tom is a lempus."  # one period, not two
+    arc = {"question": "Which?", "steps": [], "answer": "wind", "options": [("A", "heat"), ("B", "wind")]}
+    assert data.latro_prompt(arc, "arc") == ("Question: Which?\nOptions: (A) heat (B) wind\nLet's think step by step "
+                                             "first then print your answer like 'The answer is (one of the options)'.")
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+
+@pytest.mark.parametrize("task,kwargs", GENERATED + [("prosqa_small", {"symbolic": True})])
+def test_word_tokenizer_round_trip(task, kwargs):
+    examples = data.load_task(task, "train", n=50, **kwargs)
+    tok = data.build_tokenizer("words", examples)
+    for ex in examples:
+        coconut = data.question_text(ex) + "".join(map(data.step_text, ex["steps"])) + data.answer_text(ex)
+        latro = data.latro_prompt(ex, task) + " " + data.latro_answer(ex["answer"])
+        for text in [coconut, latro, data.latro_rationale(ex)]:
+            assert tok.decode(tok.encode(text)) == text
+
+
+def test_word_pieces():
+    # a word-final period is its own token, an inner one is not; "\n" is a token
+    assert data.split_words("Tom is a terpus.\nLet's 3.5 x?") == ["Tom", "is", "a", "terpus", ".", "\n", "Let's",
+                                                                 "3.5", "x", "?"]
+    assert data.join_words(["a", "b", ".", "\n", "c", "?"]) == "a b.\nc?"
+
+
+def test_word_tokenizer_special_tokens_and_save_load(tmp_path):
+    tok = data.Tokenizer.from_words(["Tom is a terpus.", "Every terpus is a brimpus."])
+    n = len(tok)
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2) and tok.end_of_turn_id == tok.eos_id
+    ids = tok.add_special_tokens(data.COCONUT_SPECIAL_TOKENS)
+    assert ids == list(range(n, n + 3)) and len(tok) == n + 3
+    assert [tok.token_id(t) for t in data.COCONUT_SPECIAL_TOKENS] == ids
+    # special tokens are single ids wherever they appear, and decode drops them unless asked
+    text = "Tom is a<|start-latent|><|latent|><|latent|><|end-latent|> terpus."
+    enc = tok.encode(text)
+    assert enc.count(ids[2]) == 2 and ids[0] in enc and ids[1] in enc
+    assert tok.decode(enc) == "Tom is a terpus."
+    assert "<|latent|>" in tok.decode(enc, skip_special_tokens=False)
+    assert tok.chat_prompt("Tom is a terpus.") == [tok.bos_id] + tok.encode("Tom is a terpus.")
+    with pytest.raises(ValueError, match="Wren"):
+        tok.encode("Wren is a terpus.")  # a closed vocabulary does not map unknown words to <unk> silently
+    with pytest.raises(KeyError):
+        tok.token_id("<nope>")
+    tok.save_pretrained(tmp_path)
+    back = data.Tokenizer.from_pretrained(str(tmp_path))
+    assert back.is_words and len(back) == len(tok) and back.token_id("<|latent|>") == ids[2]
+    assert back.encode(text) == enc and back.decode(enc) == "Tom is a terpus."
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def make_hf_tokenizer(tmp_path, template):
+    """A small HF tokenizer that is not word-level (WordPiece model), with a chat template we set ourselves,
+    built offline and saved with save_pretrained: the path users take with a hub tokenizer."""
+    from tokenizers import Tokenizer as RustTokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = "<s> </s> <unk> hello world 2 + 3 ? user assistant".split()
+    rust = RustTokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    rust.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=rust, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf.add_tokens(["<|user|>", "<|assistant|>", "<|end|>"], special_tokens=True)
+    hf.chat_template = template
+    hf.save_pretrained(tmp_path)
+    return data.Tokenizer.from_pretrained(str(tmp_path))
+
+
+@pytest.mark.parametrize("template", [CHAT_TEMPLATE, CHAT_TEMPLATE.replace("{{ bos_token }}", "")])
+def test_pretrained_tokenizer_chat_prompt(tmp_path, template):
+    # whether the template writes the BOS itself (Llama 3) or not (Phi-3.5), the prompt has exactly one BOS
+    tok = make_hf_tokenizer(tmp_path, template)
+    assert not tok.is_words
+    ids = tok.chat_prompt("hello world")
+    assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
+    assert tok.decode(ids, skip_special_tokens=False).replace(" ", "") == "<s><|user|>helloworld<|end|><|assistant|>"
+    assert tok.end_of_turn_id == tok.token_id("<|end|>") != tok.eos_id
+    assert tok.pad_id == tok.eos_id  # no pad token: pad with eos
+    ids = tok.add_special_tokens(data.COCONUT_SPECIAL_TOKENS)
+    assert tok.encode("hello<|latent|>world")[1] == ids[2]
+
+
+def test_build_tokenizer_by_name(tmp_path):
+    make_hf_tokenizer(tmp_path, CHAT_TEMPLATE)
+    tok = data.build_tokenizer(str(tmp_path), examples=[])
+    assert tok.encode("hello world") == [tok.token_id("hello"), tok.token_id("world")]
+
+# -----------------------------------------------------------------------------
+# loaders
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+def test_json_list_and_jsonl_load_with_extra_keys(tmp_path):
+    rows = [{"question": "Is Tom a a or b?", "steps": ["Tom is a a."], "answer": "Tom is a a.",
+             "idx_to_symbol": ["Tom", "a", "b"], "edges": [[0, 1]], "root": 0, "target": 1, "neg_target": 2},
+            {"question": "q2", "answer": "4"}]  # steps may be absent (no-CoT data)
+    p1 = write(tmp_path / "d.json", json.dumps(rows))
+    p2 = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
+    for path in (p1, p2):
+        exs = data.load_task("json", "train", path=path)
+        assert [ex["question"] for ex in exs] == ["Is Tom a a or b?", "q2"]
+        assert exs[0]["edges"] == [[0, 1]] and exs[1]["steps"] == []
+    assert len(data.load_task("json", "test", path=p1, n=1)) == 1
+    # a generated task name with a path loads the file (the official prosqa_*.json)
+    assert data.load_task("prosqa", "test", path=p1)[0]["answer"] == "Tom is a a."
+
+
+@pytest.mark.parametrize("row,problem", [
+    ({"steps": [], "answer": "1"}, "missing field 'question'"),
+    ({"question": "q", "steps": []}, "missing field 'answer'"),
+    ({"question": "q", "steps": [], "answer": 4}, "field 'answer' must be a string, got int"),
+    ({"question": "  ", "steps": [], "answer": "4"}, "empty question"),
+    ({"question": "q", "steps": "s1", "answer": "4"}, "field 'steps' must be a list of strings"),
+    ({"question": "q", "steps": ["s1", 2], "answer": "4"}, "field 'steps' must be a list of strings"),
+    (["q", "a"], "expected an object"),
+])
+@pytest.mark.parametrize("ext", ["json", "jsonl"])
+def test_bad_rows_name_file_row_and_problem(tmp_path, row, problem, ext):
+    good = {"question": "q", "steps": [], "answer": "1"}
+    rows = [good, good, row]
+    text = json.dumps(rows) if ext == "json" else "\n".join(json.dumps(r) for r in rows)
+    path = write(tmp_path / f"bad.{ext}", text)
+    with pytest.raises(ValueError) as e:
+        data.load_task("json", "train", path=path)
+    assert f"bad.{ext}: row 3: {problem}" in str(e.value)
+
+
+def test_bad_json_syntax_and_missing_file(tmp_path):
+    path = write(tmp_path / "bad.jsonl", '{"question": "q", "answer": "1"}\n{"question": \n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 2: invalid JSON"):
+        data.load_task("json", "train", path=path)
+    with pytest.raises(ValueError, match="expected a JSON list"):
+        data.load_task("json", "train", path=write(tmp_path / "obj.json", '{"question": "q"}'))
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        data.load_task("json", "train", path=str(tmp_path / "nope.json"))
+    with pytest.raises(ValueError, match="needs path"):
+        data.load_task("json", "train")
+
+
+def test_gsm8k_local_jsonl(tmp_path):
+    rows = [{"question": "Tom has 3 apples and buys 4. How many?", "answer": "He has 3+4=<<3+4=7>>7.\n#### 7"},
+            {"question": "Big?", "answer": "Total 1000*2=<<1000*2=2000>>2,000.\nThen add.\n#### 2,000"}]
+    path = write(tmp_path / "gsm8k.jsonl", "\n".join(json.dumps(r) for r in rows))
+    exs = data.load_task("gsm8k", "test", path=path)
+    assert exs[0] == {"question": rows[0]["question"], "steps": ["He has 3+4=<<3+4=7>>7."], "answer": "7"}
+    assert exs[1]["steps"] == ["Total 1000*2=<<1000*2=2000>>2,000.", "Then add."] and exs[1]["answer"] == "2000"
+    bad = write(tmp_path / "g2.jsonl", json.dumps(rows[0]) + "\n" + json.dumps({"question": "q", "answer": "7"}))
+    with pytest.raises(ValueError, match=r"g2.jsonl: row 2: answer has no '#### <number>'"):
+        data.load_task("gsm8k", "test", path=bad)
+
+
+def test_gsm8k_aug_lines(tmp_path):
+    lines = ["Tom has 4 and gives 2 ... ?||<<4-2=2>> <<2/.5=4>> #### 300",
+             "No equations here?||#### 1,200",
+             "",
+             "Q with spaces? || <<1+1=2>> ####  2 "]
+    path = write(tmp_path / "train.txt", "\n".join(lines) + "\n")
+    exs = data.load_task("gsm8k_aug", "train", path=path)
+    assert exs[0] == {"question": "Tom has 4 and gives 2 ... ?", "steps": ["<<4-2=2>>", "<<2/.5=4>>"], "answer": "300"}
+    assert exs[1] == {"question": "No equations here?", "steps": [], "answer": "1200"}
+    assert exs[2] == {"question": "Q with spaces?", "steps": ["<<1+1=2>>"], "answer": "2"}
+    bad = write(tmp_path / "bad.txt", lines[0] + "\nno separator #### 3\n")
+    with pytest.raises(ValueError, match=r"bad.txt: row 2: no '\|\|'"):
+        data.load_task("gsm8k_aug", "train", path=bad)
+
+
+def test_arc_local_jsonl(tmp_path):
+    row = {"id": "x1", "question": "Which form of energy does a fire give off?",
+           "choices": {"text": ["heat", "heat and light", "sound", "wind"], "label": ["A", "B", "C", "D"]},
+           "answerKey": "B"}
+    path = write(tmp_path / "arc.jsonl", json.dumps(row) + "\n" + json.dumps({**row, "answerKey": "3",
+                 "choices": {"text": ["x", "y", "z"], "label": ["1", "2", "3"]}}))
+    exs = data.load_task("arc", "test", path=path)
+    assert exs[0]["answer"] == "heat and light" and exs[0]["answer_label"] == "B" and exs[0]["steps"] == []
+    assert exs[0]["options"] == [("A", "heat"), ("B", "heat and light"), ("C", "sound"), ("D", "wind")]
+    assert exs[1]["answer"] == "z"
+    bad = write(tmp_path / "arc_bad.jsonl", json.dumps({**row, "answerKey": "E"}))
+    with pytest.raises(ValueError, match=r"arc_bad.jsonl: row 1: answerKey 'E' is not one of the labels"):
+        data.load_task("arc", "test", path=bad)
+
+
+def test_load_task_argument_errors():
+    with pytest.raises(ValueError, match="split"):
+        data.load_task("modsum", "dev")
+    with pytest.raises(ValueError, match="unknown task"):
+        data.load_task("gsm9k", "train")
+    with pytest.raises(ValueError, match="takes no task options"):
+        data.load_task("json", "train", path="x.json", digits=3)
+
+
+def test_hub_loaders_through_a_fake_datasets_module(monkeypatch, capsys):
+    # `datasets` is imported lazily inside the loaders (the GPU machine has none); a stand-in module checks the
+    # hub code path here: split names, GSM8K's val carved from the end of train, ARC's validation split.
+    import types
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        if name == "openai/gsm8k":
+            n = 600 if split == "train" else 3
+            return [{"question": f"q{i}?", "answer": f"{i}+1=<<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"} for i in range(n)]
+        return [{"question": "Which?", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "B"}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    train, val, test = (data.load_task("gsm8k", s) for s in data.SPLITS)
+    assert (len(train), len(val), len(test)) == (100, 500, 3)
+    assert train[-1]["question"] == "q99?" and val[0]["question"] == "q100?" and test[0]["answer"] == "1"
+    assert "no val split" in capsys.readouterr().out  # the carve-out is announced, not silent
+    assert data.load_task("arc", "val")[0]["answer"] == "y"
+    assert calls[-1] == ("allenai/ai2_arc", "ARC-Challenge", "validation")
+    assert [c[2] for c in calls[:3]] == ["train", "train", "test"]
