@@ -1,0 +1,525 @@
+"""
+LaTRO: Latent Reasoning Optimization (Chen et al., "Language Models are Hidden Reasoners: Unlocking Latent Reasoning
+Capabilities via Self-Rewarding", arXiv 2411.04282).
+
+The rationale z is a latent variable. The model samples K rationales per question, and each is rewarded by the
+model's own log-likelihood of the gold answer after it, minus a KL penalty to the frozen initial model π0. No reward
+model and no gold rationales: the model is reasoner and rewarder at once.
+
+    J(θ)   = E_(x,y) [ E_{z~πθ(·|x)} log πθ(y | x⊕z) − β·KL(πθ(z|x) ‖ π0(z|x)) ]
+    ∇J    ≈ 1/(NK) Σ_i Σ_k [ A_ik ∇log πθ(z_ik | x_i) + ∇log πθ(y_i | x_i⊕z_ik) ]   (N prompts × K rationales)
+    r_ik   = log πθ(y_i | x_i⊕z_ik) − β·Σ_t [log πθ(z_ik,t) − log π0(z_ik,t)]    (sequence sums, detached)
+    A_ik   = r_ik − 1/(K−1) Σ_{j≠k} r_ij                                        (RLOO leave-one-out baseline)
+
+One on-policy update per rollout batch: no advantage normalisation, no clipping, no PPO ratio. The second term of ∇J
+has weight `sft_coef`: 0 in the released code (the default here), 1.0 for the paper's Eq. 4.
+
+Launch:
+    python latro.py                                    # CPU demo: modsum, tiny model, SFT warm-up then LaTRO
+    python latro.py --latro_steps=0                    # the SFT warm-up alone (the SFT baseline)
+    python latro.py --init_from=resume                 # continue out_dir/ckpt.pt exactly
+    python latro.py config/latro_gsm8k_phi35.py --init_from=Qwen/Qwen2.5-1.5B-Instruct --batch_size=3   # 1 GPU
+    torchrun --standalone --nproc_per_node=8 latro.py config/latro_gsm8k_phi35.py    # 8 GPUs, the paper's setup
+    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --master_addr=HOST --master_port=29500 \\
+        latro.py config/latro_gsm8k_phi35.py --batch_size=48    # 2 nodes (--node_rank=1 on the other)
+"""
+
+import copy
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import configure
+from data import build_tokenizer, latro_answer, latro_prompt, latro_rationale, load_task
+from evaluate import latro_correct, majority_correct
+from model import (autocast_ctx, backbone, generate, load_checkpoint, load_model, position_ids_from_mask,
+                   save_checkpoint, token_logprobs)
+
+# -----------------------------------------------------------------------------
+# configuration: the defaults are the embedded CPU demo (a few minutes on 2 cores); paper values in comments
+# I/O
+out_dir = "out-latro"          # ckpt.pt (resume), best.pt (best dev weights), hf/ (save_pretrained export)
+init_from = "scratch"          # 'scratch' (tiny model), 'resume' (out_dir/ckpt.pt) or an HF hub name / local dir
+eval_interval = 25             # LaTRO steps between dev evaluations and checkpoints
+stop_at_step = 0               # end this invocation after this LaTRO step (checkpoint kept, resume later); 0 = never
+export_hf = True               # write out_dir/hf with save_pretrained (model + tokenizer) at the end
+wandb_log = False              # log to Weights & Biases (imported only when True)
+wandb_project = "nanolatent"   # wandb project
+wandb_run_name = "latro"       # wandb run name
+# data
+task = "modsum"                # modsum (CPU demo) | gsm8k | arc | any task of data.py with a numeric or text answer
+data_path = ""                 # local file for gsm8k / arc / json; '' = generate or download
+n_train = 0                    # training questions (0 = the task's default size)
+n_dev = 200                    # dev questions: evaluation during training and model selection
+n_test = 500                   # test questions: evaluated before LaTRO and once at the end, never used for selection
+tokenizer = ""                 # '' = word-level vocabulary for scratch models, the model's own tokenizer otherwise
+# model (init_from='scratch')
+arch = "gpt2"                  # gpt2 | llama
+n_layer = 3                    # 3 x 128 dims, 4 heads: 0.63M parameters with the modsum vocabulary
+n_head = 4
+n_embd = 128
+block_size = 256               # longest sequence (positions) of a scratch model
+dropout = 0.0                  # keep 0: the update must see the same policy that produced the rollouts
+attn_implementation = "auto"   # auto = flash_attention_2 on CUDA when installed, else sdpa
+gradient_checkpointing = False # recompute activations in the backward (long rationales on big models)
+# SFT warm-up on gold rationales (also the SFT baseline; 0 steps for pretrained models)
+sft_share = 0.1                # share of the training questions whose gold rationale SFT may use
+sft_steps = 2000               # maximum warm-up steps
+sft_batch_size = 64            # sequences per step, all ranks together
+sft_lr = 1e-3                  # constant AdamW learning rate
+sft_eval_interval = 20         # steps between dev evaluations during the warm-up
+sft_target_acc = 0.45          # stop the warm-up once dev accuracy reaches this (0 = run all sft_steps)
+# LaTRO
+latro_steps = 200              # optimizer steps: the budget (released GSM8K "6 epochs" = 117 steps)
+batch_size = 8                 # prompts per optimizer step, all ranks together (paper: 24 = 8 GPUs x 3)
+rloo_k = 8                     # K rationales per prompt (paper: 16)
+micro_batch_size = 64          # rollouts per forward/backward on one rank (paper: 4); sets gradient accumulation
+gen_batch_size = 256           # rows per generate call (rollouts and evaluation)
+max_rationale_tokens = 40      # L, longest sampled rationale (paper: 500)
+temperature = 1.0              # rollout sampling temperature (paper: 1)
+top_p = 1.0                    # rollout nucleus (paper: 1, no top-p)
+stop_strings = "The answer is|Answer:"  # '|'-separated; a rationale is cut before the first one (and eos/end-of-turn)
+beta = 0.05                    # KL coefficient (paper: 0.05 GSM8K, 0.25 ARC-Challenge)
+gamma = 2.0                    # non-stopped rationales get reward gamma x mean raw reward (paper: 2)
+penalty = "group"              # non-stopped penalty baseline: group (the prompt's K samples) | rank_mean (released) | none
+sft_coef = 0.0                 # weight of ∇log π(y|x,z): 0 = released recipe, 1.0 = the paper's Eq. 4
+lr = 1e-4                      # AdamW peak lr, linear decay to 0, no warm-up (paper: 5e-7 for pretrained models)
+weight_decay = 0.0             # (paper: 0)
+# evaluation
+eval_max_tokens = 64           # greedy / maj@k generation length: rationale plus answer (paper: 500)
+maj_k = 8                      # samples per question for maj@k (self-consistency) at T=1; 0 = greedy only
+# system
+device = "auto"                # auto | cpu | cuda
+seed = 1337                    # data order, initial weights, and rollouts (seeded by seed, step and rank)
+if __name__ == "__main__":  # a config file and --key=value override the defaults (importing keeps them)
+    config = configure(globals(), sys.argv[1:])
+
+# -----------------------------------------------------------------------------
+# the method
+
+def batch_layout(batch_size, rloo_k, micro_batch_size, world_size):
+    """Per-rank counts from the global ones. Each rank owns whole groups of K, so the leave-one-out baseline never
+    needs another rank's rewards, and every rank runs the same number of micro-steps (or DDP's backward hangs)."""
+    if rloo_k < 2:
+        raise ValueError(f"rloo_k={rloo_k}: the leave-one-out baseline needs at least 2 rationales per prompt")
+    if batch_size % world_size:
+        raise ValueError(f"batch_size={batch_size} prompts per step do not split over {world_size} ranks: "
+                         f"make batch_size a multiple of {world_size} or change the number of processes")
+    prompts = batch_size // world_size
+    rollouts = prompts * rloo_k
+    if rollouts % micro_batch_size:
+        raise ValueError(f"each rank has {prompts} prompts x rloo_k={rloo_k} = {rollouts} rollouts, which "
+                         f"micro_batch_size={micro_batch_size} does not divide: pick a micro_batch_size dividing "
+                         f"{rollouts}, or change batch_size / rloo_k")
+    return prompts, rollouts, rollouts // micro_batch_size  # prompts per rank, rollouts per rank, accumulation
+
+def stop_sequences(tok, strings):
+    """Token-id sequences that end a rationale: eos, pad, end-of-turn, and each stop string with and without a
+    leading space / newline (BPE tokenizes them differently in context)."""
+    seqs = [[tok.eos_id], [tok.pad_id], [tok.end_of_turn_id]]
+    for s in strings:
+        for text in (s, " " + s, "\n" + s):
+            try:
+                seqs.append(tok.encode(text))
+            except ValueError:  # a closed word vocabulary without these words can never generate them
+                pass
+    unique = []
+    for s in seqs:
+        if s and s not in unique:
+            unique.append(s)
+    return unique
+
+def truncate_at_stop(tokens, stops):
+    """tokens (N, L) -> lengths (N,), stopped (N,): a rationale is tokens[i, :lengths[i]], cut strictly before its
+    first stop. 'First' is the stop that ends earliest (where the sampler stopped); on a tie, the longer one."""
+    N, L = tokens.shape
+    none = L * (L + 1) + L  # key = end * (L + 1) + start; larger than any real match
+    best = torch.full((N,), none, dtype=torch.long, device=tokens.device)
+    for seq in stops:
+        m = len(seq)
+        if m > L:
+            continue
+        hit = (tokens.unfold(1, m, 1) == torch.tensor(seq, device=tokens.device)).all(-1)  # (N, L-m+1) match at j
+        start = hit.int().argmax(1)  # first match of this stop (for a fixed length, earliest start = earliest end)
+        best = torch.minimum(best, torch.where(hit.any(1), (start + m - 1) * (L + 1) + start, none))
+    stopped = best < none
+    return torch.where(stopped, best % (L + 1), L), stopped
+
+def build_batch(prompts, rationales, answers, pad_id, device="cpu"):
+    """Rows [x, z, y], right-padded. Returns input_ids, attention_mask (B, T) and token masks of z and of y."""
+    T = max(len(x) + len(z) + len(y) for x, z, y in zip(prompts, rationales, answers))
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    attn, z_mask, y_mask = (torch.zeros(len(prompts), T, dtype=torch.bool) for _ in range(3))
+    for i, (x, z, y) in enumerate(zip(prompts, rationales, answers)):
+        a, b, c = len(x), len(x) + len(z), len(x) + len(z) + len(y)
+        ids[i, :c] = torch.tensor(x + z + y)
+        attn[i, :c], z_mask[i, a:b], y_mask[i, b:c] = True, True, True
+    return tuple(t.to(device) for t in (ids, attn.long(), z_mask, y_mask))
+
+class SequenceScorer(torch.nn.Module):
+    """One pass over [x, z, y] gives both sequence log-likelihoods: Σ_t log π(z_t | x, z_<t) and
+    Σ_t log π(y_t | x, z, y_<t), in fp32, with the LM head applied only at the z and y positions. It is an
+    nn.Module so that DDP wraps it: one DDP forward per backward, both terms in it."""
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, z_mask, y_mask):
+        hidden = backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                      position_ids=position_ids_from_mask(attention_mask)).last_hidden_state
+        z_t, y_t = z_mask[:, 1:], y_mask[:, 1:]  # the hidden state at t predicts token t+1
+        logp = token_logprobs(self.model, hidden[:, :-1], input_ids[:, 1:], z_t | y_t)  # (B, T-1) fp32
+        return (logp * z_t).sum(1), (logp * y_t).sum(1)  # (B,), (B,): exactly the z tokens, exactly the y tokens
+
+def latro_rewards(logp_y, logp_z, ref_logp_z, stopped, rloo_k, beta, gamma, penalty):
+    """r_ik = log π(y|x,z_ik) − β (log π(z_ik|x) − log π0(z_ik|x)); a non-stopped rationale's raw reward is
+    replaced by γ × the mean raw reward of its group ('group') or of the rank's batch ('rank_mean', as released;
+    that couples groups and can raise a very bad sample). Rewards are negative, so γ > 1 is a penalty on average."""
+    raw = logp_y
+    if penalty == "group":
+        raw = torch.where(stopped, raw, gamma * raw.view(-1, rloo_k).mean(1).repeat_interleave(rloo_k))
+    elif penalty == "rank_mean":
+        raw = torch.where(stopped, raw, gamma * raw.mean())
+    elif penalty != "none":
+        raise ValueError(f"penalty={penalty!r}: use 'group', 'rank_mean' or 'none'")
+    kl = logp_z - ref_logp_z  # sequence-level KL estimate on the sampled z
+    return raw - beta * kl, kl
+
+def rloo_advantages(rewards, rloo_k):
+    """A_ik = r_ik − 1/(K−1) Σ_{j≠k} r_ij, for rewards (N·K,) laid out group by group."""
+    r = rewards.view(-1, rloo_k)  # (N, K)
+    baseline = (r.sum(1, keepdim=True) - r) / (rloo_k - 1)
+    return (r - baseline).view(-1)
+
+def latro_loss(logp_z, logp_y, advantages, sft_coef):
+    """The negative of ∇J's surrogate: mean(−A·log π(z)) + sft_coef · mean(−log π(y|x,z)); A is a constant."""
+    loss = -(advantages.detach() * logp_z).mean()
+    if sft_coef:
+        loss = loss - sft_coef * logp_y.mean()
+    return loss
+
+def left_pad(seqs, pad_id, device):
+    T = max(map(len, seqs))
+    ids = torch.tensor([[pad_id] * (T - len(s)) + s for s in seqs], device=device)
+    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return ids, mask
+
+@torch.no_grad()
+def sample(model, prompts, max_new_tokens, stops, cut_stops, pad_id, chunk, ctx, generator=None, **decode_kwargs):
+    """Batched, KV-cached generation that stops each row at its first stop and the batch once all stopped.
+    Returns the continuations cut before their first cut_stops match, stopped flags (N,) and decoded positions."""
+    device = next(model.parameters()).device
+    starts = range(0, len(prompts), chunk)
+    # one seed per chunk, drawn up front: a chunk that stops early must not shift the random draws of the next one
+    seeds = torch.randint(2**62, (len(starts),), generator=generator, device=device).tolist() if generator else None
+    outs, flags, n_tok = [], [], 0
+    for c, i in enumerate(starts):
+        ids, mask = left_pad(prompts[i:i + chunk], pad_id, device)
+        g = torch.Generator(device=device).manual_seed(seeds[c]) if generator else None
+        with ctx:
+            tokens, _ = generate(model, ids, mask, max_new_tokens, stop_sequences=stops, pad_id=pad_id,
+                                 generator=g, **decode_kwargs)
+        lengths, stopped = truncate_at_stop(tokens, cut_stops)
+        outs += [row[:n].tolist() for row, n in zip(tokens, lengths)]
+        flags.append(stopped)
+        n_tok += tokens.numel()
+    return outs, torch.cat(flags), n_tok
+
+@torch.no_grad()
+def score(scorer, prompts, rationales, answers, pad_id, chunk, ctx):
+    """(Σ log π(z), Σ log π(y|x,z)) for every row, in right-sized chunks of `chunk` rows."""
+    out = []
+    for i in range(0, len(prompts), chunk):
+        batch = build_batch(prompts[i:i + chunk], rationales[i:i + chunk], answers[i:i + chunk], pad_id,
+                            next(scorer.parameters()).device)
+        with ctx:
+            out.append(torch.stack(scorer(*batch), 1))
+    logp = torch.cat(out)
+    return logp[:, 0], logp[:, 1]
+
+@torch.no_grad()
+def evaluate(model, task, examples, prompts, answers, *, tok, rationale_stops, max_new_tokens, maj_k, chunk, ctx,
+             generator):
+    """Sums over examples: greedy correct, maj@k correct, log π(y | x, z_greedy); and the count. The answer
+    log-likelihood puts the gold answer after the greedy rationale cut at its first stop, as the reward does."""
+    model.eval()
+    eos = [[tok.eos_id], [tok.end_of_turn_id]]
+    outs, _, _ = sample(model, prompts, max_new_tokens, eos, eos, tok.pad_id, chunk, ctx)
+    correct = sum(latro_correct(task, tok.decode(o), ex) for o, ex in zip(outs, examples))
+    # the greedy rationale: the output cut at its first stop as in training (the pad, a stop, keeps [] valid)
+    cut = [o[:int(truncate_at_stop(torch.tensor([o + [tok.pad_id]]), rationale_stops)[0])] for o in outs]
+    _, logp_y = score(SequenceScorer(model), prompts, cut, answers, tok.pad_id, chunk, ctx)
+    maj = 0
+    if maj_k:
+        many = [p for p in prompts for _ in range(maj_k)]
+        outs, _, _ = sample(model, many, max_new_tokens, eos, eos, tok.pad_id, chunk, ctx, temperature=1.0,
+                            generator=generator)
+        maj = sum(majority_correct(task, [tok.decode(o) for o in outs[i * maj_k:(i + 1) * maj_k]], ex)
+                  for i, ex in enumerate(examples))
+    return torch.tensor([correct, maj, logp_y.sum().item(), len(examples)], dtype=torch.float64)
+
+def step_indices(step, n_per_step, n_data, seed):
+    """The questions of one step: consecutive slices of one seeded permutation per epoch (so resume is exact)."""
+    first = step * n_per_step
+    perms = [torch.randperm(n_data, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+             for epoch in range(first // n_data, (first + n_per_step - 1) // n_data + 1)]
+    start = first % n_data
+    return sum(perms, [])[start:start + n_per_step]
+
+# -----------------------------------------------------------------------------
+if __name__ == "__main__":
+    # ---- DDP init: one process per GPU (or per CPU worker with gloo); rank 0 logs and writes checkpoints
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        ddp_rank, ddp_world_size = dist.get_rank(), dist.get_world_size()
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    else:
+        ddp_rank, ddp_world_size = 0, 1
+    master_process = ddp_rank == 0
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    # the batch arithmetic fails here, before any data, model or rollout
+    prompts_per_rank, rollouts_per_rank, grad_accum = batch_layout(batch_size, rloo_k, micro_batch_size, ddp_world_size)
+    if sft_batch_size % ddp_world_size:
+        raise ValueError(f"sft_batch_size={sft_batch_size} does not split over {ddp_world_size} ranks: "
+                         f"make it a multiple of {ddp_world_size}")
+    ctx = autocast_ctx(device_type)  # bf16 on CUDA, fp32 on the CPU; log-probs are fp32 either way
+    log = print if master_process else (lambda *a, **k: None)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+
+    def all_sum(t):  # sum a small tensor over ranks (eval counts, logged stats, the NaN flag)
+        if ddp:
+            t = t.to(device)
+            dist.all_reduce(t)
+        return t.cpu()
+
+    # ---- data: prompts x in the model's chat template, answers y = "The answer is {gold}." + end-of-turn
+    ckpt = load_checkpoint(ckpt_path) if init_from == "resume" else None
+    source = ckpt["source"] if ckpt else init_from  # what the weights were first loaded from
+    train_ex = load_task(task, "train", path=data_path, n=n_train, seed=seed)
+    dev_ex = load_task(task, "val", path=data_path, n=n_dev, seed=seed)
+    test_ex = load_task(task, "test", path=data_path, n=n_test, seed=seed)
+    tok = build_tokenizer(tokenizer or ("words" if source == "scratch" else source), train_ex + dev_ex + test_ex)
+    encode_x = lambda exs: [tok.chat_prompt(latro_prompt(ex, task)) for ex in exs]
+    encode_y = lambda exs: [tok.encode(latro_answer(ex["answer"])) + [tok.end_of_turn_id] for ex in exs]
+    train_x, train_y = encode_x(train_ex), encode_y(train_ex)
+    rationale_stops = stop_sequences(tok, [s for s in stop_strings.split("|") if s])
+    log(f"data: {task} train {len(train_ex)} dev {len(dev_ex)} test {len(test_ex)}, vocab {len(tok)}, "
+        f"{len(rationale_stops)} stop sequences")
+
+    # ---- model: the same seed on every rank (DDP also broadcasts rank 0's weights)
+    torch.manual_seed(seed)
+    model = load_model(source, len(tok), arch=arch, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                       block_size=block_size, dropout=dropout, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                       pad_id=tok.pad_id, attn_implementation=attn_implementation, device_type=device_type)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        torch.set_rng_state(ckpt["rng"])
+    else:
+        torch.manual_seed(seed + ddp_rank)
+    model.to(device)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    raw_model = model  # generation and evaluation use the unwrapped model
+    scorer = SequenceScorer(model)
+    if ddp:
+        ddp_scorer = DDP(scorer, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
+    else:
+        ddp_scorer = scorer
+    log(f"model: {source}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, on {device}")
+
+    def run_eval(examples, k=maj_k):
+        """Greedy accuracy, maj@k and mean answer log-likelihood over a split, sharded over the ranks."""
+        mine = examples[ddp_rank::ddp_world_size]
+        g = torch.Generator(device=device).manual_seed(seed + ddp_rank)  # fixed: evals do not disturb training
+        s = all_sum(evaluate(raw_model, task, mine, encode_x(mine), encode_y(mine), tok=tok, maj_k=k,
+                             rationale_stops=rationale_stops, max_new_tokens=eval_max_tokens, chunk=gen_batch_size,
+                             ctx=ctx, generator=g))
+        correct, maj, answer_logp = (s[:3] / s[3]).tolist()
+        return {"acc": correct, **({f"maj@{k}": maj} if k else {}), "answer_logp": answer_logp}
+
+    fmt = lambda r: " ".join(f"{k} {v:.4f}" for k, v in r.items())
+
+    # ---- SFT warm-up on gold rationales [x, z*, y] for a share of the training questions (the SFT baseline)
+    warm_up = ckpt is None and sft_steps > 0  # a resumed run is past its warm-up
+    if warm_up:
+        gold = train_ex[:max(1, int(sft_share * len(train_ex)))]
+        gold_x, gold_z, gold_y = encode_x(gold), [tok.encode(latro_rationale(ex)) for ex in gold], encode_y(gold)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=sft_lr, weight_decay=0.0)
+        per_rank = sft_batch_size // ddp_world_size
+        log(f"SFT warm-up: {len(gold)} gold rationales, up to {sft_steps} steps of {sft_batch_size}, "
+            f"stop at dev accuracy {sft_target_acc}")
+        t0 = time.time()
+        for it in range(sft_steps + 1):
+            if it % sft_eval_interval == 0 or it == sft_steps:
+                acc = run_eval(dev_ex, k=0)["acc"]
+                log(f"sft {it}/{sft_steps} | dev acc {acc:.4f} | {time.time() - t0:.1f}s")
+                if it == sft_steps or 0 < sft_target_acc <= acc:
+                    break
+            idx = step_indices(it, sft_batch_size, len(gold), seed)[ddp_rank * per_rank:(ddp_rank + 1) * per_rank]
+            batch = [[gold_x[i] for i in idx], [gold_z[i] for i in idx], [gold_y[i] for i in idx]]
+            n_tok = sum(len(z) + len(y) for z, y in zip(batch[1], batch[2]))  # token-mean NLL over the rank's batch
+            raw_model.train()
+            chunks = range(0, per_rank, micro_batch_size)
+            for j, s in enumerate(chunks):
+                if ddp:
+                    ddp_scorer.require_backward_grad_sync = j == len(chunks) - 1
+                with ctx:
+                    rows = (b[s:s + micro_batch_size] for b in batch)
+                    logp_z, logp_y = ddp_scorer(*build_batch(*rows, tok.pad_id, device))
+                (-(logp_z + logp_y).sum() / n_tok).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    iter_num, best_dev_acc, before = 0, -1.0, None  # before = test metrics of π0, printed again at the end
+    if ckpt:
+        iter_num, best_dev_acc, before = ckpt["iter_num"], ckpt["best_dev_acc"], ckpt["before"]
+
+    # ---- reference model π0: the initial weights, frozen, same dtype and attention kernel as the policy.
+    # It goes into the checkpoint unless it can be reloaded from `source` (a pretrained model without warm-up).
+    if ckpt and ckpt["ref_model"] is None:
+        ref_model = load_model(source, len(tok), attn_implementation=attn_implementation, device_type=device_type)
+        ref_model.to(device)
+    else:
+        ref_model = copy.deepcopy(raw_model)
+        if ckpt:
+            ref_model.load_state_dict(ckpt["ref_model"])
+    ref_in_ckpt = ckpt["ref_model"] is not None if ckpt else (source == "scratch" or warm_up)
+    ref_scorer = SequenceScorer(ref_model.eval().requires_grad_(False))
+
+    # ---- optimizer as released: AdamW, linear decay to 0 over the budget, no warm-up, no clipping
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    if ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    log(f"LaTRO budget: {latro_steps} steps x {batch_size} prompts = {latro_steps * batch_size} prompts "
+        f"({latro_steps * batch_size / len(train_ex):.2f} epochs of {len(train_ex)}), x K={rloo_k} = "
+        f"{latro_steps * batch_size * rloo_k} rollouts; per rank {prompts_per_rank} prompts, {rollouts_per_rank} "
+        f"rollouts, {grad_accum} micro-steps of {micro_batch_size}")
+    if wandb_log and master_process:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+    def save(path=ckpt_path):
+        if master_process:
+            save_checkpoint(path, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                                   "config": config, "source": source, "iter_num": iter_num,
+                                   "best_dev_acc": best_dev_acc, "before": before,
+                                   "ref_model": ref_model.state_dict() if ref_in_ckpt else None,
+                                   "rng": torch.get_rng_state()})
+
+    def eval_dev():
+        """Model selection on the dev split: best.pt holds the best weights so far."""
+        global best_dev_acc
+        r = run_eval(dev_ex)
+        log(f"eval step {iter_num} | dev {fmt(r)}")
+        if r["acc"] > best_dev_acc:
+            best_dev_acc = r["acc"]
+            if master_process:
+                save_checkpoint(os.path.join(out_dir, "best.pt"),
+                                {"model": raw_model.state_dict(), "iter_num": iter_num})
+        if wandb_log and master_process:
+            wandb.log({f"dev/{k}": v for k, v in r.items()}, step=iter_num)
+
+    if before is None:  # the same checker and metrics before and after LaTRO, on the test split
+        before = run_eval(test_ex)
+        log(f"before LaTRO | test {fmt(before)}")
+        eval_dev()
+        save()
+
+    # ---- the LaTRO loop: rollouts -> scoring -> rewards -> RLOO advantages -> micro-steps -> one optimizer step
+    generator = torch.Generator(device=device)
+    last = min(latro_steps, stop_at_step or latro_steps)
+    while iter_num < last:
+        t0 = time.time()
+        lr_now = lr * (1 - iter_num / latro_steps)  # linear decay to 0, no warm-up
+        for group in optimizer.param_groups:
+            group["lr"] = lr_now
+        # 1-3. this rank's prompts, each K times (groups stay whole on one rank); sample rationales and cut them
+        idx = step_indices(iter_num, batch_size, len(train_ex), seed)
+        idx = idx[ddp_rank * prompts_per_rank:(ddp_rank + 1) * prompts_per_rank]
+        xs = [train_x[i] for i in idx for _ in range(rloo_k)]
+        ys = [train_y[i] for i in idx for _ in range(rloo_k)]  # 4. the gold answer after each cut rationale
+        generator.manual_seed(seed + 1_000_003 * iter_num + ddp_rank)  # a function of the step: resume is exact
+        raw_model.eval()
+        zs, stopped, n_gen = sample(raw_model, xs, max_rationale_tokens, rationale_stops, rationale_stops,
+                                    tok.pad_id, gen_batch_size, ctx, temperature=temperature, top_p=top_p,
+                                    generator=generator)
+        t1 = time.time()
+        # 5. no-grad scoring: policy and reference over the same rows (identical shapes: KL is exactly 0 at step 0)
+        logp_z, logp_y = score(scorer, xs, zs, ys, tok.pad_id, micro_batch_size, ctx)
+        ref_logp_z, _ = score(ref_scorer, xs, zs, ys, tok.pad_id, micro_batch_size, ctx)
+        # 6-7. r_ik = log π(y|x,z_ik) − β·KL_ik with the non-stopped penalty; A_ik = r_ik − mean_{j≠k} r_ij
+        rewards, kl = latro_rewards(logp_y, logp_z, ref_logp_z, stopped.to(logp_y.device), rloo_k, beta, gamma, penalty)
+        advantages = rloo_advantages(rewards, rloo_k)
+        t2 = time.time()
+        # 8. update: one forward with grad per micro-batch gives log π(z) (and log π(y|x,z) when sft_coef > 0)
+        raw_model.train()
+        loss_sum, bad = 0.0, torch.zeros(1)
+        for j in range(grad_accum):
+            s = slice(j * micro_batch_size, (j + 1) * micro_batch_size)
+            ids, attn, z_mask, y_mask = build_batch(xs[s], zs[s], ys[s], tok.pad_id, device)
+            if ddp:  # all-reduce the gradients only on the last micro-step
+                ddp_scorer.require_backward_grad_sync = j == grad_accum - 1
+            with ctx:  # the answer tokens need no LM head (nor backward) at sft_coef 0, the released recipe
+                lz, ly = ddp_scorer(ids, attn, z_mask, y_mask if sft_coef else torch.zeros_like(y_mask))
+            loss = latro_loss(lz, ly, advantages[s], sft_coef) / grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+            bad += not torch.isfinite(loss).item()
+        if all_sum(bad).item():  # every rank stops together; ckpt.pt still holds the last good state
+            log(f"step {iter_num}: the loss is {loss_sum} (nan/inf); stopping before the update. {ckpt_path} keeps "
+                f"the last good state (the last eval); resume from it with a lower lr, or check the data")
+            if ddp:
+                dist.destroy_process_group()
+            sys.exit(1)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        t3 = time.time()
+        # ---- log: means over all ranks' rollouts
+        n = rollouts_per_rank * ddp_world_size
+        stats = all_sum(torch.tensor([rewards.sum().item(), kl.sum().item(), advantages.sum().item(),
+                                      stopped.sum().item(), sum(map(len, zs)), loss_sum]))
+        reward_m, kl_m, adv_m, stop_m, len_m = (stats[:5] / n).tolist()
+        loss_m = stats[5].item() / ddp_world_size
+        log(f"step {iter_num}/{latro_steps} | reward {reward_m:.4f} | kl {kl_m:.4f} | adv {adv_m:.1e} | stopped "
+            f"{100 * stop_m:.0f}% | len {len_m:.1f} | loss {loss_m:.4f} | lr {lr_now:.2e} | tok/s "
+            f"{n_gen / (t1 - t0):.0f} "
+            f"| {1000 * (t3 - t0):.0f}ms (rollout {1000 * (t1 - t0):.0f} / score {1000 * (t2 - t1):.0f} / update "
+            f"{1000 * (t3 - t2):.0f})")
+        if wandb_log and master_process:
+            wandb.log({"reward": reward_m, "kl": kl_m, "stopped": stop_m, "len": len_m, "loss": loss_m, "lr": lr_now},
+                      step=iter_num)
+        if iter_num % eval_interval == 0 or iter_num == latro_steps:
+            eval_dev()
+            save()
+    if ddp:  # cheap sanity check: DDP must have kept every rank's parameters identical
+        sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in model.parameters()])
+        gathered = [torch.zeros_like(sums) for _ in range(ddp_world_size)]
+        dist.all_gather(gathered, sums)
+        log(f"parameters identical across {ddp_world_size} ranks: {all(torch.equal(gathered[0], g) for g in gathered)}")
+    if iter_num < latro_steps:
+        save()
+        log(f"stopped at step {iter_num} (stop_at_step); continue with --init_from=resume")
+    else:
+        # ---- final: test accuracy of the weights selected on dev, with the same checker as before LaTRO
+        if ddp:
+            dist.barrier()  # rank 0 has written best.pt
+        best = load_checkpoint(os.path.join(out_dir, "best.pt"))
+        raw_model.load_state_dict(best["model"])
+        after = before if best["iter_num"] == 0 else run_eval(test_ex)  # step 0's weights are measured already
+        log(f"{'before LaTRO' if latro_steps else 'SFT baseline'} | test {fmt(before)}")
+        if latro_steps:  # (latro_steps=0: the SFT baseline alone)
+            log(f"after LaTRO  | test {fmt(after)} (weights of step {best['iter_num']}, best dev {best_dev_acc:.4f})")
+        if export_hf and master_process:
+            raw_model.save_pretrained(os.path.join(out_dir, "hf"))
+            tok.save_pretrained(os.path.join(out_dir, "hf"))
+    if ddp:
+        dist.destroy_process_group()

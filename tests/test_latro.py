@@ -1,0 +1,229 @@
+"""latro.py: RLOO, truncation at stops, one-pass scoring, rewards, the loss, sampling, and the script end to end
+(resume, 2-process DDP, batch arithmetic). CPU, tiny models, no network."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from data import Tokenizer
+from latro import (SequenceScorer, batch_layout, build_batch, latro_loss, latro_rewards, rloo_advantages, sample,
+                   score, stop_sequences, truncate_at_stop)
+from model import load_checkpoint, load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+V, PAD, EOS = 40, 0, 1
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    m = load_model("scratch", V, arch="gpt2", n_layer=2, n_head=2, n_embd=32, block_size=64, eos_id=EOS, pad_id=PAD)
+    with torch.no_grad():  # a random model with small weights repeats one token; sharpen it so sampling varies
+        for p in m.parameters():
+            p.mul_(8.0 if p.dim() > 1 else 1.0)
+    return m.eval()
+
+def rows():
+    """Three [x, z, y] rows of different lengths (so the batch has padding), one with an empty rationale."""
+    xs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    zs = [[14, 15, 16], [], [17, 18]]
+    ys = [[20, 21, EOS], [22, EOS], [23, 24, 25, EOS]]
+    return xs, zs, ys
+
+def seq_logprob(m, prefix, target):
+    """Σ log p(target | prefix) from one batch-1, unpadded, full-vocabulary forward over prefix + target."""
+    ids = torch.tensor([prefix + target])
+    logp = m(ids).logits[0, :-1].log_softmax(-1)
+    return sum(logp[len(prefix) - 1 + t, tok].item() for t, tok in enumerate(target))
+
+# ---- RLOO -------------------------------------------------------------------------------------------------
+
+def test_rloo_equals_brute_force_leave_one_out():
+    torch.manual_seed(0)
+    N, K = 3, 5
+    r = torch.randn(N * K, dtype=torch.float64)
+    want = torch.empty_like(r)
+    for i in range(N):
+        for k in range(K):
+            others = [r[i * K + j].item() for j in range(K) if j != k]
+            want[i * K + k] = r[i * K + k] - sum(others) / (K - 1)
+    assert torch.allclose(rloo_advantages(r, K), want, atol=1e-12)
+
+def test_rloo_identical_rewards_give_zero_advantages():
+    r = torch.tensor([-3.5] * 4 + [-0.25] * 4)
+    assert (rloo_advantages(r, 4) == 0).all()
+
+# ---- truncation at the first stop -------------------------------------------------------------------------
+
+def test_first_stop_wins_and_is_excluded():
+    EOT = 2
+    stops = [[EOS], [EOT], [7, 8, 9], [8, 5], [6, 8, 5]]  # eos, end-of-turn, stop strings (one contains another)
+    tokens = torch.tensor([
+        [4, 7, 8, 9, 1, 3],   # stop string before eos -> 1
+        [4, 5, 1, 7, 8, 9],   # eos before the stop string -> 2
+        [4, 3, 2, 8, 5, 1],   # end-of-turn first -> 2
+        [4, 6, 8, 5, 3, 3],   # [8, 5] and [6, 8, 5] end together: the longer one is cut -> 1
+        [3, 7, 8, 5, 9, 1],   # [7, 8, 9] never completes; [8, 5] ends first -> 2
+        [1, 4, 4, 4, 4, 4],   # stop at once: empty rationale -> 0
+        [4, 5, 6, 3, 3, 7],   # no stop at all -> full length, flagged non-stopped
+    ])
+    lengths, stopped = truncate_at_stop(tokens, stops)
+    assert lengths.tolist() == [1, 2, 2, 1, 2, 0, 6]
+    assert stopped.tolist() == [True] * 6 + [False]
+
+def test_stop_sequences_from_a_tokenizer():
+    tok = Tokenizer.from_words(["The answer is 3 .", "Answer: 4", "a\nb"])
+    seqs = stop_sequences(tok, ["The answer is", "Answer:", "Final answer"])  # 'Final' is not in the vocabulary
+    assert [tok.eos_id] in seqs and [tok.pad_id] in seqs and [tok.end_of_turn_id] in seqs
+    assert tok.encode("The answer is") in seqs and tok.encode("\nAnswer:") in seqs
+    assert len(seqs) == len({tuple(s) for s in seqs})  # no duplicates
+    ids = tok.encode("a b The answer is 3 .")
+    lengths, stopped = truncate_at_stop(torch.tensor([ids]), seqs)
+    assert tok.decode(ids[:lengths[0]]) == "a b" and stopped.item()
+
+# ---- scoring, rewards, KL -----------------------------------------------------------------------------------
+
+def test_one_pass_scoring_equals_separate_passes():
+    """One padded pass over [x, z, y] == log π(z|x) from a pass over [x, z] and log π(y|x,z) from another."""
+    m = tiny()
+    xs, zs, ys = rows()
+    with torch.no_grad():
+        logp_z, logp_y = SequenceScorer(m)(*build_batch(xs, zs, ys, PAD))
+        for i, (x, z, y) in enumerate(zip(xs, zs, ys)):
+            assert abs(logp_z[i].item() - (seq_logprob(m, x, z) if z else 0.0)) < 1e-4
+            assert abs(logp_y[i].item() - seq_logprob(m, x + z, y)) < 1e-4
+    assert logp_z.dtype == torch.float32
+
+def test_reward_covers_exactly_the_answer_tokens():
+    """The released code also summed the last rationale token into log π(y|x,z); here it changes the sum a lot."""
+    m = tiny()
+    x, z, y = [5, 6, 7], [14, 15, 16], [20, 21, EOS]
+    with torch.no_grad():
+        _, logp_y = SequenceScorer(m)(*build_batch([x], [z], [y], PAD))
+        exact = seq_logprob(m, x + z, y)
+        off_by_one = seq_logprob(m, x + z[:-1], z[-1:] + y)  # answer sum plus log π(z_last | x, z_<last)
+    assert abs(logp_y.item() - exact) < 1e-4
+    assert abs(off_by_one - exact) > 0.1
+
+def test_kl_is_exactly_zero_at_step_0():
+    """π0 is a copy of the initial policy scored on the same rows: the same computation, bit for bit."""
+    m = tiny()
+    ref = copy.deepcopy(m).requires_grad_(False)
+    xs = [x for x in rows()[0] for _ in range(4)]
+    ys = [y for y in rows()[2] for _ in range(4)]
+    g = torch.Generator().manual_seed(0)
+    zs, stopped, _ = sample(m, xs, 10, [[EOS], [3]], [[EOS], [3]], PAD, 5, torch.no_grad(), temperature=1.0,
+                            generator=g)
+    logp_z, logp_y = score(SequenceScorer(m), xs, zs, ys, PAD, 4, torch.no_grad())
+    ref_logp_z, _ = score(SequenceScorer(ref), xs, zs, ys, PAD, 4, torch.no_grad())
+    rewards, kl = latro_rewards(logp_y, logp_z, ref_logp_z, stopped, 4, 0.05, 2.0, "group")
+    assert (kl == 0).all() and sum(map(len, zs)) > 0
+
+def test_non_stopped_penalty_per_group_and_rank_mean():
+    raw = torch.tensor([-1.0, -3.0, -2.0, -6.0])  # two groups of K=2
+    stopped = torch.tensor([True, False, True, True])
+    zero = torch.zeros(4)
+    r, _ = latro_rewards(raw, zero, zero, stopped, 2, 0.05, 2.0, "group")
+    assert r.tolist() == [-1.0, 2.0 * -2.0, -2.0, -6.0]  # γ × the mean raw reward of its own group
+    r, _ = latro_rewards(raw, zero, zero, stopped, 2, 0.05, 2.0, "rank_mean")
+    assert r.tolist() == [-1.0, 2.0 * -3.0, -2.0, -6.0]  # γ × the mean over the whole batch (released)
+    r, kl = latro_rewards(raw, torch.tensor([1.0, 0, 0, 0]), zero, stopped.fill_(True), 2, 0.5, 2.0, "none")
+    assert r.tolist() == [-1.5, -3.0, -2.0, -6.0] and kl.tolist() == [1.0, 0, 0, 0]
+
+# ---- the loss and its gradient ------------------------------------------------------------------------------
+
+def test_loss_gradient_by_hand_on_sequence_logprobs():
+    """d/dlogp_z mean(−A·logp_z) = −A/n ; d/dlogp_y sft_coef·mean(−logp_y) = −sft_coef/n ; A gets no gradient."""
+    logp_z = torch.tensor([-2.0, -1.0, -4.0], requires_grad=True)
+    logp_y = torch.tensor([-0.5, -3.0, -1.0], requires_grad=True)
+    adv = torch.tensor([0.5, -1.0, 0.5], requires_grad=True)
+    latro_loss(logp_z, logp_y, adv, 0.3).backward()
+    assert torch.allclose(logp_z.grad, -adv.detach() / 3)
+    assert torch.allclose(logp_y.grad, torch.full((3,), -0.3 / 3))
+    assert adv.grad is None
+
+def test_loss_gradient_through_the_model_equals_per_row_sum():
+    """The batched one-pass loss gives ∇ = 1/n Σ_i [−A_i ∇log π(z_i|x_i) − c ∇log π(y_i|x_i,z_i)], row by row."""
+    m = tiny()
+    xs, zs, ys = rows()
+    adv, c = torch.tensor([0.7, -0.2, -0.5]), 0.5
+    lz, ly = SequenceScorer(m)(*build_batch(xs, zs, ys, PAD))
+    latro_loss(lz, ly, adv, c).backward()
+    batched = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    for i in range(3):
+        lz, ly = SequenceScorer(m)(*build_batch(xs[i:i + 1], zs[i:i + 1], ys[i:i + 1], PAD))
+        ((-adv[i] * lz - c * ly) / 3).sum().backward()
+    for a, b in zip(batched, (p.grad for p in m.parameters())):
+        assert torch.allclose(a, b, atol=1e-5)
+
+# ---- sampling ---------------------------------------------------------------------------------------------
+
+def test_early_stopped_sampling_equals_full_sampling_cut_at_first_stop():
+    m = tiny()
+    xs = [x for x in rows()[0] for _ in range(3)]
+    stops = [[EOS], [3], [5, 7]]
+    early, stopped, _ = sample(m, xs, 20, stops, stops, PAD, 4, torch.no_grad(), temperature=1.0,
+                               generator=torch.Generator().manual_seed(0))
+    full, stopped_full, _ = sample(m, xs, 20, [], stops, PAD, 4, torch.no_grad(), temperature=1.0,
+                                   generator=torch.Generator().manual_seed(0))
+    assert early == full and torch.equal(stopped, stopped_full)
+    assert stopped.any() and any(len(z) > 0 for z in early)  # not vacuous: rows stop early, rationales non-empty
+
+# ---- batch arithmetic -------------------------------------------------------------------------------------
+
+def test_batch_layout_and_its_errors():
+    assert batch_layout(24, 16, 4, 8) == (3, 48, 12)  # the released setup: 8 GPUs x 3 prompts x 16, accumulation 12
+    with pytest.raises(ValueError, match="batch_size=6 .* 4 ranks"):
+        batch_layout(6, 8, 4, 4)
+    with pytest.raises(ValueError, match="micro_batch_size=5"):
+        batch_layout(8, 4, 5, 1)
+    with pytest.raises(ValueError, match="rloo_k=1"):
+        batch_layout(8, 1, 4, 1)
+
+# ---- the script end to end ------------------------------------------------------------------------------
+
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=64", "--n_dev=8", "--n_test=8", "--sft_steps=3",
+        "--sft_batch_size=8", "--sft_target_acc=0", "--latro_steps=4", "--batch_size=2", "--rloo_k=4",
+        "--micro_batch_size=4", "--max_rationale_tokens=12", "--eval_max_tokens=16", "--maj_k=2",
+        "--eval_interval=2", "--export_hf=False"]
+
+def run(args, launcher=(sys.executable,)):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([*launcher, os.path.join(ROOT, "latro.py"), *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300)
+    return p
+
+def test_bad_batch_arithmetic_fails_before_any_work(tmp_path):
+    p = run(TINY + [f"--out_dir={tmp_path}", "--micro_batch_size=3"])
+    assert p.returncode != 0
+    assert "micro_batch_size=3" in p.stderr and "2 prompts x rloo_k=4 = 8 rollouts" in p.stderr
+    assert "data:" not in p.stdout and not os.listdir(tmp_path)  # failed before loading data or a model
+
+def test_resume_equals_uninterrupted_run(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for args in ([f"--out_dir={a}"], [f"--out_dir={b}", "--stop_at_step=2"], [f"--out_dir={b}", "--init_from=resume"]):
+        p = run(TINY + args)
+        assert p.returncode == 0, p.stderr[-3000:]
+    assert "step 3/4" in p.stdout and "step 1/4" not in p.stdout  # the resumed run continued at step 3
+    ca, cb = load_checkpoint(str(a / "ckpt.pt")), load_checkpoint(str(b / "ckpt.pt"))
+    assert ca["iter_num"] == cb["iter_num"] == 4
+    for k in ca["model"]:
+        assert torch.equal(ca["model"][k], cb["model"][k]), k
+    for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+
+def test_two_process_gloo_ddp_keeps_parameters_identical(tmp_path):
+    # 1 prompt x 4 rollouts per rank in 2 micro-steps: exercises the no-sync micro-step and the synced one
+    p = run(TINY + [f"--out_dir={tmp_path}", "--micro_batch_size=2", "--device=cpu"],
+            launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "parameters identical across 2 ranks: True" in p.stdout
+    assert "per rank 1 prompts, 4 rollouts, 2 micro-steps" in p.stdout
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
+    p = run(TINY + [f"--out_dir={tmp_path}", "--beta=1e400"])  # β = inf: inf × KL (0 at step 0) = nan rewards
+    assert p.returncode == 1 and "(nan/inf); stopping before the update" in p.stdout
+    ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))  # the last good state, written before the first step
+    assert ckpt["iter_num"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
