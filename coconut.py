@@ -1,0 +1,416 @@
+"""
+Coconut: chain of continuous thought (Hao et al., "Training Large Language Models to Reason in a Continuous Latent
+Space", arXiv 2412.06769), and its baselines, in one script.
+
+A continuous thought is not a token: at a thought position t the input embedding is the model's own last hidden
+state (after the final norm) at position t-1,
+
+    e_t = h_{t-1}                                                      (thought feedback, no sampling, no detach)
+    L   = - sum_{t > <eot>} log p(x_t | x_<t, thoughts)                (loss only on what follows the thoughts)
+
+so n thoughts take n+1 sequential forward passes; with a KV cache each position is still encoded once. A staged
+curriculum trains it: stage 0 is plain chain of thought `Q\\n S1\\n ... ### A<eos>`; at stage k the first k steps are
+replaced by k*c_thought thoughts between <bot> and <eot>; past max_latent_stage every step is gone.
+
+Launch (the defaults: a small generated ProsQA-style task, a tiny GPT-2 from scratch, minutes on a CPU):
+    python coconut.py                                                   # CPU demo
+    python coconut.py config/coconut_prosqa.py                          # 1 GPU (global batch 128 by accumulation)
+    torchrun --standalone --nproc_per_node=8 coconut.py config/coconut_gsm8k.py --micro_batch_size=16
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
+        coconut.py config/coconut_gsm8k.py --micro_batch_size=8         # and --node_rank=1 on the second node
+Methods (--method=, or add an overlay such as config/coconut_pause.py after a task preset):
+    coconut           thoughts fed back, curriculum              cot      Q S1..Sn A, stage 0 throughout
+    pause_as_thought  same data, <latent> a learned token        no_cot   Q A
+    no_thoughts       curriculum deletes steps, nothing instead   pause    Q <latent>xN A, no curriculum
+"w/o curriculum" is coconut at the final stage from the first epoch: --start_stage=99 (capped).
+"""
+
+import ast
+import os
+import sys
+import time
+import random
+
+import torch
+import torch.nn as nn
+from torch.distributed import init_process_group, destroy_process_group, all_reduce
+from torch.nn.parallel import DistributedDataParallel as DDP
+from transformers import DynamicCache
+
+from data import load_task, build_tokenizer, question_text, step_text, answer_text, COCONUT_SPECIAL_TOKENS
+from evaluate import coconut_correct
+
+from model import (load_model, backbone, lm_head, position_ids_from_mask, token_logprobs, decode, autocast_ctx,
+                   save_checkpoint, load_checkpoint)
+
+# -----------------------------------------------------------------------------
+# configuration: the defaults are the CPU demo; config/coconut_*.py hold the paper's runs
+# I/O
+out_dir = "out/coconut"         # ckpt.pt (last, for resume), best.pt (best by val), hf/ (save_pretrained export)
+init_from = "scratch"           # 'scratch' | 'resume' (out_dir/ckpt.pt) | path/to/ckpt.pt (e.g. a CoT run) | HF name or dir
+eval_only = False               # evaluate init_from on the test split (and probe), then exit
+wandb_log = False               # log to Weights & Biases (imported only when True)
+wandb_project = "nanolatent"
+wandb_run_name = "coconut"
+# data
+task = "prosqa_small"           # a data.load_task name: prosqa_small, prosqa, prontoqa, gsm8k_aug, json, ...
+data_path = ""                  # local data file; '{split}' -> train/valid/test as in the released files (data/prosqa_{split}.json)
+n_train = 0                     # examples per split, 0 = the task's default size
+n_val = 0
+n_test = 0
+task_options = "{'min_nodes': 6, 'max_nodes': 8, 'min_hops': 2, 'max_hops': 3}"  # generator knobs (a dict literal; "{}" for files)
+tokenizer = "words"             # 'words' = closed word vocabulary built from the task; else an HF name or dir
+# method
+method = "coconut"              # coconut | cot | no_cot | no_thoughts | pause_as_thought | pause
+c_thought = 1                   # thoughts per replaced step (paper: 2 for GSM8k, 1 for ProsQA/ProntoQA)
+epochs_per_stage = 3            # curriculum: epochs per stage (paper: 3 GSM8k, 5 ProsQA/ProntoQA)
+max_latent_stage = 3            # last stage with steps left; past it all steps are dropped (paper: 3 GSM8k, 6 ProsQA)
+start_stage = 0                 # first stage: 1 when continuing from a CoT run; 99 (capped) = "w/o curriculum"
+pad_latent_to_max = True        # an example with < k steps still gets k*c thoughts at stage k (released default)
+uniform_prob = 0.0              # chance that an example trains at a random stage in 0..#steps instead (released: 0)
+n_thoughts_eval = -1            # thoughts at inference (and pause tokens); -1 = max_latent_stage * c_thought
+special_init = ""               # '' = new marker rows keep their fresh init (paper's numbers); a token text, e.g.
+                                # '<<', copies its embedding into the 3 new rows (the released 2025 fix)
+# model (init_from='scratch')
+arch = "gpt2"                   # gpt2 | llama
+n_layer = 2
+n_head = 4
+n_embd = 128
+block_size = 512                # maximum positions
+dropout = 0.0
+# optimization (paper: AdamW lr 1e-4, wd 0.01, global batch 128, fp32/bf16, no schedule, no clipping)
+num_epochs = 15                 # total epochs (paper: 25 GSM8k after the CoT run, 50 ProsQA/ProntoQA)
+batch_size = 32                 # GLOBAL batch in examples, over all ranks and micro-steps (paper: 128)
+micro_batch_size = 32           # examples per rank per forward; grad accumulation = batch / (micro * world)
+learning_rate = 1e-3            # AdamW lr (paper: 1e-4 for pretrained GPT-2; a tiny model from scratch likes 1e-3)
+weight_decay = 0.01
+reset_optimizer = "stage"       # 'stage': new AdamW at each stage switch (paper); 'epoch': every epoch (released code); 'never'
+# evaluation
+eval_batch_size = 64            # prompts per generate call, per rank
+max_new_tokens = 48             # paper: 64 GSM8k, 128 others
+probe = 2                       # print the top-k tokens of each thought for this many test examples (0 = off)
+probe_topk = 3
+# system
+device = "auto"                 # auto | cpu | cuda | cuda:1 ...
+seed = 0
+METHODS = ("coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought", "pause")
+if __name__ == "__main__":
+    from configurator import configure
+    config = configure(globals(), sys.argv[1:])
+
+# -----------------------------------------------------------------------------
+# the curriculum: which tokens an example is at stage k, and what is learned
+
+def stage_of(epoch, start_stage, epochs_per_stage, max_latent_stage):
+    """The scheduled stage of an epoch; stages past max_latent_stage are all the same, so cap at max + 1."""
+    return min(start_stage + epoch // epochs_per_stage, max_latent_stage + 1)
+
+def layout(q, steps, answer, stage, *, method, c_thought, max_latent_stage, pad_latent_to_max, n_pause, special,
+           n_thoughts=None):
+    """One example at curriculum `stage` as (prompt, target) token lists; the loss is on target only.
+    q, answer: token ids (answer ends with eos); steps: list of token-id lists; special = (bot, latent, eot) ids.
+    n_thoughts overrides the stage's thought count (inference with a chosen number of thoughts)."""
+    bot, latent, eot = special
+    flat = lambda ss: [t for s in ss for t in s]
+    if method == "cot":                                           # Q S1 .. Sn ### A, stage fixed at 0
+        return q, flat(steps) + answer
+    if method == "no_cot":
+        return q, answer
+    if method == "pause":                                         # Q + N pause tokens + A, no curriculum
+        return q + [latent] * (n_pause if n_thoughts is None else n_thoughts), answer
+    kept = steps[stage:] if stage <= max_latent_stage else []     # stage k drops k steps; past the last stage, all
+    if method == "no_thoughts":                                   # "w/o thought": nothing in their place
+        return q, flat(kept) + answer
+    k = min(stage, max_latent_stage)                              # thoughts stop growing at the last stage
+    n = (k if pad_latent_to_max else min(k, len(steps))) * c_thought if n_thoughts is None else n_thoughts
+    return q + [bot] + [latent] * n + [eot], flat(kept) + answer  # coconut and pause_as_thought
+
+def marker_ids(tok):
+    """Add the three markers to the tokenizer; returns (<bot>, <latent>, <eot>) ids, the order layout() takes."""
+    bot, eot, latent = tok.add_special_tokens(COCONUT_SPECIAL_TOKENS)  # data.py lists start-, end-latent, latent
+    return bot, latent, eot
+
+def collate(rows, anchors, pad_id):
+    """rows: list of (prompt, target); anchors: where each row's first thought goes (len(prompt) if none).
+    Left-pad so every anchor sits in the same column c0: thought j of every row is then column c0+j, and one
+    tensor op per pass feeds the whole batch. Right-pad the rest. Returns input_ids, attention_mask, labels (B, T)."""
+    c0 = max(anchors)
+    left = [c0 - a for a in anchors]
+    T = max(l + len(p) + len(t) for l, (p, t) in zip(left, rows))
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)  # -100: no loss (question, markers, thoughts, pad)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, (l, (p, t)) in enumerate(zip(left, rows)):
+        input_ids[i, l:l + len(p) + len(t)] = torch.tensor(p + t)
+        labels[i, l + len(p):l + len(p) + len(t)] = torch.tensor(t, dtype=torch.long)
+        mask[i, l:l + len(p) + len(t)] = 1
+    return input_ids, mask, labels
+
+def anchor(prompt, latent_id):
+    return prompt.index(latent_id) if latent_id in prompt else len(prompt)
+
+# -----------------------------------------------------------------------------
+# the latent forward: one pass over the prefix, one cached pass per thought column, one over the rest
+
+def latent_forward(model, input_ids, attention_mask, latent_id):
+    """Last hidden states (B, T, C) of a batch whose <latent> positions take the previous position's last hidden
+    state as input embedding (e_t = h_{t-1}). Columns holding a thought in any row split the sequence into passes;
+    the DynamicCache keeps every earlier position, so each position is encoded once and gradients flow through
+    every thought and the cached keys/values. latent_id=None: one plain pass. Returns (hidden, cache)."""
+    embeds = model.get_input_embeddings()(input_ids)                    # (B, T, C)
+    pos = position_ids_from_mask(attention_mask)                       # left padding: positions start at each row's text
+    is_latent = input_ids == latent_id if latent_id is not None else torch.zeros_like(input_ids, dtype=torch.bool)
+    cols = is_latent.any(0).nonzero().flatten().tolist()               # thought columns (one sync per forward)
+    T = input_ids.shape[1]
+    bounds = sorted({0, T} | set(cols) | {c + 1 for c in cols})        # [0,c0) [c0,c0+1) ... [c_last+1,T)
+    cache, hs = DynamicCache(config=model.config), []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        x = embeds[:, s:e]                                             # (B, e-s, C)
+        if s in cols:  # a thought column: rows with <latent> here get h_{s-1}, the others keep their token
+            x = torch.where(is_latent[:, s:e, None], hs[-1][:, -1:].to(x.dtype), x)
+        out = backbone(model)(inputs_embeds=x, attention_mask=attention_mask[:, :e], position_ids=pos[:, s:e],
+                              past_key_values=cache, use_cache=True)    # the full mask so far at every pass
+        hs.append(out.last_hidden_state)                               # after the final norm
+    return torch.cat(hs, dim=1), cache
+
+class Coconut(nn.Module):
+    """The model plus thought feedback, in one forward so that DDP sees one forward per backward.
+    latent_id=None (every method but coconut, pause_as_thought included) makes it a plain LM."""
+    def __init__(self, model, latent_id):
+        super().__init__()
+        self.model, self.latent_id = model, latent_id
+
+    def forward(self, input_ids, attention_mask, labels):
+        hidden, _ = latent_forward(self.model, input_ids, attention_mask, self.latent_id)  # (B, T, C)
+        targets, mask = labels[:, 1:], labels[:, 1:] != -100           # h_t predicts x_{t+1}
+        logp = token_logprobs(self.model, hidden[:, :-1], targets.clamp(min=0), mask)  # LM head only where labelled
+        return -logp.sum() / mask.sum().clamp(min=1)                   # mean next-token cross-entropy
+
+# -----------------------------------------------------------------------------
+# inference: latent prefix with the cache, then KV-cached greedy decoding; the thought probe
+
+def left_pad(prompts, pad_id):
+    return collate([(p, []) for p in prompts], [len(p) for p in prompts], pad_id)[:2]
+
+@torch.no_grad()
+def generate(model, prompts, latent_id, eos_id, pad_id, max_new_tokens, device):
+    """Greedy continuations (B, T_new) of a list of prompts ending in their thoughts (same count in every row, so
+    plain left padding aligns them) and each row's number of generated tokens up to and including eos."""
+    input_ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))
+    hidden, cache = latent_forward(model, input_ids, mask, latent_id)
+    last_logits = lm_head(model)(hidden[:, -1]).float()                # (B, V)
+    tokens, stopped = decode(model, last_logits, cache, mask, max_new_tokens, stop_sequences=[[eos_id]], pad_id=pad_id)
+    first_eos = (tokens == eos_id).float().argmax(1) + 1
+    return tokens, torch.where(stopped, first_eos, torch.full_like(first_eos, tokens.shape[1]))
+
+@torch.no_grad()
+def probe_thoughts(model, prompt, latent_id, k, device):
+    """The paper's analysis: each continuous thought read through the LM head. Returns (n, k) probs and token ids
+    of the top-k tokens of every thought vector fed back (the hidden state just before each <latent>)."""
+    input_ids = torch.tensor([prompt], device=device)
+    hidden, _ = latent_forward(model, input_ids, torch.ones_like(input_ids), latent_id)
+    cols = [i - 1 for i, t in enumerate(prompt) if t == latent_id]
+    return lm_head(model)(hidden[0, cols]).float().softmax(-1).topk(k)
+
+def evaluate_rank(model, prompts, answers, tok, latent_id, batch_size, max_new_tokens, device):
+    """Greedy accuracy on this rank's share of the prompts: (n_correct, n_tokens incl. thoughts, texts)."""
+    n_correct, n_tokens, texts = 0, 0, []
+    for i in range(0, len(prompts), batch_size):
+        tokens, n_gen = generate(model, prompts[i:i + batch_size], latent_id, tok.eos_id, tok.pad_id,
+                                 max_new_tokens, device)
+        for row, n, p, gold in zip(tokens.tolist(), n_gen.tolist(), prompts[i:i + batch_size], answers[i:i + batch_size]):
+            texts.append(tok.decode(row[:n]))
+            n_correct += coconut_correct(texts[-1], gold)              # exact match after the last '#'
+            n_tokens += n + p.count(latent_id)                         # the paper's "# tokens" counts thoughts
+    return n_correct, n_tokens, texts
+
+def check_config(cfg, world_size):
+    """Fail before any work, with the numbers to change."""
+    if cfg["method"] not in METHODS:
+        raise ValueError(f"method={cfg['method']!r} is unknown; use one of {', '.join(METHODS)}")
+    if cfg["method"] in ("coconut", "pause_as_thought") and cfg["c_thought"] < 1:
+        raise ValueError(f"c_thought={cfg['c_thought']} must be >= 1 for method={cfg['method']}")
+    if cfg["epochs_per_stage"] < 1 or cfg["max_latent_stage"] < 0 or not 0 <= cfg["uniform_prob"] <= 1:
+        raise ValueError("need epochs_per_stage >= 1, max_latent_stage >= 0 and 0 <= uniform_prob <= 1")
+    if cfg["reset_optimizer"] not in ("stage", "epoch", "never"):
+        raise ValueError(f"reset_optimizer={cfg['reset_optimizer']!r}: use 'stage', 'epoch' or 'never'")
+    per_step = cfg["micro_batch_size"] * world_size
+    if cfg["micro_batch_size"] < 1 or cfg["batch_size"] % per_step:
+        raise ValueError(f"batch_size={cfg['batch_size']} (global) must be a multiple of micro_batch_size="
+                         f"{cfg['micro_batch_size']} x {world_size} ranks = {per_step}: change batch_size, "
+                         f"micro_batch_size or the number of processes")
+    return cfg["batch_size"] // per_step                               # gradient accumulation steps
+
+# -----------------------------------------------------------------------------
+if __name__ == "__main__":
+    # ---- DDP (torchrun sets RANK): NCCL on CUDA, gloo on CPU; rank 0 logs and writes checkpoints
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    ddp_rank, ddp_local_rank, ddp_world_size = 0, 0, 1
+    if ddp:
+        init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        ddp_rank, ddp_local_rank, ddp_world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        if device.startswith("cuda"):
+            device = f"cuda:{ddp_local_rank}"
+            torch.cuda.set_device(device)
+    master_process = ddp_rank == 0
+    log = print if master_process else (lambda *a, **k: None)
+    grad_accum = check_config(config, ddp_world_size)                  # fails here, before any work
+    log(f"global batch {batch_size} = {micro_batch_size} per micro-step x {grad_accum} accumulation x "
+        f"{ddp_world_size} ranks")
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    ctx = autocast_ctx(device_type)                                    # bf16 autocast on CUDA, fp32 on CPU
+
+    # ---- data: examples -> token pieces (question, steps, answer + eos), identical on every rank
+    splits = {s: load_task(task, s, path=data_path.format(split={"val": "valid"}.get(s, s)), n=n, seed=seed,
+                           **ast.literal_eval(task_options))
+              for s, n in (("train", n_train), ("val", n_val), ("test", n_test))}
+    tok = build_tokenizer(tokenizer, [ex for exs in splits.values() for ex in exs])
+    special = marker_ids(tok)                                         # added for every method (checkpoints move)
+    latent_id = special[1]
+    bos = [tok.bos_id] if tok.bos_id is not None else []
+    encoded = {s: [(bos + tok.encode(question_text(ex)), [tok.encode(step_text(st)) for st in ex["steps"]],
+                    tok.encode(answer_text(ex)) + [tok.eos_id]) for ex in exs] for s, exs in splits.items()}
+    log(f"{task}: {', '.join(f'{s} {len(e)}' for s, e in splits.items())} examples, vocabulary {len(tok)}")
+
+    # ---- the curriculum: stage per epoch, thoughts per stage
+    curriculum = method in ("coconut", "no_thoughts", "pause_as_thought")
+    final_stage = max_latent_stage + 1 if curriculum else 0
+    stage_at = lambda ep: stage_of(ep, start_stage, epochs_per_stage, max_latent_stage) if curriculum else 0
+    lay = dict(method=method, c_thought=c_thought, max_latent_stage=max_latent_stage, special=special,
+               pad_latent_to_max=pad_latent_to_max, n_pause=max_latent_stage * c_thought)
+    thoughts_at = lambda st: layout([], [[0]] * 99, [], st, **lay)[0].count(latent_id)  # (of a long example)
+    feedback_id = latent_id if method == "coconut" else None           # pause_as_thought: <latent> stays a token
+    for st in sorted({stage_at(ep) for ep in range(num_epochs)}):
+        eps = [ep for ep in range(num_epochs) if stage_at(ep) == st]
+        replaced = "all" if st > max_latent_stage else st
+        log(f"schedule: epochs {eps[0]}-{eps[-1]} {method} stage {st}: {thoughts_at(st)} thoughts/pauses, "
+            f"{replaced if curriculum else 'no'} steps replaced")
+
+    # ---- model: scratch, an HF model, a checkpoint of this script (e.g. the CoT stage), or resume
+    ckpt_path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
+    ckpt = load_checkpoint(ckpt_path) if init_from == "resume" or init_from.endswith(".pt") else None
+    mcfg = ckpt["config"] if ckpt else config                          # a checkpoint brings its own model shape
+    base = ckpt["base"] if ckpt else init_from                         # 'scratch' or the HF model it started from
+    torch.manual_seed(seed)
+    model = load_model(base, len(tok), arch=mcfg["arch"], n_layer=mcfg["n_layer"], n_head=mcfg["n_head"],
+                       n_embd=mcfg["n_embd"], block_size=mcfg["block_size"], dropout=mcfg["dropout"],
+                       bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, device_type=device_type)
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+    elif special_init:  # the released 2025 fix: the 3 markers start as copies of an existing token's embedding
+        with torch.no_grad():
+            for emb in (model.get_input_embeddings(), lm_head(model)):  # the same tensor twice when tied
+                emb.weight[list(special)] = emb.weight[tok.encode(special_init)].mean(0)
+    model.to(device)
+    log(f"model: {base} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    train_model = Coconut(model, feedback_id)
+    if ddp:
+        train_model = DDP(train_model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
+    new_optimizer = lambda: torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    optimizer = new_optimizer()                                        # AdamW as released: no schedule, no clipping
+    start_epoch, iter_num, best_val = 0, 0, -1.0
+    if init_from == "resume":
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, iter_num, best_val = ckpt["epoch"], ckpt["iter_num"], ckpt["best_val_acc"]
+    if wandb_log and master_process:
+        import wandb
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+    def run_eval(split, stage, n_thoughts=None):
+        """Greedy accuracy and mean tokens (thoughts included) on a split. Rank r takes examples r, r+W, ... so
+        each is counted exactly once (no sampler padding), then the sums are all-reduced."""
+        mine = slice(ddp_rank, None, ddp_world_size)
+        prompts = [layout(q, s, [], stage, **lay, n_thoughts=n_thoughts)[0] for q, s, _ in encoded[split][mine]]
+        golds = [ex["answer"] for ex in splits[split][mine]]
+        model.eval()
+        with ctx:
+            c, n, texts = evaluate_rank(model, prompts, golds, tok, feedback_id, eval_batch_size, max_new_tokens, device)
+        model.train()
+        sums = torch.tensor([c, n], dtype=torch.float64, device=device)
+        if ddp:
+            all_reduce(sums)
+        return sums[0].item() / len(encoded[split]), sums[1].item() / len(encoded[split]), prompts, texts
+
+    # ---- training: each epoch has one stage; every rank draws the same global batches and takes its block
+    steps_per_epoch = len(encoded["train"]) // batch_size              # the last partial batch is dropped
+    assert steps_per_epoch > 0, f"{len(encoded['train'])} training examples < batch_size={batch_size}"
+    model.train()
+    for epoch in range(start_epoch, start_epoch if eval_only else num_epochs):
+        stage = stage_at(epoch)
+        if epoch > 0 and (reset_optimizer == "epoch" or reset_optimizer == "stage" and stage != stage_at(epoch - 1)):
+            optimizer = new_optimizer()                                # the new sequences deserve fresh moments
+        torch.manual_seed(seed + 1000 * epoch + ddp_rank)              # dropout: resuming at an epoch is exact
+        rng = random.Random(seed + epoch)                              # data: the same on every rank
+        stages = [stage if rng.random() >= uniform_prob else rng.randint(0, len(s)) for _, s, _ in encoded["train"]]
+        perm = rng.sample(range(len(encoded["train"])), len(encoded["train"]))
+        for step in range(steps_per_epoch):
+            t0, loss_sum, n_tok = time.time(), 0.0, 0
+            batch = perm[step * batch_size:(step + 1) * batch_size]
+            for micro in range(grad_accum):
+                at = (ddp_rank * grad_accum + micro) * micro_batch_size  # this rank's block of the global batch
+                rows = [layout(*encoded["train"][i], stages[i], **lay) for i in batch[at:at + micro_batch_size]]
+                anchors = [anchor(p, latent_id) for p, _ in rows]      # first thoughts line up in one column
+                input_ids, mask, labels = (t.to(device) for t in collate(rows, anchors, tok.pad_id))
+                if ddp:  # all-reduce the gradients on the last micro-step only
+                    train_model.require_backward_grad_sync = micro == grad_accum - 1
+                with ctx:
+                    loss = train_model(input_ids, mask, labels) / grad_accum
+                loss.backward()
+                loss_sum, n_tok = loss_sum + loss.item(), n_tok + mask.sum().item()
+            if ddp:  # log the global batch's loss, not rank 0's share (gloo has no AVG: sum, then divide)
+                stats = torch.tensor([loss_sum, n_tok], dtype=torch.float64, device=device)
+                all_reduce(stats)
+                loss_sum, n_tok = stats[0].item() / ddp_world_size, stats[1].item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+            dt = time.time() - t0
+            log(f"step {iter_num}/{steps_per_epoch * num_epochs} | epoch {epoch} stage {stage} thoughts "
+                f"{thoughts_at(stage)} | loss {loss_sum:.4f} | lr {learning_rate:.1e} | dt {dt * 1000:.0f}ms | "
+                f"tok/s {n_tok / dt:.0f}")
+            if wandb_log and master_process:
+                wandb.log({"loss": loss_sum, "stage": stage, "epoch": epoch}, step=iter_num)
+
+        # ---- end of epoch: validation with this stage's layout, then checkpoints from rank 0
+        val_acc, val_tok, _, _ = run_eval("val", stage)
+        log(f"epoch {epoch} stage {stage} | val acc {val_acc:.4f} | tokens {val_tok:.1f}")
+        if wandb_log and master_process:
+            wandb.log({"val_acc": val_acc, "val_tokens": val_tok}, step=iter_num)
+        if stage >= min(final_stage, max_latent_stage) and val_acc > best_val:  # select among all-thought stages
+            best_val = val_acc
+            if master_process:
+                save_checkpoint(os.path.join(out_dir, "best.pt"), {"model": model.state_dict(), "config": config,
+                                "base": base, "epoch": epoch, "stage": stage, "val_acc": val_acc})
+        if master_process:
+            save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config, "base": base,
+                "epoch": epoch + 1, "stage": stage, "iter_num": iter_num, "best_val_acc": best_val,
+                "rng_state": torch.get_rng_state()})  # for the record: each epoch reseeds from (seed, epoch, rank)
+
+    if ddp:  # a cheap guard: DDP must leave every rank with the same weights (min == max of each tensor's sum)
+        sums = torch.stack([p.detach().double().sum() for p in model.parameters()])
+        lo, hi = sums.clone(), sums.clone()
+        all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+        all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+        log(f"ddp: parameters identical on {ddp_world_size} ranks: {bool((lo == hi).all())}")
+
+    # ---- final: best-by-val weights (else the last), HF export for pretrained models, test accuracy, probe
+    if not eval_only and best_val >= 0:  # (never a stale best.pt of an earlier run)
+        model.load_state_dict(load_checkpoint(os.path.join(out_dir, "best.pt"), map_location=device)["model"])
+    if master_process and base != "scratch" and not eval_only:
+        model.save_pretrained(os.path.join(out_dir, "hf"))
+        tok.save_pretrained(os.path.join(out_dir, "hf"))
+    test_acc, test_tok, prompts, texts = run_eval("test", final_stage, n_thoughts_eval if n_thoughts_eval >= 0 else None)
+    log(f"test acc {test_acc:.4f} | tokens generated {test_tok:.1f} (thoughts included) | {len(encoded['test'])} examples")
+    if wandb_log and master_process:
+        wandb.log({"test_acc": test_acc, "test_tokens": test_tok})
+    for p, text in list(zip(prompts, texts))[:probe if master_process else 0]:
+        log(f"--- {tok.decode(p, skip_special_tokens=False)!r} -> {text!r}")
+        if feedback_id in p:  # what each continuous thought encodes, read through the LM head
+            probs, ids = probe_thoughts(model, p, latent_id, probe_topk, device)
+            for j, (pr, ix) in enumerate(zip(probs.tolist(), ids.tolist())):
+                log(f"    thought {j + 1}: " + "  ".join(f"{tok.decode([i], skip_special_tokens=False)!r} {q:.2f}"
+                                                        for i, q in zip(ix, pr)))
+    if ddp:
+        destroy_process_group()

@@ -1,0 +1,23 @@
+# GSM8k, stage 2 of 2: Coconut from the CoT checkpoint, c=2 thoughts per step, 3 stages of 3 epochs, then all
+# steps latent (6 thoughts) until epoch 25 of the released schedule (22 epochs here: the CoT run was epochs 0-2).
+#   torchrun --standalone --nproc_per_node=4 coconut.py config/coconut_gsm8k.py
+# Ablations from the same checkpoint: add config/coconut_no_curriculum.py, coconut_no_thoughts.py or
+# coconut_pause_as_thought.py (and --out_dir=...). Baselines from GPT-2 (No-CoT, pause): add
+# config/coconut_no_cot.py or coconut_pause.py to config/coconut_gsm8k_cot.py instead.
+out_dir = "out/gsm8k_coconut"
+task = "json"
+data_path = "data/gsm_{split}.json"
+task_options = "{}"
+tokenizer = "openai-community/gpt2"
+init_from = "out/gsm8k_cot/best.pt"
+method = "coconut"
+c_thought = 2
+epochs_per_stage = 3
+max_latent_stage = 3
+start_stage = 1
+pad_latent_to_max = True
+num_epochs = 22
+batch_size = 128
+micro_batch_size = 32
+learning_rate = 1e-4
+max_new_tokens = 64

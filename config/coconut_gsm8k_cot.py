@@ -1,0 +1,17 @@
+# GSM8k, stage 1 of 2: CoT fine-tuning of GPT-2 (the paper's "CoT" row, and the start of Coconut).
+# 4 GPUs as released (any count that divides 128/32 works, the global batch stays 128):
+#   torchrun --standalone --nproc_per_node=4 coconut.py config/coconut_gsm8k_cot.py
+# Data: the released conversion of GSM8k-Aug (gsm_train.json / gsm_valid.json / gsm_test.json).
+# best.pt (by val accuracy, ~40% around epoch 6) is what config/coconut_gsm8k.py starts from.
+out_dir = "out/gsm8k_cot"
+task = "json"
+data_path = "data/gsm_{split}.json"
+task_options = "{}"
+tokenizer = "openai-community/gpt2"
+init_from = "openai-community/gpt2"
+method = "cot"
+num_epochs = 25
+batch_size = 128
+micro_batch_size = 32
+learning_rate = 1e-4
+max_new_tokens = 64

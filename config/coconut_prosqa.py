@@ -1,0 +1,21 @@
+# ProsQA: Coconut from GPT-2, 1 thought per step, 6 stages of 5 epochs (stage 0 keeps the markers, 0 thoughts),
+# 50 epochs, 6 thoughts at inference. Paper: Coconut 97.0%, CoT 77.5%.
+#   torchrun --standalone --nproc_per_node=4 coconut.py config/coconut_prosqa.py     (4 GPUs as released; 1 works)
+# Baselines/ablations: add config/coconut_{cot,no_cot,pause,pause_as_thought,no_thoughts,no_curriculum}.py
+# data_path="" generates a release-sized ProsQA locally instead of reading the released files.
+out_dir = "out/prosqa_coconut"
+task = "prosqa"
+data_path = "data/prosqa_{split}.json"
+task_options = "{}"
+tokenizer = "openai-community/gpt2"
+init_from = "openai-community/gpt2"
+method = "coconut"
+c_thought = 1
+epochs_per_stage = 5
+max_latent_stage = 6
+num_epochs = 50
+batch_size = 128
+micro_batch_size = 32
+learning_rate = 1e-4
+max_new_tokens = 128
+probe = 4
