@@ -227,3 +227,13 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     assert p.returncode == 1 and "(nan/inf); stopping before the update" in p.stdout
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))  # the last good state, written before the first step
     assert ckpt["iter_num"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize("preset", ["config/latro_gsm8k.py", "config/latro_arc.py"])
+def test_presets_parse_and_divide_on_8_gpus(preset):
+    # a preset must only name real keys with the right types, and its batch must split over the 8 GPUs it names
+    import latro
+    from configurator import configure
+    cfg = configure(dict(vars(latro)), [preset], verbose=False)
+    prompts, rollouts, accum = latro.batch_layout(cfg["batch_size"], cfg["rloo_k"], cfg["micro_batch_size"], 8)
+    assert (prompts, rollouts, accum) == (3, 48, 12)  # the released 8 x 3 prompts, 48 rollouts in 12 micro-steps of 4
