@@ -40,8 +40,8 @@ from transformers import DynamicCache
 from data import load_task, build_tokenizer, question_text, step_text, answer_text, COCONUT_SPECIAL_TOKENS
 from evaluate import coconut_correct
 
-from model import (load_model, backbone, lm_head, position_ids_from_mask, token_logprobs, decode, autocast_ctx,
-                   save_checkpoint, load_checkpoint)
+from model import (load_model, backbone, lm_head, left_pad, position_ids_from_mask, token_logprobs, decode,
+                   autocast_ctx, save_checkpoint, load_checkpoint)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults are the CPU demo; config/coconut_*.py hold the paper's runs
@@ -189,14 +189,11 @@ class Coconut(nn.Module):
 # -----------------------------------------------------------------------------
 # inference: latent prefix with the cache, then KV-cached greedy decoding; the thought probe
 
-def left_pad(prompts, pad_id):
-    return collate([(p, []) for p in prompts], [len(p) for p in prompts], pad_id)[:2]
-
 @torch.no_grad()
 def generate(model, prompts, latent_id, eos_id, pad_id, max_new_tokens, device):
     """Greedy continuations (B, T_new) of a list of prompts ending in their thoughts (same count in every row, so
     plain left padding aligns them) and each row's number of generated tokens up to and including eos."""
-    input_ids, mask = (t.to(device) for t in left_pad(prompts, pad_id))
+    input_ids, mask = left_pad(prompts, pad_id, device)
     hidden, cache = latent_forward(model, input_ids, mask, latent_id)
     last_logits = lm_head(model)(hidden[:, -1]).float()                # (B, V)
     tokens, stopped = decode(model, last_logits, cache, mask, max_new_tokens, stop_sequences=[[eos_id]], pad_id=pad_id)

@@ -36,8 +36,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import configure
 from data import build_tokenizer, latro_answer, latro_prompt, latro_rationale, load_task
 from evaluate import latro_correct, majority_correct
-from model import (autocast_ctx, backbone, generate, load_checkpoint, load_model, position_ids_from_mask,
-                   save_checkpoint, token_logprobs)
+from model import (autocast_ctx, backbone, generate, left_pad, load_checkpoint, load_model,
+                   position_ids_from_mask, save_checkpoint, token_logprobs)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults are the embedded CPU demo (a few minutes on 2 cores); paper values in comments
@@ -201,12 +201,6 @@ def latro_loss(logp_z, logp_y, advantages, sft_coef):
     if sft_coef:
         loss = loss - sft_coef * logp_y.mean()
     return loss
-
-def left_pad(seqs, pad_id, device):
-    T = max(map(len, seqs))
-    ids = torch.tensor([[pad_id] * (T - len(s)) + s for s in seqs], device=device)
-    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], device=device)
-    return ids, mask
 
 @torch.no_grad()
 def sample(model, prompts, max_new_tokens, stops, cut_stops, pad_id, chunk, ctx, generator=None, **decode_kwargs):

@@ -75,6 +75,14 @@ def autocast_ctx(device_type):
 # -----------------------------------------------------------------------------
 # log-probabilities of targets, only where they are used
 
+def left_pad(seqs, pad_id, device="cpu"):
+    """Token lists of different lengths -> input_ids and attention_mask (B, T), padded on the left so every row's
+    last token is in the last column (where generation continues)."""
+    T = max(map(len, seqs))
+    ids = torch.tensor([[pad_id] * (T - len(s)) + list(s) for s in seqs], device=device)
+    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], device=device)
+    return ids, mask
+
 def position_ids_from_mask(attention_mask):
     """Positions that skip left padding: row [0 0 1 1 1] -> [0 0 0 1 2]. (B, T) long."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model import (decode, generate, load_checkpoint, load_model, position_ids_from_mask, prefill, sample_next,
+from model import (decode, generate, left_pad, load_checkpoint, load_model, position_ids_from_mask, prefill, sample_next,
                    save_checkpoint, token_logprobs, backbone)
 
 V = 40
@@ -31,6 +31,11 @@ def greedy_uncached(m, prompt, n, eos):
             break
         seq = torch.cat([seq, nxt.view(1, 1)], 1)
     return out
+
+def test_left_pad_puts_last_tokens_in_the_last_column():
+    ids, mask = left_pad([[5, 6, 7], [8], []], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 0, 0]]
 
 def test_position_ids_skip_left_padding():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
