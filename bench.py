@@ -29,9 +29,8 @@ import time
 import torch
 import transformers
 
-from model import (backbone, decode, generate, load_model, lm_head, position_ids_from_mask, token_logprobs,
-                   autocast_ctx)
-from coconut import Coconut, latent_forward, generate as latent_generate
+from model import backbone, load_model, lm_head, position_ids_from_mask, token_logprobs, autocast_ctx
+from coconut import Coconut, generate as latent_generate
 from latro import SequenceScorer, build_batch, sample, score, latro_rewards, rloo_advantages, latro_loss
 
 # -----------------------------------------------------------------------------

@@ -11,7 +11,6 @@ import os
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 # -----------------------------------------------------------------------------

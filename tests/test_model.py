@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model import (decode, generate, left_pad, load_checkpoint, load_model, position_ids_from_mask, prefill, sample_next,
+from model import (generate, left_pad, load_checkpoint, load_model, position_ids_from_mask, sample_next,
                    save_checkpoint, token_logprobs, backbone)
 
 V = 40
