@@ -26,6 +26,7 @@ Methods (--method=, or add an overlay such as config/coconut_pause.py after a ta
 """
 
 import ast
+import gc
 import os
 import sys
 import time
@@ -409,5 +410,8 @@ if __name__ == "__main__":
             for j, (pr, ix) in enumerate(zip(probs.tolist(), ids.tolist())):
                 log(f"    thought {j + 1}: " + "  ".join(f"{tok.decode([i], skip_special_tokens=False)!r} {q:.2f}"
                                                         for i, q in zip(ix, pr)))
-    if ddp:
+    if ddp:  # free the DDP wrapper first: it holds the process group, and a group torn down only at interpreter
+        del train_model  # exit (its gloo threads still holding tensors) aborts the process
+        gc.collect()
+        torch.distributed.barrier()
         destroy_process_group()

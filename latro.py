@@ -25,6 +25,7 @@ Launch:
 """
 
 import copy
+import gc
 import os
 import sys
 import time
@@ -515,5 +516,8 @@ if __name__ == "__main__":
         if export_hf and master_process:
             raw_model.save_pretrained(os.path.join(out_dir, "hf"))
             tok.save_pretrained(os.path.join(out_dir, "hf"))
-    if ddp:
+    if ddp:  # free the DDP wrapper first: it holds the process group, and a group torn down only at interpreter
+        del ddp_scorer  # exit (its gloo threads still holding tensors) aborts the process
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
