@@ -13,13 +13,17 @@ Answer checking for nanolatent, with the semantics of the released code of each 
 
 Score a predictions file (one JSON object per line with "output" or "outputs", and the example's fields):
     python evaluate.py --task gsm8k --preds preds.jsonl [--style latro|coconut] [--strict]
+A bad file (missing, empty, invalid JSON, a row without its fields): one line `error: ...`, exit 1.
 """
 
 import argparse
 import json
+import os
 import re
 import sys
 from decimal import Decimal, InvalidOperation
+
+from configurator import UserError, exit_cleanly_on_user_error
 
 ANSWER_PREFIX = "the answer is"
 
@@ -213,22 +217,84 @@ def accuracy(generate, task, examples, style="latro", strict=False, batch_size=6
     return sum(correct) / max(len(correct), 1), outputs
 
 
+# -----------------------------------------------------------------------------
+# the predictions file of the command line
+
+# data.TASKS, written out so that scoring a file does not import torch and transformers
+# (test_bad_inputs keeps the two equal)
+TASKS = ("prosqa", "prosqa_small", "prontoqa", "multiplication", "modsum", "gsm8k", "gsm8k_aug",
+         "arc", "json")
+
+
+def _row_error(path, row, problem):
+    return UserError(f"{path}: row {row}: {problem}")
+
+
+def read_prediction(r, path, row, task):
+    """One row -> (example, output): output is a string, or a non-empty list of k strings for maj@k.
+    A numeric answer (JSON 7 or 7.5) is read as its text: gold answers written by hand often are."""
+    if not isinstance(r, dict):
+        raise _row_error(path, row, f"expected a JSON object, got {type(r).__name__}")
+    if "answer" not in r or ("output" not in r and "outputs" not in r):
+        raise _row_error(path, row, "needs 'answer' and 'output' (or 'outputs')")
+    answer = r["answer"]
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str):
+        kind = type(answer).__name__
+        raise _row_error(path, row, f"'answer' must be a string or a number, got {kind}")
+    if "outputs" in r:
+        output = r["outputs"]
+        strings = isinstance(output, list) and all(isinstance(o, str) for o in output)
+        if not strings or not output:
+            raise _row_error(path, row, "'outputs' must be a non-empty list of strings (k samples)")
+    else:
+        output = r["output"]
+        if not isinstance(output, str):
+            raise _row_error(path, row, f"'output' must be a string, got {type(output).__name__}")
+    example = {**r, "answer": answer}
+    if task == "arc":
+        options = r.get("options")
+        def is_pair(o):
+            return isinstance(o, list) and len(o) == 2 and all(isinstance(x, str) for x in o)
+        if not isinstance(options, list) or not options or not all(map(is_pair, options)):
+            problem = "arc needs 'options': [[label, text], ...], as data.py writes them"
+            raise _row_error(path, row, problem)
+        example["options"] = [tuple(o) for o in options]
+    return example, output
+
+
+def read_predictions(path, task):
+    """(examples, outputs) of a predictions jsonl; a problem is a UserError naming file and row."""
+    if task not in TASKS:
+        raise UserError(f"--task {task!r} is unknown; known: {', '.join(TASKS)}")
+    if not os.path.isfile(path):
+        raise UserError(f"predictions file not found: {path}")
+    examples, outputs = [], []
+    with open(path, encoding="utf-8") as f:
+        for row, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _row_error(path, row, f"invalid JSON ({e.msg} at column {e.colno})") from None
+            example, output = read_prediction(r, path, row, task)
+            examples.append(example)
+            outputs.append(output)
+    if not examples:
+        raise UserError(f"{path} holds no predictions (one JSON object per line)")
+    return examples, outputs
+
+
 if __name__ == "__main__":
+    exit_cleanly_on_user_error()
     parser = argparse.ArgumentParser(description="Score a predictions jsonl file.")
     parser.add_argument("--task", required=True, help="gsm8k, arc, prosqa, ... (decides the answer extraction)")
     parser.add_argument("--preds", required=True, help='jsonl: {"output": str} or {"outputs": [str]} + "answer"')
     parser.add_argument("--style", default="latro", choices=["latro", "coconut"])
     parser.add_argument("--strict", action="store_true", help="ARC: exactly one option named, the gold one")
     args = parser.parse_args()
-    examples, outputs = [], []
-    with open(args.preds, encoding="utf-8") as f:
-        for row, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            if "answer" not in r or ("output" not in r and "outputs" not in r):
-                raise SystemExit(f"{args.preds}: row {row}: needs 'answer' and 'output' (or 'outputs')")
-            examples.append(r)
-            outputs.append(r["outputs"] if "outputs" in r else r["output"])
+    examples, outputs = read_predictions(args.preds, args.task)
     correct = score(args.task, examples, outputs, args.style, args.strict)
     print(f"{args.task}: {sum(correct)}/{len(correct)} correct = {sum(correct) / max(len(correct), 1):.4f}")
