@@ -249,7 +249,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     assert ckpt["iter_num"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-@pytest.mark.parametrize("preset", ["config/latro_gsm8k.py", "config/latro_arc.py"])
+@pytest.mark.parametrize("preset", ["config/latro_gsm8k.py", "config/latro_arc.py", "config/latro_sft_gsm8k.py",
+                                    "config/latro_sft_arc.py"])
 def test_presets_parse_and_divide_on_8_gpus(preset):
     # a preset must only name real keys with the right types, and its batch must split over the 8 GPUs it names
     import latro
@@ -257,3 +258,32 @@ def test_presets_parse_and_divide_on_8_gpus(preset):
     cfg = configure(dict(vars(latro)), [preset], verbose=False)
     prompts, rollouts, accum = latro.batch_layout(cfg["batch_size"], cfg["rloo_k"], cfg["micro_batch_size"], 8)
     assert (prompts, rollouts, accum) == (3, 48, 12)  # the released 8 x 3 prompts, 48 rollouts in 12 micro-steps of 4
+
+
+def test_sft_baseline_prompts_and_targets():
+    # the released SFT baseline: GSM8K trains on the bare question -> solution + 'The answer is N' (no period),
+    # and is evaluated with the CoT prompt; ARC trains on the direct-answer prompt, evaluated with the format block
+    from data import ARC_SFT_EVAL_FORMAT, latro_prompt, sft_target
+    gsm = {"question": "Q?", "steps": ["2 + 3 = <<2+3=5>>5", "5 x 2 = 10"], "answer": "10"}
+    assert latro_prompt(gsm, "gsm8k", style="sft") == "Q?"
+    assert latro_prompt(gsm, "gsm8k", style="sft_eval") == latro_prompt(gsm, "gsm8k") == "Q? Let's think step by step."
+    assert sft_target(gsm, "gsm8k") == "2 + 3 = <<2+3=5>>5\n5 x 2 = 10\nThe answer is 10"
+    arc = {"question": "Which?", "steps": [], "answer": "wind", "options": [("A", "heat"), ("B", "wind")]}
+    assert latro_prompt(arc, "arc", style="sft") == ("Which?\nOptions: ['heat', 'wind']\nChoose one from available "
+                                                     "options and return your answer like `The answer is "
+                                                     "{final_answer}`.")
+    assert latro_prompt(arc, "arc", style="sft_eval") == ARC_SFT_EVAL_FORMAT + "\nQuestion: Which?\nOptions: " \
+                                                                              "['heat', 'wind']\n"
+    assert sft_target(arc, "arc") == "The answer is wind."
+    with pytest.raises(ValueError, match="prompt style 'zero'"):
+        latro_prompt(gsm, "gsm8k", style="zero")
+
+
+def test_sft_baseline_run_and_bad_names(tmp_path):
+    # the SFT-baseline path end to end: one target text per question, epochs -> steps, linear decay, no LaTRO
+    p = run(TINY + [f"--out_dir={tmp_path}", "--prompt=sft", "--eval_prompt=sft_eval", "--sft_share=1.0",
+                    "--sft_epochs=0.25", "--sft_batch_size=8", "--sft_decay=True", "--latro_steps=0", "--maj_k=0"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "up to 2 steps of 8 (0.25 epochs)" in p.stdout and "SFT baseline | test acc" in p.stdout
+    p = run(TINY + [f"--out_dir={tmp_path / 'x'}", "--checker=paper"])
+    assert p.returncode != 0 and "checker='paper'" in p.stderr and "data:" not in p.stdout
