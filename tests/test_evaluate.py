@@ -204,6 +204,7 @@ GSM8K_TABLE = [  # (output, gold, released, fixed, why)
     ("The answer is 10,000", "10000", True, True, ""),
     ("The answer is 5,600 and change 3", "5600", True, True, ""),
     ("The answer is 1e3", "1000", False, False, "no exponents: the first number is 1"),
+    ("The answer is 1.0000000000000001", "1", True, False, "float equality rounds; fixed compares decimals"),
 ]
 
 ARC_OPTIONS = [("A", "heat"), ("B", "heat and light"), ("C", "sound"), ("D", "wind"), ("E", "2.5 m"),
