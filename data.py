@@ -33,9 +33,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 COCONUT_SPECIAL_TOKENS = ["<|start-latent|>", "<|end-latent|>", "<|latent|>"]
 STEP_BY_STEP = " Let's think step by step."
 ARC_INSTRUCTION = "Let's think step by step first then print your answer like 'The answer is (one of the options)'."
-# the released SFT baseline's ARC prompts: the training instruction, and the format block its evaluation script puts
-# before the question of an SFT checkpoint (prompt texts, kept verbatim so the numbers are comparable)
-ARC_SFT_INSTRUCTION = "Choose one from available options and return your answer like `The answer is {final_answer}`."
+# the released SFT baseline's ARC prompts: the training instruction, and the format block its
+# evaluation script puts before the question of an SFT checkpoint (prompt texts, kept verbatim so
+# the numbers are comparable)
+ARC_SFT_INSTRUCTION = ("Choose one from available options and return your answer like "
+                       "`The answer is {final_answer}`.")
 ARC_SFT_EVAL_FORMAT = """
 The output MUST strictly follow the structure and format described below:
 
@@ -68,8 +70,9 @@ def answer_text(ex):
 
 
 def arc_options_text(options, style="released"):
-    """ARC options in the prompt. released: the Python list of the option texts, as the released prompt prints it
-    (`['heat', 'wind']`); lettered: `(A) heat (B) wind` (lets the strict checker accept a letter answer)."""
+    """ARC options in the prompt. released: the Python list of the option texts, as the released
+    prompt prints it (`['heat', 'wind']`); lettered: `(A) heat (B) wind` (lets the strict checker
+    accept a letter answer)."""
     if style == "released":
         return str([text for _, text in options])
     if style == "lettered":
@@ -78,10 +81,11 @@ def arc_options_text(options, style="released"):
 
 
 def latro_prompt(ex, task, arc_options="released", style="cot"):
-    """LaTRO: the user turn. style cot: the CoT prompt (ARC: the released multiple-choice template; every other
-    task: question + the CoT suffix). sft: the released SFT baseline's training prompt (GSM8K: the bare question;
-    ARC: the direct-answer instruction). sft_eval: the prompt the released evaluation gives an SFT checkpoint
-    (GSM8K: the CoT prompt; ARC: the output-format block, then question and options)."""
+    """LaTRO: the user turn. style cot: the CoT prompt (ARC: the released multiple-choice template;
+    every other task: question + the CoT suffix). sft: the released SFT baseline's training prompt
+    (GSM8K: the bare question; ARC: the direct-answer instruction). sft_eval: the prompt the released
+    evaluation gives an SFT checkpoint (GSM8K: the CoT prompt; ARC: the output-format block, then
+    question and options)."""
     if style not in PROMPT_STYLES:
         raise ValueError(f"prompt style {style!r}: use one of {PROMPT_STYLES}")
     if task == "arc":
@@ -97,9 +101,9 @@ def latro_prompt(ex, task, arc_options="released", style="cot"):
 
 
 def sft_target(ex, task):
-    """The released SFT baseline's assistant turn (the script appends the end-of-turn id). GSM8K: the solution
-    with '####' read as 'The answer is' (no final period); ARC: the direct answer; other tasks: the gold steps,
-    then the LaTRO answer sentence."""
+    """The released SFT baseline's assistant turn (the script appends the end-of-turn id). GSM8K:
+    the solution with '####' read as 'The answer is' (no final period); ARC: the direct answer;
+    other tasks: the gold steps, then the LaTRO answer sentence."""
     if task == "arc":
         return latro_answer(ex["answer"])
     if task == "gsm8k":
@@ -233,20 +237,23 @@ class Tokenizer:
         return i
 
     def chat_prompt(self, text):
-        """Token ids of a user turn plus the generation prompt, with the BOS tokens the model's own chat template
-        and tokenizer give together: the rendered template, encoded with what the tokenizer puts before any text
-        (a BOS for Llama and Mistral tokenizers, nothing for those without one), and no second BOS when the
-        template wrote one itself (Llama 3.1 and Mistral templates do; the released code fed both to the model).
-        Something a tokenizer appends (an eos) is not kept: the prompt goes on with the assistant's turn.
-        Word-level vocabularies (scratch models) start every prompt with their BOS."""
+        """Token ids of a user turn plus the generation prompt, with the BOS tokens the model's own
+        chat template and tokenizer give together: the rendered template, encoded with what the
+        tokenizer puts before any text (a BOS for Llama and Mistral tokenizers, nothing for those
+        without one), and no second BOS when the template wrote one itself (Llama 3.1 and Mistral
+        templates do; the released code fed both to the model). Something a tokenizer appends (an
+        eos) is not kept: the assistant's turn follows. Word-level vocabularies (scratch models)
+        start every prompt with their BOS."""
         if self.is_words:
             return [self.bos_id] + self.encode(text)
         if self.hf.chat_template:
-            text = self.hf.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                               tokenize=False)
+            turn = [{"role": "user", "content": text}]
+            text = self.hf.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
         ids = self.hf.encode(text, add_special_tokens=False)
         full = self.hf.encode(text, add_special_tokens=True)
-        prefix = next((full[:i] for i in range(len(full) - len(ids) + 1) if full[i:i + len(ids)] == ids), [])
+        # what the tokenizer put before the text (a BOS or nothing)
+        at = next((i for i in range(len(full) - len(ids) + 1) if full[i:i + len(ids)] == ids), 0)
+        prefix = full[:at]
         if self.bos_id is not None and prefix[-1:] == [self.bos_id] and ids[:1] == [self.bos_id]:
             prefix = prefix[:-1]
         return prefix + ids
@@ -272,7 +279,7 @@ def build_tokenizer(name, examples):
     # (LaTRO also stops rationales at "Answer:", so it must be encodable)
     texts += ["\n", "###", STEP_BY_STEP, latro_answer("0"), "Answer:", ARC_INSTRUCTION,
               "Question: Options: (A) (B) (C) (D) (E)"]
-    # ARC prompts print the options as a Python list: its pieces ("['heat',") are words of their own
+    # ARC prompts print the options as a Python list: its pieces ("['heat',") are words too
     texts += [latro_prompt(ex, "arc") for ex in examples if "options" in ex]
     return Tokenizer.from_words(texts)
 

@@ -1,27 +1,31 @@
 """
 Answer checking for nanolatent.
 
-- Coconut (every task): the text after the last '#' of the output, commas removed and stripped, must equal the gold
-  answer exactly ("### 18" is right for 18, "### 18.0" is not), as released.
-- LaTRO: two checkers, named by `checker`:
-  released (the default: numbers comparable with the paper) reproduces the released is_equiv_gsm8k / is_equiv_arc,
-    quirks included. Numbers: after the LAST case-sensitive "The answer is" the first number, else (no delimiter,
-    or no number after it) the last number of the output; a number is -?[digits and commas]*.?digits, commas are
-    then dropped ("1,2" reads 12); compared as floats. ARC: the gold option text (lower-cased, final '.' dropped)
-    must occur in the FIRST '.'-sentence containing "the answer is" (any case), after that phrase; with no such
-    sentence, in the last '.'-segment of the output.
-  fixed: numbers after the last "the answer is" in any case, the first one, None when nothing follows (no
-    fallback); commas only as thousands separators; "3-4" is 3 and 4; compared as decimals. ARC: the gold text
-    occurs after the LAST "the answer is" (lenient), or exactly one option is named there (strict).
-  The README lists every point where the two differ, with an example. Tasks whose answers are neither numbers
-  nor ARC options (ProsQA, ProntoQA, multiplication) have no released checker: both names use the text after the
-  last "The answer is", stripped, without a final period, compared with the gold answer.
-- maj@k: the k outputs' answers are extracted exactly as the greedy check extracts them (numbers: the number;
-  ARC: the text the check searches), the most frequent wins, and the greedy check's comparison decides; so maj@1
-  equals the greedy verdict.
+- Coconut (every task): the text after the last '#' of the output, commas removed and stripped,
+  must equal the gold answer exactly ("### 18" is right for 18, "### 18.0" is not), as released.
+- LaTRO: two checkers, named by `checker`.
+  released (the default: numbers comparable with the paper) reproduces the released
+    is_equiv_gsm8k / is_equiv_arc, quirks included. Numbers: after the LAST case-sensitive
+    "The answer is" the first number, else (no delimiter, or no number after it) the last number
+    of the output; a number is -?[digits and commas]*.?digits, its commas then dropped ("1,2"
+    reads 12); compared as floats. ARC: the gold option text (lower-cased, final '.' dropped) must
+    occur after "the answer is" in the FIRST '.'-sentence holding that phrase (any case); without
+    one, in the last '.'-segment of the output.
+  fixed: numbers after the last "the answer is" in any case, the first one, None when nothing
+    follows (no fallback); commas only between groups of three digits; "3-4" is 3 and 4; compared
+    as decimals. ARC: the gold text occurs after the LAST "the answer is" (lenient), or exactly one
+    option is named there (strict).
+  The README lists every point where the two differ, with an example. Answers that are neither
+  numbers nor ARC options (ProsQA, ProntoQA, multiplication) have no released checker: both names
+  compare the text after the last "The answer is", stripped, without a final period.
+- maj@k: each output's answer is extracted exactly as the greedy check extracts it (numbers: the
+  number; ARC: the text the check searches), the most frequent wins, and the greedy check's
+  comparison decides; so maj@1 equals the greedy verdict.
 
-Score a predictions file (one JSON object per line with "output" or "outputs", and the example's fields):
-    python evaluate.py --task gsm8k --preds preds.jsonl [--style latro|coconut] [--checker released|fixed]
+Score a predictions file (one JSON object per line with "output" or "outputs", and the example's
+fields):
+    python evaluate.py --task gsm8k --preds preds.jsonl [--style latro|coconut]
+                       [--checker released|fixed] [--strict]
 """
 
 import argparse
@@ -130,13 +134,15 @@ def arc_correct(output_text, example, strict=False):
 # the released checkers (LaTRO's eval_utils), rewritten rule for rule
 
 CHECKERS = ("released", "fixed")
-_RELEASED_NUMBER_RE = re.compile(r"-?[\d,]*\.?\d+")  # sign glued on, commas anywhere: "3-4" -> "3", "-4"
+# sign glued on, commas anywhere: "3-4" -> "3", "-4"; "1,2" -> "1,2"
+_RELEASED_NUMBER_RE = re.compile(r"-?[\d,]*\.?\d+")
 RELEASED_NUMBER_DELIMITER = "The answer is"  # case-sensitive
 RELEASED_ARC_DELIMITER = "the answer is"  # compared with the lower-cased text
 
 
 def released_find_number(text):
-    """The first number after the last "The answer is" (case-sensitive); else the last number; else ''."""
+    """The first number after the last "The answer is" (case-sensitive), else the last number,
+    else ''."""
     if RELEASED_NUMBER_DELIMITER in text:
         numbers = _RELEASED_NUMBER_RE.findall(text.split(RELEASED_NUMBER_DELIMITER)[-1])
         if numbers:
@@ -146,8 +152,8 @@ def released_find_number(text):
 
 
 def released_number_correct(gold, output_text):
-    """is_equiv_gsm8k: both sides through released_find_number, commas dropped, then float equality; when either
-    side is no float, the strings are compared (after one more extraction of the output's number)."""
+    """is_equiv_gsm8k: both sides through released_find_number, commas dropped, float equality;
+    when a side is no float, the strings are compared (the output's number extracted once more)."""
     attempted = released_find_number(output_text).replace(",", "")
     want = released_find_number(gold).replace(",", "")
     try:
@@ -157,8 +163,9 @@ def released_number_correct(gold, output_text):
 
 
 def released_arc_segment(output_text):
-    """The text is_equiv_arc searches for the gold option: after "the answer is" in the first '.'-sentence that
-    holds it (lower-cased, stripped of ' []()\"' and a leading ':'), else the last '.'-segment; None if empty."""
+    """The text is_equiv_arc searches for the gold option: after "the answer is" in the first
+    '.'-sentence holding it (lower-cased, stripped of ' []()\"' and a leading ':'), else the last
+    '.'-segment; None for an empty output."""
     if not output_text:
         return None
     if RELEASED_ARC_DELIMITER in output_text.lower():
@@ -181,8 +188,8 @@ def is_number(s):
 
 
 def latro_extract(task, output_text, example, checker="released", strict=False):
-    """The answer the check compares, or None: a number string (numeric answers), the text searched for the gold
-    option (ARC), the named option (ARC strict), or the stated text (other tasks)."""
+    """The answer the check compares, or None: a number string (numeric answers), the text searched
+    for the gold option (ARC), the named option (ARC strict), or the stated text (other tasks)."""
     if checker not in CHECKERS:
         raise ValueError(f"checker={checker!r}: use one of {CHECKERS}")
     if task == "arc":
@@ -230,7 +237,8 @@ def latro_match(task, answer, example, checker="released", strict=False):
 
 
 def latro_correct(task, output_text, example, strict=False, checker="released"):
-    return latro_match(task, latro_extract(task, output_text, example, checker, strict), example, checker, strict)
+    answer = latro_extract(task, output_text, example, checker, strict)
+    return latro_match(task, answer, example, checker, strict)
 
 
 def check_answer(task, output_text, example, strict=False):
@@ -254,11 +262,12 @@ def majority_vote(answers):
 
 
 def majority_correct(task, outputs, example, checker="released", strict=False):
-    """maj@k for LaTRO: extract each output's answer as the greedy check does, vote (numbers by value, so 18 and
-    18.0 are one vote), then apply the greedy check's comparison to the winner."""
+    """maj@k for LaTRO: extract each output's answer as the greedy check does, vote (numbers by
+    value, so 18 and 18.0 are one vote), then apply the greedy check's comparison to the winner."""
     answers = [latro_extract(task, o, example, checker, strict) for o in outputs]
-    numeric = task != "arc" and is_number(example["answer"])
-    keys = [canonical_number(a) or a if numeric and a is not None else a for a in answers]
+    keys = answers
+    if task != "arc" and is_number(example["answer"]):
+        keys = [canonical_number(a) or a if a is not None else None for a in answers]
     vote = majority_vote(keys)
     if vote is None:
         return False
@@ -279,7 +288,8 @@ def score(task, examples, outputs, style="latro", strict=False, checker="release
     return correct
 
 
-def accuracy(generate, task, examples, style="latro", strict=False, batch_size=64, checker="released"):
+def accuracy(generate, task, examples, style="latro", strict=False, batch_size=64,
+             checker="released"):
     """Run `generate(list of examples) -> list of output texts` over examples in batches; (accuracy, outputs).
 
     Each example is counted exactly once (no padding of the last batch, unlike a DistributedSampler).

@@ -60,9 +60,9 @@ n_train = 0                    # training questions (0 = the task's default size
 n_dev = 200                    # dev questions: evaluation during training and model selection
 n_test = 500                   # test questions: evaluated before LaTRO and once at the end, never used for selection
 tokenizer = ""                 # '' = word-level vocabulary for scratch models, the model's own tokenizer otherwise
-prompt = "cot"                 # cot (LaTRO) | sft (the released SFT baseline's training prompt, see data.latro_prompt)
-eval_prompt = ""               # '' = prompt | cot | sft_eval (the released evaluation prompt for SFT checkpoints)
-arc_options = "released"       # ARC options in the prompt: released (a plain list of texts) | lettered ((A) text ...)
+prompt = "cot"                 # cot (LaTRO) | sft (the released SFT baseline's training prompt)
+eval_prompt = ""               # '' = prompt | cot | sft_eval (released eval prompt of SFT checkpoints)
+arc_options = "released"       # ARC options: released (a plain list of texts) | lettered ((A) text)
 # model (init_from='scratch')
 arch = "gpt2"                  # gpt2 | llama
 n_layer = 3                    # 3 x 128 dims, 4 heads: 0.63M parameters with the modsum vocabulary
@@ -76,10 +76,10 @@ gradient_checkpointing = False # recompute activations in the backward (long rat
 # SFT warm-up on gold rationales (also the SFT baseline; 0 steps for pretrained models)
 sft_share = 0.1                # share of the training questions whose gold rationale SFT may use
 sft_steps = 2000               # maximum warm-up steps
-sft_epochs = 0.0               # > 0: sft_steps = ceil(sft_epochs x gold rationales / sft_batch_size) instead
+sft_epochs = 0.0               # > 0: sft_steps = ceil(sft_epochs x gold rationales / sft_batch_size)
 sft_batch_size = 64            # sequences per step, all ranks together
 sft_lr = 1e-3                  # AdamW learning rate
-sft_decay = False              # decay sft_lr linearly to 0 over sft_steps (the released SFT baseline does)
+sft_decay = False              # decay sft_lr linearly to 0 over sft_steps (released SFT baseline)
 sft_eval_interval = 20         # steps between dev evaluations during the warm-up
 sft_target_acc = 0.45          # stop the warm-up once dev accuracy reaches this (0 = run all sft_steps)
 # LaTRO
@@ -91,7 +91,7 @@ gen_batch_size = 256           # rows per generate call (rollouts and evaluation
 max_rationale_tokens = 40      # L, longest sampled rationale (paper: 500)
 temperature = 1.0              # rollout sampling temperature (paper: 1)
 top_p = 1.0                    # rollout nucleus (paper: 1, no top-p)
-stop_strings = "released"        # 'released' (the 18 phrasings of RELEASED_STOP_STRINGS) or '|'-separated strings
+stop_strings = "released"      # 'released' (the 18 of RELEASED_STOP_STRINGS) or 'A|B': found in text
 beta = 0.05                    # KL coefficient (paper: 0.05 GSM8K, 0.25 ARC-Challenge)
 gamma = 2.0                    # non-stopped rationales get reward gamma x mean raw reward (paper: 2)
 penalty = "group"              # non-stopped penalty baseline: group (the prompt's K samples) | rank_mean (released) | none
@@ -99,7 +99,7 @@ sft_coef = 0.0                 # weight of ∇log π(y|x,z): 0 = released recipe
 lr = 1e-4                      # AdamW peak lr, linear decay to 0, no warm-up (paper: 5e-7 for pretrained models)
 weight_decay = 0.0             # (paper: 0)
 # evaluation
-checker = "released"           # released (is_equiv_gsm8k / is_equiv_arc: numbers comparable with the paper) | fixed
+checker = "released"           # released (as the paper's code: comparable numbers) | fixed (evaluate.py)
 eval_max_tokens = 64           # greedy / maj@k generation length: rationale plus answer (paper: 500)
 maj_k = 8                      # samples per question for maj@k (self-consistency) at T=1; 0 = greedy only
 # system
@@ -128,8 +128,9 @@ def batch_layout(batch_size, rloo_k, micro_batch_size, world_size):
     return prompts, rollouts, rollouts // micro_batch_size  # prompts per rank, rollouts per rank, accumulation
 
 def disable_dropout(model):
-    """Dropout off everywhere, as the released trainer does for policy and reference (trl's disable_dropout_in_model
-    zeroes nn.Dropout modules; attention dropout given to the kernel as a float attribute is zeroed too)."""
+    """Dropout off everywhere, as the released trainer does for policy and reference: trl's
+    disable_dropout_in_model zeroes nn.Dropout modules; attention dropout handed to the kernel as a
+    float attribute is zeroed too."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -138,16 +139,16 @@ def disable_dropout(model):
                 setattr(m, name, 0.0)
     return model
 
-# The released stop strings (trainer_config.stop_seqs), lowercase and tool-call phrasings included. They are found
-# in the decoded text: SentencePiece spells "The" after a newline as another piece than at the start of an encoded
-# string, so matching token ids of encode(stop) misses the most common case.
+# The released stop strings (trainer_config.stop_seqs), lowercase and tool-call phrasings included.
+# They are found in the decoded text: SentencePiece spells "The" after a newline as another piece
+# than at the start of an encoded string, so matching the ids of encode(stop) misses the common case.
 RELEASED_STOP_STRINGS = [
     "Answer:", " Answer:", "\nAnswer:",
     "The answer is", " The answer is", "\nThe answer is",
     "The answer is:", " The answer is:", "\nThe answer is:",
     " the answer is", "so the final answer is", "So, the answer is", "Therefore, the answer is",
-    "The function call is:", "\nThe function call is:", "The function call is", "\nThe function call is",
-    "the function call is",
+    "The function call is:", "\nThe function call is:", "The function call is",
+    "\nThe function call is", "the function call is",
 ]
 
 def parse_stop_strings(spec):
@@ -162,15 +163,16 @@ def first_stop(text, strings):
     return min(starts) if starts else -1
 
 def cut_at_stop(tok, ids, stop_ids, strings):
-    """(length, stopped): a rationale is ids[:length], cut strictly before its first stop: a stop id (eos, pad,
-    end-of-turn) or a stop string in the decoded text. The cut falls on the last token boundary at or before the
-    stop's first character (a stop starting inside a token cuts before that token). 'First' is the stop the sampler
-    sees first: the earliest start among the stops complete in the shortest prefix that holds one."""
+    """(length, stopped): a rationale is ids[:length], cut strictly before its first stop: a stop id
+    (eos, pad, end-of-turn) or a stop string in the decoded text. The cut falls on the last token
+    boundary at or before the stop's first character (a stop starting inside a token cuts before
+    that token). 'First' is the stop the sampler sees first: the earliest start among the stops
+    complete in the shortest prefix that holds one."""
     ids = [int(t) for t in ids]
     n = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
     if not strings or first_stop(tok.decode(ids[:n]), strings) < 0:
         return n, n < len(ids)
-    # the shortest prefix whose text holds a stop (once a prefix holds one, every longer prefix does)
+    # the shortest prefix whose text holds a stop (once a prefix holds one, every longer one does)
     lo, hi = 1, n
     while lo < hi:
         mid = (lo + hi) // 2
@@ -180,8 +182,8 @@ def cut_at_stop(tok, ids, stop_ids, strings):
             lo = mid + 1
     text = tok.decode(ids[:lo])
     s = first_stop(text, strings)
-    # the last boundary before the stop: a prefix whose text is text's own beginning (byte-fallback pieces of a
-    # half-decoded character print as U+FFFD and are no boundary) and ends at or before s
+    # the last boundary before the stop: a prefix whose text is text's own beginning (byte-fallback
+    # pieces of a half-decoded character print as U+FFFD: no boundary) and ends at or before s
     for k in range(lo - 1, -1, -1):
         head = tok.decode(ids[:k])
         if len(head) <= s and text.startswith(head):
@@ -189,11 +191,12 @@ def cut_at_stop(tok, ids, stop_ids, strings):
     return 0, True
 
 def tail_stop_check(tok, strings):
-    """A decode() stop_check: rows whose newest tokens' text holds a stop string. Only the last `window` tokens
-    are decoded per step: a stop of b UTF-8 bytes spans at most b tokens (every token decodes to at least one
-    byte) and two more absorb what differs when a suffix is decoded alone (SentencePiece drops the leading space of
-    the first piece; a byte-fallback piece cut from its character prints U+FFFD). Decoding a suffix alone never
-    adds a stop the full text does not hold, so a row never stops early by mistake."""
+    """A decode() stop_check: the rows whose newest tokens' text holds a stop string. Only the last
+    `window` tokens are decoded per step: a stop of b UTF-8 bytes spans at most b tokens (every token
+    decodes to at least one byte), and two more absorb what differs when a suffix is decoded alone
+    (SentencePiece drops the first piece's leading space; a byte-fallback piece cut from its
+    character prints U+FFFD). A suffix decoded alone never holds a stop the full text does not hold,
+    so no row stops early by mistake."""
     window = max(len(s.encode("utf-8")) for s in strings) + 2
 
     def check(tokens, finished):  # tokens (B, t), finished (B,) bool -> (B,) bool
@@ -258,16 +261,18 @@ def latro_loss(logp_z, logp_y, advantages, sft_coef):
     return loss
 
 @torch.no_grad()
-def sample(model, prompts, max_new_tokens, pad_id, chunk, ctx, *, tok, stop_ids, stop_strings, early_stop=True,
-           generator=None, **decode_kwargs):
-    """Batched, KV-cached generation that stops each row at its first stop (a stop id, or a stop string in its
-    decoded text) and the batch once all stopped. early_stop=False runs all max_new_tokens (for tests: the cut
-    outputs are the same). Returns the continuations cut before their first stop (cut_at_stop), stopped flags (N,)
-    and the number of decoded positions."""
+def sample(model, prompts, max_new_tokens, pad_id, chunk, ctx, *, tok, stop_ids, stop_strings,
+           early_stop=True, generator=None, **decode_kwargs):
+    """Batched, KV-cached generation that stops each row at its first stop (a stop id, or a stop
+    string in its decoded text) and the batch once all rows stopped. early_stop=False runs all
+    max_new_tokens (tests: the cut outputs are the same). Returns the continuations cut before their
+    first stop (cut_at_stop), stopped flags (N,) and the number of decoded positions."""
     device = next(model.parameters()).device
     starts = range(0, len(prompts), chunk)
-    # one seed per chunk, drawn up front: a chunk that stops early must not shift the random draws of the next one
-    seeds = torch.randint(2**62, (len(starts),), generator=generator, device=device).tolist() if generator else None
+    # one seed per chunk, drawn up front: a chunk that stops early must not shift the next one's draws
+    seeds = None
+    if generator:
+        seeds = torch.randint(2**62, (len(starts),), generator=generator, device=device).tolist()
     id_stops = [[i] for i in sorted(stop_ids)] if early_stop else []
     check = tail_stop_check(tok, stop_strings) if early_stop and stop_strings else None
     outs, flags, n_tok = [], [], 0
@@ -275,8 +280,8 @@ def sample(model, prompts, max_new_tokens, pad_id, chunk, ctx, *, tok, stop_ids,
         ids, mask = left_pad(prompts[i:i + chunk], pad_id, device)
         g = torch.Generator(device=device).manual_seed(seeds[c]) if generator else None
         with ctx:
-            tokens, _ = generate(model, ids, mask, max_new_tokens, stop_sequences=id_stops, pad_id=pad_id,
-                                 generator=g, stop_check=check, **decode_kwargs)
+            tokens, _ = generate(model, ids, mask, max_new_tokens, stop_sequences=id_stops,
+                                 pad_id=pad_id, generator=g, stop_check=check, **decode_kwargs)
         for row in tokens.tolist():
             n, stopped = cut_at_stop(tok, row, stop_ids, stop_strings)
             outs.append(row[:n])
@@ -297,24 +302,24 @@ def score(scorer, prompts, rationales, answers, pad_id, chunk, ctx):
     return logp[:, 0], logp[:, 1]
 
 @torch.no_grad()
-def evaluate(model, task, examples, prompts, answers, *, tok, stop_strings, checker, max_new_tokens, maj_k, chunk,
-             ctx, generator):
-    """Sums over examples: greedy correct, maj@k correct, log π(y | x, z_greedy); and the count. Outputs end at eos
-    / end-of-turn only (as released); the answer log-likelihood puts the gold answer after the greedy output cut
-    at its first stop, as the reward does."""
+def evaluate(model, task, examples, prompts, answers, *, tok, stop_strings, checker, max_new_tokens,
+             maj_k, chunk, ctx, generator):
+    """Sums over examples: greedy correct, maj@k correct, log π(y | x, z_greedy); and the count.
+    Outputs end at eos / end-of-turn only (as released); the answer log-likelihood puts the gold
+    answer after the greedy output cut at its first stop, as the reward does."""
     model.eval()
     eos = {tok.eos_id, tok.end_of_turn_id}
-    outs, _, _ = sample(model, prompts, max_new_tokens, tok.pad_id, chunk, ctx, tok=tok, stop_ids=eos,
-                        stop_strings=[])
-    correct = sum(latro_correct(task, tok.decode(o), ex, checker=checker) for o, ex in zip(outs, examples))
-    stop_ids = eos | {tok.pad_id}
-    cut = [o[:cut_at_stop(tok, o, stop_ids, stop_strings)[0]] for o in outs]
+    outs, _, _ = sample(model, prompts, max_new_tokens, tok.pad_id, chunk, ctx, tok=tok,
+                        stop_ids=eos, stop_strings=[])
+    texts = [tok.decode(o) for o in outs]
+    correct = sum(latro_correct(task, t, ex, checker=checker) for t, ex in zip(texts, examples))
+    cut = [o[:cut_at_stop(tok, o, eos | {tok.pad_id}, stop_strings)[0]] for o in outs]
     _, logp_y = score(SequenceScorer(model), prompts, cut, answers, tok.pad_id, chunk, ctx)
     maj = 0
     if maj_k:
         many = [p for p in prompts for _ in range(maj_k)]
-        outs, _, _ = sample(model, many, max_new_tokens, tok.pad_id, chunk, ctx, tok=tok, stop_ids=eos,
-                            stop_strings=[], temperature=1.0, generator=generator)
+        outs, _, _ = sample(model, many, max_new_tokens, tok.pad_id, chunk, ctx, tok=tok,
+                            stop_ids=eos, stop_strings=[], temperature=1.0, generator=generator)
         texts = [tok.decode(o) for o in outs]
         maj = sum(majority_correct(task, texts[i * maj_k:(i + 1) * maj_k], ex, checker)
                   for i, ex in enumerate(examples))
@@ -349,9 +354,10 @@ if __name__ == "__main__":
     if sft_batch_size % ddp_world_size:
         raise ValueError(f"sft_batch_size={sft_batch_size} does not split over {ddp_world_size} ranks: "
                          f"make it a multiple of {ddp_world_size}")
-    for key, value, allowed in [("checker", checker, CHECKERS), ("prompt", prompt, ("cot", "sft")),
-                                ("eval_prompt", eval_prompt, ("",) + PROMPT_STYLES),
-                                ("arc_options", arc_options, ("released", "lettered"))]:
+    names = [("checker", checker, CHECKERS), ("prompt", prompt, ("cot", "sft")),
+             ("eval_prompt", eval_prompt, ("",) + PROMPT_STYLES),
+             ("arc_options", arc_options, ("released", "lettered"))]
+    for key, value, allowed in names:
         if value not in allowed:
             raise ValueError(f"{key}={value!r}: use one of {allowed}")
     ctx = autocast_ctx(device_type)  # bf16 on CUDA, fp32 on the CPU; log-probs are fp32 either way
@@ -371,7 +377,8 @@ if __name__ == "__main__":
     dev_ex = load_task(task, "val", path=data_path, n=n_dev, seed=seed)
     test_ex = load_task(task, "test", path=data_path, n=n_test, seed=seed)
     tok = build_tokenizer(tokenizer or ("words" if source == "scratch" else source), train_ex + dev_ex + test_ex)
-    encode_x = lambda exs, style=prompt: [tok.chat_prompt(latro_prompt(ex, task, arc_options, style)) for ex in exs]
+    def encode_x(exs, style=prompt):
+        return [tok.chat_prompt(latro_prompt(ex, task, arc_options, style)) for ex in exs]
     encode_y = lambda exs: [tok.encode(latro_answer(ex["answer"])) + [tok.end_of_turn_id] for ex in exs]
     train_x, train_y = encode_x(train_ex), encode_y(train_ex)
     stops = parse_stop_strings(stop_strings)
@@ -384,7 +391,7 @@ if __name__ == "__main__":
     model = load_model(source, len(tok), arch=arch, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                        block_size=block_size, dropout=dropout, bos_id=tok.bos_id, eos_id=tok.eos_id,
                        pad_id=tok.pad_id, attn_implementation=attn_implementation, device_type=device_type)
-    if source != "scratch":  # as released: rollouts, scoring and the update see one deterministic function
+    if source != "scratch":  # as released: rollouts, scoring and update see one function
         disable_dropout(model)
     if ckpt:
         model.load_state_dict(ckpt["model"])
@@ -406,7 +413,8 @@ if __name__ == "__main__":
         """Greedy accuracy, maj@k and mean answer log-likelihood over a split, sharded over the ranks."""
         mine = examples[ddp_rank::ddp_world_size]
         g = torch.Generator(device=device).manual_seed(seed + ddp_rank)  # fixed: evals do not disturb training
-        s = all_sum(evaluate(raw_model, task, mine, encode_x(mine, eval_prompt or prompt), encode_y(mine), tok=tok, maj_k=k,
+        xs = encode_x(mine, eval_prompt or prompt)
+        s = all_sum(evaluate(raw_model, task, mine, xs, encode_y(mine), tok=tok, maj_k=k,
                              stop_strings=stops, checker=checker, max_new_tokens=eval_max_tokens,
                              chunk=gen_batch_size, ctx=ctx, generator=g))
         correct, maj, answer_logp = (s[:3] / s[3]).tolist()
@@ -420,7 +428,7 @@ if __name__ == "__main__":
     warm_up = ckpt is None and sft_total > 0  # a resumed run is past its warm-up
     if warm_up:
         gold_x = encode_x(gold)
-        if prompt == "sft":  # the released SFT baseline: one target text (steps and answer) + end-of-turn
+        if prompt == "sft":  # the released SFT baseline: one target text, then end-of-turn
             gold_z = [tok.encode(sft_target(ex, task)) for ex in gold]
             gold_y = [[tok.end_of_turn_id] for _ in gold]
         else:
@@ -436,7 +444,7 @@ if __name__ == "__main__":
                 log(f"sft {it}/{sft_total} | dev acc {acc:.4f} | {time.time() - t0:.1f}s")
                 if it == sft_total or 0 < sft_target_acc <= acc:
                     break
-            if sft_decay:  # linear decay to 0, no warm-up (the HF Trainer default the released SFT ran with)
+            if sft_decay:  # linear, no warm-up: the HF Trainer default the released SFT ran with
                 for group in optimizer.param_groups:
                     group["lr"] = sft_lr * (1 - it / sft_total)
             idx = step_indices(it, sft_batch_size, len(gold), seed)[ddp_rank * per_rank:(ddp_rank + 1) * per_rank]
@@ -524,9 +532,9 @@ if __name__ == "__main__":
         ys = [train_y[i] for i in idx for _ in range(rloo_k)]  # 4. the gold answer after each cut rationale
         generator.manual_seed(seed + 1_000_003 * iter_num + ddp_rank)  # a function of the step: resume is exact
         raw_model.eval()
-        zs, stopped, n_gen = sample(raw_model, xs, max_rationale_tokens, tok.pad_id, gen_batch_size, ctx, tok=tok,
-                                    stop_ids=stop_ids, stop_strings=stops, temperature=temperature, top_p=top_p,
-                                    generator=generator)
+        zs, stopped, n_gen = sample(raw_model, xs, max_rationale_tokens, tok.pad_id, gen_batch_size,
+                                    ctx, tok=tok, stop_ids=stop_ids, stop_strings=stops,
+                                    temperature=temperature, top_p=top_p, generator=generator)
         t1 = time.time()
         # 5. no-grad scoring: policy and reference over the same rows (identical shapes: KL is exactly 0 at step 0)
         logp_z, logp_y = score(scorer, xs, zs, ys, tok.pad_id, micro_batch_size, ctx)
