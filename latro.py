@@ -20,6 +20,7 @@ Launch:
     python latro.py --init_from=resume                 # continue out_dir/ckpt.pt exactly
     python latro.py config/latro_gsm8k.py --init_from=Qwen/Qwen2.5-1.5B-Instruct --batch_size=3   # 1 GPU
     torchrun --standalone --nproc_per_node=8 latro.py config/latro_gsm8k.py    # 8 GPUs, the paper's setup
+    torchrun --standalone --nproc_per_node=8 latro.py config/latro_sft_gsm8k.py   # the paper's SFT baseline
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --master_addr=HOST --master_port=29500 \\
         latro.py config/latro_gsm8k.py --batch_size=48    # 2 nodes (--node_rank=1 on the other)
 """

@@ -166,6 +166,13 @@ def test_cli_scores_a_predictions_file(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(root, "evaluate.py"), "--task", "gsm8k",
                              "--preds", str(preds)], capture_output=True, text=True, check=True)
     assert "gsm8k: 2/3 correct = 0.6667" in result.stdout
+    # --checker: a lowercase delimiter is an answer for the fixed checker only (released reads the last number)
+    preds.write_text(json.dumps({"answer": "7", "output": "the answer is 7, not 8"}))
+    for checker, want in [("released", "gsm8k: 0/1 correct = 0.0000"), ("fixed", "gsm8k: 1/1 correct = 1.0000")]:
+        result = subprocess.run([sys.executable, os.path.join(root, "evaluate.py"), "--task", "gsm8k",
+                                 "--preds", str(preds), "--checker", checker], capture_output=True, text=True,
+                                check=True)
+        assert want in result.stdout
 
 # -----------------------------------------------------------------------------
 # the released checker against the fixed one: verdicts derived by hand from the released rules (evaluate.py's
