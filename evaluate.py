@@ -109,8 +109,8 @@ def _option_mentions(segment, options):
 def arc_extract(output_text, options, strict=False):
     """The option text the output answers with, or None.
 
-    strict: exactly one option named after the last "the answer is". lenient: the option whose text occurs first
-    there (this is only for voting; lenient correctness is the released substring test, see arc_correct).
+    strict: exactly one option named after the last "the answer is". lenient: the option whose text
+    occurs first there (a reading aid: the LaTRO checks and maj@k use the searched text instead).
     """
     segment = after_last_answer_prefix(output_text)
     if segment is None:
