@@ -43,6 +43,22 @@ from configurator import UserError
 COCONUT_SPECIAL_TOKENS = ["<|start-latent|>", "<|end-latent|>", "<|latent|>"]
 STEP_BY_STEP = " Let's think step by step."
 ARC_INSTRUCTION = "Let's think step by step first then print your answer like 'The answer is (one of the options)'."
+# the released SFT baseline's ARC prompts: the training instruction, and the format block its
+# evaluation script puts before the question of an SFT checkpoint (prompt texts, kept verbatim so
+# the numbers are comparable)
+ARC_SFT_INSTRUCTION = ("Choose one from available options and return your answer like "
+                       "`The answer is {final_answer}`.")
+ARC_SFT_EVAL_FORMAT = """
+The output MUST strictly follow the structure and format described below:
+
+1. The answer should be strictly one of the options given in the question
+2. Do not include any text after you choose an option.
+**Example:**
+Question: (question here)
+Options: [option1, option2, option3]
+The answer is: (one of the options).
+"""
+PROMPT_STYLES = ("cot", "sft", "sft_eval")
 SPLITS = ("train", "val", "test")
 
 # -----------------------------------------------------------------------------
@@ -63,17 +79,46 @@ def answer_text(ex):
     return "### " + ex["answer"]
 
 
-def arc_options_text(options):
-    """ARC options in the prompt: `(A) text (B) text ...`; letters let a strict checker accept a letter answer."""
-    return " ".join(f"({label}) {text}" for label, text in options)
+def arc_options_text(options, style="released"):
+    """ARC options in the prompt. released: the Python list of the option texts, as the released
+    prompt prints it (`['heat', 'wind']`); lettered: `(A) heat (B) wind` (lets the strict checker
+    accept a letter answer)."""
+    if style == "released":
+        return str([text for _, text in options])
+    if style == "lettered":
+        return " ".join(f"({label}) {text}" for label, text in options)
+    raise ValueError(f"arc_options={style!r}: use 'released' or 'lettered'")
 
 
-def latro_prompt(ex, task):
-    """LaTRO: the user turn. ARC gets the released multiple-choice template; every other task the CoT suffix."""
+def latro_prompt(ex, task, arc_options="released", style="cot"):
+    """LaTRO: the user turn. style cot: the CoT prompt (ARC: the released multiple-choice template;
+    every other task: question + the CoT suffix). sft: the released SFT baseline's training prompt
+    (GSM8K: the bare question; ARC: the direct-answer instruction). sft_eval: the prompt the released
+    evaluation gives an SFT checkpoint (GSM8K: the CoT prompt; ARC: the output-format block, then
+    question and options)."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style {style!r}: use one of {PROMPT_STYLES}")
     if task == "arc":
-        options = arc_options_text(ex["options"])
+        options = arc_options_text(ex["options"], arc_options)
+        if style == "sft":
+            return f"{ex['question']}\nOptions: {options}\n{ARC_SFT_INSTRUCTION}"
+        if style == "sft_eval":
+            return f"{ARC_SFT_EVAL_FORMAT}\nQuestion: {ex['question']}\nOptions: {options}\n"
         return f"Question: {ex['question']}\nOptions: {options}\n{ARC_INSTRUCTION}"
+    if style == "sft":
+        return ex["question"]
     return ex["question"] + STEP_BY_STEP
+
+
+def sft_target(ex, task):
+    """The released SFT baseline's assistant turn (the script appends the end-of-turn id). GSM8K:
+    the solution with '####' read as 'The answer is' (no final period); ARC: the direct answer;
+    other tasks: the gold steps, then the LaTRO answer sentence."""
+    if task == "arc":
+        return latro_answer(ex["answer"])
+    if task == "gsm8k":
+        return "\n".join(ex["steps"] + [f"The answer is {ex['answer']}"])
+    return "\n".join(ex["steps"] + [latro_answer(ex["answer"])])
 
 
 def latro_answer(gold):
@@ -202,23 +247,26 @@ class Tokenizer:
         return i
 
     def chat_prompt(self, text):
-        """Token ids of a user turn plus the generation prompt, with exactly one BOS when the tokenizer has one.
-
-        Templates differ: some write the BOS text themselves (Llama 3), some leave it to the tokenizer (Phi-3.5).
-        We render the text, encode it without special tokens, then make sure it starts with exactly one BOS.
-        """
+        """Token ids of a user turn plus the generation prompt, with the BOS tokens the model's own
+        chat template and tokenizer give together: the rendered template, encoded with what the
+        tokenizer puts before any text (a BOS for Llama and Mistral tokenizers, nothing for those
+        without one), and no second BOS when the template wrote one itself (Llama 3.1 and Mistral
+        templates do; the released code fed both to the model). Something a tokenizer appends (an
+        eos) is not kept: the assistant's turn follows. Word-level vocabularies (scratch models)
+        start every prompt with their BOS."""
+        if self.is_words:
+            return [self.bos_id] + self.encode(text)
         if self.hf.chat_template:
-            rendered = self.hf.apply_chat_template([{"role": "user", "content": text}],
-                                                   add_generation_prompt=True, tokenize=False)
-            ids = self.hf.encode(rendered, add_special_tokens=False)
-        else:
-            ids = self.encode(text)
-        bos = self.bos_id
-        if bos is None:
-            return ids
-        while ids and ids[0] == bos:
-            ids = ids[1:]
-        return [bos] + ids
+            turn = [{"role": "user", "content": text}]
+            text = self.hf.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+        ids = self.hf.encode(text, add_special_tokens=False)
+        full = self.hf.encode(text, add_special_tokens=True)
+        # what the tokenizer put before the text (a BOS or nothing)
+        at = next((i for i in range(len(full) - len(ids) + 1) if full[i:i + len(ids)] == ids), 0)
+        prefix = full[:at]
+        if self.bos_id is not None and prefix[-1:] == [self.bos_id] and ids[:1] == [self.bos_id]:
+            prefix = prefix[:-1]
+        return prefix + ids
 
     def save_pretrained(self, path):
         self.hf.save_pretrained(path)
@@ -241,6 +289,8 @@ def build_tokenizer(name, examples):
     # (LaTRO also stops rationales at "Answer:", so it must be encodable)
     texts += ["\n", "###", STEP_BY_STEP, latro_answer("0"), "Answer:", ARC_INSTRUCTION,
               "Question: Options: (A) (B) (C) (D) (E)"]
+    # ARC prompts print the options as a Python list: its pieces ("['heat',") are words too
+    texts += [latro_prompt(ex, "arc") for ex in examples if "options" in ex]
     return Tokenizer.from_words(texts)
 
 # -----------------------------------------------------------------------------

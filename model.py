@@ -169,12 +169,13 @@ def ends_with_stop(tokens, stop_sequences):
 
 @torch.no_grad()
 def decode(model, last_logits, past_key_values, attention_mask, max_new_tokens, *, stop_sequences, pad_id,
-           temperature=0.0, top_p=1.0, generator=None):
+           temperature=0.0, top_p=1.0, generator=None, stop_check=None):
     """Continue a prefilled batch one token at a time with the KV cache.
     A row is finished once its tokens end with a stop sequence (kept in the output, pad after it); the loop ends
     when every row is finished. Every step draws for the whole batch, so a row's tokens never depend on when the
     other rows stop: early stopping returns exactly the no-early-stop tokens cut at the first stop.
-    Returns tokens (B, T_new) and stopped (B,) bool."""
+    stop_check(tokens, finished) -> (B,) bool, optional: more rows that are finished now (e.g. a stop string
+    found in the decoded text). Returns tokens (B, T_new) and stopped (B,) bool."""
     B = last_logits.shape[0]
     device = last_logits.device
     logits, mask = last_logits, attention_mask
@@ -185,6 +186,8 @@ def decode(model, last_logits, past_key_values, attention_mask, max_new_tokens, 
         nxt = nxt.masked_fill(finished, pad_id)
         tokens = torch.cat([tokens, nxt[:, None]], dim=1)
         finished |= ends_with_stop(tokens, stop_sequences)
+        if stop_check is not None:
+            finished |= stop_check(tokens, finished)
         if finished.all():
             break
         mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)

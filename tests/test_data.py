@@ -226,8 +226,9 @@ def test_coconut_and_latro_text_formats():
     assert data.latro_answer("18") == "The answer is 18."
     assert data.latro_answer("Tom is a lempus.") == "The answer is Tom is a lempus."  # one period, not two
     arc = {"question": "Which?", "steps": [], "answer": "wind", "options": [("A", "heat"), ("B", "wind")]}
-    assert data.latro_prompt(arc, "arc") == ("Question: Which?\nOptions: (A) heat (B) wind\nLet's think step by step "
+    assert data.latro_prompt(arc, "arc") == ("Question: Which?\nOptions: ['heat', 'wind']\nLet's think step by step "
                                              "first then print your answer like 'The answer is (one of the options)'.")
+    assert "Options: (A) heat (B) wind\n" in data.latro_prompt(arc, "arc", arc_options="lettered")
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -296,12 +297,14 @@ def make_hf_tokenizer(tmp_path, template):
 
 @pytest.mark.parametrize("template", [CHAT_TEMPLATE, CHAT_TEMPLATE.replace("{{ bos_token }}", "")])
 def test_pretrained_tokenizer_chat_prompt(tmp_path, template):
-    # whether the template writes the BOS itself (Llama 3) or not (Phi-3.5), the prompt has exactly one BOS
+    # this tokenizer adds no BOS itself: the prompt has the template's BOS or none (tests/test_tokenizers.py has
+    # the layouts of the paper's models)
     tok = make_hf_tokenizer(tmp_path, template)
     assert not tok.is_words
     ids = tok.chat_prompt("hello world")
-    assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
-    assert tok.decode(ids, skip_special_tokens=False).replace(" ", "") == "<s><|user|>helloworld<|end|><|assistant|>"
+    bos = "<s>" if "bos_token" in template else ""
+    assert ids.count(tok.bos_id) == len(bos) // 3
+    assert tok.decode(ids, skip_special_tokens=False).replace(" ", "") == bos + "<|user|>helloworld<|end|><|assistant|>"
     assert tok.end_of_turn_id == tok.token_id("<|end|>") != tok.eos_id
     assert tok.pad_id == tok.eos_id  # no pad token: pad with eos
     ids = tok.add_special_tokens(data.COCONUT_SPECIAL_TOKENS)
