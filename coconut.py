@@ -23,6 +23,10 @@ Methods (--method=, or add an overlay such as config/coconut_pause.py after a ta
     pause_as_thought  same data, <latent> a learned token        no_cot   Q A
     no_thoughts       curriculum deletes steps, nothing instead   pause    Q <latent>xN A, no curriculum
 "w/o curriculum" is coconut at the final stage from the first epoch: --start_stage=99 (capped).
+Accuracy against the number of inference thoughts (no retraining), and bf16 autocast instead of the released fp32:
+    python coconut.py config/coconut_prosqa.py --eval_only=True --init_from=out/prosqa_coconut/best.pt \
+        --thoughts_sweep=0,1,2,3,4,5,6
+    torchrun --standalone --nproc_per_node=4 coconut.py config/coconut_prosqa.py --precision=bf16
 """
 
 import ast
