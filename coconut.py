@@ -148,6 +148,14 @@ def marker_ids(tok):
     bot, eot, latent = tok.add_special_tokens(COCONUT_SPECIAL_TOKENS)  # data.py lists start-, end-latent, latent
     return bot, latent, eot
 
+def markers_present(tok, ckpt):
+    """Do the weights to load already have marker rows? A checkpoint of this script says so (older ones always
+    had them); a save_pretrained export of this script (init_from=out/.../hf) has them when its tokenizer does."""
+    if ckpt is not None:
+        return ckpt.get("markers", True)
+    vocab = tok.hf.get_vocab()
+    return all(t in vocab for t in COCONUT_SPECIAL_TOKENS)
+
 def marker_source(tok, marker_init, base):
     """The id of the token whose embedding the new markers copy, or None for fresh random rows.
     'auto': '<<' as released (one token in GPT-2's vocabulary), else '<', for pretrained weights; None for a
@@ -349,7 +357,7 @@ if __name__ == "__main__":
     ckpt_path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
     ckpt = load_checkpoint(ckpt_path) if init_from == "resume" or init_from.endswith(".pt") else None
     base = ckpt["base"] if ckpt else init_from                         # 'scratch' or the HF model it started from
-    had_markers = ckpt.get("markers", True) if ckpt else False        # (older checkpoints always had them)
+    had_markers = markers_present(tok, ckpt)                           # trained rows are never overwritten
     new_markers = method in MARKER_METHODS and not had_markers
     source_id = marker_source(tok, marker_init, base) if new_markers else None  # fails here, before any work
     n_real = len(tok)                                                  # the vocabulary without the markers
@@ -375,7 +383,7 @@ if __name__ == "__main__":
     # ---- model: scratch, an HF model, a checkpoint of this script (e.g. the CoT stage), or resume
     mcfg = ckpt["config"] if ckpt else config                          # a checkpoint brings its own model shape
     torch.manual_seed(seed)
-    n_rows = n_real if ckpt and not had_markers else len(tok)          # a checkpoint's own row count first
+    n_rows = len(tok) if had_markers or not ckpt else n_real           # a checkpoint's own row count first
     model = load_model(base, n_rows, arch=mcfg["arch"], n_layer=mcfg["n_layer"], n_head=mcfg["n_head"],
                        n_embd=mcfg["n_embd"], block_size=mcfg["block_size"], dropout=mcfg["dropout"],
                        bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, device_type=device_type)

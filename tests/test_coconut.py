@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from coconut import (Coconut, anchor, check_config, collate, encode_example, generate, init_markers, latent_forward,
-                     layout, marker_ids, marker_source, parse_counts, stage_of)
+                     layout, marker_ids, marker_source, markers_present, parse_counts, stage_of)
 from data import build_tokenizer
 from model import autocast_ctx, backbone, lm_head, load_model, position_ids_from_mask
 
@@ -183,6 +183,14 @@ def test_markers_in_untied_head_copy_each_matrix_own_row():
     assert not torch.equal(inp[7], out[7])
     for i in (BOT, LAT, EOT):
         assert torch.equal(inp[i], inp[7]) and torch.equal(out[i], out[7])
+
+def test_markers_present_never_overwrites_trained_rows():
+    tok = build_tokenizer("words", [{"question": "Tom is a wumpus.", "steps": [], "answer": "yes"}])
+    assert not markers_present(tok, None)                              # a model from scratch or the hub
+    assert markers_present(tok, {"markers": False}) is False          # the GSM8k CoT checkpoint
+    assert markers_present(tok, {}) is True                            # older checkpoints always had them
+    marker_ids(tok)
+    assert markers_present(tok, None)                                  # an hf/ export with its tokenizer
 
 def test_marker_source_choices_and_errors():
     tok = build_tokenizer("words", [{"question": "Tom is a wumpus << x.", "steps": [], "answer": "yes"}])
