@@ -401,6 +401,8 @@ def test_cot_checkpoint_gets_markers_added_and_initialised(tmp_path):
     old, new = cot_ckpt["model"], weights(tmp_path / "coco")
     key = "transformer.wte.weight"
     n_real = old[key].shape[0]
+    for out in (cot.stdout, r.stdout):  # the task's words: the cot model has no marker rows
+        assert f"examples, vocabulary {n_real}\n" in out
     assert new[key].shape[0] == n_real + 3 and torch.equal(new[key][:n_real], old[key])
     ids = [int(x) for x in r.stdout.split("markers: added, ids [")[1].split("]")[0].split(",")]
     assert sorted(ids) == list(range(n_real, n_real + 3))
