@@ -187,8 +187,8 @@ class Tokenizer:
     def __len__(self):
         return len(self.hf)
 
-    def encode(self, text):
-        ids = self.hf.encode(text, add_special_tokens=False)
+    def encode(self, text, add_special_tokens=False):
+        ids = self.hf.encode(text, add_special_tokens=add_special_tokens)  # True: BOS etc. as the tokenizer adds
         if self.is_words and self.hf.unk_token_id in ids:
             # a closed vocabulary must not silently map words to <unk>: say which words are missing
             missing = sorted({w for w in split_words(text) if w not in self.hf.get_vocab()})

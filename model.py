@@ -76,11 +76,16 @@ def backbone(model):
 def lm_head(model):
     return model.get_output_embeddings()
 
-def autocast_ctx(device_type):
-    """bf16 autocast on CUDA (no fp16, no GradScaler); plain fp32 on the CPU."""
-    if device_type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
+def autocast_ctx(device_type, precision=None):
+    """bf16 autocast on CUDA (no fp16, no GradScaler); plain fp32 on the CPU. precision='fp32' or 'bf16' chooses
+    explicitly (bf16 autocast on any device; weights and optimizer stay fp32 either way)."""
+    if precision is None:
+        precision = "bf16" if device_type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        return nullcontext()
+    raise ValueError(f"precision={precision!r}: use 'fp32' or 'bf16'")
 
 # -----------------------------------------------------------------------------
 # log-probabilities of targets, only where they are used
