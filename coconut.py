@@ -47,7 +47,7 @@ from data import load_task, build_tokenizer, question_text, step_text, answer_te
 from evaluate import coconut_correct
 
 from model import (load_model, backbone, lm_head, left_pad, position_ids_from_mask, token_logprobs, decode,
-                   autocast_ctx, save_checkpoint, load_checkpoint)
+                   autocast_ctx, cache_kwargs, save_checkpoint, load_checkpoint)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults are the CPU demo; config/coconut_*.py hold the paper's runs
@@ -248,7 +248,7 @@ def latent_forward(model, input_ids, attention_mask, latent_id):
         if s in cols:  # a thought column: rows with <latent> here get h_{s-1}, the others keep their token
             x = torch.where(is_latent[:, s:e, None], hs[-1][:, -1:].to(x.dtype), x)
         out = backbone(model)(inputs_embeds=x, attention_mask=attention_mask[:, :e], position_ids=pos[:, s:e],
-                              past_key_values=cache, use_cache=True)    # the full mask so far at every pass
+                              use_cache=True, **cache_kwargs(backbone(model), cache))  # full mask so far
         hs.append(out.last_hidden_state)                               # after the final norm
     return torch.cat(hs, dim=1), cache
 
