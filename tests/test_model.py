@@ -286,3 +286,33 @@ def test_stop_request_sets_a_flag_and_a_second_signal_acts_at_once():
         assert signal.getsignal(signal.SIGINT) is before  # the earlier handlers are back
     finally:
         stop.restore()
+
+STOP_DRIVER = """
+import os, signal
+import torch.distributed as dist
+from model import StopRequest
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+stop = StopRequest()
+steps = 0
+for step in range(1000):
+    if rank == 1 and step == 3:
+        os.kill(os.getpid(), signal.SIGTERM)  # preemption reaches one rank only
+    if stop.requested():
+        break
+    steps += 1
+print(f"rank {rank}: {steps} steps, own signal {stop.signum}", flush=True)
+dist.destroy_process_group()
+"""
+
+def test_stop_request_stops_every_rank_at_the_same_step(tmp_path):
+    # under DDP a rank that stops alone would leave the others waiting in their next all-reduce
+    driver = tmp_path / "driver.py"
+    driver.write_text(STOP_DRIVER)
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(driver)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = sorted(line for line in r.stdout.splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0: 3 steps, own signal None", "rank 1: 3 steps, own signal 15"]
