@@ -162,6 +162,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from configurator import UserError
 from model import StopRequest, prepare_out_dir
@@ -196,10 +197,14 @@ def test_leftover_temp_file_is_harmless_and_cleaned_by_prepare_out_dir(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "run.lock"]
 
 WRITER = """
-import sys, torch
+import os, sys, time, torch
 from model import save_checkpoint
-for i in range(40):
-    save_checkpoint(sys.argv[1], {"w": torch.full((20000,), float(i)), "who": sys.argv[2]})
+path, who = sys.argv[1], sys.argv[2]
+open(f"{path}.ready.{who}", "w").close()
+while not os.path.exists(f"{path}.go"):  # both writers start together, after their imports
+    time.sleep(0.01)
+for i in range(20):
+    save_checkpoint(path, {"w": torch.full((20000,), float(i)), "who": who})
 """
 
 def test_two_processes_writing_one_path_do_not_crash_each_other(tmp_path):
@@ -209,11 +214,16 @@ def test_two_processes_writing_one_path_do_not_crash_each_other(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, path, who], env=env,
                               stderr=subprocess.PIPE) for who in ("a", "b")]
+    while not all(os.path.exists(f"{path}.ready.{who}") for who in ("a", "b")):
+        assert all(p.poll() is None for p in procs), "a writer died before writing"
+        time.sleep(0.01)
+    open(f"{path}.go", "w").close()
     errors = [p.communicate()[1].decode() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
     ck = load_checkpoint(path)
-    assert ck["who"] in ("a", "b") and torch.equal(ck["w"], torch.full((20000,), 39.0))
-    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    assert ck["who"] in ("a", "b") and torch.equal(ck["w"], torch.full((20000,), 19.0))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.go", "ckpt.pt.ready.a",
+                                            "ckpt.pt.ready.b"]  # no temporary file left
 
 def test_out_dir_that_is_a_file_or_unwritable_is_refused_before_work(tmp_path):
     f = tmp_path / "out"
