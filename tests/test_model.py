@@ -326,3 +326,22 @@ def test_stop_request_stops_every_rank_at_the_same_step(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = sorted(line for line in r.stdout.splitlines() if line.startswith("rank "))
     assert lines == ["rank 0: 3 steps, own signal None", "rank 1: 3 steps, own signal 15"]
+
+def test_check_same_run_names_every_differing_key():
+    from model import check_same_run
+    saved = {"task": "prosqa", "n_layer": 2, "seed": 0, "lr": 1e-4}
+    check_same_run(saved, {**saved, "lr": 3e-4}, ("task", "n_layer", "seed"))  # lr may change
+    message = r"other settings \(n_layer: checkpoint 2, now 4; seed: checkpoint <absent>, now 1\)"
+    with pytest.raises(UserError, match=message):
+        check_same_run({"task": "prosqa", "n_layer": 2}, {"task": "prosqa", "n_layer": 4, "seed": 1},
+                       ("task", "n_layer", "seed"))
+
+def test_nonfinite_names_finds_nan_and_inf_but_not_integer_tensors():
+    from model import nonfinite_names
+    m = tiny("gpt2")
+    assert nonfinite_names(m.named_parameters()) == []
+    with torch.no_grad():
+        m.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+        m.lm_head.weight[1, 1] = float("inf")  # tied to the input embedding
+    named = list(m.named_parameters()) + [("rng", torch.get_rng_state())]
+    assert nonfinite_names(named) == ["transformer.wte.weight", "transformer.h.0.mlp.c_fc.weight"]
