@@ -388,7 +388,7 @@ def check_same_run(saved, config, keys):
                         f"with the checkpoint's values, or start a new run in another --out_dir")
 
 def nonfinite_names(named_tensors):
-    """Names of the floating-point tensors holding a NaN or an inf, e.g. of model.named_parameters():
+    """Names of the floating-point tensors holding a NaN or an inf (e.g. model.named_parameters()):
     call it before a save, so that non-finite weights never overwrite a good checkpoint."""
     bad = []
     for name, t in named_tensors:

@@ -333,8 +333,8 @@ def test_check_same_run_names_every_differing_key():
     check_same_run(saved, {**saved, "lr": 3e-4}, ("task", "n_layer", "seed"))  # lr may change
     message = r"other settings \(n_layer: checkpoint 2, now 4; seed: checkpoint <absent>, now 1\)"
     with pytest.raises(UserError, match=message):
-        check_same_run({"task": "prosqa", "n_layer": 2}, {"task": "prosqa", "n_layer": 4, "seed": 1},
-                       ("task", "n_layer", "seed"))
+        now = {"task": "prosqa", "n_layer": 4, "seed": 1}
+        check_same_run({"task": "prosqa", "n_layer": 2}, now, ("task", "n_layer", "seed"))
 
 def test_nonfinite_names_finds_nan_and_inf_but_not_integer_tensors():
     from model import nonfinite_names
