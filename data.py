@@ -980,6 +980,8 @@ def _first(examples, n, split):
 
 if __name__ == "__main__":
     # a quick look at a task: python data.py prosqa_small train 3
+    from configurator import exit_cleanly_on_user_error
+    exit_cleanly_on_user_error()
     task = sys.argv[1]
     split = sys.argv[2] if len(sys.argv) > 2 else "train"
     n = int(sys.argv[3]) if len(sys.argv) > 3 else 3

@@ -379,6 +379,31 @@ class StopRequest:
             signal.signal(s, handler)
         self._previous = {}
 
+def check_same_run(saved, config, keys):
+    """Resume tells the truth: a UserError naming each of `keys` whose value in the checkpoint's
+    config (`saved`) differs from this run's `config`, e.g. check_same_run(ckpt["config"], config,
+    ("task", "n_layer", "seed")). A key the checkpoint lacks counts as different (another script's
+    or an older checkpoint)."""
+    missing = object()
+    diffs = []
+    for key in keys:
+        old, new = saved.get(key, missing), config.get(key, missing)
+        if old is not new and old != new:
+            shown = "<absent>" if old is missing else repr(old)
+            diffs.append(f"{key}: checkpoint {shown}, now {new!r}")
+    if diffs:
+        raise UserError(f"the checkpoint was made with other settings ({'; '.join(diffs)}): resume "
+                        f"with the checkpoint's values, or start a new run in another --out_dir")
+
+def nonfinite_names(named_tensors):
+    """Names of the floating-point tensors holding a NaN or an inf (e.g. model.named_parameters()):
+    call it before a save, so that non-finite weights never overwrite a good checkpoint."""
+    bad = []
+    for name, t in named_tensors:
+        if torch.is_floating_point(t) and not bool(torch.isfinite(t).all()):
+            bad.append(name)
+    return bad
+
 def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no checkpoint at {path}: check out_dir / init_from, or start with init_from=scratch")

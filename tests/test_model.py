@@ -162,6 +162,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from configurator import UserError
 from model import StopRequest, prepare_out_dir
@@ -196,10 +197,14 @@ def test_leftover_temp_file_is_harmless_and_cleaned_by_prepare_out_dir(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "run.lock"]
 
 WRITER = """
-import sys, torch
+import os, sys, time, torch
 from model import save_checkpoint
-for i in range(40):
-    save_checkpoint(sys.argv[1], {"w": torch.full((20000,), float(i)), "who": sys.argv[2]})
+path, who = sys.argv[1], sys.argv[2]
+open(f"{path}.ready.{who}", "w").close()
+while not os.path.exists(f"{path}.go"):  # both writers start together, after their imports
+    time.sleep(0.01)
+for i in range(20):
+    save_checkpoint(path, {"w": torch.full((20000,), float(i)), "who": who})
 """
 
 def test_two_processes_writing_one_path_do_not_crash_each_other(tmp_path):
@@ -209,11 +214,16 @@ def test_two_processes_writing_one_path_do_not_crash_each_other(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, path, who], env=env,
                               stderr=subprocess.PIPE) for who in ("a", "b")]
+    while not all(os.path.exists(f"{path}.ready.{who}") for who in ("a", "b")):
+        assert all(p.poll() is None for p in procs), "a writer died before writing"
+        time.sleep(0.01)
+    open(f"{path}.go", "w").close()
     errors = [p.communicate()[1].decode() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
     ck = load_checkpoint(path)
-    assert ck["who"] in ("a", "b") and torch.equal(ck["w"], torch.full((20000,), 39.0))
-    assert os.listdir(tmp_path) == ["ckpt.pt"]
+    assert ck["who"] in ("a", "b") and torch.equal(ck["w"], torch.full((20000,), 19.0))
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "ckpt.pt.go", "ckpt.pt.ready.a",
+                                            "ckpt.pt.ready.b"]  # no temporary file left
 
 def test_out_dir_that_is_a_file_or_unwritable_is_refused_before_work(tmp_path):
     f = tmp_path / "out"
@@ -286,3 +296,52 @@ def test_stop_request_sets_a_flag_and_a_second_signal_acts_at_once():
         assert signal.getsignal(signal.SIGINT) is before  # the earlier handlers are back
     finally:
         stop.restore()
+
+STOP_DRIVER = """
+import os, signal
+import torch.distributed as dist
+from model import StopRequest
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+stop = StopRequest()
+steps = 0
+for step in range(1000):
+    if rank == 1 and step == 3:
+        os.kill(os.getpid(), signal.SIGTERM)  # preemption reaches one rank only
+    if stop.requested():
+        break
+    steps += 1
+print(f"rank {rank}: {steps} steps, own signal {stop.signum}", flush=True)
+dist.destroy_process_group()
+"""
+
+def test_stop_request_stops_every_rank_at_the_same_step(tmp_path):
+    # under DDP a rank that stops alone would leave the others waiting in their next all-reduce
+    driver = tmp_path / "driver.py"
+    driver.write_text(STOP_DRIVER)
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", str(driver)], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = sorted(line for line in r.stdout.splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0: 3 steps, own signal None", "rank 1: 3 steps, own signal 15"]
+
+def test_check_same_run_names_every_differing_key():
+    from model import check_same_run
+    saved = {"task": "prosqa", "n_layer": 2, "seed": 0, "lr": 1e-4}
+    check_same_run(saved, {**saved, "lr": 3e-4}, ("task", "n_layer", "seed"))  # lr may change
+    message = r"other settings \(n_layer: checkpoint 2, now 4; seed: checkpoint <absent>, now 1\)"
+    with pytest.raises(UserError, match=message):
+        now = {"task": "prosqa", "n_layer": 4, "seed": 1}
+        check_same_run({"task": "prosqa", "n_layer": 2}, now, ("task", "n_layer", "seed"))
+
+def test_nonfinite_names_finds_nan_and_inf_but_not_integer_tensors():
+    from model import nonfinite_names
+    m = tiny("gpt2")
+    assert nonfinite_names(m.named_parameters()) == []
+    with torch.no_grad():
+        m.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+        m.lm_head.weight[1, 1] = float("inf")  # tied to the input embedding
+    named = list(m.named_parameters()) + [("rng", torch.get_rng_state())]
+    assert nonfinite_names(named) == ["transformer.wte.weight", "transformer.h.0.mlp.c_fc.weight"]

@@ -1,0 +1,204 @@
+"""Bad input fails fast and clearly: each row is something a user might type or feed us, and the
+message it must get. Adding a case is adding a row.
+
+CLI_CASES run a command the way a user does (a subprocess): it must exit with status 1, print
+exactly one line `error: <message>` on stderr (no traceback) and do no work (no WORK on stdout).
+LOADER_CASES call the data loaders: each must raise a UserError with its message before any data is
+generated.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import data
+import evaluate
+from configurator import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# what a command prints once it does work: a score, a training or evaluation step
+WORK = re.compile(r"correct =|^(step|iter|epoch|eval) ", re.M)
+
+
+def jsonl(*rows):
+    return "\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n"
+
+
+GOOD = {"answer": "7", "output": "The answer is 7."}
+ARC_ROW = {"question": "Which?", "choices": {"text": ["x", "y"], "label": ["A", "B"]},
+           "answerKey": "B"}
+
+# the files the cases name as {tmp}/<name>
+FILES = {
+    "preds.jsonl": jsonl(GOOD),
+    "empty.jsonl": "",
+    "blank.jsonl": "\n\n  \n",
+    "badjson.jsonl": jsonl(GOOD, '{"answer": "7", "output": '),
+    "listrow.jsonl": jsonl(["7", "The answer is 7."]),
+    "noanswer.jsonl": jsonl({"output": "The answer is 7."}),
+    "intoutput.jsonl": jsonl(GOOD, {"answer": "7", "output": 7}),
+    "emptyoutputs.jsonl": jsonl({"answer": "7", "outputs": []}),
+    "mixedoutputs.jsonl": jsonl({"answer": "7", "outputs": ["The answer is 7.", None]}),
+    "boolanswer.jsonl": jsonl({"answer": True, "output": "The answer is True."}),
+    "nullanswer.jsonl": jsonl({"answer": None, "output": "The answer is 7."}),
+    "arcnooptions.jsonl": jsonl({"answer": "y", "output": "The answer is y."}),
+    "mydata.jsonl": jsonl(*[{"question": f"q{i}?", "answer": str(i)} for i in range(10)]),
+    "gsm8k_train.jsonl": jsonl(*[{"question": f"q{i}?", "answer": f"#### {i}"} for i in range(10)]),
+    "bad_train.json": '[{"question": "q", "answer": "1"},\n {"question": }]',
+    "obj_train.json": '{"question": "q", "answer": "1"}',
+    "noanswer_train.jsonl": jsonl({"question": "q?"}),
+    "gsm_test.jsonl": jsonl({"question": "q?", "answer": "7"}),
+    "arc_test.jsonl": jsonl({**ARC_ROW, "answerKey": "E"}),
+    "aug_train.txt": "q1||<<1+1=2>> #### 2\nno separator #### 3\n",
+}
+
+EVAL = ["evaluate.py", "--task", "gsm8k", "--preds"]
+
+CLI_CASES = [
+    # evaluate.py: the task, the file, each row's fields
+    (["evaluate.py", "--task", "gsm9k", "--preds", "{tmp}/preds.jsonl"],
+     "--task 'gsm9k' is unknown; known: prosqa, prosqa_small"),
+    (EVAL + ["{tmp}/missing.jsonl"], "predictions file not found: {tmp}/missing.jsonl"),
+    (EVAL + ["{tmp}"], "predictions file not found: {tmp}"),
+    (EVAL + ["{tmp}/empty.jsonl"], "{tmp}/empty.jsonl holds no predictions"),
+    (EVAL + ["{tmp}/blank.jsonl"], "{tmp}/blank.jsonl holds no predictions"),
+    (EVAL + ["{tmp}/badjson.jsonl"], "{tmp}/badjson.jsonl: row 2: invalid JSON (Expecting value"),
+    (EVAL + ["{tmp}/listrow.jsonl"], "listrow.jsonl: row 1: expected a JSON object, got list"),
+    (EVAL + ["{tmp}/noanswer.jsonl"], "noanswer.jsonl: row 1: needs 'answer' and 'output'"),
+    (EVAL + ["{tmp}/intoutput.jsonl"], "row 2: 'output' must be a string, got int"),
+    (EVAL + ["{tmp}/emptyoutputs.jsonl"], "row 1: 'outputs' must be a non-empty list of strings"),
+    (EVAL + ["{tmp}/mixedoutputs.jsonl"], "row 1: 'outputs' must be a non-empty list of strings"),
+    (EVAL + ["{tmp}/boolanswer.jsonl"], "row 1: 'answer' must be a string or a number, got bool"),
+    (EVAL + ["{tmp}/nullanswer.jsonl"], "row 1: 'answer' must be a string or a number, got None"),
+    (["evaluate.py", "--task", "arc", "--preds", "{tmp}/arcnooptions.jsonl"],
+     "row 1: arc needs 'options': [[label, text], ...]"),
+    # data.py's quick look
+    (["data.py", "prosqa_smal", "train", "3"],
+     "task 'prosqa_smal' is unknown; did you mean prosqa_small?"),
+    # coconut.py / latro.py cases go here: (["latro.py", "--n_train=-5"], "n_train"), ...
+]
+
+
+def load(task, split="train", **kwargs):
+    """A case that calls load_task; '{tmp}' in a string argument is the directory of FILES."""
+    def call(tmp):
+        filled = {}
+        for key, value in kwargs.items():
+            filled[key] = value.replace("{tmp}", tmp) if isinstance(value, str) else value
+        return data.load_task(task, split, **filled)
+    return call
+
+
+def no_datasets(tmp):
+    sys.modules["datasets"] = None  # `import datasets` raises ImportError (restored by the test)
+    return data.load_task("gsm8k", "train")
+
+
+def overlapping(tmp):
+    rows = [{"question": f"q{i}?", "steps": [], "answer": str(i)} for i in range(5)]
+    return data.check_split_overlap({"train": rows, "val": rows[4:], "test": rows[:2]})
+
+
+LOADER_CASES = [
+    # the task and its options: the task is checked first
+    (load("prosqa_smal", symbolic=True),
+     "task 'prosqa_smal' is unknown; did you mean prosqa_small?"),
+    (load("sudoku"), "task 'sudoku' is unknown; known: prosqa, prosqa_small"),
+    (load("modsum", "dev"), "split must be one of ('train', 'val', 'test'), got 'dev'"),
+    (load("modsum", n=-5), "n=-5 for the train split: give a count >= 0"),
+    (load("modsum", n=True), "n=True for the train split: give a count >= 0"),
+    (load("modsum", n=2.5), "n=2.5 for the train split"),
+    (load("prosqa", nodes=5), "task 'prosqa' has no option nodes; its options: hop_weights"),
+    (load("modsum", digits=3), "task 'modsum' has no option digits; its options: modulus, terms"),
+    (load("json", path="x.json", digits=3), "task 'json' takes no task options, got ['digits']"),
+    (load("json"), "task 'json' needs path= local files, one per split"),
+    (load("gsm8k_aug"), "task 'gsm8k_aug' needs path= local files, one per split"),
+    (no_datasets, "loading gsm8k from the hub needs `pip install datasets`"),
+    # which file serves which split: no leakage
+    (load("json", path="{tmp}/mydata.jsonl"), "mydata.jsonl names no split, and one file for"),
+    (load("json", "test", path="{tmp}/mydata.jsonl"), "mydata.jsonl names no split"),
+    (load("gsm8k", "test", path="{tmp}/gsm8k_train.jsonl"), "names the train split, not test"),
+    (load("json", path="{tmp}/mydata.jsonl", split_layout="last:5"),
+     "split_layout='last:5' is not understood: write 'tail:VAL,TEST'"),
+    (load("json", path="{tmp}/mydata.jsonl", split_layout="tail:0,0"), "is not understood"),
+    (load("json", path="{tmp}/mydata.jsonl", split_layout="tail:5,5"),
+     "10 rows, too few for split_layout='tail:5,5'"),
+    (load("modsum", split_layout="tail:1,1"), "split_layout='tail:1,1' cuts one local file"),
+    (load("json", path="{tmp}/d_{split}.json", split_layout="tail:1,1"),
+     "has one file per split ({split}), so split_layout='tail:1,1' does not apply"),
+    (load("gsm8k", "val", path="{tmp}/gsm8k_{split}.jsonl"),
+     "gsm8k_train.jsonl: 10 training problems, too few to hold out the last 500"),
+    (load("json", "val", path="{tmp}/d_{split}.json"),
+     "data file not found for the val split: tried {tmp}/d_valid.json, {tmp}/d_val.json"),
+    (overlapping, "questions found in two splits (train/val 1, train/test 2), e.g. 'q4?'"),
+    # the files themselves: missing, not JSON, rows without their fields
+    (load("json", path="{tmp}/nope_train.json"), "data file not found: {tmp}/nope_train.json"),
+    (load("json", path="{tmp}/train"), "data file is a directory, not a file: {tmp}/train"),
+    (load("json", path="{tmp}/bad_train.json"), "bad_train.json: invalid JSON at line 2"),
+    (load("json", path="{tmp}/obj_train.json"), "obj_train.json: expected a JSON list of examples"),
+    (load("json", path="{tmp}/noanswer_train.jsonl"), "noanswer_train.jsonl: row 1: missing field"),
+    (load("gsm8k", "test", path="{tmp}/gsm_test.jsonl"),
+     "gsm_test.jsonl: row 1: answer has no '#### <number>' line"),
+    (load("arc", "test", path="{tmp}/arc_test.jsonl"), "arc_test.jsonl: row 1: answerKey 'E'"),
+    (load("gsm8k_aug", path="{tmp}/aug_train.txt"), "aug_train.txt: row 2: no '||' between"),
+]
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad_inputs")
+    for name, text in FILES.items():
+        (d / name).write_text(text, encoding="utf-8")
+    (d / "train").mkdir()
+    return str(d)
+
+
+def run(argv, tmp):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    argv = [a.replace("{tmp}", tmp) for a in argv]
+    return subprocess.run([sys.executable, os.path.join(ROOT, argv[0]), *argv[1:]], cwd=tmp,
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("argv, message", CLI_CASES, ids=[" ".join(c[0][:2]) + f" #{i}"
+                                                          for i, c in enumerate(CLI_CASES)])
+def test_cli_bad_input_is_one_clear_line_and_no_work(argv, message, tmp):
+    r = run(argv, tmp)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr  # no traceback
+    assert message.replace("{tmp}", tmp) in r.stderr
+    assert not WORK.search(r.stdout), r.stdout
+
+
+@pytest.mark.parametrize("call, message", LOADER_CASES,
+                         ids=[f"loader #{i}" for i in range(len(LOADER_CASES))])
+def test_loader_bad_input_is_a_user_error_before_any_work(call, message, tmp, monkeypatch):
+    def no_generation(*args, **kwargs):
+        raise AssertionError("data was generated before the error")
+
+    monkeypatch.setattr(data, "generate_split", no_generation)
+    monkeypatch.setitem(sys.modules, "datasets", sys.modules.get("datasets"))
+    with pytest.raises(UserError) as e:
+        call(tmp)
+    assert message.replace("{tmp}", tmp) in str(e.value)
+
+
+def test_the_tables_are_big_enough_and_evaluate_knows_every_task():
+    assert len(CLI_CASES) + len(LOADER_CASES) >= 40
+    # evaluate.py keeps its own copy, so that scoring a file does not import torch
+    assert evaluate.TASKS == data.TASKS
+
+
+def test_numeric_answers_are_scored_as_their_text(tmp_path):
+    # a hand-written gold answer is often a JSON number: 7, 7.0 and 1250.5 are read as their text
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text(jsonl({"answer": 7, "output": "The answer is 7."},
+                           {"answer": 7.0, "output": "The answer is 7"},
+                           {"answer": 1250.5, "output": "The answer is 1,250.50."},
+                           {"answer": 3, "output": "The answer is 4."}))
+    r = run(["evaluate.py", "--task", "gsm8k", "--preds", str(preds)], str(tmp_path))
+    assert r.returncode == 0 and r.stdout == "gsm8k: 3/4 correct = 0.7500\n", r.stderr
