@@ -1,5 +1,6 @@
 """
-Driver for tests/test_fsdp.py, run as `torchrun --nproc_per_node=2 tests/fsdp_driver.py OUT_DIR` (gloo, CPU).
+Driver for tests/test_fsdp.py (gloo, CPU):
+    MALLOC_MMAP_THRESHOLD_=65536 torchrun --nproc_per_node=2 tests/fsdp_driver.py OUT_DIR
 One launch runs every phase in turn, from the same initial weights and the same per-rank data, and rank 0 writes
 OUT_DIR/results.json for the test to check:
   memory    peak RSS growth of a bigger model's FSDP step + gathered generation, and the plan's estimate

@@ -23,7 +23,9 @@ FP32_TOL = 1e-5
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    # glibc's malloc keeps freed blocks in per-thread arenas (gloo's threads make many), so the peak RSS grows with
+    # every step; serving blocks >= 64 KiB by mmap returns them on free and the peak RSS tracks live tensors
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "tests", "fsdp_driver.py"), str(out)]
     # a timeout, not a hang: a collective one rank skips blocks the other forever
