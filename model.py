@@ -461,4 +461,4 @@ def check_memory_plan(plan):
               "a smaller micro-batch (micro_batch_size; gen_batch_size for the rollouts' KV cache)"]
     raise ConfigError(f"estimated {plan['total'] / GiB:.1f} GiB per GPU exceeds the device's "
                       f"{plan['device'] / GiB:.1f} GiB:\n{format_memory_plan(plan)}\n"
-                      f"fixes: " + "; ".join(fixes))
+                      f"fixes (any of):\n  " + "\n  ".join(fixes))
