@@ -250,8 +250,9 @@ def gathered(module):
     """Inside the block, every FSDP unit of `module` is all-gathered once and stays gathered, so a
     generate call (hundreds of forwards of one token) costs one all-gather per layer instead of one
     per layer per token; the shards come back on exit. Call the HF model inside (e.g. model.generate
-    / prefill+decode) as usual; every rank must enter together (the gather is a collective). A no-op
-    for a module that is not sharded."""
+    / prefill+decode) as usual; every rank must enter together (the gather is a collective), but
+    inside, ranks may run different numbers of forwards (no communication there). A no-op for a
+    module that is not sharded."""
     if not is_fsdp(module):
         yield module
         return

@@ -10,6 +10,7 @@ rank 0 writes OUT_DIR/results.json for the test to check:
   ckpt      FSDP + activation checkpointing; a Coconut-like forward with the KV cache across passes
   generate  greedy generation inside gathered() vs the unwrapped model
   reference a frozen model sharded on its own (LaTRO's reference) vs unsharded
+  bf16      the mixed-precision policy used on CUDA: dtypes and loss against fp32
 """
 
 import gc
@@ -150,13 +151,29 @@ def generate_phase():
     with gathered(step_module):
         got, _ = generate(model, ids, mask, 6, **kw)
     pg.foreach_all_gather = orig
-    # ranks may decode different numbers of tokens inside (evaluation stops early): no collective there
+    # ranks may decode different numbers of tokens inside (evaluation stops early): no collectives
     with gathered(step_module):
         generate(model, ids, mask, 2 + 5 * dist.get_rank(), stop_sequences=[], pad_id=0)
     # outside gathered() the shards are back and training works again
     step_module(batch(0, 0, dist.get_rank())).backward()
     # 3 FSDP units: two layers and the root
     return dict(equal=torch.equal(want, got), tokens=got.tolist(), all_gathers=calls[0], n_units=3)
+
+def bf16_phase():
+    """The CUDA policy (bf16 compute, fp32 master weights and gradients) also runs on gloo/CPU: one
+    step's loss against fp32, the dtypes of master weights, gradients and gathered weights."""
+    losses, dtypes = [], {}
+    for bf16 in (False, True):
+        model = fresh_model("llama")
+        step_module = fsdp_wrap(Step(model), "cpu", bf16=bf16)
+        loss = step_module(batch(0, 0, dist.get_rank()))
+        loss.backward()
+        losses.append(loss.item())
+        p = model.get_input_embeddings().weight
+        with gathered(step_module):
+            gathered_dtype = model.get_input_embeddings().weight.dtype
+        dtypes[str(bf16)] = [str(p.dtype), str(p.grad.dtype), str(gathered_dtype)]
+    return dict(fp32_loss=losses[0], bf16_loss=losses[1], dtypes=dtypes)
 
 def reference_phase():
     """|score difference| of a frozen model (LaTRO's reference) sharded on its own vs unsharded."""
@@ -196,6 +213,7 @@ if __name__ == "__main__":
                gc_vs_fsdp=max_abs_diff(gc_sd, fsdp_sd),
                multipass_fsdp_vs_ddp=max_abs_diff(fsdp2_sd, ddp2_sd),
                keys_equal=sorted(fsdp_sd) == sorted(ddp_sd), reference_diff=reference_phase(),
+               bf16=bf16_phase(),
                generate=generate_phase())
     if rank == 0:
         with open(os.path.join(out_dir, "results.json"), "w") as f:

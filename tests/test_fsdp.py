@@ -87,6 +87,15 @@ def test_frozen_reference_sharded_scores_as_unsharded(results):
     # LaTRO's reference model: no gradients, sharded on its own, gathered per layer under no_grad
     assert results["reference_diff"] <= 1e-6
 
+def test_bf16_policy_computes_in_bf16_and_keeps_fp32_masters_and_gradients(results):
+    b = results["bf16"]
+    assert b["dtypes"]["False"] == ["torch.float32"] * 3
+    # master weight and its gradient (reduced in fp32) stay fp32; the gathered copy is bf16
+    assert b["dtypes"]["True"] == ["torch.float32", "torch.float32", "torch.bfloat16"]
+    # bf16 has 8 bits of mantissa: a loss near 4 agrees to about 1e-2, and does differ
+    assert b["bf16_loss"] == pytest.approx(b["fp32_loss"], abs=5e-2)
+    assert b["bf16_loss"] != b["fp32_loss"]
+
 def test_memory_plan_within_2x_of_measured_peak(results):
     # 8-layer Llama, 8.5M parameters, FSDP on 2 ranks, one AdamW step then a gathered generation;
     # measured as the growth of the process's peak RSS (after a warm-up run that pays the one-off
