@@ -34,7 +34,8 @@ import transformers
 from transformers import AutoConfig
 
 from model import backbone, load_model, lm_head, position_ids_from_mask, token_logprobs, autocast_ctx
-from model import PLAN_PARTS, activation_bytes, kv_cache_bytes, memory_plan, n_params_of_config
+from model import (PLAN_PARTS, estimate_activation_bytes, estimate_kv_cache_bytes, memory_plan,
+                   n_params_of_config)
 from coconut import Coconut, generate as latent_generate
 from latro import SequenceScorer, build_batch, sample, score, latro_rewards, rloo_advantages, latro_loss
 
@@ -350,16 +351,16 @@ def plan_row(name, method, mode, n, cfg, checkpointing=False):
     if method == "latro":
         r = LATRO_RUN
         seq = r["prompt"] + r["rationale"] + r["answer"]
-        kv = kv_cache_bytes(cfg, r["rollouts"], r["prompt"] + r["rationale"])
+        kv = estimate_kv_cache_bytes(cfg, r["rollouts"], r["prompt"] + r["rationale"])
         scored = r["micro"] * (r["rationale"] + r["answer"])  # log-probs of z and y
-        act = activation_bytes(cfg, r["micro"] * seq, logit_positions=scored,
+        act = estimate_activation_bytes(cfg, r["micro"] * seq, logit_positions=scored,
                                checkpointing=checkpointing)
         reference, accum = ("sharded" if mode == "fsdp" else "full"), r["accum"]
     else:
         r = COCONUT_RUN
-        kv = kv_cache_bytes(cfg, r["eval_rows"], r["seq"] + r["new"])
+        kv = estimate_kv_cache_bytes(cfg, r["eval_rows"], r["seq"] + r["new"])
         scored = r["micro"] * r["labelled"]
-        act = activation_bytes(cfg, r["micro"] * r["seq"], logit_positions=scored,
+        act = estimate_activation_bytes(cfg, r["micro"] * r["seq"], logit_positions=scored,
                                checkpointing=checkpointing)
         reference, accum = "none", 1
     p = memory_plan(n, mode=mode, world_size=GPUS, precision="bf16", reference=reference,

@@ -369,7 +369,7 @@ def n_params_of_config(cfg):
         model = AutoModelForCausalLM.from_config(cfg)
     return sum(p.numel() for p in model.parameters())
 
-def kv_cache_bytes(cfg, rows, tokens, dtype_bytes=2):
+def estimate_kv_cache_bytes(cfg, rows, tokens, dtype_bytes=2):
     """Bytes of the KV cache of `rows` sequences of `tokens` positions: keys and values of every
     layer, for the config's key/value heads (grouped-query attention keeps fewer than the query
     heads)."""
@@ -377,7 +377,8 @@ def kv_cache_bytes(cfg, rows, tokens, dtype_bytes=2):
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return 2 * cfg.num_hidden_layers * n_kv * head_dim * rows * tokens * dtype_bytes
 
-def activation_bytes(cfg, tokens, *, logit_positions=0, checkpointing=False, dtype_bytes=2):
+def estimate_activation_bytes(cfg, tokens, *, logit_positions=0, checkpointing=False,
+                              dtype_bytes=2):
     """Rough bytes saved for the backward of one micro-step over `tokens` positions (rows x length):
     ~17 activations of the hidden size per layer per token (Korthikanti et al. 2022, 34 bytes in
     16-bit; no attention matrix with SDPA/flash), or with activation checkpointing only each layer's
@@ -397,8 +398,10 @@ def memory_plan(n_params, *, mode, world_size, precision, reference="none", opti
     gradients, optimizer state and a 'sharded' reference split over world_size); precision 'fp32' or
     'bf16' (fp32 master weights, bf16 compute); reference: the frozen reference model, 'none',
     'full' (fp32 copy), 'sharded' (fp32, FSDP) or 'bf16'. Generation (gathered weights + KV cache)
-    and the update (activations) do not overlap: the larger one counts. Returns a dict of the parts,
-    'total', 'bytes_per_param' (of the persistent parts) and 'device'."""
+    and the update (activations) do not overlap: the larger one counts. grad_accum > 1 means
+    gradients synced on the last micro-step only: FSDP then holds full fp32 gradients in between
+    (pass 1 when every micro-step syncs). Returns a dict of the parts, 'total', 'bytes_per_param'
+    (of the persistent parts) and 'device'."""
     if mode not in ("ddp", "fsdp"):
         raise ValueError(f"mode={mode!r}: use 'ddp' or 'fsdp'")
     if precision not in ("fp32", "bf16"):
@@ -416,8 +419,7 @@ def memory_plan(n_params, *, mode, world_size, precision, reference="none", opti
     parts = dict(weights=4 / shard * n_params, grads=grads * n_params,
                  optimizer=OPTIMIZER_BYTES[optimizer] / shard * n_params,
                  reference=ref_bytes[reference] * n_params,
-                 # FSDP generation gathers the whole model (in the compute dtype) once per generate
-                 # call
+                 # an FSDP generate call gathers the whole model, in the compute dtype
                  gathered=(compute * n_params if mode == "fsdp" else 0), kv_cache=kv_cache_bytes,
                  activations=activations_bytes)
     persistent = parts["weights"] + parts["grads"] + parts["optimizer"] + parts["reference"]

@@ -14,8 +14,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from configurator import ConfigError
-from model import (GiB, check_memory_plan, enable_activation_checkpointing, kv_cache_bytes,
-                   load_model, memory_plan, n_params_of_config, prefill)
+from model import (GiB, check_memory_plan, enable_activation_checkpointing,
+                   estimate_kv_cache_bytes, load_model, memory_plan, n_params_of_config, prefill)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # DDP all-reduces and FSDP reduce-scatters the same two gradients: here the sums agree to the last
@@ -149,7 +149,7 @@ def test_kv_cache_estimate_equals_a_real_cache():
     _, cache = prefill(model, ids, torch.ones_like(ids))
     tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
     real = sum(t.numel() * t.element_size() for t in tensors)
-    assert kv_cache_bytes(cfg, rows=5, tokens=7, dtype_bytes=4) == real
+    assert estimate_kv_cache_bytes(cfg, rows=5, tokens=7, dtype_bytes=4) == real
     assert n_params_of_config(cfg) == sum(p.numel() for p in model.parameters())
 
 def test_checkpointing_drops_the_cache():
