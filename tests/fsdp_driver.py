@@ -5,7 +5,7 @@ One launch runs every phase in turn, from the same initial weights and the same 
 rank 0 writes OUT_DIR/results.json for the test to check:
   memory    peak RSS growth of a bigger model's FSDP step + gathered generation, and the plan
   ddp       DDP, gradient accumulation, saving a gathered checkpoint halfway
-  fsdp      the same under FSDP2 (and its checkpoint halfway)
+  fsdp      the same under FSDP2 (its checkpoint and save_pretrained export halfway)
   resume    FSDP resumed from the FSDP and from the DDP checkpoint; DDP from the FSDP one
   ckpt      FSDP + activation checkpointing; a Coconut-like forward with the KV cache across passes
   generate  greedy generation inside gathered() vs the unwrapped model
@@ -27,7 +27,7 @@ from transformers import DynamicCache
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import (backbone, enable_activation_checkpointing, fsdp_wrap, full_state_dicts, gathered,
                    generate, left_pad, load_full_state_dicts, load_model, memory_plan,
-                   save_checkpoint, set_grad_sync, token_logprobs)
+                   save_checkpoint, save_pretrained_full, set_grad_sync, token_logprobs)
 
 VOCAB, STEPS, ACCUM, B, T = 64, 4, 2, 2, 12
 
@@ -99,6 +99,8 @@ def train(mode, arch="gpt2", start=0, ckpt=None, save_at=None, save_path=None, p
             if dist.get_rank() == 0:
                 ckpt_obj = {"model": model_sd, "optimizer": optim_sd, "step": step + 1}
                 save_checkpoint(save_path, ckpt_obj)
+                # and the Hugging Face export from the same gathered weights
+                save_pretrained_full(model, model_sd, save_path.replace(".pt", "_hf"))
             dist.barrier()
     model_sd, _ = full_state_dicts(model, opt)
     del train_module, step_module, model, opt

@@ -37,7 +37,7 @@ def results(tmp_path_factory):
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     with open(out / "results.json") as f:
-        return json.load(f)
+        return dict(json.load(f), out_dir=str(out))
 
 def test_fsdp_training_equals_ddp(results):
     # same init, same per-rank micro-batches, gradient accumulation over 2 micro-steps (sync on the
@@ -59,6 +59,19 @@ def test_resume_equals_uninterrupted_run_across_fsdp_and_ddp_checkpoints(results
     # and an FSDP checkpoint resumes under DDP
     assert r["ddp_from_fsdp_losses"] == pytest.approx(r["ddp_losses"][2:], abs=FP32_TOL)
     assert r["ddp_from_fsdp_vs_ddp"] <= FP32_TOL
+
+def test_save_pretrained_export_from_fsdp_loads_with_transformers(results):
+    # written by rank 0 from the gathered weights of the FSDP run's halfway checkpoint
+    out = results["out_dir"]
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "fsdp_hf"))
+    assert model.config.architectures == ["GPT2LMHeadModel"]  # not the FSDP subclass
+    want = torch.load(os.path.join(out, "fsdp.pt"), weights_only=True)["model"]
+    got = model.state_dict()
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    # still tied
+    assert got["lm_head.weight"].data_ptr() == got["transformer.wte.weight"].data_ptr()
 
 def test_activation_checkpointing_under_fsdp_changes_nothing(results):
     r = results
