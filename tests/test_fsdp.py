@@ -92,8 +92,8 @@ def test_gathered_generation_equals_unsharded_and_gathers_once(results):
     assert g["equal"]
     # not vacuous: decoding produced varied tokens
     assert len({t for row in g["tokens"] for t in row}) > 2
-    # 6 new tokens = 6 forwards; per-layer gathering would be 6 x 3 all-gathers, gathered() does
-    # each unit once
+    # a prefill and several decoding forwards; per-layer gathering would cost 3 all-gathers per
+    # forward, gathered() gathers each of the 3 units once for the whole call
     assert g["all_gathers"] == g["n_units"]
 
 def test_frozen_reference_sharded_scores_as_unsharded(results):
