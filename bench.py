@@ -17,6 +17,8 @@ Rows:
                  shape (fixed-length rollouts, three separate scoring passes, two grad forwards); growth with K and L.
   mfu            model FLOPs/s over the peak: on CPU the peak matmul throughput measured in this run, on CUDA the
                  device's bf16 peak (H100 SXM: 989 TFLOP/s).
+  memory         model.py's per-GPU memory plan for the papers' models on 8 x 80 GiB, DDP vs FSDP:
+                 estimated from the published shapes, no GPU, no download (--sections=memory).
 """
 
 import json
@@ -29,13 +31,17 @@ import time
 import torch
 import transformers
 
+from transformers import AutoConfig
+
 from model import backbone, load_model, lm_head, position_ids_from_mask, token_logprobs, autocast_ctx
+from model import (PLAN_PARTS, estimate_activation_bytes, estimate_kv_cache_bytes, memory_plan,
+                   n_params_of_config)
 from coconut import Coconut, generate as latent_generate
 from latro import SequenceScorer, build_batch, sample, score, latro_rewards, rloo_advantages, latro_loss
 
 # -----------------------------------------------------------------------------
 preset = "cpu"              # cpu: small shapes for a laptop; gpu: GPT-2-small at the paper's batch in bf16
-sections = "coconut_train,coconut_eval,latro_step,mfu"
+sections = "coconut_train,coconut_eval,latro_step,mfu,memory"
 sizes = ""                  # model shapes to run, '' = the preset's (tiny: 2x128, gpt2: 12x768, vocab 50257)
 device = "auto"
 repeats = 3                 # timed repetitions per side (median reported)
@@ -288,6 +294,103 @@ def bench_latro(shape, P, dev, ctx, rows):
                              released_update_s=rel[2], speedup=sum(rel[:3]) / sum(ours[:3])))
 
 # -----------------------------------------------------------------------------
+# memory: the per-GPU plan for the papers' models, from their shapes
+
+# the fields of each model's published config.json that set parameter shapes (rope scaling and the
+# like do not)
+MODEL_CONFIGS = {
+    "gpt2": dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12,
+                 n_head=12),
+    "Llama-3.2-1B": dict(model_type="llama", vocab_size=128256, hidden_size=2048,
+                         intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
+    "Phi-3.5-mini": dict(model_type="phi3", vocab_size=32064, hidden_size=3072,
+                         intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, tie_word_embeddings=False),
+    "Mistral-7B-v0.3": dict(model_type="mistral", vocab_size=32768, hidden_size=4096,
+                            intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                            num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "Llama-3.1-8B": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+}
+PUBLISHED_SIZES = {"gpt2": "124M", "Llama-3.2-1B": "1.24B", "Phi-3.5-mini": "3.82B",
+                   "Mistral-7B-v0.3": "7.25B", "Llama-3.1-8B": "8.03B"}  # the model cards' counts
+LATRO_MODELS = ("Phi-3.5-mini", "Mistral-7B-v0.3", "Llama-3.1-8B")
+COCONUT_MODELS = ("gpt2", "Llama-3.2-1B")
+GiB = 2 ** 30
+GPUS, GPU_BYTES = 8, 80 * GiB
+# per GPU, as released: 3 prompts x K=16 rollouts, micro-batches of 4, 12 accumulation steps
+LATRO_RUN = dict(rollouts=48, prompt=200, rationale=500, answer=20, micro=4, accum=12)
+# per GPU: the global batch of 128 over 8 GPUs; sequences of question + thoughts + steps + answer
+COCONUT_RUN = dict(micro=16, seq=256, labelled=128, eval_rows=16, new=64)
+
+def config_of(name):
+    c = dict(MODEL_CONFIGS[name])
+    return AutoConfig.for_model(c.pop("model_type"), **c)
+
+def count_params(c):
+    """Parameters from the shapes by hand: embeddings, per layer attention q/k/v/o + MLP + norms,
+    final norm, LM head (none when tied). GPT-2: learned positions, 4x MLP, biases and LayerNorm
+    biases everywhere."""
+    if c["model_type"] == "gpt2":
+        h = c["n_embd"]
+        attn = (h * 3 * h + 3 * h) + (h * h + h)
+        mlp = (h * 4 * h + 4 * h) + (4 * h * h + h)
+        layer = 2 * 2 * h + attn + mlp
+        return (c["vocab_size"] + c["n_positions"]) * h + c["n_layer"] * layer + 2 * h  # tied head
+    h, inter, heads = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"]
+    hd = c.get("head_dim", h // heads)
+    attn = h * heads * hd + 2 * h * c["num_key_value_heads"] * hd + heads * hd * h
+    # gated MLP (gate, up, down) and two RMSNorm weights, no biases
+    layer = attn + 3 * h * inter + 2 * h
+    head = 0 if c["tie_word_embeddings"] else c["vocab_size"] * h
+    return c["vocab_size"] * h + c["num_hidden_layers"] * layer + h + head
+
+def plan_row(name, method, mode, n, cfg, checkpointing=False):
+    """One table row: the plan of `name` for LaTRO (policy + frozen reference + the rollouts' KV
+    cache) or Coconut (no reference), bf16 compute on GPUS x GPU_BYTES."""
+    if method == "latro":
+        r = LATRO_RUN
+        seq = r["prompt"] + r["rationale"] + r["answer"]
+        kv = estimate_kv_cache_bytes(cfg, r["rollouts"], r["prompt"] + r["rationale"])
+        scored = r["micro"] * (r["rationale"] + r["answer"])  # log-probs of z and y
+        act = estimate_activation_bytes(cfg, r["micro"] * seq, logit_positions=scored,
+                               checkpointing=checkpointing)
+        reference, accum = ("sharded" if mode == "fsdp" else "full"), r["accum"]
+    else:
+        r = COCONUT_RUN
+        kv = estimate_kv_cache_bytes(cfg, r["eval_rows"], r["seq"] + r["new"])
+        scored = r["micro"] * r["labelled"]
+        act = estimate_activation_bytes(cfg, r["micro"] * r["seq"], logit_positions=scored,
+                               checkpointing=checkpointing)
+        reference, accum = "none", 1
+    p = memory_plan(n, mode=mode, world_size=GPUS, precision="bf16", reference=reference,
+                    grad_accum=accum, kv_cache_bytes=kv, activations_bytes=act,
+                    device_bytes=GPU_BYTES)
+    if checkpointing:
+        mode += "+ckpt"
+    row = dict(section="memory", model=name, method=method, mode=mode, params=f"{n / 1e9:.2f}B",
+               bytes_per_param=p["bytes_per_param"])
+    for k in PLAN_PARTS + ("total",):
+        row[k + "_GiB"] = round(p[k] / GiB, 1)
+    row["fits_80GiB"] = "yes" if p["total"] <= GPU_BYTES else "no"
+    return row
+
+def bench_memory(rows):
+    for name in COCONUT_MODELS + LATRO_MODELS:
+        cfg = config_of(name)
+        n = n_params_of_config(cfg)
+        # the meta-device build agrees with the count from the shapes
+        assert n == count_params(MODEL_CONFIGS[name]), name
+        method = "latro" if name in LATRO_MODELS else "coconut"
+        rows.append(plan_row(name, method, "ddp", n, cfg))
+        rows.append(plan_row(name, method, "fsdp", n, cfg))
+        # activation checkpointing would drop the KV cache Coconut's thought passes share (model.py)
+        if method == "latro":
+            rows.append(plan_row(name, method, "fsdp", n, cfg, checkpointing=True))
+
+# -----------------------------------------------------------------------------
 
 def fmt(v):
     if isinstance(v, float):
@@ -337,6 +440,8 @@ if __name__ == "__main__":
         if "latro_step" in todo and shape in P["latro_sizes"]:
             bench_latro(shape, P, device, ctx, rows)
             print(f"latro_step {shape} done ({time.time() - t0:.0f}s)", flush=True)
+    if "memory" in todo:
+        bench_memory(rows)
     print(table(rows))
     print(f"\nbench time {time.time() - t0:.0f}s")
     with open(out_json, "w") as f:

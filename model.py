@@ -412,3 +412,293 @@ def load_checkpoint(path, map_location="cpu"):
     except Exception as e:  # truncated zip, wrong file, pickled objects ...
         raise RuntimeError(f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: {e}); "
                            f"delete it and restart, or point init_from at another checkpoint") from e
+
+# -----------------------------------------------------------------------------
+# FSDP2 and the memory plan
+#
+# Plain DDP keeps fp32 weights, gradients and AdamW moments on every GPU: 16+ bytes per parameter,
+# ~128 GB for an 8B model. FSDP2 (torch.distributed.fsdp.fully_shard) splits all three across the
+# ranks: each decoder layer is one unit whose parameters are all-gathered just before its forward
+# (and backward) and freed just after. The wrap is a few explicit lines; the rest of this section is
+# what a training script needs around it: generating with the parameters gathered once, gradient
+# accumulation, gathered checkpoints, and a memory plan that refuses a run that cannot fit before
+# anything is loaded.
+
+from contextlib import contextmanager
+
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+def hf_model_in(module):
+    """The Hugging Face model inside `module` (the module itself, or a wrapper such as
+    Coconut/SequenceScorer)."""
+    for m in module.modules():
+        if hasattr(m, "config") and hasattr(m, "get_input_embeddings"):
+            return m
+    raise ValueError(f"no Hugging Face model inside {type(module).__name__}")
+
+def decoder_layers(module):
+    """The list of transformer blocks: the ModuleList with config.num_hidden_layers entries (GPT-2's
+    transformer.h, Llama/Mistral/Qwen/Phi's model.layers), found by shape rather than by name so new
+    architectures work too."""
+    model = hf_model_in(module)
+    n_layer = model.config.num_hidden_layers
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) == n_layer:
+            return list(m)
+    name = type(model).__name__
+    raise ValueError(f"{name}: found no ModuleList of {n_layer} decoder layers to shard")
+
+def fsdp_wrap(module, device_type, *, bf16=False, reshard_after_forward=True):
+    """Shard `module` over all ranks with FSDP2, in place, and return it. Every decoder layer is its
+    own unit; the root unit (`module`, the one whose forward the training step calls: pass the
+    wrapper, not the bare HF model, when the step goes through one) holds what is left: embeddings,
+    final norm and LM head (tied or not, as one parameter). Master weights, gradients and optimizer
+    state stay fp32 and sharded; bf16=True (CUDA) all-gathers bf16 copies for the compute and
+    reduces gradients in fp32. Build the optimizer over module.parameters() after this call, so it
+    holds the shards. reshard_after_forward=False keeps each layer gathered from its forward to its
+    backward (one all-gather fewer per layer per step, a full model of memory more).
+    Call it on a model still on the CPU (after init_process_group and torch.cuda.set_device): it
+    moves each unit to the device one at a time and keeps only this rank's shard there, so the full
+    model never has to fit on one GPU."""
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    if bf16:
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        mp = MixedPrecisionPolicy()
+    for layer in decoder_layers(module):
+        fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # the root's parameters are the first needed in the backward: keep them gathered after forward
+    fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+    # FSDP2 makes the first module to run forward the root; fix it now, or a generation that enters
+    # through the HF model (e.g. an evaluation before the first step) would make a layer its own
+    # root and break the training step
+    module._get_fsdp_state()._lazy_init()
+    module.layer_reshard_after_forward = reshard_after_forward  # what gathered() restores
+    return module
+
+def is_fsdp(module):
+    return isinstance(module, FSDPModule)
+
+@contextmanager
+def gathered(module):
+    """Inside the block, every FSDP unit of `module` is all-gathered once and stays gathered, so a
+    generate call (hundreds of forwards of one token) costs one all-gather per layer instead of one
+    per layer per token; the shards come back on exit. Call the HF model inside (e.g. model.generate
+    / prefill+decode) as usual; every rank must enter together (the gather is a collective), but
+    inside, ranks may run different numbers of forwards (no communication there). A no-op for a
+    module that is not sharded."""
+    if not is_fsdp(module):
+        yield module
+        return
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    # recursive: the forwards inside must not free what we gathered
+    module.set_reshard_after_forward(False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield module
+    finally:
+        for layer in decoder_layers(module):
+            layer.set_reshard_after_forward(module.layer_reshard_after_forward, recurse=False)
+        for unit in units:
+            unit.reshard()
+
+def set_grad_sync(module, sync):
+    """Gradient accumulation: reduce gradients across ranks only when sync is True (the last
+    micro-step), for a DDP wrapper (require_backward_grad_sync) or an FSDP module
+    (set_requires_gradient_sync); a no-op otherwise. Under FSDP a non-syncing micro-step keeps each
+    layer's full fp32 gradient until the syncing one: the memory plan counts it (grad_accum > 1).
+    Call it before each micro-step's forward."""
+    if is_fsdp(module):
+        module.set_requires_gradient_sync(sync)
+    elif isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        module.require_backward_grad_sync = sync
+
+def enable_activation_checkpointing(model):
+    """Recompute each decoder layer's activations in the backward instead of keeping them (saves
+    most activation memory for ~1/3 more compute). Non-reentrant checkpointing of the layer's
+    forward only, so FSDP2's hooks stay outside the recompute: works with DDP and FSDP, before or
+    after fsdp_wrap. Not for a forward that carries a KV cache across passes with gradients
+    (Coconut's cached thought passes): transformers drops the cache in a checkpointed layer (a
+    recompute would append its keys a second time), so each pass would stop seeing the earlier ones.
+    tests/test_fsdp.py::test_checkpointing_drops_the_cache."""
+    kwargs = {"use_reentrant": False}
+    hf_model_in(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+# ---- checkpoints under FSDP: the plain full tensors of a DDP checkpoint, so each resumes the other
+
+def full_tensor(t):
+    """A DTensor shard gathered to the whole tensor (a collective: every rank calls it), moved to
+    the CPU."""
+    if isinstance(t, DTensor):
+        t = t.full_tensor()
+    return t.detach().cpu()
+
+def gather_full(obj, memo=None):
+    """A copy of a state dict (nested dicts/lists) with every sharded tensor gathered whole onto the
+    CPU. A tensor met twice (tied embeddings) is gathered once and stays shared, as in the unsharded
+    state dict."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = full_tensor(obj)
+        return memo[id(obj)]
+    if isinstance(obj, dict):
+        return {k: gather_full(v, memo) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(gather_full(v, memo) for v in obj)
+    return obj
+
+def full_state_dicts(model, optimizer):
+    """(model state dict, optimizer state dict) of an FSDP-sharded or plain model, as whole CPU
+    tensors keyed as model.state_dict() / optimizer.state_dict() key them unsharded: the DDP
+    checkpoint's format. A collective under FSDP (every rank calls it; only the master needs to save
+    the result). `model` is the HF model (not a wrapper), so the keys carry no wrapper prefix."""
+    return gather_full(model.state_dict()), gather_full(optimizer.state_dict())
+
+def shard_like(full, like):
+    """The whole tensor `full` cut like `like` (a DTensor shard of this rank), or as is for a plain
+    tensor."""
+    if not isinstance(like, DTensor):
+        return full
+    full = full.to(device=like.device, dtype=like.dtype)
+    # every rank holds the whole checkpoint, so each cuts its own shard: no communication
+    # (src_data_rank=None)
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None)
+
+def load_full_state_dicts(model, optimizer, model_sd, optim_sd=None):
+    """Load a full (DDP-format) checkpoint into a sharded or plain model and its optimizer; every
+    rank passes the whole state dicts (each rank reads the checkpoint file). The optimizer must
+    already exist over the shards."""
+    current = model.state_dict()
+    missing = set(current) - set(model_sd)
+    if missing:
+        example = sorted(missing)[:3]
+        raise ValueError(f"checkpoint lacks {len(missing)} model tensors, e.g. {example}")
+    model.load_state_dict({k: shard_like(v, current[k]) for k, v in model_sd.items()})
+    if optim_sd is None:
+        return
+    # the optimizer's state tensors (AdamW's moments) are sharded exactly like their parameters
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for i, s in optim_sd["state"].items():
+        state[i] = {k: shard_like(v, params[i]) if v.dim() > 0 else v for k, v in s.items()}
+    optimizer.load_state_dict({"state": state, "param_groups": optim_sd["param_groups"]})
+
+def save_pretrained_full(model, model_sd, path):
+    """The Hugging Face export (config + safetensors) from a gathered state dict; call it on the
+    master only."""
+    hf_model_in(model).save_pretrained(path, state_dict=model_sd)
+
+# ---- the memory plan: per-GPU bytes before anything is loaded
+
+GiB = 2 ** 30
+PLAN_PARTS = ("weights", "grads", "optimizer", "reference", "gathered", "kv_cache", "activations")
+OPTIMIZER_BYTES = {"adamw": 8, "none": 0}  # fp32 state per parameter: AdamW keeps two moments
+
+def n_params_of_config(cfg):
+    """Exact parameter count of the causal LM a transformers config describes, tied weights counted
+    once, by building it on the meta device (no memory, no download beyond config.json)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return sum(p.numel() for p in model.parameters())
+
+def estimate_kv_cache_bytes(cfg, rows, tokens, dtype_bytes=2):
+    """Bytes of the KV cache of `rows` sequences of `tokens` positions: keys and values of every
+    layer, for the config's key/value heads (grouped-query attention keeps fewer than the query
+    heads)."""
+    n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * n_kv * head_dim * rows * tokens * dtype_bytes
+
+def estimate_activation_bytes(cfg, tokens, *, logit_positions=0, checkpointing=False,
+                              dtype_bytes=2):
+    """Rough bytes saved for the backward of one micro-step over `tokens` positions (rows x length):
+    ~17 activations of the hidden size per layer per token (Korthikanti et al. 2022, 34 bytes in
+    16-bit; no attention matrix with SDPA/flash), or with activation checkpointing only each layer's
+    input plus one layer being recomputed; plus the LM head's logits (16-bit) and their fp32
+    log-softmax at the positions that are scored."""
+    h, n_layer = cfg.hidden_size, cfg.num_hidden_layers
+    per_layer = 17 * h * tokens * dtype_bytes
+    if checkpointing:
+        layers = n_layer * h * tokens * dtype_bytes + per_layer
+    else:
+        layers = n_layer * per_layer
+    return layers + logit_positions * cfg.vocab_size * (dtype_bytes + 8)
+
+def memory_plan(n_params, *, mode, world_size, precision, reference="none", optimizer="adamw",
+                grad_accum=1, kv_cache_bytes=0, activations_bytes=0, device_bytes=None):
+    """Estimated bytes per GPU. mode 'ddp' (every rank holds everything) or 'fsdp' (weights,
+    gradients, optimizer state and a 'sharded' reference split over world_size); precision 'fp32' or
+    'bf16' (fp32 master weights, bf16 compute); reference: the frozen reference model, 'none',
+    'full' (fp32 copy), 'sharded' (fp32, FSDP) or 'bf16'. Generation (gathered weights + KV cache)
+    and the update (activations) do not overlap: the larger one counts. grad_accum > 1 means
+    gradients synced on the last micro-step only: FSDP then holds full fp32 gradients in between
+    (pass 1 when every micro-step syncs). Returns a dict of the parts, 'total', 'bytes_per_param'
+    (of the persistent parts) and 'device'."""
+    if mode not in ("ddp", "fsdp"):
+        raise ValueError(f"mode={mode!r}: use 'ddp' or 'fsdp'")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision={precision!r}: use 'fp32' or 'bf16'")
+    ref_bytes = {"none": 0, "full": 4, "sharded": 4 / world_size, "bf16": 2}
+    if reference not in ref_bytes or (reference == "sharded" and mode != "fsdp"):
+        raise ValueError(f"reference={reference!r}: use 'none', 'full', 'bf16' or (fsdp) 'sharded'")
+    shard = world_size if mode == "fsdp" else 1
+    compute = 2 if precision == "bf16" else 4
+    grads = 4 / shard
+    if mode == "ddp" and world_size > 1:
+        grads += 4  # DDP's communication buckets: a second fp32 copy of the gradients
+    if mode == "fsdp" and grad_accum > 1:
+        grads += 4  # the non-syncing micro-steps accumulate each layer's full fp32 gradient
+    parts = dict(weights=4 / shard * n_params, grads=grads * n_params,
+                 optimizer=OPTIMIZER_BYTES[optimizer] / shard * n_params,
+                 reference=ref_bytes[reference] * n_params,
+                 # an FSDP generate call gathers the whole model, in the compute dtype
+                 gathered=(compute * n_params if mode == "fsdp" else 0), kv_cache=kv_cache_bytes,
+                 activations=activations_bytes)
+    persistent = parts["weights"] + parts["grads"] + parts["optimizer"] + parts["reference"]
+    phase = max(parts["gathered"] + parts["kv_cache"], parts["activations"])
+    plan = {k: int(v) for k, v in parts.items()}
+    plan.update(total=int(persistent + phase), bytes_per_param=persistent / n_params,
+                device=device_bytes, n_params=n_params, mode=mode, world_size=world_size)
+    return plan
+
+def device_memory_bytes(device):
+    """Total memory of a CUDA device; None on the CPU (no check: processes share the host's
+    memory)."""
+    if not str(device).startswith("cuda"):
+        return None
+    return torch.cuda.get_device_properties(torch.device(device)).total_memory
+
+def format_memory_plan(plan):
+    """The plan as a few aligned lines for the start-up log."""
+    head = (f"memory plan: {plan['n_params'] / 1e9:.3f}B parameters, {plan['mode']} on "
+            f"{plan['world_size']} GPU(s), {plan['bytes_per_param']:.1f} bytes/parameter per GPU "
+            f"before generation and activations")
+    lines = [head]
+    for k in PLAN_PARTS + ("total",):
+        lines.append(f"  {k:<12}{plan[k] / GiB:7.2f} GiB")
+    if plan["device"] is None:
+        lines.append(f"  {'device':<12}  not checked (CPU)")
+    else:
+        lines.append(f"  {'device':<12}{plan['device'] / GiB:7.2f} GiB")
+    return "\n".join(lines)
+
+def check_memory_plan(plan):
+    """Raise ConfigError naming the fixes when the estimate exceeds the device (call it before
+    loading)."""
+    from configurator import ConfigError
+    if plan["device"] is None or plan["total"] <= plan["device"]:
+        return
+    fixes = []
+    if plan["mode"] == "ddp":
+        fixes.append("--fsdp=True (shards weights, gradients and optimizer state over the GPUs)")
+    fixes += ["more GPUs (under --fsdp=True each holds 1/world_size of the sharded state)",
+              "--gradient_checkpointing=True (activations)",
+              "a smaller micro-batch (micro_batch_size; gen_batch_size for the rollouts' KV cache)"]
+    raise ConfigError(f"estimated {plan['total'] / GiB:.1f} GiB per GPU exceeds the device's "
+                      f"{plan['device'] / GiB:.1f} GiB:\n{format_memory_plan(plan)}\n"
+                      f"fixes (any of):\n  " + "\n  ".join(fixes))
