@@ -226,7 +226,8 @@ def released_step(model, ref, prompts, K, L, dev, ctx, g):
     and two grad forwards per micro-batch (answer branch back-propagated even at weight 0)."""
     x = [p for p in prompts for _ in range(K)]
     t0 = time.perf_counter()
-    z, _, _ = sample(model, x, L, [], [], 0, len(x), ctx, generator=g, temperature=1.0)
+    z, _, _ = sample(model, x, L, 0, len(x), ctx, tok=None, stop_ids=set(), stop_strings=[], generator=g,
+                     temperature=1.0)
     sync(dev); t1 = time.perf_counter()
     y = [[7, 8, 9, 1]] * len(x)
     ids = torch.tensor([a + b + c for a, b, c in zip(x, z, y)], device=dev)
@@ -248,9 +249,10 @@ def our_step(model, ref, prompts, K, L, dev, ctx, g):
     """latro.py's step: early-stopped rollouts, one policy + one reference no-grad pass, one grad forward.
     A random model has no eos habit, so a stop set of vocab/L tokens gives each token a ~1/L stop chance."""
     x = [p for p in prompts for _ in range(K)]
-    stops = [[t] for t in range(2, 2 + max(1, SHAPES_VOCAB[0] // L))]
+    stops = set(range(2, 2 + max(1, SHAPES_VOCAB[0] // L)))  # stop ids only: no tokenizer needed
     t0 = time.perf_counter()
-    z, stopped, n_tok = sample(model, x, L, stops, stops, 0, len(x), ctx, generator=g, temperature=1.0)
+    z, stopped, n_tok = sample(model, x, L, 0, len(x), ctx, tok=None, stop_ids=stops, stop_strings=[],
+                               generator=g, temperature=1.0)
     sync(dev); t1 = time.perf_counter()
     y = [[7, 8, 9, 1]] * len(x)
     logp_z, logp_y = score(SequenceScorer(model), x, z, y, 0, len(x), ctx)

@@ -23,10 +23,15 @@ Methods (--method=, or add an overlay such as config/coconut_pause.py after a ta
     pause_as_thought  same data, <latent> a learned token        no_cot   Q A
     no_thoughts       curriculum deletes steps, nothing instead   pause    Q <latent>xN A, no curriculum
 "w/o curriculum" is coconut at the final stage from the first epoch: --start_stage=99 (capped).
+Accuracy against the number of inference thoughts (no retraining), and bf16 autocast instead of the released fp32:
+    python coconut.py config/coconut_prosqa.py --eval_only=True --init_from=out/prosqa_coconut/best.pt \
+        --thoughts_sweep=0,1,2,3,4,5,6
+    torchrun --standalone --nproc_per_node=4 coconut.py config/coconut_prosqa.py --precision=bf16
 """
 
 import ast
 import gc
+import json
 import os
 import sys
 import time
@@ -67,11 +72,15 @@ c_thought = 1                   # thoughts per replaced step (paper: 2 for GSM8k
 epochs_per_stage = 3            # curriculum: epochs per stage (paper: 3 GSM8k, 5 ProsQA/ProntoQA)
 max_latent_stage = 3            # last stage with steps left; past it all steps are dropped (paper: 3 GSM8k, 6 ProsQA)
 start_stage = 0                 # first stage: 1 when continuing from a CoT run; 99 (capped) = "w/o curriculum"
-pad_latent_to_max = True        # an example with < k steps still gets k*c thoughts at stage k (released default)
+pad_latent_to_max = True        # True: k*c thoughts at stage k whatever the step count (released default); False:
+                                # min(k, #steps)*c past the last stage and at inference (training stages keep k*c)
 uniform_prob = 0.0              # chance that an example trains at a random stage in 0..#steps instead (released: 0)
 n_thoughts_eval = -1            # thoughts at inference (and pause tokens); -1 = max_latent_stage * c_thought
-special_init = ""               # '' = new marker rows keep their fresh init (paper's numbers); a token text, e.g.
-                                # '<<', copies its embedding into the 3 new rows (the released 2025 fix)
+thoughts_sweep = ""             # e.g. '0,1,2,3,4,5,6': test accuracy and tokens at each inference thought count
+                                # (table + out_dir/thoughts_sweep.json; the paper's accuracy-vs-thoughts analysis)
+marker_init = "auto"            # the 3 new marker rows start as copies of this one token's embedding (released:
+                                # '<<'); 'auto' = '<<' (else '<') for pretrained weights, fresh rows for scratch
+                                # ones; '' = fresh N(0, 0.02) rows
 # model (init_from='scratch')
 arch = "gpt2"                   # gpt2 | llama
 n_layer = 2
@@ -85,7 +94,9 @@ batch_size = 32                 # GLOBAL batch in examples, over all ranks and m
 micro_batch_size = 32           # examples per rank per forward; grad accumulation = batch / (micro * world)
 learning_rate = 1e-3            # AdamW lr (paper: 1e-4 for pretrained GPT-2; a tiny model from scratch likes 1e-3)
 weight_decay = 0.01
-reset_optimizer = "stage"       # 'stage': new AdamW at each stage switch (paper); 'epoch': every epoch (released code); 'never'
+reset_optimizer = "stage"       # 'stage': new AdamW at each stage switch (paper text); 'epoch': every epoch (the
+                                # released coconut configs); 'never' (the released GSM8k CoT config)
+precision = "fp32"              # 'fp32' (released) | 'bf16': bf16 autocast, fp32 weights/optimizer, fp32 log-probs
 # evaluation
 eval_batch_size = 64            # prompts per generate call, per rank
 max_new_tokens = 48             # paper: 64 GSM8k, 128 others
@@ -95,6 +106,7 @@ probe_topk = 3
 device = "auto"                 # auto | cpu | cuda | cuda:1 ...
 seed = 0
 METHODS = ("coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought", "pause")
+MARKER_METHODS = ("coconut", "pause_as_thought", "pause")  # the methods whose sequences hold the 3 new tokens
 if __name__ == "__main__":
     from configurator import configure
     config = configure(globals(), sys.argv[1:])
@@ -107,10 +119,11 @@ def stage_of(epoch, start_stage, epochs_per_stage, max_latent_stage):
     return min(start_stage + epoch // epochs_per_stage, max_latent_stage + 1)
 
 def layout(q, steps, answer, stage, *, method, c_thought, max_latent_stage, pad_latent_to_max, n_pause, special,
-           n_thoughts=None):
+           n_thoughts=None, inference=False):
     """One example at curriculum `stage` as (prompt, target) token lists; the loss is on target only.
     q, answer: token ids (answer ends with eos); steps: list of token-id lists; special = (bot, latent, eot) ids.
-    n_thoughts overrides the stage's thought count (inference with a chosen number of thoughts)."""
+    n_thoughts overrides the stage's thought count (inference with a chosen number of thoughts); inference=True
+    builds the prompt as the released evaluation does (matters only for pad_latent_to_max=False)."""
     bot, latent, eot = special
     flat = lambda ss: [t for s in ss for t in s]
     if method == "cot":                                           # Q S1 .. Sn ### A, stage fixed at 0
@@ -123,13 +136,78 @@ def layout(q, steps, answer, stage, *, method, c_thought, max_latent_stage, pad_
     if method == "no_thoughts":                                   # "w/o thought": nothing in their place
         return q, flat(kept) + answer
     k = min(stage, max_latent_stage)                              # thoughts stop growing at the last stage
-    n = (k if pad_latent_to_max else min(k, len(steps))) * c_thought if n_thoughts is None else n_thoughts
+    # pad_latent_to_max=False, as released: a training stage k <= max_latent_stage still gives k*c thoughts to an
+    # example with fewer than k steps; only past the last stage and at inference is k capped by the step count
+    if not pad_latent_to_max and (inference or stage > max_latent_stage):
+        k = min(k, len(steps))
+    n = k * c_thought if n_thoughts is None else n_thoughts
     return q + [bot] + [latent] * n + [eot], flat(kept) + answer  # coconut and pause_as_thought
 
 def marker_ids(tok):
     """Add the three markers to the tokenizer; returns (<bot>, <latent>, <eot>) ids, the order layout() takes."""
     bot, eot, latent = tok.add_special_tokens(COCONUT_SPECIAL_TOKENS)  # data.py lists start-, end-latent, latent
     return bot, latent, eot
+
+def markers_present(tok, ckpt):
+    """Do the weights to load already have marker rows? A checkpoint of this script says so (older ones always
+    had them); a save_pretrained export of this script (init_from=out/.../hf) has them when its tokenizer does."""
+    if ckpt is not None:
+        return ckpt.get("markers", True)
+    vocab = tok.hf.get_vocab()
+    return all(t in vocab for t in COCONUT_SPECIAL_TOKENS)
+
+def marker_source(tok, marker_init, base):
+    """The id of the token whose embedding the new markers copy, or None for fresh random rows.
+    'auto': '<<' as released (one token in GPT-2's vocabulary), else '<', for pretrained weights; None for a
+    model from scratch, whose rows are all random anyway. Fails, naming the key, unless the text is one token."""
+    if marker_init == "auto":
+        if base == "scratch":
+            return None
+        texts = ["<<", "<"]
+    else:
+        texts = [marker_init] if marker_init else []
+    for text in texts:
+        try:
+            ids = tok.encode(text)
+        except ValueError:  # the word vocabulary refuses words it does not have
+            ids = []
+        if len(ids) == 1:
+            return ids[0]
+    if texts:
+        raise ValueError(f"marker_init={marker_init!r}: {' / '.join(map(repr, texts))} is not exactly one token "
+                         f"in this vocabulary; set --marker_init to a text that is one token, or '' for fresh rows")
+    return None
+
+def init_markers(model, n_vocab, special, source_id):
+    """Give the markers embedding rows: grow the matrices to n_vocab rows if needed (a checkpoint without
+    markers), then copy the source token's row into each marker row, as released. A fresh row in a pretrained
+    tied head would get a logit near 0, far above real tokens' (strongly negative) logits: training would start
+    by predicting markers. GPT-2 ties head and input embedding, so one write sets both; an untied head gets
+    its own source row."""
+    if model.get_input_embeddings().weight.shape[0] < n_vocab:
+        model.resize_token_embeddings(n_vocab, mean_resizing=False)
+    if source_id is None:
+        return
+    inp, out = model.get_input_embeddings().weight, lm_head(model).weight
+    with torch.no_grad():
+        for w in ([inp] if out is inp else [inp, out]):
+            w[list(special)] = w[source_id].clone()
+
+def encode_example(tok, ex):
+    """(question, steps, answer + eos) token lists. The question is encoded as the tokenizer encodes a text on
+    its own (add_special_tokens=True), as released: GPT-2 and the word vocabulary add no BOS, Llama adds one."""
+    q = tok.encode(question_text(ex), add_special_tokens=True)
+    return q, [tok.encode(step_text(st)) for st in ex["steps"]], tok.encode(answer_text(ex)) + [tok.eos_id]
+
+def parse_counts(text):
+    """'0,1,2' -> [0, 1, 2] (thought counts for the sweep)."""
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        counts = [-1]
+    if not counts or min(counts) < 0:
+        raise ValueError(f"thoughts_sweep={text!r}: give thought counts >= 0 separated by commas, e.g. 0,1,2,3")
+    return counts
 
 def collate(rows, anchors, pad_id):
     """rows: list of (prompt, target); anchors: where each row's first thought goes (len(prompt) if none).
@@ -232,6 +310,13 @@ def check_config(cfg, world_size):
         raise ValueError("need epochs_per_stage >= 1, max_latent_stage >= 0 and 0 <= uniform_prob <= 1")
     if cfg["reset_optimizer"] not in ("stage", "epoch", "never"):
         raise ValueError(f"reset_optimizer={cfg['reset_optimizer']!r}: use 'stage', 'epoch' or 'never'")
+    if cfg["precision"] not in ("fp32", "bf16"):
+        raise ValueError(f"precision={cfg['precision']!r}: use 'fp32' or 'bf16'")
+    if cfg["thoughts_sweep"]:
+        parse_counts(cfg["thoughts_sweep"])
+        if cfg["method"] not in MARKER_METHODS:
+            raise ValueError(f"thoughts_sweep needs thoughts or pauses; method={cfg['method']!r} has none "
+                             f"(use one of {', '.join(MARKER_METHODS)})")
     per_step = cfg["micro_batch_size"] * world_size
     if cfg["micro_batch_size"] < 1 or cfg["batch_size"] % per_step:
         raise ValueError(f"batch_size={cfg['batch_size']} (global) must be a multiple of micro_batch_size="
@@ -257,19 +342,27 @@ if __name__ == "__main__":
     log(f"global batch {batch_size} = {micro_batch_size} per micro-step x {grad_accum} accumulation x "
         f"{ddp_world_size} ranks")
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    ctx = autocast_ctx(device_type)                                    # bf16 autocast on CUDA, fp32 on CPU
+    ctx = autocast_ctx(device_type, precision)                         # fp32 as released, or bf16 autocast
 
     # ---- data: examples -> token pieces (question, steps, answer + eos), identical on every rank
     splits = {s: load_task(task, s, path=data_path.format(split={"val": "valid"}.get(s, s)), n=n, seed=seed,
                            **ast.literal_eval(task_options))
               for s, n in (("train", n_train), ("val", n_val), ("test", n_test))}
     tok = build_tokenizer(tokenizer, [ex for exs in splits.values() for ex in exs])
-    special = marker_ids(tok)                                         # added for every method (checkpoints move)
-    latent_id = special[1]
-    bos = [tok.bos_id] if tok.bos_id is not None else []
-    encoded = {s: [(bos + tok.encode(question_text(ex)), [tok.encode(step_text(st)) for st in ex["steps"]],
-                    tok.encode(answer_text(ex)) + [tok.eos_id]) for ex in exs] for s, exs in splits.items()}
+    encoded = {s: [encode_example(tok, ex) for ex in exs] for s, exs in splits.items()}
     log(f"{task}: {', '.join(f'{s} {len(e)}' for s, e in splits.items())} examples, vocabulary {len(tok)}")
+
+    # ---- the markers: only for the methods that use them, as released; a checkpoint of this script brings
+    # its own (resume) or has none (the GSM8k CoT stage): then they are added and initialised now
+    ckpt_path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
+    ckpt = load_checkpoint(ckpt_path) if init_from == "resume" or init_from.endswith(".pt") else None
+    base = ckpt["base"] if ckpt else init_from                         # 'scratch' or the HF model it started from
+    had_markers = markers_present(tok, ckpt)                           # trained rows are never overwritten
+    new_markers = method in MARKER_METHODS and not had_markers
+    source_id = marker_source(tok, marker_init, base) if new_markers else None  # fails here, before any work
+    n_real = len(tok)                                                  # the vocabulary without the markers
+    special = marker_ids(tok) if method in MARKER_METHODS or had_markers else (None, None, None)
+    latent_id = special[1]
 
     # ---- the curriculum: stage per epoch, thoughts per stage
     curriculum = method in ("coconut", "no_thoughts", "pause_as_thought")
@@ -284,25 +377,26 @@ if __name__ == "__main__":
         replaced = "all" if st > max_latent_stage else st
         log(f"schedule: epochs {eps[0]}-{eps[-1]} {method} stage {st}: {thoughts_at(st)} thoughts/pauses, "
             f"{replaced if curriculum else 'no'} steps replaced")
+    if final_stage not in {stage_at(ep) for ep in range(num_epochs)}:
+        log(f"note: no epoch reaches the final stage {final_stage}, so no best.pt: the last weights are tested")
 
     # ---- model: scratch, an HF model, a checkpoint of this script (e.g. the CoT stage), or resume
-    ckpt_path = os.path.join(out_dir, "ckpt.pt") if init_from == "resume" else init_from
-    ckpt = load_checkpoint(ckpt_path) if init_from == "resume" or init_from.endswith(".pt") else None
     mcfg = ckpt["config"] if ckpt else config                          # a checkpoint brings its own model shape
-    base = ckpt["base"] if ckpt else init_from                         # 'scratch' or the HF model it started from
     torch.manual_seed(seed)
-    model = load_model(base, len(tok), arch=mcfg["arch"], n_layer=mcfg["n_layer"], n_head=mcfg["n_head"],
+    n_rows = len(tok) if had_markers or not ckpt else n_real           # a checkpoint's own row count first
+    model = load_model(base, n_rows, arch=mcfg["arch"], n_layer=mcfg["n_layer"], n_head=mcfg["n_head"],
                        n_embd=mcfg["n_embd"], block_size=mcfg["block_size"], dropout=mcfg["dropout"],
                        bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id, device_type=device_type)
     if ckpt:
         model.load_state_dict(ckpt["model"])
-    elif special_init:  # the released 2025 fix: the 3 markers start as copies of an existing token's embedding
-        with torch.no_grad():
-            for emb in (model.get_input_embeddings(), lm_head(model)):  # the same tensor twice when tied
-                emb.weight[list(special)] = emb.weight[tok.encode(special_init)].mean(0)
+    if new_markers:
+        init_markers(model, len(tok), special, source_id)
+        src = "fresh random rows" if source_id is None else f"copies of {tok.decode([source_id])!r}"
+        log(f"markers: added, ids {list(special)}, {src}")
     model.to(device)
     log(f"model: {base} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    train_model = Coconut(model, feedback_id)
+    coconut_model = Coconut(model, feedback_id)
+    train_model = coconut_model
     if ddp:
         train_model = DDP(train_model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
     new_optimizer = lambda: torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
@@ -319,7 +413,8 @@ if __name__ == "__main__":
         """Greedy accuracy and mean tokens (thoughts included) on a split. Rank r takes examples r, r+W, ... so
         each is counted exactly once (no sampler padding), then the sums are all-reduced."""
         mine = slice(ddp_rank, None, ddp_world_size)
-        prompts = [layout(q, s, [], stage, **lay, n_thoughts=n_thoughts)[0] for q, s, _ in encoded[split][mine]]
+        prompts = [layout(q, s, [], stage, **lay, n_thoughts=n_thoughts, inference=True)[0]
+                   for q, s, _ in encoded[split][mine]]
         golds = [ex["answer"] for ex in splits[split][mine]]
         model.eval()
         with ctx:
@@ -329,6 +424,27 @@ if __name__ == "__main__":
         if ddp:
             all_reduce(sums)
         return sums[0].item() / len(encoded[split]), sums[1].item() / len(encoded[split]), prompts, texts
+
+    @torch.no_grad()
+    def run_val_loss(stage):
+        """Mean next-token loss per labelled token on the val split at the epoch's training layout (the released
+        code prints it each epoch); rank r takes examples r, r+W, ..., the sums are all-reduced."""
+        total, count = 0.0, 0
+        mine = encoded["val"][ddp_rank::ddp_world_size]
+        model.eval()
+        for i in range(0, len(mine), eval_batch_size):
+            rows = [layout(*ex, stage, **lay) for ex in mine[i:i + eval_batch_size]]
+            ids, mask, labels = (t.to(device) for t in collate(rows, [anchor(p, latent_id) for p, _ in rows],
+                                                                tok.pad_id))
+            n = (labels[:, 1:] != -100).sum().item()
+            with ctx:
+                total += coconut_model(ids, mask, labels).item() * n  # the mean over this batch's n tokens
+            count += n
+        model.train()
+        sums = torch.tensor([total, count], dtype=torch.float64, device=device)
+        if ddp:
+            all_reduce(sums)
+        return sums[0].item() / max(sums[1].item(), 1)
 
     # ---- training: each epoch has one stage; every rank draws the same global batches and takes its block
     steps_per_epoch = len(encoded["train"]) // batch_size              # the last partial batch is dropped
@@ -371,19 +487,24 @@ if __name__ == "__main__":
                 wandb.log({"loss": loss_sum, "stage": stage, "epoch": epoch}, step=iter_num)
 
         # ---- end of epoch: validation with this stage's layout, then checkpoints from rank 0
+        val_loss = run_val_loss(stage)
         val_acc, val_tok, _, _ = run_eval("val", stage)
-        log(f"epoch {epoch} stage {stage} | val acc {val_acc:.4f} | tokens {val_tok:.1f}")
+        log(f"epoch {epoch} stage {stage} | val loss {val_loss:.4f} | val acc {val_acc:.4f} | tokens {val_tok:.1f}")
         if wandb_log and master_process:
-            wandb.log({"val_acc": val_acc, "val_tokens": val_tok}, step=iter_num)
-        if stage >= min(final_stage, max_latent_stage) and val_acc > best_val:  # select among all-thought stages
+            wandb.log({"val_loss": val_loss, "val_acc": val_acc, "val_tokens": val_tok}, step=iter_num)
+        # model selection only where every step is latent (stage > max_latent_stage for curriculum methods): at
+        # the last stage with steps, long examples still reason in words and the model is not yet a Coconut model
+        if stage >= final_stage and val_acc > best_val:
             best_val = val_acc
             if master_process:
                 save_checkpoint(os.path.join(out_dir, "best.pt"), {"model": model.state_dict(), "config": config,
-                                "base": base, "epoch": epoch, "stage": stage, "val_acc": val_acc})
+                                "base": base, "markers": latent_id is not None, "epoch": epoch, "stage": stage,
+                                "val_acc": val_acc})
         if master_process:
             save_checkpoint(os.path.join(out_dir, "ckpt.pt"), {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config, "base": base,
-                "epoch": epoch + 1, "stage": stage, "iter_num": iter_num, "best_val_acc": best_val,
+                "markers": latent_id is not None, "epoch": epoch + 1, "stage": stage, "iter_num": iter_num,
+                "best_val_acc": best_val,
                 "rng_state": torch.get_rng_state()})  # for the record: each epoch reseeds from (seed, epoch, rank)
 
     if ddp:  # a cheap guard: DDP must leave every rank with the same weights (min == max of each tensor's sum)
@@ -403,6 +524,21 @@ if __name__ == "__main__":
     log(f"test acc {test_acc:.4f} | tokens generated {test_tok:.1f} (thoughts included) | {len(encoded['test'])} examples")
     if wandb_log and master_process:
         wandb.log({"test_acc": test_acc, "test_tokens": test_tok})
+
+    # ---- the paper's analysis: the same model tested with other numbers of thoughts, no retraining
+    if thoughts_sweep:
+        sweep = []
+        for n in parse_counts(thoughts_sweep):
+            acc, ntok, _, _ = run_eval("test", final_stage, n)
+            sweep.append({"thoughts": n, "accuracy": acc, "tokens": ntok})
+        log("| thoughts | test acc | tokens generated (thoughts included) |\n|---|---|---|")
+        for r in sweep:
+            log(f"| {r['thoughts']} | {r['accuracy']:.4f} | {r['tokens']:.1f} |")
+        if master_process:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "thoughts_sweep.json"), "w") as f:
+                json.dump({"init_from": init_from, "method": method, "examples": len(encoded["test"]),
+                           "rows": sweep}, f, indent=1)
     for p, text in list(zip(prompts, texts))[:probe if master_process else 0]:
         log(f"--- {tok.decode(p, skip_special_tokens=False)!r} -> {text!r}")
         if feedback_id in p:  # what each continuous thought encodes, read through the LM head

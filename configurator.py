@@ -15,16 +15,46 @@ Differences from nanoGPT's exec-based original, each a fault users hit there:
 - an unknown key is an error naming the closest known keys (a typo never passes silently);
 - a wrong type is an error naming the key, the expected type and the value;
 - only rank 0 prints, so an 8-GPU run logs its configuration once.
+
+User errors: a mistake in the user's input (a config key, a data file, an out_dir, a checkpoint
+that does not fit) is raised as a UserError. A script calls exit_cleanly_on_user_error() once at
+its start; from then on an uncaught UserError prints one line `error: <message>` and exits with
+status 1, without a traceback, while any other exception (a bug) keeps its full traceback.
 """
 
 import ast
 import difflib
 import os
+import sys
 
 TYPES = (bool, int, float, str, type(None))
 
-class ConfigError(ValueError):
-    pass
+class UserError(ValueError):
+    """A mistake in the user's input: the message says what is wrong and what to do. Reported as
+    one line without a traceback once exit_cleanly_on_user_error() is installed. A ValueError, so
+    `except ValueError` still catches it."""
+
+class ConfigError(UserError):
+    """A wrong config key, value or config file."""
+
+def exit_cleanly_on_user_error():
+    """Install a sys.excepthook: an uncaught UserError prints `error: <message>` to stderr and the
+    process exits with status 1 (atexit handlers, e.g. the out_dir lock release, still run); any
+    other exception goes to the hook installed before (the normal traceback). Under torchrun every
+    rank that fails prints, rank 0 as `error: ...` and the others as `[rank N] error: ...`: an
+    error that only one rank meets is never lost."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb):
+        if not issubclass(kind, UserError):
+            previous(kind, value, tb)
+            return
+        rank = int(os.environ.get("RANK", "0"))
+        prefix = "" if rank == 0 else f"[rank {rank}] "
+        sys.stderr.write(f"{prefix}error: {value}\n")
+        sys.stderr.flush()
+
+    sys.excepthook = hook
 
 def parse_value(text):
     """'3' -> 3, '1e-4' -> 0.0001, 'True' -> True, 'None' -> None, anything that is not a literal -> the string."""
@@ -76,7 +106,14 @@ def configure(scope, argv, verbose=None):
                                   f"options are written --key=value)")
             namespace = {}
             with open(arg) as f:
-                exec(compile(f.read(), arg, "exec"), namespace)
+                source = f.read()
+            try:
+                exec(compile(source, arg, "exec"), namespace)
+            except Exception as e:
+                # the user's file: say which one and what failed, not a traceback into this module
+                where = f" line {e.lineno}" if isinstance(e, SyntaxError) else ""
+                problem = f"{type(e).__name__}: {e}"
+                raise ConfigError(f"config file {arg!r}{where} failed: {problem}") from e
             for key, value in namespace.items():
                 if key.startswith("_") or type(value).__name__ == "module":
                     continue

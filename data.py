@@ -7,16 +7,24 @@ the steps as the gold rationale.
 
     examples = load_task("prosqa", "train")            # generated here, no download, deterministic by seed
     examples = load_task("gsm8k", "test")              # hub `openai/gsm8k` through `datasets` (imported lazily)
-    examples = load_task("json", "train", path="prosqa_train.json")   # the official Coconut files load unchanged
+    examples = load_task("json", "train", path="prosqa_{split}.json")  # the official Coconut files
     tok = build_tokenizer("words", examples)           # closed word-level vocabulary, fast for tiny models
 
 Generated tasks (Coconut's ProsQA and ProntoQA, iCoT's multiplication, and "modsum", a toy for LaTRO) keep their
 splits disjoint by construction: a question belongs to train, val or test according to a stable hash of its
 canonical text, and each split's generator keeps only the questions of its own bucket. The split a question lands
 in therefore never depends on the seed or on the requested sizes.
+
+Local files never leak one split into another: a path serves a split when it contains `{split}`
+(filled in here) or its file name names that split (`gsm8k_test.jsonl`, `valid.txt`); one file for
+every split needs an explicit split_layout (a held-out tail, printed). check_split_overlap(splits)
+then refuses any question found in two splits. Every mistake in the data or the arguments is a
+configurator.UserError (one line, no traceback, in the scripts).
 """
 
+import difflib
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -30,9 +38,27 @@ from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as _RustTokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from configurator import UserError
+
 COCONUT_SPECIAL_TOKENS = ["<|start-latent|>", "<|end-latent|>", "<|latent|>"]
 STEP_BY_STEP = " Let's think step by step."
 ARC_INSTRUCTION = "Let's think step by step first then print your answer like 'The answer is (one of the options)'."
+# the released SFT baseline's ARC prompts: the training instruction, and the format block its
+# evaluation script puts before the question of an SFT checkpoint (prompt texts, kept verbatim so
+# the numbers are comparable)
+ARC_SFT_INSTRUCTION = ("Choose one from available options and return your answer like "
+                       "`The answer is {final_answer}`.")
+ARC_SFT_EVAL_FORMAT = """
+The output MUST strictly follow the structure and format described below:
+
+1. The answer should be strictly one of the options given in the question
+2. Do not include any text after you choose an option.
+**Example:**
+Question: (question here)
+Options: [option1, option2, option3]
+The answer is: (one of the options).
+"""
+PROMPT_STYLES = ("cot", "sft", "sft_eval")
 SPLITS = ("train", "val", "test")
 
 # -----------------------------------------------------------------------------
@@ -53,17 +79,46 @@ def answer_text(ex):
     return "### " + ex["answer"]
 
 
-def arc_options_text(options):
-    """ARC options in the prompt: `(A) text (B) text ...`; letters let a strict checker accept a letter answer."""
-    return " ".join(f"({label}) {text}" for label, text in options)
+def arc_options_text(options, style="released"):
+    """ARC options in the prompt. released: the Python list of the option texts, as the released
+    prompt prints it (`['heat', 'wind']`); lettered: `(A) heat (B) wind` (lets the strict checker
+    accept a letter answer)."""
+    if style == "released":
+        return str([text for _, text in options])
+    if style == "lettered":
+        return " ".join(f"({label}) {text}" for label, text in options)
+    raise ValueError(f"arc_options={style!r}: use 'released' or 'lettered'")
 
 
-def latro_prompt(ex, task):
-    """LaTRO: the user turn. ARC gets the released multiple-choice template; every other task the CoT suffix."""
+def latro_prompt(ex, task, arc_options="released", style="cot"):
+    """LaTRO: the user turn. style cot: the CoT prompt (ARC: the released multiple-choice template;
+    every other task: question + the CoT suffix). sft: the released SFT baseline's training prompt
+    (GSM8K: the bare question; ARC: the direct-answer instruction). sft_eval: the prompt the released
+    evaluation gives an SFT checkpoint (GSM8K: the CoT prompt; ARC: the output-format block, then
+    question and options)."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style {style!r}: use one of {PROMPT_STYLES}")
     if task == "arc":
-        options = arc_options_text(ex["options"])
+        options = arc_options_text(ex["options"], arc_options)
+        if style == "sft":
+            return f"{ex['question']}\nOptions: {options}\n{ARC_SFT_INSTRUCTION}"
+        if style == "sft_eval":
+            return f"{ARC_SFT_EVAL_FORMAT}\nQuestion: {ex['question']}\nOptions: {options}\n"
         return f"Question: {ex['question']}\nOptions: {options}\n{ARC_INSTRUCTION}"
+    if style == "sft":
+        return ex["question"]
     return ex["question"] + STEP_BY_STEP
+
+
+def sft_target(ex, task):
+    """The released SFT baseline's assistant turn (the script appends the end-of-turn id). GSM8K:
+    the solution with '####' read as 'The answer is' (no final period); ARC: the direct answer;
+    other tasks: the gold steps, then the LaTRO answer sentence."""
+    if task == "arc":
+        return latro_answer(ex["answer"])
+    if task == "gsm8k":
+        return "\n".join(ex["steps"] + [f"The answer is {ex['answer']}"])
+    return "\n".join(ex["steps"] + [latro_answer(ex["answer"])])
 
 
 def latro_answer(gold):
@@ -132,8 +187,8 @@ class Tokenizer:
     def __len__(self):
         return len(self.hf)
 
-    def encode(self, text):
-        ids = self.hf.encode(text, add_special_tokens=False)
+    def encode(self, text, add_special_tokens=False):
+        ids = self.hf.encode(text, add_special_tokens=add_special_tokens)  # True: BOS etc. as the tokenizer adds
         if self.is_words and self.hf.unk_token_id in ids:
             # a closed vocabulary must not silently map words to <unk>: say which words are missing
             missing = sorted({w for w in split_words(text) if w not in self.hf.get_vocab()})
@@ -192,23 +247,26 @@ class Tokenizer:
         return i
 
     def chat_prompt(self, text):
-        """Token ids of a user turn plus the generation prompt, with exactly one BOS when the tokenizer has one.
-
-        Templates differ: some write the BOS text themselves (Llama 3), some leave it to the tokenizer (Phi-3.5).
-        We render the text, encode it without special tokens, then make sure it starts with exactly one BOS.
-        """
+        """Token ids of a user turn plus the generation prompt, with the BOS tokens the model's own
+        chat template and tokenizer give together: the rendered template, encoded with what the
+        tokenizer puts before any text (a BOS for Llama and Mistral tokenizers, nothing for those
+        without one), and no second BOS when the template wrote one itself (Llama 3.1 and Mistral
+        templates do; the released code fed both to the model). Something a tokenizer appends (an
+        eos) is not kept: the assistant's turn follows. Word-level vocabularies (scratch models)
+        start every prompt with their BOS."""
+        if self.is_words:
+            return [self.bos_id] + self.encode(text)
         if self.hf.chat_template:
-            rendered = self.hf.apply_chat_template([{"role": "user", "content": text}],
-                                                   add_generation_prompt=True, tokenize=False)
-            ids = self.hf.encode(rendered, add_special_tokens=False)
-        else:
-            ids = self.encode(text)
-        bos = self.bos_id
-        if bos is None:
-            return ids
-        while ids and ids[0] == bos:
-            ids = ids[1:]
-        return [bos] + ids
+            turn = [{"role": "user", "content": text}]
+            text = self.hf.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+        ids = self.hf.encode(text, add_special_tokens=False)
+        full = self.hf.encode(text, add_special_tokens=True)
+        # what the tokenizer put before the text (a BOS or nothing)
+        at = next((i for i in range(len(full) - len(ids) + 1) if full[i:i + len(ids)] == ids), 0)
+        prefix = full[:at]
+        if self.bos_id is not None and prefix[-1:] == [self.bos_id] and ids[:1] == [self.bos_id]:
+            prefix = prefix[:-1]
+        return prefix + ids
 
     def save_pretrained(self, path):
         self.hf.save_pretrained(path)
@@ -231,6 +289,8 @@ def build_tokenizer(name, examples):
     # (LaTRO also stops rationales at "Answer:", so it must be encodable)
     texts += ["\n", "###", STEP_BY_STEP, latro_answer("0"), "Answer:", ARC_INSTRUCTION,
               "Question: Options: (A) (B) (C) (D) (E)"]
+    # ARC prompts print the options as a Python list: its pieces ("['heat',") are words too
+    texts += [latro_prompt(ex, "arc") for ex in examples if "options" in ex]
     return Tokenizer.from_words(texts)
 
 # -----------------------------------------------------------------------------
@@ -264,7 +324,7 @@ def generate_split(make_example, task, split, n, seed, **task_kwargs):
             print(f"\rgenerating {task} {split}: {len(out)}/{n}", end="", file=sys.stderr, flush=True)
         tries += 1
         if tries > max_tries:
-            raise RuntimeError(f"{task}: found only {len(out)} of {n} distinct {split} examples in {max_tries} "
+            raise UserError(f"{task}: found only {len(out)} of {n} distinct {split} examples in {max_tries} "
                                f"tries; the task is too small for this size ({task_kwargs}), ask for fewer")
         ex = make_example(rng, **task_kwargs)
         if ex is None:
@@ -381,7 +441,7 @@ def make_prosqa(rng, min_nodes=25, max_nodes=28, min_hops=3, max_hops=6, hop_wei
     """
     if hop_weights:
         if len(hop_weights) != max_hops - min_hops + 1:
-            raise ValueError(f"hop_weights needs one weight per hop count {min_hops}..{max_hops}, got {hop_weights}")
+            raise UserError(f"hop_weights needs one weight per hop count {min_hops}..{max_hops}, got {hop_weights}")
         hops = rng.choices(range(min_hops, max_hops + 1), weights=hop_weights)[0]
         min_hops = max_hops = hops
     for _ in range(max_tries):
@@ -550,14 +610,23 @@ def make_modsum(rng, terms=5, modulus=5):
 # -----------------------------------------------------------------------------
 # loaders for real data
 
+class DataFileNotFound(UserError, FileNotFoundError):
+    """A data file that is not there (a UserError that `except FileNotFoundError` also catches)."""
+
+
 def _fail(path, row, problem):
-    raise ValueError(f"{path}: row {row}: {problem}")
+    raise UserError(f"{path}: row {row}: {problem}")
+
+
+def _require_file(path):
+    if not os.path.isfile(path):
+        what = "is a directory, not a file" if os.path.isdir(path) else "not found"
+        raise DataFileNotFound(f"data file {what}: {path}")
 
 
 def read_rows(path):
     """Rows of a .json list or a .jsonl file, each with its 1-based row number (line number for jsonl)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data file not found: {path}")
+    _require_file(path)
     with open(path, encoding="utf-8") as f:
         if path.endswith(".jsonl"):
             rows = []
@@ -571,9 +640,9 @@ def read_rows(path):
         try:
             data = json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+            raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of examples, got {type(data).__name__}")
+        raise UserError(f"{path}: expected a JSON list of examples, got {type(data).__name__}")
     return list(enumerate(data, 1))
 
 
@@ -625,6 +694,29 @@ def _check_fields(row_dict, fields, path, row):
             _fail(path, row, f"field '{key}' must be a string, got {type(row_dict[key]).__name__}")
 
 
+GSM8K_VAL_TAIL = 500  # GSM8K has no val split: val = the last 500 training problems
+
+
+def _hub_datasets(name):
+    """The `datasets` library, imported only when a hub dataset is asked for."""
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"loading {name} from the hub needs `pip install datasets`; or give "
+                        f"--data_path= local files") from None
+    return datasets
+
+
+def gsm8k_val_rule(rows, split, where):
+    """The hub's rule for GSM8K's missing val split, applied to the training rows (printed)."""
+    if len(rows) <= GSM8K_VAL_TAIL:
+        raise UserError(f"{where}: {len(rows)} training problems, too few to hold out the last "
+                        f"{GSM8K_VAL_TAIL} as val; give a val file too")
+    part = f"the last {GSM8K_VAL_TAIL}" if split == "val" else f"all but the last {GSM8K_VAL_TAIL}"
+    print(f"gsm8k: no val split in {where}; {split} = {part} of its {len(rows)} training problems")
+    return rows[-GSM8K_VAL_TAIL:] if split == "val" else rows[:-GSM8K_VAL_TAIL]
+
+
 def load_gsm8k(split, path=""):
     """GSM8K from a local jsonl ({"question", "answer"}) or the hub. The hub has no val split: val is the last 500
     training problems, and train the rest, so model selection never looks at the test set."""
@@ -633,22 +725,19 @@ def load_gsm8k(split, path=""):
         for row, r in rows:
             _check_fields(r, ("question", "answer"), path, row)
         return [gsm8k_example(r["question"], r["answer"], path, row) for row, r in rows]
-    import datasets  # lazily: only needed on a machine that downloads
+    datasets = _hub_datasets("gsm8k")
     hub = datasets.load_dataset("openai/gsm8k", "main", split="test" if split == "test" else "train")
     rows = list(enumerate(hub, 1))
     if split != "test":
-        print(f"gsm8k: hub has no val split; {split} = {'the last 500' if split == 'val' else 'all but the last 500'}"
-              f" of the {len(rows)} training problems")
-        rows = rows[-500:] if split == "val" else rows[:-500]
+        rows = gsm8k_val_rule(rows, split, "the hub (openai/gsm8k)")
     return [gsm8k_example(r["question"], r["answer"], "openai/gsm8k", row) for row, r in rows]
 
 
 def load_gsm8k_aug(path):
     """GSM8K-Aug (iCoT) text lines `question||<<eq1>> <<eq2>> #### answer`; steps = the <<...>> equations."""
     if not path:
-        raise ValueError("gsm8k_aug needs path= a local iCoT text file (train.txt / valid.txt / test.txt)")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data file not found: {path}")
+        raise UserError("gsm8k_aug needs path= a local iCoT text file (train.txt / valid.txt / test.txt)")
+    _require_file(path)
     out = []
     with open(path, encoding="utf-8") as f:
         for row, line in enumerate(f, 1):
@@ -689,7 +778,7 @@ def load_arc(split, path=""):
     """ARC-Challenge from a local jsonl or the hub (`allenai/ai2_arc`, config ARC-Challenge)."""
     if path:
         return [arc_example(r, path, row) for row, r in read_rows(path)]
-    import datasets  # lazily: only needed on a machine that downloads
+    datasets = _hub_datasets("arc")
     hub_split = {"train": "train", "val": "validation", "test": "test"}[split]
     hub = datasets.load_dataset("allenai/ai2_arc", "ARC-Challenge", split=hub_split)
     return [arc_example(dict(r), "allenai/ai2_arc", row) for row, r in enumerate(hub, 1)]
@@ -715,36 +804,179 @@ DEFAULT_SIZES = {
 }
 TASKS = tuple(GENERATORS) + ("gsm8k", "gsm8k_aug", "arc", "json")
 
+# -----------------------------------------------------------------------------
+# local files: which file serves which split, so that no split leaks into another
 
-def load_task(task, split, *, path="", n=0, seed=0, **task_kwargs):
-    """Examples of one task and split. n=0: the task's default size (all rows for loaded data); n>0: the first n."""
+# words that name a split in a file name (released files: prosqa_valid.json, iCoT: valid.txt)
+SPLIT_WORDS = {"train": ("train", "training"), "val": ("val", "valid", "validation", "dev"),
+               "test": ("test", "testing")}
+
+
+def splits_named_by(path):
+    """The splits a file's name names as a separate word: 'data/prosqa_valid.json' -> {'val'}."""
+    words = set(re.split(r"[^a-z0-9]+", os.path.basename(path).lower()))
+    return {split for split, names in SPLIT_WORDS.items() if words & set(names)}
+
+
+def parse_split_layout(split_layout):
+    """'' -> None; 'tail:VAL,TEST' -> (VAL, TEST) row counts; anything else is a UserError."""
+    if not split_layout:
+        return None
+    m = re.fullmatch(r"tail:(\d+),(\d+)", split_layout.replace(" ", ""))
+    if not m or int(m[1]) + int(m[2]) == 0:
+        raise UserError(f"split_layout={split_layout!r} is not understood: write 'tail:VAL,TEST' "
+                        f"(e.g. 'tail:500,1000': test = the last 1000 rows, val = the 500 before, "
+                        f"train = the rest)")
+    return int(m[1]), int(m[2])
+
+
+def tail_split(examples, split, layout, where):
+    """One file cut into train | val | test by a held-out tail of (VAL, TEST) rows; printed."""
+    n_val, n_test = layout
+    total = len(examples)
+    if total <= n_val + n_test:
+        raise UserError(f"{where}: {total} rows, too few for split_layout='tail:{n_val},{n_test}' "
+                        f"(it holds out {n_val + n_test} and needs at least one training row)")
+    bounds = {"train": (0, total - n_val - n_test), "val": (total - n_val - n_test, total - n_test),
+              "test": (total - n_test, total)}
+    lo, hi = bounds[split]
+    print(f"{where}: split_layout='tail:{n_val},{n_test}': {split} = rows {lo + 1}-{hi} of {total}")
+    return examples[lo:hi]
+
+
+def load_file(task, path):
+    """Every example of one local file, read with the task's loader."""
+    if task in GENERATORS or task == "json":
+        return load_json(path)
+    if task == "gsm8k":
+        return load_gsm8k("", path)
+    if task == "gsm8k_aug":
+        return load_gsm8k_aug(path)
+    return load_arc("", path)
+
+
+def load_split_file(task, split, path, split_layout=""):
+    """The examples of `split` from local files. `path` serves a split when it contains `{split}`
+    (filled with train / valid or val / test) or when its file name names that split; one file for
+    several splits needs split_layout='tail:VAL,TEST'. GSM8K without a val file: the hub's rule."""
+    layout = parse_split_layout(split_layout)
+    if "{split}" in path:
+        if layout:
+            raise UserError(f"path {path!r} has one file per split ({{split}}), so split_layout="
+                            f"{split_layout!r} does not apply: drop one of them")
+        return _load_templated(task, split, path)
+    if layout:
+        return tail_split(load_file(task, path), split, layout, path)
+    named = splits_named_by(path)
+    if named != {split}:
+        if not named:
+            problem = "names no split, and one file for train, val and test would leak between them"
+        else:
+            problem = f"names the {' and '.join(sorted(named))} split, not {split}"
+        raise UserError(f"data file {path} {problem}: give one file per split with {{split}} in "
+                        f"the path (e.g. data/mytask_{{split}}.jsonl -> _train, _val, _test), or "
+                        f"cut this file with split_layout='tail:VAL,TEST'")
+    return load_file(task, path)
+
+
+def _load_templated(task, split, path):
+    train_file = path.replace("{split}", "train")
+    val_files = [path.replace("{split}", name) for name in ("valid", "val")]
+    val_file = next((f for f in val_files if os.path.exists(f)), None)
+    if split == "val" and val_file:
+        return load_file(task, val_file)
+    if split == "val" or (split == "train" and task == "gsm8k" and val_file is None):
+        if task == "gsm8k" and os.path.exists(train_file):
+            return gsm8k_val_rule(load_file(task, train_file), split, train_file)
+        if split == "val":
+            tried = ", ".join(val_files)
+            raise DataFileNotFound(f"data file not found for the val split: tried {tried}")
+    return load_file(task, path.replace("{split}", split))
+
+
+def check_split_overlap(splits, allow_overlap=False):
+    """splits: {split name: examples}. A question (its canonical text, plus the options for ARC)
+    found in two splits would score a model on what it trained on: a UserError that counts the
+    overlap per pair of splits and shows one; allow_overlap=True prints it as a warning instead.
+    Returns {(a, b): count} of the pairs that overlap."""
+
+    def key(ex):
+        return canonical_question(ex["question"]) + repr(ex.get("options", ""))
+
+    keys = {name: {key(ex): ex["question"] for ex in examples} for name, examples in splits.items()}
+    names = list(splits)
+    counts, sample = {}, None
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            shared = keys[a].keys() & keys[b].keys()
+            if shared:
+                counts[(a, b)] = len(shared)
+                sample = sample or keys[a][min(shared)]
+    if counts:
+        pairs = ", ".join(f"{a}/{b} {n}" for (a, b), n in counts.items())
+        message = (f"questions found in two splits ({pairs}), e.g. {sample[:80]!r}: a model would "
+                   f"be scored on what it trained on; use disjoint files or another split_layout")
+        if not allow_overlap:
+            raise UserError(message)
+        print(f"warning: {message}")
+    return counts
+
+# -----------------------------------------------------------------------------
+# one entry point
+
+
+def task_options(task):
+    """The option names a generated task accepts (prosqa_small passes make_prosqa's through)."""
+    params = inspect.signature(GENERATORS[task]).parameters
+    names = {p for p in params if p != "rng" and params[p].kind != inspect.Parameter.VAR_KEYWORD}
+    if task == "prosqa_small":
+        names |= task_options("prosqa")
+    return names
+
+
+def load_task(task, split, *, path="", n=0, seed=0, split_layout="", **task_kwargs):
+    """Examples of one task and split. n=0: the task's default size (all rows for loaded data);
+    n>0: the first n. path: local files (load_split_file: `{split}` in the path, or a file name that
+    names the split); split_layout='tail:VAL,TEST' cuts one local file into train | val | test."""
+    if task not in TASKS:
+        close = difflib.get_close_matches(task, TASKS, n=1)
+        hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(TASKS)}"
+        raise UserError(f"task {task!r} is unknown; {hint}")
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise UserError(f"split must be one of {SPLITS}, got {split!r}")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise UserError(f"n={n!r} for the {split} split: give a count >= 0 (0 = the task's "
+                        f"default size, all rows of a file)")
     if task in GENERATORS:
-        if path:  # e.g. the official prosqa_*.json: loaded as it is, so generator knobs would do nothing
-            if task_kwargs:
-                print(f"{task}: loading {path}; the generator options {sorted(task_kwargs)} do not apply to it")
-            return _first(load_json(path), n)
+        unknown = sorted(set(task_kwargs) - task_options(task))
+        if unknown:
+            raise UserError(f"task {task!r} has no option {', '.join(unknown)}; its options: "
+                            f"{', '.join(sorted(task_options(task)))}")
+    elif task_kwargs:
+        raise UserError(f"task {task!r} takes no task options, got {sorted(task_kwargs)}")
+    if path:
+        if task in GENERATORS and task_kwargs:
+            # e.g. the official prosqa_*.json, loaded as they are
+            options = sorted(task_kwargs)
+            print(f"{task}: loading {path}; the generator options {options} do not apply to it")
+        return _first(load_split_file(task, split, path, split_layout), n, split)
+    if split_layout:
+        raise UserError(f"split_layout={split_layout!r} cuts one local file: give it with path=")
+    if task in GENERATORS:
         size = n or DEFAULT_SIZES[task][SPLITS.index(split)]
         return generate_split(GENERATORS[task], task, split, size, seed, **task_kwargs)
-    if task_kwargs:
-        raise ValueError(f"task {task!r} takes no task options, got {sorted(task_kwargs)}")
-    if task == "json":
-        if not path:
-            raise ValueError("task 'json' needs path= a .json list or .jsonl file in the unified format")
-        return _first(load_json(path), n)
+    if task in ("json", "gsm8k_aug"):
+        example = f"data/{task}_{{split}}.jsonl" if task == "json" else "data/{split}.txt"
+        raise UserError(f"task {task!r} needs path= local files, one per split (e.g. {example})")
     if task == "gsm8k":
-        return _first(load_gsm8k(split, path), n)
-    if task == "gsm8k_aug":
-        return _first(load_gsm8k_aug(path), n)
-    if task == "arc":
-        return _first(load_arc(split, path), n)
-    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+        return _first(load_gsm8k(split), n, split)
+    return _first(load_arc(split), n, split)
 
 
-def _first(examples, n):
+def _first(examples, n, split):
+    if n > len(examples):
+        print(f"note: asked for {n} {split} examples, the data has {len(examples)}")
     return examples[:n] if n else examples
-
 
 if __name__ == "__main__":
     # a quick look at a task: python data.py prosqa_small train 3

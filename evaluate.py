@@ -1,25 +1,42 @@
 """
-Answer checking for nanolatent, with the semantics of the released code of each paper.
+Answer checking for nanolatent.
 
-- Coconut (every task): the text after the last '#' of the output, commas removed and stripped, must equal the gold
-  answer exactly ("### 18" is right for 18, "### 18.0" is not).
-- LaTRO, numbers (GSM8K, modsum, any task whose gold answer is a number): after the last "The answer is" the first
-  number, else the last number of the output; commas and $ dropped; compared as numbers, so "18.0" == "18".
-- LaTRO, ARC: lenient = the gold option's text occurs after the last "the answer is" (case-insensitive), as the
-  released checker does; strict = exactly one option (by letter or text) is named there, and it is the gold one.
-- LaTRO, other text answers (ProsQA, ProntoQA, multiplication): the text after the last "The answer is", stripped,
-  without a final period, equals the gold answer.
-- maj@k: majority_vote over the extracted answers of k samples.
+- Coconut (every task): the text after the last '#' of the output, commas removed and stripped,
+  must equal the gold answer exactly ("### 18" is right for 18, "### 18.0" is not), as released.
+- LaTRO: two checkers, named by `checker`.
+  released (the default: numbers comparable with the paper) reproduces the released
+    is_equiv_gsm8k / is_equiv_arc, quirks included. Numbers: after the LAST case-sensitive
+    "The answer is" the first number, else (no delimiter, or no number after it) the last number
+    of the output; a number is -?[digits and commas]*.?digits, its commas then dropped ("1,2"
+    reads 12); compared as floats. ARC: the gold option text (lower-cased, final '.' dropped) must
+    occur after "the answer is" in the FIRST '.'-sentence holding that phrase (any case); without
+    one, in the last '.'-segment of the output.
+  fixed: numbers after the last "the answer is" in any case, the first one, None when nothing
+    follows (no fallback); commas only between groups of three digits; "3-4" is 3 and 4; compared
+    as decimals. ARC: the gold text occurs after the LAST "the answer is" (lenient), or exactly one
+    option is named there (strict).
+  The README lists every point where the two differ, with an example. Answers that are neither
+  numbers nor ARC options (ProsQA, ProntoQA, multiplication) have no released checker: both names
+  compare the text after the last "The answer is", stripped, without a final period.
+- maj@k: each output's answer is extracted exactly as the greedy check extracts it (numbers: the
+  number; ARC: the text the check searches), the most frequent wins, and the greedy check's
+  comparison decides; so maj@1 equals the greedy verdict.
 
-Score a predictions file (one JSON object per line with "output" or "outputs", and the example's fields):
-    python evaluate.py --task gsm8k --preds preds.jsonl [--style latro|coconut] [--strict]
+Score a predictions file (one JSON object per line with "output" or "outputs", and the example's
+fields):
+    python evaluate.py --task gsm8k --preds preds.jsonl [--style latro|coconut]
+                       [--checker released|fixed] [--strict]
+A bad file (missing, empty, invalid JSON, a row without its fields): one line `error: ...`, exit 1.
 """
 
 import argparse
 import json
+import os
 import re
 import sys
 from decimal import Decimal, InvalidOperation
+
+from configurator import UserError, exit_cleanly_on_user_error
 
 ANSWER_PREFIX = "the answer is"
 
@@ -96,8 +113,8 @@ def _option_mentions(segment, options):
 def arc_extract(output_text, options, strict=False):
     """The option text the output answers with, or None.
 
-    strict: exactly one option named after the last "the answer is". lenient: the option whose text occurs first
-    there (this is only for voting; lenient correctness is the released substring test, see arc_correct).
+    strict: exactly one option named after the last "the answer is". lenient: the option whose text
+    occurs first there (a reading aid: the LaTRO checks and maj@k use the searched text instead).
     """
     segment = after_last_answer_prefix(output_text)
     if segment is None:
@@ -118,17 +135,77 @@ def arc_correct(output_text, example, strict=False):
     return segment is not None and example["answer"].lower() in segment.lower()
 
 # -----------------------------------------------------------------------------
+# the released checkers (LaTRO's eval_utils), rewritten rule for rule
+
+CHECKERS = ("released", "fixed")
+# sign glued on, commas anywhere: "3-4" -> "3", "-4"; "1,2" -> "1,2"
+_RELEASED_NUMBER_RE = re.compile(r"-?[\d,]*\.?\d+")
+RELEASED_NUMBER_DELIMITER = "The answer is"  # case-sensitive
+RELEASED_ARC_DELIMITER = "the answer is"  # compared with the lower-cased text
+
+
+def released_find_number(text):
+    """The first number after the last "The answer is" (case-sensitive), else the last number,
+    else ''."""
+    if RELEASED_NUMBER_DELIMITER in text:
+        numbers = _RELEASED_NUMBER_RE.findall(text.split(RELEASED_NUMBER_DELIMITER)[-1])
+        if numbers:
+            return numbers[0]
+    numbers = _RELEASED_NUMBER_RE.findall(text)
+    return numbers[-1] if numbers else ""
+
+
+def released_number_correct(gold, output_text):
+    """is_equiv_gsm8k: both sides through released_find_number, commas dropped, float equality;
+    when a side is no float, the strings are compared (the output's number extracted once more)."""
+    attempted = released_find_number(output_text).replace(",", "")
+    want = released_find_number(gold).replace(",", "")
+    try:
+        return float(want) == float(attempted)
+    except ValueError:
+        return want == released_find_number(attempted).replace(",", "")
+
+
+def released_arc_segment(output_text):
+    """The text is_equiv_arc searches for the gold option: after "the answer is" in the first
+    '.'-sentence holding it (lower-cased, stripped of ' []()\"' and a leading ':'), else the last
+    '.'-segment; None for an empty output."""
+    if not output_text:
+        return None
+    if RELEASED_ARC_DELIMITER in output_text.lower():
+        for sentence in output_text.split("."):
+            if RELEASED_ARC_DELIMITER in sentence.lower():
+                tail = sentence.lower().split(RELEASED_ARC_DELIMITER)[-1]
+                return tail.lstrip(":").strip(" '[]()\".").rstrip(".")
+    return output_text.lower().strip(" '[]()\".").rstrip(".").split(".")[-1]
+
+
+def released_arc_match(gold, segment):
+    return segment is not None and gold.lower().strip().rstrip(".") in segment
+
+
+# -----------------------------------------------------------------------------
 # LaTRO: one extractor per kind of answer
 
 def is_number(s):
     return canonical_number(s) is not None
 
 
-def latro_extract(task, output_text, example):
-    """The answer a LaTRO output gives (canonical number, option text or text), or None."""
+def latro_extract(task, output_text, example, checker="released", strict=False):
+    """The answer the check compares, or None: a number string (numeric answers), the text searched
+    for the gold option (ARC), the named option (ARC strict), or the stated text (other tasks)."""
+    if checker not in CHECKERS:
+        raise ValueError(f"checker={checker!r}: use one of {CHECKERS}")
     if task == "arc":
-        return arc_extract(output_text, example["options"])
+        if strict:
+            return arc_extract(output_text, example["options"], strict=True)
+        if checker == "released":
+            return released_arc_segment(output_text)
+        segment = after_last_answer_prefix(output_text)
+        return None if segment is None else segment.lower().strip()
     if is_number(example["answer"]):
+        if checker == "released":
+            return released_find_number(output_text).replace(",", "") or None
         return extract_number(output_text)
     tail = after_last_answer_prefix(output_text)
     if tail is None:
@@ -148,11 +225,24 @@ def normalize_gold(task, example):
     return gold[:-1].strip() if gold.endswith(".") else gold
 
 
-def latro_correct(task, output_text, example, strict=False):
+def latro_match(task, answer, example, checker="released", strict=False):
+    """The greedy check's comparison of an extracted answer with the gold one."""
+    if answer is None:
+        return False
     if task == "arc":
-        return arc_correct(output_text, example, strict)
-    answer = latro_extract(task, output_text, example)
-    return answer is not None and answer == normalize_gold(task, example)
+        if strict:
+            return answer == example["answer"]
+        if checker == "released":
+            return released_arc_match(example["answer"], answer)
+        return example["answer"].lower() in answer
+    if checker == "released" and is_number(example["answer"]):
+        return released_number_correct(example["answer"], answer)
+    return answer == normalize_gold(task, example)
+
+
+def latro_correct(task, output_text, example, strict=False, checker="released"):
+    answer = latro_extract(task, output_text, example, checker, strict)
+    return latro_match(task, answer, example, checker, strict)
 
 
 def check_answer(task, output_text, example, strict=False):
@@ -175,31 +265,35 @@ def majority_vote(answers):
     return max(counts, key=counts.get)  # max keeps the first of equal counts, dicts keep insertion order
 
 
-def majority_correct(task, outputs, example):
-    """maj@k for LaTRO: vote over the k outputs' extracted answers, then compare with the gold."""
-    vote = majority_vote([latro_extract(task, o, example) for o in outputs])
+def majority_correct(task, outputs, example, checker="released", strict=False):
+    """maj@k for LaTRO: extract each output's answer as the greedy check does, vote (numbers by
+    value, so 18 and 18.0 are one vote), then apply the greedy check's comparison to the winner."""
+    answers = [latro_extract(task, o, example, checker, strict) for o in outputs]
+    keys = answers
+    if task != "arc" and is_number(example["answer"]):
+        keys = [canonical_number(a) or a if a is not None else None for a in answers]
+    vote = majority_vote(keys)
     if vote is None:
         return False
-    if task == "arc":
-        return vote == example["answer"]
-    return vote == normalize_gold(task, example)
+    return latro_match(task, answers[keys.index(vote)], example, checker, strict)
 
 
-def score(task, examples, outputs, style="latro", strict=False):
+def score(task, examples, outputs, style="latro", strict=False, checker="released"):
     """Per-example correctness of outputs (a str each, or a list of k strings for maj@k)."""
     assert len(examples) == len(outputs), f"{len(examples)} examples but {len(outputs)} outputs"
     correct = []
     for ex, out in zip(examples, outputs):
         if isinstance(out, list):
-            correct.append(majority_correct(task, out, ex))
+            correct.append(majority_correct(task, out, ex, checker, strict))
         elif style == "coconut":
             correct.append(check_answer(task, out, ex, strict))
         else:
-            correct.append(latro_correct(task, out, ex, strict))
+            correct.append(latro_correct(task, out, ex, strict, checker))
     return correct
 
 
-def accuracy(generate, task, examples, style="latro", strict=False, batch_size=64):
+def accuracy(generate, task, examples, style="latro", strict=False, batch_size=64,
+             checker="released"):
     """Run `generate(list of examples) -> list of output texts` over examples in batches; (accuracy, outputs).
 
     Each example is counted exactly once (no padding of the last batch, unlike a DistributedSampler).
@@ -209,26 +303,90 @@ def accuracy(generate, task, examples, style="latro", strict=False, batch_size=6
         outputs += generate(examples[i:i + batch_size])
         print(f"\reval {min(i + batch_size, len(examples))}/{len(examples)}", end="", file=sys.stderr)
     print(file=sys.stderr)
-    correct = score(task, examples, outputs, style, strict)
+    correct = score(task, examples, outputs, style, strict, checker)
     return sum(correct) / max(len(correct), 1), outputs
 
 
+# -----------------------------------------------------------------------------
+# the predictions file of the command line
+
+# data.TASKS, written out so that scoring a file does not import torch and transformers
+# (test_bad_inputs keeps the two equal)
+TASKS = ("prosqa", "prosqa_small", "prontoqa", "multiplication", "modsum", "gsm8k", "gsm8k_aug",
+         "arc", "json")
+
+
+def _row_error(path, row, problem):
+    return UserError(f"{path}: row {row}: {problem}")
+
+
+def read_prediction(r, path, row, task):
+    """One row -> (example, output): output is a string, or a non-empty list of k strings for maj@k.
+    A numeric answer (JSON 7 or 7.5) is read as its text: gold answers written by hand often are."""
+    if not isinstance(r, dict):
+        raise _row_error(path, row, f"expected a JSON object, got {type(r).__name__}")
+    if "answer" not in r or ("output" not in r and "outputs" not in r):
+        raise _row_error(path, row, "needs 'answer' and 'output' (or 'outputs')")
+    answer = r["answer"]
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str):
+        kind = type(answer).__name__
+        raise _row_error(path, row, f"'answer' must be a string or a number, got {kind}")
+    if "outputs" in r:
+        output = r["outputs"]
+        strings = isinstance(output, list) and all(isinstance(o, str) for o in output)
+        if not strings or not output:
+            raise _row_error(path, row, "'outputs' must be a non-empty list of strings (k samples)")
+    else:
+        output = r["output"]
+        if not isinstance(output, str):
+            raise _row_error(path, row, f"'output' must be a string, got {type(output).__name__}")
+    example = {**r, "answer": answer}
+    if task == "arc":
+        options = r.get("options")
+        def is_pair(o):
+            return isinstance(o, list) and len(o) == 2 and all(isinstance(x, str) for x in o)
+        if not isinstance(options, list) or not options or not all(map(is_pair, options)):
+            problem = "arc needs 'options': [[label, text], ...], as data.py writes them"
+            raise _row_error(path, row, problem)
+        example["options"] = [tuple(o) for o in options]
+    return example, output
+
+
+def read_predictions(path, task):
+    """(examples, outputs) of a predictions jsonl; a problem is a UserError naming file and row."""
+    if task not in TASKS:
+        raise UserError(f"--task {task!r} is unknown; known: {', '.join(TASKS)}")
+    if not os.path.isfile(path):
+        raise UserError(f"predictions file not found: {path}")
+    examples, outputs = [], []
+    with open(path, encoding="utf-8") as f:
+        for row, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise _row_error(path, row, f"invalid JSON ({e.msg} at column {e.colno})") from None
+            example, output = read_prediction(r, path, row, task)
+            examples.append(example)
+            outputs.append(output)
+    if not examples:
+        raise UserError(f"{path} holds no predictions (one JSON object per line)")
+    return examples, outputs
+
+
 if __name__ == "__main__":
+    exit_cleanly_on_user_error()
     parser = argparse.ArgumentParser(description="Score a predictions jsonl file.")
     parser.add_argument("--task", required=True, help="gsm8k, arc, prosqa, ... (decides the answer extraction)")
     parser.add_argument("--preds", required=True, help='jsonl: {"output": str} or {"outputs": [str]} + "answer"')
     parser.add_argument("--style", default="latro", choices=["latro", "coconut"])
     parser.add_argument("--strict", action="store_true", help="ARC: exactly one option named, the gold one")
+    parser.add_argument("--checker", default="released", choices=CHECKERS,
+                        help="LaTRO answers: released (as the paper's code, the default) or fixed")
     args = parser.parse_args()
-    examples, outputs = [], []
-    with open(args.preds, encoding="utf-8") as f:
-        for row, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            if "answer" not in r or ("output" not in r and "outputs" not in r):
-                raise SystemExit(f"{args.preds}: row {row}: needs 'answer' and 'output' (or 'outputs')")
-            examples.append(r)
-            outputs.append(r["outputs"] if "outputs" in r else r["output"])
-    correct = score(args.task, examples, outputs, args.style, args.strict)
+    examples, outputs = read_predictions(args.preds, args.task)
+    correct = score(args.task, examples, outputs, args.style, args.strict, args.checker)
     print(f"{args.task}: {sum(correct)}/{len(correct)} correct = {sum(correct) / max(len(correct), 1):.4f}")

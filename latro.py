@@ -20,12 +20,14 @@ Launch:
     python latro.py --init_from=resume                 # continue out_dir/ckpt.pt exactly
     python latro.py config/latro_gsm8k.py --init_from=Qwen/Qwen2.5-1.5B-Instruct --batch_size=3   # 1 GPU
     torchrun --standalone --nproc_per_node=8 latro.py config/latro_gsm8k.py    # 8 GPUs, the paper's setup
+    torchrun --standalone --nproc_per_node=8 latro.py config/latro_sft_gsm8k.py   # the paper's SFT baseline
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --master_addr=HOST --master_port=29500 \\
         latro.py config/latro_gsm8k.py --batch_size=48    # 2 nodes (--node_rank=1 on the other)
 """
 
 import copy
 import gc
+import math
 import os
 import sys
 import time
@@ -35,8 +37,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import configure
-from data import build_tokenizer, latro_answer, latro_prompt, latro_rationale, load_task
-from evaluate import latro_correct, majority_correct
+from data import (PROMPT_STYLES, build_tokenizer, latro_answer, latro_prompt, latro_rationale, load_task,
+                  sft_target)
+from evaluate import CHECKERS, latro_correct, majority_correct
 from model import (autocast_ctx, backbone, generate, left_pad, load_checkpoint, load_model,
                    position_ids_from_mask, save_checkpoint, token_logprobs)
 
@@ -58,6 +61,9 @@ n_train = 0                    # training questions (0 = the task's default size
 n_dev = 200                    # dev questions: evaluation during training and model selection
 n_test = 500                   # test questions: evaluated before LaTRO and once at the end, never used for selection
 tokenizer = ""                 # '' = word-level vocabulary for scratch models, the model's own tokenizer otherwise
+prompt = "cot"                 # cot (LaTRO) | sft (the released SFT baseline's training prompt)
+eval_prompt = ""               # '' = prompt | cot | sft_eval (released eval prompt of SFT checkpoints)
+arc_options = "released"       # ARC options: released (a plain list of texts) | lettered ((A) text)
 # model (init_from='scratch')
 arch = "gpt2"                  # gpt2 | llama
 n_layer = 3                    # 3 x 128 dims, 4 heads: 0.63M parameters with the modsum vocabulary
@@ -65,13 +71,16 @@ n_head = 4
 n_embd = 128
 block_size = 256               # longest sequence (positions) of a scratch model
 dropout = 0.0                  # keep 0: the update must see the same policy that produced the rollouts
+                               # (pretrained models get their dropout switched off, as released)
 attn_implementation = "auto"   # auto = flash_attention_2 on CUDA when installed, else sdpa
 gradient_checkpointing = False # recompute activations in the backward (long rationales on big models)
 # SFT warm-up on gold rationales (also the SFT baseline; 0 steps for pretrained models)
 sft_share = 0.1                # share of the training questions whose gold rationale SFT may use
 sft_steps = 2000               # maximum warm-up steps
+sft_epochs = 0.0               # > 0: sft_steps = ceil(sft_epochs x gold rationales / sft_batch_size)
 sft_batch_size = 64            # sequences per step, all ranks together
-sft_lr = 1e-3                  # constant AdamW learning rate
+sft_lr = 1e-3                  # AdamW learning rate
+sft_decay = False              # decay sft_lr linearly to 0 over sft_steps (released SFT baseline)
 sft_eval_interval = 20         # steps between dev evaluations during the warm-up
 sft_target_acc = 0.45          # stop the warm-up once dev accuracy reaches this (0 = run all sft_steps)
 # LaTRO
@@ -83,7 +92,7 @@ gen_batch_size = 256           # rows per generate call (rollouts and evaluation
 max_rationale_tokens = 40      # L, longest sampled rationale (paper: 500)
 temperature = 1.0              # rollout sampling temperature (paper: 1)
 top_p = 1.0                    # rollout nucleus (paper: 1, no top-p)
-stop_strings = "The answer is|Answer:"  # '|'-separated; a rationale is cut before the first one (and eos/end-of-turn)
+stop_strings = "released"      # 'released' (the 18 of RELEASED_STOP_STRINGS) or 'A|B': found in text
 beta = 0.05                    # KL coefficient (paper: 0.05 GSM8K, 0.25 ARC-Challenge)
 gamma = 2.0                    # non-stopped rationales get reward gamma x mean raw reward (paper: 2)
 penalty = "group"              # non-stopped penalty baseline: group (the prompt's K samples) | rank_mean (released) | none
@@ -91,6 +100,7 @@ sft_coef = 0.0                 # weight of ∇log π(y|x,z): 0 = released recipe
 lr = 1e-4                      # AdamW peak lr, linear decay to 0, no warm-up (paper: 5e-7 for pretrained models)
 weight_decay = 0.0             # (paper: 0)
 # evaluation
+checker = "released"           # released (as the paper's code: comparable numbers) | fixed (evaluate.py)
 eval_max_tokens = 64           # greedy / maj@k generation length: rationale plus answer (paper: 500)
 maj_k = 8                      # samples per question for maj@k (self-consistency) at T=1; 0 = greedy only
 # system
@@ -118,37 +128,85 @@ def batch_layout(batch_size, rloo_k, micro_batch_size, world_size):
                          f"{rollouts}, or change batch_size / rloo_k")
     return prompts, rollouts, rollouts // micro_batch_size  # prompts per rank, rollouts per rank, accumulation
 
-def stop_sequences(tok, strings):
-    """Token-id sequences that end a rationale: eos, pad, end-of-turn, and each stop string with and without a
-    leading space / newline (BPE tokenizes them differently in context)."""
-    seqs = [[tok.eos_id], [tok.pad_id], [tok.end_of_turn_id]]
-    for s in strings:
-        for text in (s, " " + s, "\n" + s):
-            try:
-                seqs.append(tok.encode(text))
-            except ValueError:  # a closed word vocabulary without these words can never generate them
-                pass
-    unique = []
-    for s in seqs:
-        if s and s not in unique:
-            unique.append(s)
-    return unique
+def disable_dropout(model):
+    """Dropout off everywhere, as the released trainer does for policy and reference: trl's
+    disable_dropout_in_model zeroes nn.Dropout modules; attention dropout handed to the kernel as a
+    float attribute is zeroed too."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for name in ("attention_dropout", "attn_dropout", "dropout"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+    return model
 
-def truncate_at_stop(tokens, stops):
-    """tokens (N, L) -> lengths (N,), stopped (N,): a rationale is tokens[i, :lengths[i]], cut strictly before its
-    first stop. 'First' is the stop that ends earliest (where the sampler stopped); on a tie, the longer one."""
-    N, L = tokens.shape
-    none = L * (L + 1) + L  # key = end * (L + 1) + start; larger than any real match
-    best = torch.full((N,), none, dtype=torch.long, device=tokens.device)
-    for seq in stops:
-        m = len(seq)
-        if m > L:
-            continue
-        hit = (tokens.unfold(1, m, 1) == torch.tensor(seq, device=tokens.device)).all(-1)  # (N, L-m+1) match at j
-        start = hit.int().argmax(1)  # first match of this stop (for a fixed length, earliest start = earliest end)
-        best = torch.minimum(best, torch.where(hit.any(1), (start + m - 1) * (L + 1) + start, none))
-    stopped = best < none
-    return torch.where(stopped, best % (L + 1), L), stopped
+# The released stop strings (trainer_config.stop_seqs), lowercase and tool-call phrasings included.
+# They are found in the decoded text: SentencePiece spells "The" after a newline as another piece
+# than at the start of an encoded string, so matching the ids of encode(stop) misses the common case.
+RELEASED_STOP_STRINGS = [
+    "Answer:", " Answer:", "\nAnswer:",
+    "The answer is", " The answer is", "\nThe answer is",
+    "The answer is:", " The answer is:", "\nThe answer is:",
+    " the answer is", "so the final answer is", "So, the answer is", "Therefore, the answer is",
+    "The function call is:", "\nThe function call is:", "The function call is",
+    "\nThe function call is", "the function call is",
+]
+
+def parse_stop_strings(spec):
+    """'released' -> RELEASED_STOP_STRINGS; otherwise '|'-separated strings ('' = stop ids only)."""
+    if spec == "released":
+        return list(RELEASED_STOP_STRINGS)
+    return [s for s in spec.split("|") if s]
+
+def first_stop(text, strings):
+    """Character index where the first stop string of text starts, or -1."""
+    starts = [i for i in (text.find(s) for s in strings) if i >= 0]
+    return min(starts) if starts else -1
+
+def cut_at_stop(tok, ids, stop_ids, strings):
+    """(length, stopped): a rationale is ids[:length], cut strictly before its first stop: a stop id
+    (eos, pad, end-of-turn) or a stop string in the decoded text. The cut falls on the last token
+    boundary at or before the stop's first character (a stop starting inside a token cuts before
+    that token). 'First' is the stop the sampler sees first: the earliest start among the stops
+    complete in the shortest prefix that holds one."""
+    ids = [int(t) for t in ids]
+    n = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
+    if not strings or first_stop(tok.decode(ids[:n]), strings) < 0:
+        return n, n < len(ids)
+    # the shortest prefix whose text holds a stop (once a prefix holds one, every longer one does)
+    lo, hi = 1, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if first_stop(tok.decode(ids[:mid]), strings) >= 0:
+            hi = mid
+        else:
+            lo = mid + 1
+    text = tok.decode(ids[:lo])
+    s = first_stop(text, strings)
+    # the last boundary before the stop: a prefix whose text is text's own beginning (byte-fallback
+    # pieces of a half-decoded character print as U+FFFD: no boundary) and ends at or before s
+    for k in range(lo - 1, -1, -1):
+        head = tok.decode(ids[:k])
+        if len(head) <= s and text.startswith(head):
+            return k, True
+    return 0, True
+
+def tail_stop_check(tok, strings):
+    """A decode() stop_check: the rows whose newest tokens' text holds a stop string. Only the last
+    `window` tokens are decoded per step: a stop of b UTF-8 bytes spans at most b tokens (every token
+    decodes to at least one byte), and two more absorb what differs when a suffix is decoded alone
+    (SentencePiece drops the first piece's leading space; a byte-fallback piece cut from its
+    character prints U+FFFD). A suffix decoded alone never holds a stop the full text does not hold,
+    so no row stops early by mistake."""
+    window = max(len(s.encode("utf-8")) for s in strings) + 2
+
+    def check(tokens, finished):  # tokens (B, t), finished (B,) bool -> (B,) bool
+        hit = torch.zeros_like(finished)
+        rows = (~finished).nonzero().flatten().tolist()
+        for r, tail in zip(rows, tokens[rows, -window:].tolist()):
+            hit[r] = first_stop(tok.decode(tail), strings) >= 0
+        return hit
+    return check
 
 def build_batch(prompts, rationales, answers, pad_id, device="cpu"):
     """Rows [x, z, y], right-padded. Returns input_ids, attention_mask (B, T) and token masks of z and of y."""
@@ -204,25 +262,33 @@ def latro_loss(logp_z, logp_y, advantages, sft_coef):
     return loss
 
 @torch.no_grad()
-def sample(model, prompts, max_new_tokens, stops, cut_stops, pad_id, chunk, ctx, generator=None, **decode_kwargs):
-    """Batched, KV-cached generation that stops each row at its first stop and the batch once all stopped.
-    Returns the continuations cut before their first cut_stops match, stopped flags (N,) and decoded positions."""
+def sample(model, prompts, max_new_tokens, pad_id, chunk, ctx, *, tok, stop_ids, stop_strings,
+           early_stop=True, generator=None, **decode_kwargs):
+    """Batched, KV-cached generation that stops each row at its first stop (a stop id, or a stop
+    string in its decoded text) and the batch once all rows stopped. early_stop=False runs all
+    max_new_tokens (tests: the cut outputs are the same). Returns the continuations cut before their
+    first stop (cut_at_stop), stopped flags (N,) and the number of decoded positions."""
     device = next(model.parameters()).device
     starts = range(0, len(prompts), chunk)
-    # one seed per chunk, drawn up front: a chunk that stops early must not shift the random draws of the next one
-    seeds = torch.randint(2**62, (len(starts),), generator=generator, device=device).tolist() if generator else None
+    # one seed per chunk, drawn up front: a chunk that stops early must not shift the next one's draws
+    seeds = None
+    if generator:
+        seeds = torch.randint(2**62, (len(starts),), generator=generator, device=device).tolist()
+    id_stops = [[i] for i in sorted(stop_ids)] if early_stop else []
+    check = tail_stop_check(tok, stop_strings) if early_stop and stop_strings else None
     outs, flags, n_tok = [], [], 0
     for c, i in enumerate(starts):
         ids, mask = left_pad(prompts[i:i + chunk], pad_id, device)
         g = torch.Generator(device=device).manual_seed(seeds[c]) if generator else None
         with ctx:
-            tokens, _ = generate(model, ids, mask, max_new_tokens, stop_sequences=stops, pad_id=pad_id,
-                                 generator=g, **decode_kwargs)
-        lengths, stopped = truncate_at_stop(tokens, cut_stops)
-        outs += [row[:n].tolist() for row, n in zip(tokens, lengths)]
-        flags.append(stopped)
+            tokens, _ = generate(model, ids, mask, max_new_tokens, stop_sequences=id_stops,
+                                 pad_id=pad_id, generator=g, stop_check=check, **decode_kwargs)
+        for row in tokens.tolist():
+            n, stopped = cut_at_stop(tok, row, stop_ids, stop_strings)
+            outs.append(row[:n])
+            flags.append(stopped)
         n_tok += tokens.numel()
-    return outs, torch.cat(flags), n_tok
+    return outs, torch.tensor(flags, dtype=torch.bool), n_tok
 
 @torch.no_grad()
 def score(scorer, prompts, rationales, answers, pad_id, chunk, ctx):
@@ -237,23 +303,26 @@ def score(scorer, prompts, rationales, answers, pad_id, chunk, ctx):
     return logp[:, 0], logp[:, 1]
 
 @torch.no_grad()
-def evaluate(model, task, examples, prompts, answers, *, tok, rationale_stops, max_new_tokens, maj_k, chunk, ctx,
-             generator):
-    """Sums over examples: greedy correct, maj@k correct, log π(y | x, z_greedy); and the count. The answer
-    log-likelihood puts the gold answer after the greedy rationale cut at its first stop, as the reward does."""
+def evaluate(model, task, examples, prompts, answers, *, tok, stop_strings, checker, max_new_tokens,
+             maj_k, chunk, ctx, generator):
+    """Sums over examples: greedy correct, maj@k correct, log π(y | x, z_greedy); and the count.
+    Outputs end at eos / end-of-turn only (as released); the answer log-likelihood puts the gold
+    answer after the greedy output cut at its first stop, as the reward does."""
     model.eval()
-    eos = [[tok.eos_id], [tok.end_of_turn_id]]
-    outs, _, _ = sample(model, prompts, max_new_tokens, eos, eos, tok.pad_id, chunk, ctx)
-    correct = sum(latro_correct(task, tok.decode(o), ex) for o, ex in zip(outs, examples))
-    # the greedy rationale: the output cut at its first stop as in training (the pad, a stop, keeps [] valid)
-    cut = [o[:int(truncate_at_stop(torch.tensor([o + [tok.pad_id]]), rationale_stops)[0])] for o in outs]
+    eos = {tok.eos_id, tok.end_of_turn_id}
+    outs, _, _ = sample(model, prompts, max_new_tokens, tok.pad_id, chunk, ctx, tok=tok,
+                        stop_ids=eos, stop_strings=[])
+    texts = [tok.decode(o) for o in outs]
+    correct = sum(latro_correct(task, t, ex, checker=checker) for t, ex in zip(texts, examples))
+    cut = [o[:cut_at_stop(tok, o, eos | {tok.pad_id}, stop_strings)[0]] for o in outs]
     _, logp_y = score(SequenceScorer(model), prompts, cut, answers, tok.pad_id, chunk, ctx)
     maj = 0
     if maj_k:
         many = [p for p in prompts for _ in range(maj_k)]
-        outs, _, _ = sample(model, many, max_new_tokens, eos, eos, tok.pad_id, chunk, ctx, temperature=1.0,
-                            generator=generator)
-        maj = sum(majority_correct(task, [tok.decode(o) for o in outs[i * maj_k:(i + 1) * maj_k]], ex)
+        outs, _, _ = sample(model, many, max_new_tokens, tok.pad_id, chunk, ctx, tok=tok,
+                            stop_ids=eos, stop_strings=[], temperature=1.0, generator=generator)
+        texts = [tok.decode(o) for o in outs]
+        maj = sum(majority_correct(task, texts[i * maj_k:(i + 1) * maj_k], ex, checker)
                   for i, ex in enumerate(examples))
     return torch.tensor([correct, maj, logp_y.sum().item(), len(examples)], dtype=torch.float64)
 
@@ -286,6 +355,12 @@ if __name__ == "__main__":
     if sft_batch_size % ddp_world_size:
         raise ValueError(f"sft_batch_size={sft_batch_size} does not split over {ddp_world_size} ranks: "
                          f"make it a multiple of {ddp_world_size}")
+    names = [("checker", checker, CHECKERS), ("prompt", prompt, ("cot", "sft")),
+             ("eval_prompt", eval_prompt, ("",) + PROMPT_STYLES),
+             ("arc_options", arc_options, ("released", "lettered"))]
+    for key, value, allowed in names:
+        if value not in allowed:
+            raise ValueError(f"{key}={value!r}: use one of {allowed}")
     ctx = autocast_ctx(device_type)  # bf16 on CUDA, fp32 on the CPU; log-probs are fp32 either way
     log = print if master_process else (lambda *a, **k: None)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -303,18 +378,22 @@ if __name__ == "__main__":
     dev_ex = load_task(task, "val", path=data_path, n=n_dev, seed=seed)
     test_ex = load_task(task, "test", path=data_path, n=n_test, seed=seed)
     tok = build_tokenizer(tokenizer or ("words" if source == "scratch" else source), train_ex + dev_ex + test_ex)
-    encode_x = lambda exs: [tok.chat_prompt(latro_prompt(ex, task)) for ex in exs]
+    def encode_x(exs, style=prompt):
+        return [tok.chat_prompt(latro_prompt(ex, task, arc_options, style)) for ex in exs]
     encode_y = lambda exs: [tok.encode(latro_answer(ex["answer"])) + [tok.end_of_turn_id] for ex in exs]
     train_x, train_y = encode_x(train_ex), encode_y(train_ex)
-    rationale_stops = stop_sequences(tok, [s for s in stop_strings.split("|") if s])
+    stops = parse_stop_strings(stop_strings)
+    stop_ids = {tok.eos_id, tok.pad_id, tok.end_of_turn_id}
     log(f"data: {task} train {len(train_ex)} dev {len(dev_ex)} test {len(test_ex)}, vocab {len(tok)}, "
-        f"{len(rationale_stops)} stop sequences")
+        f"{len(stops)} stop strings, checker {checker}")
 
     # ---- model: the same seed on every rank (DDP also broadcasts rank 0's weights)
     torch.manual_seed(seed)
     model = load_model(source, len(tok), arch=arch, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                        block_size=block_size, dropout=dropout, bos_id=tok.bos_id, eos_id=tok.eos_id,
                        pad_id=tok.pad_id, attn_implementation=attn_implementation, device_type=device_type)
+    if source != "scratch":  # as released: rollouts, scoring and update see one function
+        disable_dropout(model)
     if ckpt:
         model.load_state_dict(ckpt["model"])
         torch.set_rng_state(ckpt["rng"])
@@ -335,30 +414,40 @@ if __name__ == "__main__":
         """Greedy accuracy, maj@k and mean answer log-likelihood over a split, sharded over the ranks."""
         mine = examples[ddp_rank::ddp_world_size]
         g = torch.Generator(device=device).manual_seed(seed + ddp_rank)  # fixed: evals do not disturb training
-        s = all_sum(evaluate(raw_model, task, mine, encode_x(mine), encode_y(mine), tok=tok, maj_k=k,
-                             rationale_stops=rationale_stops, max_new_tokens=eval_max_tokens, chunk=gen_batch_size,
-                             ctx=ctx, generator=g))
+        xs = encode_x(mine, eval_prompt or prompt)
+        s = all_sum(evaluate(raw_model, task, mine, xs, encode_y(mine), tok=tok, maj_k=k,
+                             stop_strings=stops, checker=checker, max_new_tokens=eval_max_tokens,
+                             chunk=gen_batch_size, ctx=ctx, generator=g))
         correct, maj, answer_logp = (s[:3] / s[3]).tolist()
         return {"acc": correct, **({f"maj@{k}": maj} if k else {}), "answer_logp": answer_logp}
 
     fmt = lambda r: " ".join(f"{k} {v:.4f}" for k, v in r.items())
 
     # ---- SFT warm-up on gold rationales [x, z*, y] for a share of the training questions (the SFT baseline)
-    warm_up = ckpt is None and sft_steps > 0  # a resumed run is past its warm-up
+    gold = train_ex[:max(1, int(sft_share * len(train_ex)))]
+    sft_total = math.ceil(sft_epochs * len(gold) / sft_batch_size) if sft_epochs > 0 else sft_steps
+    warm_up = ckpt is None and sft_total > 0  # a resumed run is past its warm-up
     if warm_up:
-        gold = train_ex[:max(1, int(sft_share * len(train_ex)))]
-        gold_x, gold_z, gold_y = encode_x(gold), [tok.encode(latro_rationale(ex)) for ex in gold], encode_y(gold)
+        gold_x = encode_x(gold)
+        if prompt == "sft":  # the released SFT baseline: one target text, then end-of-turn
+            gold_z = [tok.encode(sft_target(ex, task)) for ex in gold]
+            gold_y = [[tok.end_of_turn_id] for _ in gold]
+        else:
+            gold_z, gold_y = [tok.encode(latro_rationale(ex)) for ex in gold], encode_y(gold)
         optimizer = torch.optim.AdamW(model.parameters(), lr=sft_lr, weight_decay=0.0)
         per_rank = sft_batch_size // ddp_world_size
-        log(f"SFT warm-up: {len(gold)} gold rationales, up to {sft_steps} steps of {sft_batch_size}, "
-            f"stop at dev accuracy {sft_target_acc}")
+        log(f"SFT warm-up: {len(gold)} gold rationales, up to {sft_total} steps of {sft_batch_size} "
+            f"({sft_total * sft_batch_size / len(gold):.2f} epochs), stop at dev accuracy {sft_target_acc}")
         t0 = time.time()
-        for it in range(sft_steps + 1):
-            if it % sft_eval_interval == 0 or it == sft_steps:
+        for it in range(sft_total + 1):
+            if it % sft_eval_interval == 0 or it == sft_total:
                 acc = run_eval(dev_ex, k=0)["acc"]
-                log(f"sft {it}/{sft_steps} | dev acc {acc:.4f} | {time.time() - t0:.1f}s")
-                if it == sft_steps or 0 < sft_target_acc <= acc:
+                log(f"sft {it}/{sft_total} | dev acc {acc:.4f} | {time.time() - t0:.1f}s")
+                if it == sft_total or 0 < sft_target_acc <= acc:
                     break
+            if sft_decay:  # linear, no warm-up: the HF Trainer default the released SFT ran with
+                for group in optimizer.param_groups:
+                    group["lr"] = sft_lr * (1 - it / sft_total)
             idx = step_indices(it, sft_batch_size, len(gold), seed)[ddp_rank * per_rank:(ddp_rank + 1) * per_rank]
             batch = [[gold_x[i] for i in idx], [gold_z[i] for i in idx], [gold_y[i] for i in idx]]
             n_tok = sum(len(z) + len(y) for z, y in zip(batch[1], batch[2]))  # token-mean NLL over the rank's batch
@@ -381,6 +470,7 @@ if __name__ == "__main__":
     # It goes into the checkpoint unless it can be reloaded from `source` (a pretrained model without warm-up).
     if ckpt and ckpt["ref_model"] is None:
         ref_model = load_model(source, len(tok), attn_implementation=attn_implementation, device_type=device_type)
+        disable_dropout(ref_model)
         ref_model.to(device)
     else:
         ref_model = copy.deepcopy(raw_model)
@@ -443,9 +533,9 @@ if __name__ == "__main__":
         ys = [train_y[i] for i in idx for _ in range(rloo_k)]  # 4. the gold answer after each cut rationale
         generator.manual_seed(seed + 1_000_003 * iter_num + ddp_rank)  # a function of the step: resume is exact
         raw_model.eval()
-        zs, stopped, n_gen = sample(raw_model, xs, max_rationale_tokens, rationale_stops, rationale_stops,
-                                    tok.pad_id, gen_batch_size, ctx, temperature=temperature, top_p=top_p,
-                                    generator=generator)
+        zs, stopped, n_gen = sample(raw_model, xs, max_rationale_tokens, tok.pad_id, gen_batch_size,
+                                    ctx, tok=tok, stop_ids=stop_ids, stop_strings=stops,
+                                    temperature=temperature, top_p=top_p, generator=generator)
         t1 = time.time()
         # 5. no-grad scoring: policy and reference over the same rows (identical shapes: KL is exactly 0 at step 0)
         logp_z, logp_y = score(scorer, xs, zs, ys, tok.pad_id, micro_batch_size, ctx)

@@ -20,4 +20,7 @@ num_epochs = 22
 batch_size = 128
 micro_batch_size = 32
 learning_rate = 1e-4
+reset_optimizer = "epoch"        # released: a new AdamW every epoch (the paper text says: at stage switches)
+precision = "fp32"               # released: bf16 False
+marker_init = "<<"               # released: copies of '<<' of the CoT model, added when loading it
 max_new_tokens = 64

@@ -10,8 +10,15 @@ task_options = "{}"
 tokenizer = "openai-community/gpt2"
 init_from = "openai-community/gpt2"
 method = "cot"
+# Coconut's GSM8k curriculum (unused by cot): overlays on this preset (pause: 2 x 3 = 6 pause tokens, as many as
+# Coconut's thoughts at inference) get the GSM8k numbers
+c_thought = 2
+epochs_per_stage = 3
+max_latent_stage = 3
 num_epochs = 25
 batch_size = 128
 micro_batch_size = 32
 learning_rate = 1e-4
+reset_optimizer = "never"        # released gsm_cot: reset_optimizer False, one AdamW throughout
+precision = "fp32"               # released: bf16 False
 max_new_tokens = 64

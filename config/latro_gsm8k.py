@@ -13,6 +13,7 @@
 out_dir = "out-latro-gsm8k"
 init_from = "microsoft/Phi-3.5-mini-instruct"
 task = "gsm8k"
+checker = "released"      # is_equiv_gsm8k as released, so the numbers compare with the paper's
 n_train = 0
 n_test = 0                # the whole test split
 sft_steps = 0             # LaTRO straight from the instruct model (its SFT baseline is a separate run)

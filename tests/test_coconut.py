@@ -1,4 +1,5 @@
 """coconut.py: stage layouts, the cached latent forward, latent generation, and the training script end to end."""
+import json
 import os
 import subprocess
 import sys
@@ -6,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from coconut import (Coconut, anchor, check_config, collate, generate, latent_forward, layout, marker_ids,
-                     stage_of)
+from coconut import (Coconut, anchor, check_config, collate, encode_example, generate, init_markers, latent_forward,
+                     layout, marker_ids, marker_source, markers_present, parse_counts, stage_of)
 from data import build_tokenizer
-from model import backbone, load_model, position_ids_from_mask
+from model import autocast_ctx, backbone, lm_head, load_model, position_ids_from_mask
 
 V, PAD, EOS, BOT, LAT, EOT = 40, 0, 1, 37, 38, 39
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,13 +62,43 @@ def test_coconut_stage_layout(stage, prompt, target):
     assert ids[0].tolist() == prompt + target and mask.all()
     assert labels[0].tolist() == [-100] * len(prompt) + target     # no loss on question, markers, thoughts
 
-def test_pad_latent_to_max_both_ways():
+def released_n_latent(stage, n_steps, max_latent_stage, c, pad, inference):
+    """The released rule, restated from its dataset code: training (get_cot_latent_dataset) gives stage*c thoughts
+    at a stage <= max_latent_stage whatever the step count, and past it max_latent_stage*c, or min(#steps, max)*c
+    without padding; evaluation (get_question_latent_dataset) caps at min(max, #steps) without padding, at any stage."""
+    if inference:
+        cap = max_latent_stage if pad else min(max_latent_stage, n_steps)
+        return min(cap, stage) * c
+    if stage > max_latent_stage:
+        return (max_latent_stage if pad else min(n_steps, max_latent_stage)) * c
+    return stage * c
+
+@pytest.mark.parametrize("pad", [True, False])
+@pytest.mark.parametrize("inference", [False, True])
+def test_pad_latent_to_max_matches_released_rule(pad, inference):
+    # examples with fewer steps than the stage (0, 1, 2 steps at stages up to 5, max_latent_stage 3) are where
+    # the two settings differ; layouts must give the released counts and keep steps[stage:] as targets
+    kw = dict(KW, max_latent_stage=3, pad_latent_to_max=pad)
+    seen = set()
+    for n_steps in (0, 1, 2, 4):
+        steps = [[20 + i] for i in range(n_steps)]
+        for stage in range(6):
+            prompt, target = layout(Q, steps, A, stage, method="coconut", **kw, inference=inference)
+            n = released_n_latent(stage, n_steps, 3, 2, pad, inference)
+            assert prompt == Q + [BOT] + [LAT] * n + [EOT], (n_steps, stage)
+            kept = steps[stage:] if stage <= 3 else []
+            assert target == [t for st in kept for t in st] + A
+            seen.add(n)
+    assert len(seen) > 3
+
+def test_pad_latent_to_max_false_examples():
+    # one step, c=2, max_latent_stage=3: training stage 2 still gives 2*2 thoughts (the step count does not cap
+    # it), past the last stage min(3, 1)*2, and at inference min(2, 1)*2
+    kw = dict(KW, max_latent_stage=3, pad_latent_to_max=False)
     one_step = [[20]]
-    kw = dict(KW, max_latent_stage=3)
-    assert layout(Q, one_step, A, 2, method="coconut", **kw)[0] == Q + [BOT] + [LAT] * 4 + [EOT]  # 2 * c
-    kw["pad_latent_to_max"] = False
-    assert layout(Q, one_step, A, 2, method="coconut", **kw)[0] == Q + [BOT] + [LAT] * 2 + [EOT]  # min(2, 1) * c
+    assert layout(Q, one_step, A, 2, method="coconut", **kw) == (Q + [BOT] + [LAT] * 4 + [EOT], A)
     assert layout(Q, one_step, A, 5, method="coconut", **kw) == (Q + [BOT] + [LAT] * 2 + [EOT], A)
+    assert layout(Q, one_step, [], 2, method="coconut", **kw, inference=True)[0] == Q + [BOT] + [LAT] * 2 + [EOT]
 
 def test_baseline_layouts():
     for stage in (0, 1, 3):
@@ -91,6 +122,112 @@ def test_marker_ids_are_bot_latent_eot():
     tok = build_tokenizer("words", [{"question": "Tom is a wumpus.", "steps": [], "answer": "yes"}])
     names = [tok.decode([i], skip_special_tokens=False) for i in marker_ids(tok)]
     assert names == ["<|start-latent|>", "<|latent|>", "<|end-latent|>"]
+
+# ---- the markers: released init, tied and untied heads, the tokenizer's BOS
+
+def negative_logit_gpt2(n_real):
+    """A GPT-2-layout model (tied head) whose real-token logits are all about -30, like a pretrained model's:
+    the final norm outputs a constant b, and every real row points against b."""
+    torch.manual_seed(0)
+    m = load_model("scratch", n_real, arch="gpt2", n_layer=1, n_head=2, n_embd=32, block_size=64, eos_id=EOS,
+                   pad_id=PAD)
+    with torch.no_grad():
+        b = torch.randn(32)
+        m.transformer.ln_f.weight.zero_()
+        m.transformer.ln_f.bias.copy_(b)
+        wte = m.get_input_embeddings().weight
+        wte.mul_(0.1).sub_(30 * b / b.dot(b))
+    return m.eval()
+
+def test_markers_copy_source_row_in_tied_head_and_do_not_raise_the_loss():
+    SRC = 12
+    special = (BOT, LAT, EOT)                                           # rows 37..39 of V = 40
+    copied, fresh = negative_logit_gpt2(V - 3), negative_logit_gpt2(V - 3)
+    init_markers(copied, V, special, SRC)
+    init_markers(fresh, V, special, None)                               # the old default: fresh N(0, 0.02) rows
+    for m in (copied, fresh):
+        assert m.get_input_embeddings().weight.shape[0] == V
+        assert lm_head(m).weight is m.get_input_embeddings().weight    # still tied after the resize
+    wte = copied.get_input_embeddings().weight
+    assert all(torch.equal(wte[i], wte[SRC]) for i in special)
+    # stage 0: markers in the input, loss on the steps and answer; the logits are those of the real vocabulary
+    prompt, target = layout(Q, STEPS, A, 0, method="coconut", **KW)
+    ids, mask, labels = collate([(prompt, target)], [anchor(prompt, LAT)], PAD)
+    def losses(m):
+        with torch.no_grad():
+            logits = m(input_ids=ids, attention_mask=mask).logits[0, :-1]
+        keep = labels[0, 1:] != -100
+        tgt = labels[0, 1:][keep]
+        full = torch.nn.functional.cross_entropy(logits[keep], tgt)
+        real = torch.nn.functional.cross_entropy(logits[keep][:, :V - 3], tgt)
+        assert abs(Coconut(m, LAT)(ids, mask, labels).item() - full.item()) < 1e-4
+        return logits[keep], full.item(), real.item()
+    logits, full, real = losses(copied)
+    assert logits[:, :V - 3].max().item() < -20                        # strongly negative real-token logits
+    assert (logits[:, list(special)] <= logits[:, :V - 3].max(-1, keepdim=True).values).all()
+    p_src = logits[:, :V - 3].softmax(-1)[:, SRC]
+    assert abs((full - real) - torch.log1p(3 * p_src).mean().item()) < 1e-4  # 3 more copies of one real token
+    assert full - real < 0.5
+    _, full_fresh, real_fresh = losses(fresh)
+    assert full_fresh - real_fresh > 10                                 # fresh rows: markers win by ~30 nats
+
+def test_markers_in_untied_head_copy_each_matrix_own_row():
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model("llama", vocab_size=V - 3, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                               num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    m = AutoModelForCausalLM.from_config(cfg)
+    init_markers(m, V, (BOT, LAT, EOT), 7)
+    inp, out = m.get_input_embeddings().weight, lm_head(m).weight
+    assert inp is not out and inp.shape[0] == out.shape[0] == V
+    assert not torch.equal(inp[7], out[7])
+    for i in (BOT, LAT, EOT):
+        assert torch.equal(inp[i], inp[7]) and torch.equal(out[i], out[7])
+
+def test_markers_present_never_overwrites_trained_rows():
+    tok = build_tokenizer("words", [{"question": "Tom is a wumpus.", "steps": [], "answer": "yes"}])
+    assert not markers_present(tok, None)                              # a model from scratch or the hub
+    assert markers_present(tok, {"markers": False}) is False          # the GSM8k CoT checkpoint
+    assert markers_present(tok, {}) is True                            # older checkpoints always had them
+    marker_ids(tok)
+    assert markers_present(tok, None)                                  # an hf/ export with its tokenizer
+
+def test_marker_source_choices_and_errors():
+    tok = build_tokenizer("words", [{"question": "Tom is a wumpus << x.", "steps": [], "answer": "yes"}])
+    assert marker_source(tok, "auto", "openai-community/gpt2") == tok.token_id("<<")  # pretrained: as released
+    assert marker_source(tok, "auto", "scratch") is None                # scratch: fresh rows like all others
+    assert marker_source(tok, "", "openai-community/gpt2") is None
+    assert marker_source(tok, "wumpus", "scratch") == tok.token_id("wumpus")
+    with pytest.raises(ValueError, match="marker_init='Tom is'.*not exactly one token"):
+        marker_source(tok, "Tom is", "scratch")
+    with pytest.raises(ValueError, match="marker_init='zorp'"):
+        marker_source(tok, "zorp", "scratch")                            # not in the vocabulary at all
+    plain = build_tokenizer("words", [{"question": "Tom is a wumpus.", "steps": [], "answer": "yes"}])
+    with pytest.raises(ValueError, match="marker_init='auto'.*'<<'"):
+        marker_source(plain, "auto", "openai-community/gpt2")
+
+def bos_tokenizer():
+    """An HF tokenizer whose encode(add_special_tokens=True) prepends <s>, as Llama's does."""
+    from tokenizers import Tokenizer as RustTokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    from data import Tokenizer
+    words = "<s> </s> <unk> Tom is a wumpus yes ###".split()
+    rust = RustTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    rust.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    rust.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=rust, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return Tokenizer(hf)
+
+def test_bos_follows_the_tokenizer():
+    ex = {"question": "Tom is a wumpus?", "steps": ["Tom is a wumpus.", "yes."], "answer": "yes"}
+    words = build_tokenizer("words", [ex])
+    q, steps, answer = encode_example(words, ex)
+    assert words.bos_id is not None and words.bos_id not in q          # like GPT-2: the tokenizer adds none
+    full = ex["question"] + "\n" + "\n".join(ex["steps"]) + "\n### " + ex["answer"]
+    assert q + [t for s in steps for t in s] + answer == words.encode(full) + [words.eos_id]  # the released check
+    llama_like = bos_tokenizer()
+    q, steps, _ = encode_example(llama_like, {"question": "Tom is a wumpus", "steps": ["yes"], "answer": "yes"})
+    assert q[0] == llama_like.bos_id and q.count(llama_like.bos_id) == 1 and llama_like.bos_id not in steps[0]
 
 def test_collate_aligns_first_thought_column():
     ids, mask, labels = ragged_batch()
@@ -171,10 +308,14 @@ def test_batched_cached_generation_equals_batch1_uncached(arch):
 
 def test_bad_config_fails_with_clear_message():
     ok = dict(method="coconut", c_thought=1, epochs_per_stage=1, max_latent_stage=2, uniform_prob=0.0,
-              reset_optimizer="stage", batch_size=128, micro_batch_size=32)
+              reset_optimizer="stage", batch_size=128, micro_batch_size=32, precision="fp32", thoughts_sweep="0,2")
     assert check_config(ok, 2) == 2                                    # 128 = 32 x 2 accumulation x 2 ranks
+    assert parse_counts("0, 1,6") == [0, 1, 6]
     for bad, msg in [(dict(batch_size=100), "multiple of micro_batch_size"), (dict(method="coconat"), "unknown"),
-                     (dict(c_thought=0), "c_thought"), (dict(reset_optimizer="always"), "reset_optimizer")]:
+                     (dict(c_thought=0), "c_thought"), (dict(reset_optimizer="always"), "reset_optimizer"),
+                     (dict(precision="fp16"), "precision='fp16'"), (dict(thoughts_sweep="0,x"), "thoughts_sweep"),
+                     (dict(thoughts_sweep="-1"), "thoughts_sweep"),
+                     (dict(method="cot"), "thoughts_sweep needs thoughts")]:
         with pytest.raises(ValueError, match=msg):
             check_config({**ok, **bad}, 2)
 
@@ -205,6 +346,8 @@ def test_ddp_two_ranks_match_one_process(tmp_path):
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]
     assert "parameters identical on 2 ranks: True" in two.stdout
+    # stages 0 and 1 only (max_latent_stage=1): no epoch is all-latent, so no best.pt is chosen
+    assert "no epoch reaches the final stage" in one.stdout and not (tmp_path / "one" / "best.pt").exists()
     l1, l2 = step_losses(one.stdout), step_losses(two.stdout)
     assert len(l1) == len(l2) == 4 and max(abs(a - b) for a, b in zip(l1, l2)) < 1e-4
     w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
@@ -230,6 +373,104 @@ def test_bad_config_stops_before_training(tmp_path):
     r = run_script(["--batch_size=10"], tmp_path)
     assert r.returncode != 0 and "must be a multiple of micro_batch_size" in r.stderr
     assert not step_losses(r.stdout)
+
+def test_precision_bf16_autocast_keeps_loss_fp32():
+    # precision='bf16' is autocast (bf16 matmuls, fp32 weights); the loss is computed from fp32 log-probs
+    m = tiny("gpt2")
+    ids, mask, labels = ragged_batch()
+    ref = Coconut(m, LAT)(ids, mask, labels)
+    with autocast_ctx("cpu", "bf16"):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+        got = Coconut(m, LAT)(ids, mask, labels)
+    assert got.dtype == torch.float32 and 0 < abs(got.item() - ref.item()) < 0.05
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+    with autocast_ctx("cpu", "fp32"), autocast_ctx("cpu"):             # the old call: fp32 on the CPU
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+def test_cot_checkpoint_gets_markers_added_and_initialised(tmp_path):
+    # the GSM8k path: a CoT run (no markers in its vocabulary), then coconut from its best.pt; lr=0 leaves the
+    # weights as set up, so the coconut run's ckpt.pt shows the new rows: copies of '###', the rest unchanged
+    cot = run_script(["--method=cot", "--num_epochs=1"], tmp_path / "cot")
+    assert cot.returncode == 0, cot.stderr[-2000:]
+    cot_ckpt = torch.load(tmp_path / "cot" / "best.pt", weights_only=True)
+    assert cot_ckpt["markers"] is False
+    r = run_script(["--init_from=" + str(tmp_path / "cot" / "best.pt"), "--marker_init=###", "--num_epochs=1",
+                    "--start_stage=1", "--learning_rate=0"], tmp_path / "coco")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "markers: added" in r.stdout and "copies of '###'" in r.stdout
+    old, new = cot_ckpt["model"], weights(tmp_path / "coco")
+    key = "transformer.wte.weight"
+    n_real = old[key].shape[0]
+    for out in (cot.stdout, r.stdout):  # the task's words: the cot model has no marker rows
+        assert f"examples, vocabulary {n_real}\n" in out
+    assert new[key].shape[0] == n_real + 3 and torch.equal(new[key][:n_real], old[key])
+    ids = [int(x) for x in r.stdout.split("markers: added, ids [")[1].split("]")[0].split(",")]
+    assert sorted(ids) == list(range(n_real, n_real + 3))
+    rows = new[key][ids]
+    assert torch.equal(rows[0], rows[1]) and torch.equal(rows[1], rows[2])
+    assert any(torch.equal(rows[0], old[key][i]) for i in range(n_real))  # a copy of a real token's row
+    assert torch.load(tmp_path / "coco" / "ckpt.pt", weights_only=True)["markers"] is True
+
+def test_thought_sweep_table_and_final_stage_row_equals_test_eval(tmp_path):
+    # a tiny model trained to the final stage (stages 0, 1, 2 with max_latent_stage=1), then one evaluation run
+    # at 0..3 thoughts; the row for the final-stage count (1 x c_thought=1) is the plain test evaluation
+    train = run_script(["--num_epochs=3", "--epochs_per_stage=1"], tmp_path)
+    assert train.returncode == 0, train.stderr[-2000:]
+    val_losses = [float(l.split("val loss ")[1].split()[0]) for l in train.stdout.splitlines() if "val loss" in l]
+    assert len(val_losses) == 3 and all(0 < v < 10 for v in val_losses)  # printed every epoch, as released
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert best["stage"] == 2                                          # chosen among all-latent epochs only
+    r = run_script(["--eval_only=True", f"--init_from={tmp_path / 'best.pt'}", "--thoughts_sweep=0,1,2,3",
+                    "--max_new_tokens=8"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = next(l for l in r.stdout.splitlines() if l.startswith("test acc"))
+    acc, tokens = float(line.split()[2]), float(line.split("tokens generated ")[1].split()[0])
+    table = [l for l in r.stdout.splitlines() if l.startswith("| ") and l[2].isdigit()]
+    assert [int(l.split("|")[1]) for l in table] == [0, 1, 2, 3]
+    with open(tmp_path / "thoughts_sweep.json") as f:
+        rows = json.load(f)["rows"]
+    assert [row["thoughts"] for row in rows] == [0, 1, 2, 3]
+    assert rows[1]["accuracy"] == acc and round(rows[1]["tokens"], 1) == tokens
+    assert all(1 <= row["tokens"] - row["thoughts"] <= 8 for row in rows)  # thoughts + at most max_new_tokens
+
+# ---- the presets reproduce the released runs (args/*.yaml of facebookresearch/coconut)
+
+def resolve(*files):
+    import coconut
+    from configurator import configure
+    return configure(dict(vars(coconut)), [os.path.join(ROOT, "config", f) for f in files], verbose=False)
+
+RELEASED = dict(c_thought=None, precision="fp32", learning_rate=1e-4, weight_decay=0.01, batch_size=128,
+                uniform_prob=0.0, pad_latent_to_max=True)
+PRESETS = [  # files, released values, thoughts (or pauses) at inference, markers copy '<<'
+    (("coconut_prosqa.py",), dict(method="coconut", c_thought=1, epochs_per_stage=5, max_latent_stage=6,
+                                  num_epochs=50, start_stage=0, reset_optimizer="epoch", max_new_tokens=128), 6, True),
+    (("coconut_prontoqa.py",), dict(method="coconut", c_thought=1, epochs_per_stage=5, max_latent_stage=6,
+                                    num_epochs=50, start_stage=0, reset_optimizer="epoch", max_new_tokens=128), 6, True),
+    (("coconut_gsm8k_cot.py",), dict(method="cot", num_epochs=25, reset_optimizer="never", max_new_tokens=64,
+                                     init_from="openai-community/gpt2"), 0, False),
+    (("coconut_gsm8k.py",), dict(method="coconut", c_thought=2, epochs_per_stage=3, max_latent_stage=3,
+                                 start_stage=1, num_epochs=22, reset_optimizer="epoch", max_new_tokens=64), 6, True),
+    (("coconut_gsm8k_cot.py", "coconut_pause.py"), dict(method="pause", max_new_tokens=64), 6, True),
+]
+
+@pytest.mark.parametrize("files,values,n_infer,copies", PRESETS, ids=lambda x: "+".join(x) if isinstance(x, tuple) else None)
+def test_presets_resolve_to_released_values(files, values, n_infer, copies):
+    cfg = resolve(*files)
+    for key, want in {**RELEASED, **values}.items():
+        if want is not None:
+            assert cfg[key] == want, key
+    lay = dict(method=cfg["method"], c_thought=cfg["c_thought"], max_latent_stage=cfg["max_latent_stage"],
+               pad_latent_to_max=cfg["pad_latent_to_max"], n_pause=cfg["max_latent_stage"] * cfg["c_thought"],
+               special=(BOT, LAT, EOT))
+    final = cfg["max_latent_stage"] + 1 if cfg["method"] == "coconut" else 0
+    prompt = layout(Q, [[20]] * 9, [], final, **lay, inference=True)[0]
+    assert prompt.count(LAT) == n_infer
+    tok = build_tokenizer("words", [{"question": "a << b.", "steps": [], "answer": "c"}])
+    if copies:                                                          # from GPT-2 (or a CoT model of it)
+        assert marker_source(tok, cfg["marker_init"], "openai-community/gpt2") == tok.token_id("<<")
+    if files == ("coconut_gsm8k.py",):  # released: resume=3, epochs 3..24 at stage epoch // 3
+        assert [stage_of(e, 1, 3, 3) for e in range(22)] == [min((e + 3) // 3, 4) for e in range(22)]
 
 @pytest.mark.parametrize("preset", sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.startswith("coconut_")))
 def test_presets_parse_and_divide(preset):

@@ -1,7 +1,13 @@
 """configurator.configure: overrides, type rules and error messages (each a fault of nanoGPT's original)."""
+import os
+import subprocess
+import sys
+
 import pytest
 
-from configurator import ConfigError, configure
+from configurator import ConfigError, UserError, configure
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def scope():
     return {"lr": 1e-4, "batch_size": 32, "compile": False, "out_dir": "out", "init_from": "scratch",
@@ -68,3 +74,47 @@ def test_prints_only_on_rank0(capsys, monkeypatch):
     configure(scope(), ["--lr=1"])
     out = capsys.readouterr().out
     assert "* lr" in out and "batch_size" in out
+
+def test_bool_for_number_private_and_module_names_are_refused():
+    g = {**scope(), "os": os}
+    cases = [("--batch_size=True", "'batch_size' expects int"),
+             ("--lr=False", "'lr' expects float"),
+             ("--_private=2", "unknown config key '_private'"),
+             ("--os=1", "unknown config key 'os'")]
+    for arg, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            configure(g, [arg], verbose=False)
+    assert g["_private"] == 1 and g["os"] is os and g["batch_size"] == 32  # nothing was applied
+
+def test_config_file_that_fails_names_the_file(tmp_path):
+    f = tmp_path / "bad.py"
+    f.write_text("lr = 1e-3\nbatch_size = = 4\n")
+    with pytest.raises(ConfigError, match=r"bad.py' line 2 failed: SyntaxError"):
+        configure(scope(), [str(f)], verbose=False)
+    f.write_text("lr = base_lr * 2\n")
+    with pytest.raises(ConfigError, match=r"bad.py' failed: NameError: name 'base_lr'"):
+        configure(scope(), [str(f)], verbose=False)
+
+def test_config_error_is_a_user_error_and_a_value_error():
+    assert issubclass(ConfigError, UserError) and issubclass(UserError, ValueError)
+
+SCRIPT = """
+import sys
+from configurator import UserError, exit_cleanly_on_user_error
+exit_cleanly_on_user_error()
+if sys.argv[1] == "user":
+    raise UserError("out_dir 'x' is a file")
+raise ZeroDivisionError("a bug")
+"""
+
+@pytest.mark.parametrize("rank, prefix", [("0", "error: "), ("1", "[rank 1] error: ")])
+def test_user_error_is_one_line_and_a_bug_keeps_its_traceback(rank, prefix):
+    env = {**os.environ, "PYTHONPATH": ROOT, "RANK": rank}
+    r = subprocess.run([sys.executable, "-c", SCRIPT, "user"], capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr == prefix + "out_dir 'x' is a file\n"  # one line, no traceback
+    r = subprocess.run([sys.executable, "-c", SCRIPT, "bug"], capture_output=True, text=True,
+                       env=env)
+    assert r.returncode == 1
+    assert r.stderr.startswith("Traceback") and r.stderr.endswith("ZeroDivisionError: a bug\n")

@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 import data
+from configurator import UserError
 
 # -----------------------------------------------------------------------------
 # ProsQA
@@ -101,10 +102,13 @@ def test_prosqa_small_knobs(kwargs):
 
 
 def test_prosqa_bad_knob_is_an_error():
-    with pytest.raises(ValueError, match="hop_weights"):
+    with pytest.raises(UserError, match="hop_weights"):
         data.load_task("prosqa", "val", n=2, hop_weights=(1, 2))
-    with pytest.raises(TypeError):
+    message = "task 'prosqa' has no option nodes; its options: hop_weights"
+    with pytest.raises(UserError, match=message):
         data.load_task("prosqa", "val", n=2, nodes=5)  # a typo must not be ignored
+    # prosqa_small passes make_prosqa's options through, so those are known to it
+    assert len(data.load_task("prosqa_small", "val", n=1, symbolic=True)) == 1
 
 # -----------------------------------------------------------------------------
 # the other generators
@@ -207,7 +211,7 @@ def test_reordered_facts_are_the_same_question():
 
 def test_too_small_task_space_is_a_clear_error():
     # 1-digit multiplication has 81 questions; the test bucket holds ~10% of them
-    with pytest.raises(RuntimeError, match="too small"):
+    with pytest.raises(UserError, match="too small"):
         data.load_task("multiplication", "test", n=80, digits=1)
 
 # -----------------------------------------------------------------------------
@@ -222,8 +226,9 @@ def test_coconut_and_latro_text_formats():
     assert data.latro_answer("18") == "The answer is 18."
     assert data.latro_answer("Tom is a lempus.") == "The answer is Tom is a lempus."  # one period, not two
     arc = {"question": "Which?", "steps": [], "answer": "wind", "options": [("A", "heat"), ("B", "wind")]}
-    assert data.latro_prompt(arc, "arc") == ("Question: Which?\nOptions: (A) heat (B) wind\nLet's think step by step "
+    assert data.latro_prompt(arc, "arc") == ("Question: Which?\nOptions: ['heat', 'wind']\nLet's think step by step "
                                              "first then print your answer like 'The answer is (one of the options)'.")
+    assert "Options: (A) heat (B) wind\n" in data.latro_prompt(arc, "arc", arc_options="lettered")
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -292,12 +297,14 @@ def make_hf_tokenizer(tmp_path, template):
 
 @pytest.mark.parametrize("template", [CHAT_TEMPLATE, CHAT_TEMPLATE.replace("{{ bos_token }}", "")])
 def test_pretrained_tokenizer_chat_prompt(tmp_path, template):
-    # whether the template writes the BOS itself (Llama 3) or not (Phi-3.5), the prompt has exactly one BOS
+    # this tokenizer adds no BOS itself: the prompt has the template's BOS or none (tests/test_tokenizers.py has
+    # the layouts of the paper's models)
     tok = make_hf_tokenizer(tmp_path, template)
     assert not tok.is_words
     ids = tok.chat_prompt("hello world")
-    assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1
-    assert tok.decode(ids, skip_special_tokens=False).replace(" ", "") == "<s><|user|>helloworld<|end|><|assistant|>"
+    bos = "<s>" if "bos_token" in template else ""
+    assert ids.count(tok.bos_id) == len(bos) // 3
+    assert tok.decode(ids, skip_special_tokens=False).replace(" ", "") == bos + "<|user|>helloworld<|end|><|assistant|>"
     assert tok.end_of_turn_id == tok.token_id("<|end|>") != tok.eos_id
     assert tok.pad_id == tok.eos_id  # no pad token: pad with eos
     ids = tok.add_special_tokens(data.COCONUT_SPECIAL_TOKENS)
@@ -322,15 +329,17 @@ def test_json_list_and_jsonl_load_with_extra_keys(tmp_path):
     rows = [{"question": "Is Tom a a or b?", "steps": ["Tom is a a."], "answer": "Tom is a a.",
              "idx_to_symbol": ["Tom", "a", "b"], "edges": [[0, 1]], "root": 0, "target": 1, "neg_target": 2},
             {"question": "q2", "answer": "4"}]  # steps may be absent (no-CoT data)
-    p1 = write(tmp_path / "d.json", json.dumps(rows))
-    p2 = write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
+    p1 = write(tmp_path / "d_train.json", json.dumps(rows))
+    p2 = write(tmp_path / "d_train.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
+    write(tmp_path / "prosqa_test.json", json.dumps(rows))
     for path in (p1, p2):
         exs = data.load_task("json", "train", path=path)
         assert [ex["question"] for ex in exs] == ["Is Tom a a or b?", "q2"]
         assert exs[0]["edges"] == [[0, 1]] and exs[1]["steps"] == []
-    assert len(data.load_task("json", "test", path=p1, n=1)) == 1
+    assert len(data.load_task("json", "train", path=p1, n=1)) == 1
     # a generated task name with a path loads the file (the official prosqa_*.json)
-    assert data.load_task("prosqa", "test", path=p1)[0]["answer"] == "Tom is a a."
+    template = str(tmp_path / "prosqa_{split}.json")
+    assert data.load_task("prosqa", "test", path=template)[0]["answer"] == "Tom is a a."
 
 
 @pytest.mark.parametrize("row,problem", [
@@ -347,33 +356,33 @@ def test_bad_rows_name_file_row_and_problem(tmp_path, row, problem, ext):
     good = {"question": "q", "steps": [], "answer": "1"}
     rows = [good, good, row]
     text = json.dumps(rows) if ext == "json" else "\n".join(json.dumps(r) for r in rows)
-    path = write(tmp_path / f"bad.{ext}", text)
-    with pytest.raises(ValueError) as e:
+    path = write(tmp_path / f"bad_train.{ext}", text)
+    with pytest.raises(UserError) as e:
         data.load_task("json", "train", path=path)
-    assert f"bad.{ext}: row 3: {problem}" in str(e.value)
+    assert f"bad_train.{ext}: row 3: {problem}" in str(e.value)
 
 
 def test_bad_json_syntax_and_missing_file(tmp_path):
-    path = write(tmp_path / "bad.jsonl", '{"question": "q", "answer": "1"}\n{"question": \n')
-    with pytest.raises(ValueError, match=r"bad.jsonl: row 2: invalid JSON"):
+    path = write(tmp_path / "bad_train.jsonl", '{"question": "q", "answer": "1"}\n{"question": \n')
+    with pytest.raises(UserError, match=r"bad_train.jsonl: row 2: invalid JSON"):
         data.load_task("json", "train", path=path)
-    with pytest.raises(ValueError, match="expected a JSON list"):
-        data.load_task("json", "train", path=write(tmp_path / "obj.json", '{"question": "q"}'))
-    with pytest.raises(FileNotFoundError, match="nope.json"):
-        data.load_task("json", "train", path=str(tmp_path / "nope.json"))
-    with pytest.raises(ValueError, match="needs path"):
+    with pytest.raises(UserError, match="expected a JSON list"):
+        data.load_task("json", "train", path=write(tmp_path / "obj_train.json", '{"question": "q"}'))
+    with pytest.raises(FileNotFoundError, match="nope_train.json"):
+        data.load_task("json", "train", path=str(tmp_path / "nope_train.json"))
+    with pytest.raises(UserError, match="needs path"):
         data.load_task("json", "train")
 
 
 def test_gsm8k_local_jsonl(tmp_path):
     rows = [{"question": "Tom has 3 apples and buys 4. How many?", "answer": "He has 3+4=<<3+4=7>>7.\n#### 7"},
             {"question": "Big?", "answer": "Total 1000*2=<<1000*2=2000>>2,000.\nThen add.\n#### 2,000"}]
-    path = write(tmp_path / "gsm8k.jsonl", "\n".join(json.dumps(r) for r in rows))
+    path = write(tmp_path / "gsm8k_test.jsonl", "\n".join(json.dumps(r) for r in rows))
     exs = data.load_task("gsm8k", "test", path=path)
     assert exs[0] == {"question": rows[0]["question"], "steps": ["He has 3+4=<<3+4=7>>7."], "answer": "7"}
     assert exs[1]["steps"] == ["Total 1000*2=<<1000*2=2000>>2,000.", "Then add."] and exs[1]["answer"] == "2000"
-    bad = write(tmp_path / "g2.jsonl", json.dumps(rows[0]) + "\n" + json.dumps({"question": "q", "answer": "7"}))
-    with pytest.raises(ValueError, match=r"g2.jsonl: row 2: answer has no '#### <number>'"):
+    bad = write(tmp_path / "g2_test.jsonl", json.dumps(rows[0]) + "\n" + json.dumps({"question": "q", "answer": "7"}))
+    with pytest.raises(UserError, match=r"g2_test.jsonl: row 2: answer has no '#### <number>'"):
         data.load_task("gsm8k", "test", path=bad)
 
 
@@ -387,8 +396,8 @@ def test_gsm8k_aug_lines(tmp_path):
     assert exs[0] == {"question": "Tom has 4 and gives 2 ... ?", "steps": ["<<4-2=2>>", "<<2/.5=4>>"], "answer": "300"}
     assert exs[1] == {"question": "No equations here?", "steps": [], "answer": "1200"}
     assert exs[2] == {"question": "Q with spaces?", "steps": ["<<1+1=2>>"], "answer": "2"}
-    bad = write(tmp_path / "bad.txt", lines[0] + "\nno separator #### 3\n")
-    with pytest.raises(ValueError, match=r"bad.txt: row 2: no '\|\|'"):
+    bad = write(tmp_path / "bad_train.txt", lines[0] + "\nno separator #### 3\n")
+    with pytest.raises(UserError, match=r"bad_train.txt: row 2: no '\|\|'"):
         data.load_task("gsm8k_aug", "train", path=bad)
 
 
@@ -396,24 +405,30 @@ def test_arc_local_jsonl(tmp_path):
     row = {"id": "x1", "question": "Which form of energy does a fire give off?",
            "choices": {"text": ["heat", "heat and light", "sound", "wind"], "label": ["A", "B", "C", "D"]},
            "answerKey": "B"}
-    path = write(tmp_path / "arc.jsonl", json.dumps(row) + "\n" + json.dumps({**row, "answerKey": "3",
+    path = write(tmp_path / "arc_test.jsonl", json.dumps(row) + "\n" + json.dumps({**row, "answerKey": "3",
                  "choices": {"text": ["x", "y", "z"], "label": ["1", "2", "3"]}}))
     exs = data.load_task("arc", "test", path=path)
     assert exs[0]["answer"] == "heat and light" and exs[0]["answer_label"] == "B" and exs[0]["steps"] == []
     assert exs[0]["options"] == [("A", "heat"), ("B", "heat and light"), ("C", "sound"), ("D", "wind")]
     assert exs[1]["answer"] == "z"
-    bad = write(tmp_path / "arc_bad.jsonl", json.dumps({**row, "answerKey": "E"}))
-    with pytest.raises(ValueError, match=r"arc_bad.jsonl: row 1: answerKey 'E' is not one of the labels"):
+    bad = write(tmp_path / "arc_bad_test.jsonl", json.dumps({**row, "answerKey": "E"}))
+    with pytest.raises(UserError, match=r"arc_bad_test.jsonl: row 1: answerKey 'E' is not one of the labels"):
         data.load_task("arc", "test", path=bad)
 
 
 def test_load_task_argument_errors():
-    with pytest.raises(ValueError, match="split"):
+    with pytest.raises(UserError, match="split"):
         data.load_task("modsum", "dev")
-    with pytest.raises(ValueError, match="unknown task"):
+    with pytest.raises(UserError, match="task 'gsm9k' is unknown; did you mean gsm8k?"):
         data.load_task("gsm9k", "train")
-    with pytest.raises(ValueError, match="takes no task options"):
+    # the task is checked before its options: a typo is not reported as "takes no task options"
+    message = "task 'prosqa_smal' is unknown; did you mean prosqa_small?"
+    with pytest.raises(UserError, match=message):
+        data.load_task("prosqa_smal", "train", symbolic=True)
+    with pytest.raises(UserError, match="takes no task options"):
         data.load_task("json", "train", path="x.json", digits=3)
+    with pytest.raises(UserError, match=r"n=-5 for the train split: give a count >= 0"):
+        data.load_task("modsum", "train", n=-5)
 
 
 def test_hub_loaders_through_a_fake_datasets_module(monkeypatch, capsys):
@@ -437,3 +452,88 @@ def test_hub_loaders_through_a_fake_datasets_module(monkeypatch, capsys):
     assert data.load_task("arc", "val")[0]["answer"] == "y"
     assert calls[-1] == ("allenai/ai2_arc", "ARC-Challenge", "validation")
     assert [c[2] for c in calls[:3]] == ["train", "train", "test"]
+
+# -----------------------------------------------------------------------------
+# no split leakage: which local file serves which split, and the overlap check
+
+
+def unified_rows(k, prefix="q"):
+    return [{"question": f"{prefix}{i}?", "steps": [], "answer": str(i)} for i in range(k)]
+
+
+def test_one_file_for_every_split_is_refused_unless_a_layout_is_named(tmp_path, capsys):
+    path = write(tmp_path / "mydata.jsonl", "\n".join(json.dumps(r) for r in unified_rows(10)))
+    for split in data.SPLITS:
+        message = (r"mydata.jsonl names no split, and one file for train, val and test would leak "
+                   r".*\{split\}.*split_layout='tail:VAL,TEST'")
+        with pytest.raises(UserError, match=message):
+            data.load_task("json", split, path=path)
+    # a file that names another split is refused too (latro passes one data_path for all splits)
+    train_file = write(tmp_path / "gsm8k_train.jsonl", "")
+    with pytest.raises(UserError, match=r"names the train split, not test"):
+        data.load_task("gsm8k", "test", path=train_file)
+    # the explicit layout: test = the last 3 rows, val = the 2 before, train = the rest; printed
+    got = {s: data.load_task("json", s, path=path, split_layout="tail:2,3") for s in data.SPLITS}
+    assert [[ex["question"] for ex in got[s]] for s in data.SPLITS] == [
+        ["q0?", "q1?", "q2?", "q3?", "q4?"], ["q5?", "q6?"], ["q7?", "q8?", "q9?"]]
+    out = capsys.readouterr().out
+    assert "split_layout='tail:2,3': val = rows 6-7 of 10" in out
+    assert data.check_split_overlap(got) == {}
+    with pytest.raises(UserError, match=r"10 rows, too few for split_layout='tail:4,6'"):
+        data.load_task("json", "train", path=path, split_layout="tail:4,6")
+    with pytest.raises(UserError, match=r"split_layout='last:5' is not understood"):
+        data.load_task("json", "train", path=path, split_layout="last:5")
+    with pytest.raises(UserError, match=r"split_layout='tail:1,1' cuts one local file"):
+        data.load_task("modsum", "train", split_layout="tail:1,1")
+
+
+def test_split_template_is_filled_here_and_val_may_be_named_valid(tmp_path):
+    for split, name in [("train", "train"), ("val", "valid"), ("test", "test")]:
+        write(tmp_path / f"prosqa_{name}.json", json.dumps(unified_rows(2, prefix=split)))
+    template = str(tmp_path / "prosqa_{split}.json")
+    for split in data.SPLITS:
+        # the template, and the path a script filled in itself, give the same file
+        name = {"val": "valid"}.get(split, split)
+        filled = str(tmp_path / f"prosqa_{name}.json")
+        from_template = data.load_task("json", split, path=template)
+        assert from_template == data.load_task("json", split, path=filled)
+        assert data.load_task("json", split, path=template)[0]["question"] == f"{split}0?"
+    with pytest.raises(FileNotFoundError, match=r"val split: tried .*x_valid.json, .*x_val.json"):
+        data.load_task("json", "val", path=str(tmp_path / "x_{split}.json"))
+    message = r"one file per split \(\{split\}\), so split_layout='tail:1,1'"
+    with pytest.raises(UserError, match=message):
+        data.load_task("json", "val", path=template, split_layout="tail:1,1")
+
+
+def test_local_gsm8k_without_a_val_file_gets_the_hubs_rule(tmp_path, capsys):
+    def gsm(i):
+        return json.dumps({"question": f"q{i}?", "answer": f"#### {i}"})
+    write(tmp_path / "gsm8k_train.jsonl", "\n".join(gsm(i) for i in range(520)))
+    write(tmp_path / "gsm8k_test.jsonl", "\n".join(gsm(i) for i in range(1000, 1003)))
+    template = str(tmp_path / "gsm8k_{split}.jsonl")
+    got = {s: data.load_task("gsm8k", s, path=template) for s in data.SPLITS}
+    assert [len(got[s]) for s in data.SPLITS] == [20, 500, 3]
+    assert got["train"][-1]["answer"] == "19" and got["val"][0]["answer"] == "20"
+    assert "no val split in" in capsys.readouterr().out  # announced, not silent
+    assert data.check_split_overlap(got) == {}
+
+
+def test_split_overlap_is_counted_per_pair_and_refused(tmp_path, capsys):
+    rows = unified_rows(6)
+    # 'B is c. A is b.' is the same question as 'A is b. B is c.': facts in another order
+    q1 = {"question": "A is b. B is c. Is A c?", "steps": [], "answer": "yes"}
+    q2 = {**q1, "question": "B is c. A is b. Is A c?"}
+    splits = {"train": rows[:4] + [q1], "val": rows[3:5], "test": rows[:1] + [q2]}
+    message = r"questions found in two splits \(train/val 1, train/test 2\), e.g. 'q3\?'"
+    with pytest.raises(UserError, match=message):
+        data.check_split_overlap(splits)
+    assert data.check_split_overlap(splits, allow_overlap=True) == {("train", "val"): 1,
+                                                                   ("train", "test"): 2}
+    assert "warning: questions found in two splits" in capsys.readouterr().out
+    # ARC: the same question with other options is another question
+    a = {"question": "Which?", "steps": [], "answer": "x", "options": [("A", "x"), ("B", "y")]}
+    b = {**a, "options": [("A", "x"), ("B", "z")]}
+    assert data.check_split_overlap({"train": [a], "test": [b]}) == {}
+    # generated tasks are disjoint by construction
+    gen = {s: data.load_task("modsum", s, n=50) for s in data.SPLITS}
+    assert data.check_split_overlap(gen) == {}

@@ -46,7 +46,7 @@ def test_extract_number(text, expected):
     ("nothing", "42", False),
 ])
 def test_latro_gsm8k_correct(output, gold, correct):
-    assert evaluate.latro_correct("gsm8k", output, {"answer": gold}) is correct
+    assert evaluate.latro_correct("gsm8k", output, {"answer": gold}, checker="fixed") is correct
 
 
 def test_latro_text_answers():
@@ -99,12 +99,12 @@ def arc(gold_label):
     ("The answer is (C).", "C", False, True),              # a letter: strict only (released matches texts)
     ("The answer is C", "C", False, True),
     ("The answer is sound or wind.", "C", True, False),    # two options named: strict refuses
-    ("Sound is made by wind. I think sound.", "C", False, False),  # no "the answer is": no answer
+    ("Sound is made by wind. I think sound.", "C", False, False),  # no "the answer is": no answer (fixed)
     ("The answer is wind. No wait, the answer is sound.", "C", True, True),  # the last one counts
     ("The answer is wind. No wait, the answer is sound.", "D", False, False),
 ])
 def test_arc_lenient_and_strict(output, gold, lenient, strict):
-    assert evaluate.latro_correct("arc", output, arc(gold)) is lenient
+    assert evaluate.latro_correct("arc", output, arc(gold), checker="fixed") is lenient
     assert evaluate.latro_correct("arc", output, arc(gold), strict=True) is strict
 
 
@@ -166,3 +166,116 @@ def test_cli_scores_a_predictions_file(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(root, "evaluate.py"), "--task", "gsm8k",
                              "--preds", str(preds)], capture_output=True, text=True, check=True)
     assert "gsm8k: 2/3 correct = 0.6667" in result.stdout
+    # --checker: a lowercase delimiter is an answer for the fixed checker only (released reads the last number)
+    preds.write_text(json.dumps({"answer": "7", "output": "the answer is 7, not 8"}))
+    for checker, want in [("released", "gsm8k: 0/1 correct = 0.0000"), ("fixed", "gsm8k: 1/1 correct = 1.0000")]:
+        result = subprocess.run([sys.executable, os.path.join(root, "evaluate.py"), "--task", "gsm8k",
+                                 "--preds", str(preds), "--checker", checker], capture_output=True, text=True,
+                                check=True)
+        assert want in result.stdout
+
+# -----------------------------------------------------------------------------
+# the released checker against the fixed one: verdicts derived by hand from the released rules (evaluate.py's
+# docstring), every quirk with at least one row; the last field says why the two differ where they do
+
+GSM8K_TABLE = [  # (output, gold, released, fixed, why)
+    ("The answer is 18.", "18", True, True, ""),
+    ("the answer is 18. I first thought 20", "18", False, True, "released delimiter is case-sensitive: last number"),
+    ("the answer is 18", "18", True, True, "lowercase, but 18 is also the last number"),
+    ("The answer is 3. Wait, no. The answer is 4 apples, not 5.", "4", True, True, "last delimiter, first number"),
+    ("The answer is 3. Wait, no. The answer is 4 apples, not 5.", "3", False, False, ""),
+    ("I computed 12. The answer is unknown.", "12", True, False, "no number after it: released takes the last one"),
+    ("In 2023 she had 5 apples. The answer is five.", "5", True, False, "the same fallback"),
+    ("She has 12 and buys 5 more, 17 in total.", "17", True, True, "no delimiter: the last number"),
+    ("The answer is 1,234,567.", "1234567", True, True, ""),
+    ("The answer is 1,2", "12", True, False, "released drops every comma: 1,2 reads 12"),
+    ("The answer is 1,2", "1", False, True, "fixed: commas only between groups of three digits"),
+    ("The answer is 1,000,00", "100000", True, False, "released 100000; fixed reads 1,000 then 00"),
+    ("The answer is 18.00", "18", True, True, "numeric equality"),
+    ("The answer is 0.1", "0.10", True, True, ""),
+    ("The answer is 7.5.", "7.5", True, True, ""),
+    ("The answer is 12,", "12", True, True, "a number ends with a digit"),
+    ("The answer is -2", "2", False, False, ""),
+    ("It costs 3-4 dollars", "4", False, True, "released glues the hyphen on: -4"),
+    ("It costs 3-4 dollars", "-4", True, False, "the same, the other way"),
+    ("The answer is $1,000.", "1000", True, True, ""),
+    ("The answer is .5", "0.5", True, True, ""),
+    ("nothing", "42", False, False, ""),
+    ("", "42", False, False, ""),
+    ("The answer is 42. I computed 41 before.", "42", True, True, ""),
+    ("The total is 42", "42", True, True, ""),
+    ("THE ANSWER IS 7", "7", True, True, "released: no delimiter, but 7 is the last number"),
+    ("The answer is: 7 or 8", "7", True, True, ""),
+    ("the answer is 7, not 8", "7", False, True, "lowercase delimiter: released takes the last number, 8"),
+    ("So 5 + 3 = 8. Therefore, the answer is 8 cookies, 2 left", "8", False, True, "the same: released reads 2"),
+    ("The answer is 10,000", "10000", True, True, ""),
+    ("The answer is 5,600 and change 3", "5600", True, True, ""),
+    ("The answer is 1e3", "1000", False, False, "no exponents: the first number is 1"),
+    ("The answer is 1.0000000000000001", "1", True, False, "float equality rounds; fixed compares decimals"),
+]
+
+ARC_OPTIONS = [("A", "heat"), ("B", "heat and light"), ("C", "sound"), ("D", "wind"), ("E", "2.5 m"),
+               ("F", "It rains.")]
+ARC_TABLE = [  # (output, gold option text, released, fixed, why)
+    ("The answer is heat and light.", "heat and light", True, True, ""),
+    ("the answer is HEAT AND LIGHT", "heat and light", True, True, "lower-cased"),
+    ("The answer is heat and light.", "heat", True, True, "a substring test: 'heat' is inside"),
+    ("The answer is sound, not heat.", "heat", True, True, "the same"),
+    ("The answer is (C).", "sound", False, False, "letters are not option texts"),
+    ("The answer is wind. No wait, the answer is sound.", "sound", False, True, "released: the FIRST sentence"),
+    ("The answer is wind. No wait, the answer is sound.", "wind", True, False, "fixed: the LAST delimiter"),
+    ("the answer is heat. the answer is sound.", "sound", False, True, "the same"),
+    ("The answer is sound. Actually heat.", "heat", False, True, "fixed reads to the end, released one sentence"),
+    ("Sound is made by wind. I think sound.", "sound", True, False, "no delimiter: released, last segment"),
+    ("Sound is made by wind. I think sound.", "wind", False, False, "wind is not in the last segment"),
+    ("I pick heat", "heat", True, False, "no delimiter: released searches the whole (one-segment) output"),
+    ("The answer is 2.5 m", "2.5 m", False, True, "an option with a '.' never matches after the delimiter"),
+    ("The answer is e.g. wind", "wind", False, True, "the sentence ends at 'e.'"),
+    ("The answer is it rains", "It rains.", True, False, "released drops the gold's final period"),
+    ("The answer is It rains.", "It rains.", True, True, ""),
+    ("", "heat", False, False, "empty output"),
+    ("Options are heat and sound. The answer is sound", "heat", False, False, "heat is before the delimiter"),
+    ("Heat rises, so the answer is heat", "heat", True, True, ""),
+    ("The answer is: [heat]", "heat", True, True, ""),
+    ("THE ANSWER IS WIND", "wind", True, True, ""),
+    ("The answer is (one of the options): wind.", "wind", True, True, ""),
+]
+
+
+def test_table_covers_at_least_40_outputs_with_differences_both_ways():
+    rows = GSM8K_TABLE + ARC_TABLE
+    assert len(rows) >= 40
+    assert any(r[2] and not r[3] for r in rows) and any(r[3] and not r[2] for r in rows)
+
+
+@pytest.mark.parametrize("output,gold,released,fixed,why", GSM8K_TABLE)
+def test_released_and_fixed_gsm8k(output, gold, released, fixed, why):
+    ex = {"answer": gold}
+    assert evaluate.latro_correct("gsm8k", output, ex, checker="released") is released
+    assert evaluate.latro_correct("gsm8k", output, ex, checker="fixed") is fixed
+    # maj@1 is the greedy verdict: the vote extracts exactly what the greedy check extracts
+    for checker in evaluate.CHECKERS:
+        assert evaluate.majority_correct("gsm8k", [output], ex, checker) is (released if checker == "released"
+                                                                             else fixed)
+
+
+@pytest.mark.parametrize("output,gold,released,fixed,why", ARC_TABLE)
+def test_released_and_fixed_arc(output, gold, released, fixed, why):
+    ex = {"answer": gold, "options": ARC_OPTIONS}
+    assert evaluate.latro_correct("arc", output, ex, checker="released") is released
+    assert evaluate.latro_correct("arc", output, ex, checker="fixed") is fixed
+    assert evaluate.majority_correct("arc", [output], ex, "released") is released
+    assert evaluate.majority_correct("arc", [output], ex, "fixed") is fixed
+
+
+def test_majority_votes_with_the_greedy_extraction():
+    # released GSM8K: "the answer is 7, not 8" votes 8 (its last number), like its greedy check
+    outs = ["the answer is 7, not 8", "The answer is 8", "The answer is 7"]
+    assert evaluate.majority_correct("gsm8k", outs, {"answer": "8"}, "released")
+    assert evaluate.majority_correct("gsm8k", outs, {"answer": "7"}, "fixed")
+    # released ARC votes on the searched sentence: two outputs say 'wind' first, one 'sound'
+    outs = ["The answer is wind. No, the answer is sound.", "The answer is wind", "The answer is sound"]
+    assert evaluate.majority_correct("arc", outs, {"answer": "wind", "options": ARC_OPTIONS}, "released")
+    assert not evaluate.majority_correct("arc", outs, {"answer": "sound", "options": ARC_OPTIONS}, "released")
+    with pytest.raises(ValueError, match="checker='paper'"):
+        evaluate.latro_correct("gsm8k", "The answer is 1", {"answer": "1"}, checker="paper")

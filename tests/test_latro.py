@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from data import Tokenizer
-from latro import (SequenceScorer, batch_layout, build_batch, latro_loss, latro_rewards, rloo_advantages, sample,
-                   score, stop_sequences, truncate_at_stop)
+from latro import (RELEASED_STOP_STRINGS, SequenceScorer, batch_layout, build_batch, cut_at_stop, disable_dropout,
+                   latro_loss, latro_rewards, parse_stop_strings, rloo_advantages, sample, score)
 from model import load_checkpoint, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,31 +56,37 @@ def test_rloo_identical_rewards_give_zero_advantages():
 
 # ---- truncation at the first stop -------------------------------------------------------------------------
 
-def test_first_stop_wins_and_is_excluded():
-    EOT = 2
-    stops = [[EOS], [EOT], [7, 8, 9], [8, 5], [6, 8, 5]]  # eos, end-of-turn, stop strings (one contains another)
-    tokens = torch.tensor([
-        [4, 7, 8, 9, 1, 3],   # stop string before eos -> 1
-        [4, 5, 1, 7, 8, 9],   # eos before the stop string -> 2
-        [4, 3, 2, 8, 5, 1],   # end-of-turn first -> 2
-        [4, 6, 8, 5, 3, 3],   # [8, 5] and [6, 8, 5] end together: the longer one is cut -> 1
-        [3, 7, 8, 5, 9, 1],   # [7, 8, 9] never completes; [8, 5] ends first -> 2
-        [1, 4, 4, 4, 4, 4],   # stop at once: empty rationale -> 0
-        [4, 5, 6, 3, 3, 7],   # no stop at all -> full length, flagged non-stopped
-    ])
-    lengths, stopped = truncate_at_stop(tokens, stops)
-    assert lengths.tolist() == [1, 2, 2, 1, 2, 0, 6]
-    assert stopped.tolist() == [True] * 6 + [False]
+# A word-level tokenizer with exactly V ids (4 specials + 36 pieces: ":" and "," are pieces), so tiny() samples text it can decode
+WORDS = ("The answer is so the final Answer: Therefore, bar far x y z a b c d e f g h i j k l m n o p q r s t u"
+         ).split()
+TOK = Tokenizer.from_words([" ".join(WORDS)])
+assert len(TOK) == V
 
-def test_stop_sequences_from_a_tokenizer():
-    tok = Tokenizer.from_words(["The answer is 3 .", "Answer: 4", "a\nb"])
-    seqs = stop_sequences(tok, ["The answer is", "Answer:", "Final answer"])  # 'Final' is not in the vocabulary
-    assert [tok.eos_id] in seqs and [tok.pad_id] in seqs and [tok.end_of_turn_id] in seqs
-    assert tok.encode("The answer is") in seqs and tok.encode("\nAnswer:") in seqs
-    assert len(seqs) == len({tuple(s) for s in seqs})  # no duplicates
-    ids = tok.encode("a b The answer is 3 .")
-    lengths, stopped = truncate_at_stop(torch.tensor([ids]), seqs)
-    assert tok.decode(ids[:lengths[0]]) == "a b" and stopped.item()
+def test_released_stop_strings():
+    assert len(RELEASED_STOP_STRINGS) == 18 and len(set(RELEASED_STOP_STRINGS)) == 18
+    assert {" the answer is", "So, the answer is", "Therefore, the answer is", "Answer:"} <= set(RELEASED_STOP_STRINGS)
+    assert parse_stop_strings("released") == RELEASED_STOP_STRINGS
+    assert parse_stop_strings("A|B c|") == ["A", "B c"] and parse_stop_strings("") == []
+
+def test_cut_before_the_first_stop_in_the_text():
+    stops, ids = RELEASED_STOP_STRINGS, {TOK.eos_id, TOK.pad_id}
+    cases = [  # (text, kept text, stopped)
+        ("a b The answer is c", "a b", True),
+        ("a b so the answer is c", "a b so", True),           # lowercase phrasing: " the answer is"
+        ("a Therefore, the answer is b", "a", True),          # the whole phrase goes, not only " the answer is"
+        ("a Answer: b The answer is c", "a", True),           # the first stop wins
+        ("The answer is a", "", True),                        # stop at once: empty rationale
+        ("a b c", "a b c", False),                            # no stop: non-stopped
+    ]
+    for text, kept, stopped in cases:
+        n, hit = cut_at_stop(TOK, TOK.encode(text), ids, stops)
+        assert (TOK.decode(TOK.encode(text)[:n]), hit) == (kept, stopped), text
+    # a stop id ends the text first: a stop string after it does not count; eos first -> cut there
+    row = TOK.encode("a b") + [TOK.eos_id] + TOK.encode("The answer is c")
+    assert cut_at_stop(TOK, row, ids, stops) == (2, True)
+    # a stop starting inside a token cuts before that token ("ar" starts inside "bar")
+    assert cut_at_stop(TOK, TOK.encode("a bar b"), ids, ["ar"]) == (1, True)
+    assert cut_at_stop(TOK, TOK.encode("a far b"), ids, []) == (3, False)  # stop ids only
 
 # ---- scoring, rewards, KL -----------------------------------------------------------------------------------
 
@@ -113,8 +119,8 @@ def test_kl_is_exactly_zero_at_step_0():
     xs = [x for x in rows()[0] for _ in range(4)]
     ys = [y for y in rows()[2] for _ in range(4)]
     g = torch.Generator().manual_seed(0)
-    zs, stopped, _ = sample(m, xs, 10, [[EOS], [3]], [[EOS], [3]], PAD, 5, torch.no_grad(), temperature=1.0,
-                            generator=g)
+    zs, stopped, _ = sample(m, xs, 10, PAD, 5, torch.no_grad(), tok=TOK, stop_ids={TOK.eos_id, PAD},
+                            stop_strings=["b", "c"], temperature=1.0, generator=g)
     logp_z, logp_y = score(SequenceScorer(m), xs, zs, ys, PAD, 4, torch.no_grad())
     ref_logp_z, _ = score(SequenceScorer(ref), xs, zs, ys, PAD, 4, torch.no_grad())
     rewards, kl = latro_rewards(logp_y, logp_z, ref_logp_z, stopped, 4, 0.05, 2.0, "group")
@@ -161,15 +167,29 @@ def test_loss_gradient_through_the_model_equals_per_row_sum():
 # ---- sampling ---------------------------------------------------------------------------------------------
 
 def test_early_stopped_sampling_equals_full_sampling_cut_at_first_stop():
+    """A row stops as soon as its decoded tail holds a stop; cutting the full-length samples with cut_at_stop
+    gives the same rationales and flags. Stops: an id, one-token and two-token strings, one inside a token."""
     m = tiny()
-    xs = [x for x in rows()[0] for _ in range(3)]
-    stops = [[EOS], [3], [5, 7]]
-    early, stopped, _ = sample(m, xs, 20, stops, stops, PAD, 4, torch.no_grad(), temperature=1.0,
-                               generator=torch.Generator().manual_seed(0))
-    full, stopped_full, _ = sample(m, xs, 20, [], stops, PAD, 4, torch.no_grad(), temperature=1.0,
-                                   generator=torch.Generator().manual_seed(0))
+    xs = [x for x in rows()[0] for _ in range(8)]
+    kw = dict(tok=TOK, stop_ids={TOK.eos_id, PAD}, stop_strings=["x y", "c", "ar", "so the"], temperature=1.0)
+    early, stopped, n_early = sample(m, xs, 20, PAD, 4, torch.no_grad(), generator=torch.Generator().manual_seed(0),
+                                     **kw)
+    full, stopped_full, n_full = sample(m, xs, 20, PAD, 4, torch.no_grad(), early_stop=False,
+                                        generator=torch.Generator().manual_seed(0), **kw)
     assert early == full and torch.equal(stopped, stopped_full)
-    assert stopped.any() and any(len(z) > 0 for z in early)  # not vacuous: rows stop early, rationales non-empty
+    assert n_early < n_full  # batches did stop early
+    assert stopped.any() and not stopped.all() and any(len(z) > 0 for z in early)  # not vacuous
+
+def test_dropout_off_for_pretrained_models():
+    # GPT-2 dropout modules and Llama's attention dropout (a float handed to the kernel) are both switched off:
+    # two train-mode forwards are then the same function
+    for arch in ("gpt2", "llama"):
+        m = load_model("scratch", V, arch=arch, n_layer=1, n_head=2, n_embd=32, block_size=32, dropout=0.5)
+        ids = torch.randint(4, V, (2, 12))
+        m.train()
+        assert not torch.equal(m(ids).logits, m(ids).logits)  # dropout is on before
+        disable_dropout(m)
+        assert torch.equal(m(ids).logits, m(ids).logits)
 
 # ---- batch arithmetic -------------------------------------------------------------------------------------
 
@@ -229,7 +249,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
     assert ckpt["iter_num"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-@pytest.mark.parametrize("preset", ["config/latro_gsm8k.py", "config/latro_arc.py"])
+@pytest.mark.parametrize("preset", ["config/latro_gsm8k.py", "config/latro_arc.py", "config/latro_sft_gsm8k.py",
+                                    "config/latro_sft_arc.py"])
 def test_presets_parse_and_divide_on_8_gpus(preset):
     # a preset must only name real keys with the right types, and its batch must split over the 8 GPUs it names
     import latro
@@ -237,3 +258,32 @@ def test_presets_parse_and_divide_on_8_gpus(preset):
     cfg = configure(dict(vars(latro)), [preset], verbose=False)
     prompts, rollouts, accum = latro.batch_layout(cfg["batch_size"], cfg["rloo_k"], cfg["micro_batch_size"], 8)
     assert (prompts, rollouts, accum) == (3, 48, 12)  # the released 8 x 3 prompts, 48 rollouts in 12 micro-steps of 4
+
+
+def test_sft_baseline_prompts_and_targets():
+    # the released SFT baseline: GSM8K trains on the bare question -> solution + 'The answer is N' (no period),
+    # and is evaluated with the CoT prompt; ARC trains on the direct-answer prompt, evaluated with the format block
+    from data import ARC_SFT_EVAL_FORMAT, latro_prompt, sft_target
+    gsm = {"question": "Q?", "steps": ["2 + 3 = <<2+3=5>>5", "5 x 2 = 10"], "answer": "10"}
+    assert latro_prompt(gsm, "gsm8k", style="sft") == "Q?"
+    assert latro_prompt(gsm, "gsm8k", style="sft_eval") == latro_prompt(gsm, "gsm8k") == "Q? Let's think step by step."
+    assert sft_target(gsm, "gsm8k") == "2 + 3 = <<2+3=5>>5\n5 x 2 = 10\nThe answer is 10"
+    arc = {"question": "Which?", "steps": [], "answer": "wind", "options": [("A", "heat"), ("B", "wind")]}
+    assert latro_prompt(arc, "arc", style="sft") == ("Which?\nOptions: ['heat', 'wind']\nChoose one from available "
+                                                     "options and return your answer like `The answer is "
+                                                     "{final_answer}`.")
+    assert latro_prompt(arc, "arc", style="sft_eval") == ARC_SFT_EVAL_FORMAT + "\nQuestion: Which?\nOptions: " \
+                                                                              "['heat', 'wind']\n"
+    assert sft_target(arc, "arc") == "The answer is wind."
+    with pytest.raises(ValueError, match="prompt style 'zero'"):
+        latro_prompt(gsm, "gsm8k", style="zero")
+
+
+def test_sft_baseline_run_and_bad_names(tmp_path):
+    # the SFT-baseline path end to end: one target text per question, epochs -> steps, linear decay, no LaTRO
+    p = run(TINY + [f"--out_dir={tmp_path}", "--prompt=sft", "--eval_prompt=sft_eval", "--sft_share=1.0",
+                    "--sft_epochs=0.25", "--sft_batch_size=8", "--sft_decay=True", "--latro_steps=0", "--maj_k=0"])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "up to 2 steps of 8 (0.25 epochs)" in p.stdout and "SFT baseline | test acc" in p.stdout
+    p = run(TINY + [f"--out_dir={tmp_path / 'x'}", "--checker=paper"])
+    assert p.returncode != 0 and "checker='paper'" in p.stderr and "data:" not in p.stdout

@@ -1,9 +1,13 @@
 """model.py: loading, target log-probs, KV-cached decoding and checkpoints."""
+import inspect
+import logging
+import warnings
+
 import pytest
 import torch
 
 from model import (generate, left_pad, load_checkpoint, load_model, position_ids_from_mask, sample_next,
-                   save_checkpoint, token_logprobs, backbone)
+                   save_checkpoint, token_logprobs, backbone, cache_kwargs, output_cache)
 
 V = 40
 
@@ -126,3 +130,159 @@ def test_checkpoint_atomic_and_corrupt(tmp_path):
         load_checkpoint(path)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(str(tmp_path / "missing.pt"))
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_cache_passed_under_the_name_the_installed_transformers_expects(arch, monkeypatch):
+    # transformers renamed past_key_values= to cache= (5.24 warns that the old name goes in 5.40;
+    # 5.17 only knows past_key_values=). The name we pass must be the one in the forward's
+    # signature, and decoding must not log or warn about a deprecated name.
+    m = tiny(arch)
+    for module in (m, backbone(m)):
+        (name,) = cache_kwargs(module, None)
+        assert name in inspect.signature(type(module).forward).parameters
+    messages = []
+    def record(self, msg, *args, **kwargs):
+        messages.append(str(msg))
+    monkeypatch.setattr(logging.Logger, "warning_once", record)
+    monkeypatch.setattr(logging.Logger, "warning", record)
+    ids, mask = left_padded()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        toks, _ = generate(m, ids, mask, 4, stop_sequences=[], pad_id=0)
+        out = m(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(m, None))
+        cache = output_cache(out)
+    messages += [str(w.message) for w in caught]
+    assert not [msg for msg in messages if "past_key_values" in msg or "deprecat" in msg], messages
+    assert toks.shape == (3, 4) and cache.get_seq_length() == ids.shape[1]
+
+# -----------------------------------------------------------------------------
+# checkpoint writes that survive interruption; out_dir rules; the stop flag
+
+import os
+import signal
+import subprocess
+import sys
+
+from configurator import UserError
+from model import StopRequest, prepare_out_dir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, {"step": 1})
+    real_save = torch.save
+
+    def save_half_then_die(obj, f):  # a kill or a full disk mid-write
+        real_save(obj, f)
+        f.truncate(10)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", save_half_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"step": 2})
+    assert load_checkpoint(path)["step"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]  # the partial temporary file is gone
+
+def test_leftover_temp_file_is_harmless_and_cleaned_by_prepare_out_dir(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, {"step": 1})
+    # a SIGKILL mid-write, long ago
+    (tmp_path / "ckpt.pt.tmp.12345").write_bytes(b"half a checkpoint")
+    save_checkpoint(path, {"step": 2})
+    assert load_checkpoint(path)["step"] == 2
+    lock = prepare_out_dir(str(tmp_path), resume=True)
+    lock.release()
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "run.lock"]
+
+WRITER = """
+import sys, torch
+from model import save_checkpoint
+for i in range(40):
+    save_checkpoint(sys.argv[1], {"w": torch.full((20000,), float(i)), "who": sys.argv[2]})
+"""
+
+def test_two_processes_writing_one_path_do_not_crash_each_other(tmp_path):
+    # with one shared temporary name, a writer's rename took the other's half-written file or
+    # found none
+    path = str(tmp_path / "ckpt.pt")
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, path, who], env=env,
+                              stderr=subprocess.PIPE) for who in ("a", "b")]
+    errors = [p.communicate()[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    ck = load_checkpoint(path)
+    assert ck["who"] in ("a", "b") and torch.equal(ck["w"], torch.full((20000,), 39.0))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+def test_out_dir_that_is_a_file_or_unwritable_is_refused_before_work(tmp_path):
+    f = tmp_path / "out"
+    f.write_text("x")
+    with pytest.raises(UserError, match=r"out_dir '.*out' is a file, not a directory"):
+        prepare_out_dir(str(f), resume=False)
+    with pytest.raises(UserError, match=r"out_dir '.*out/run' cannot be written"):
+        prepare_out_dir(str(f / "run"), resume=False)  # a directory that cannot be created
+
+def test_a_scratch_run_refuses_an_out_dir_with_an_earlier_run(tmp_path, capsys):
+    out = str(tmp_path)
+    save_checkpoint(os.path.join(out, "ckpt.pt"), {"step": 5})
+    save_checkpoint(os.path.join(out, "best.pt"), {"step": 4})
+    with pytest.raises(UserError, match=r"holds ckpt.pt and best.pt of an earlier run: continue "
+                                        r"it with --init_from=resume, start over with "
+                                        r"--overwrite=True"):
+        prepare_out_dir(out, resume=False)
+    assert load_checkpoint(os.path.join(out, "ckpt.pt"))["step"] == 5  # nothing was touched
+    lock = prepare_out_dir(out, resume=True)  # the lock of the refused call was released
+    lock.release()
+    assert {"ckpt.pt", "best.pt"} <= set(os.listdir(out))  # resuming keeps the run's best.pt
+    os.remove(os.path.join(out, "ckpt.pt"))
+    with pytest.raises(UserError, match=r"holds best.pt of an earlier run: start over"):
+        prepare_out_dir(out, resume=False)
+    with pytest.raises(UserError, match=r"init_from='resume' but out_dir .* has no ckpt.pt"):
+        prepare_out_dir(out, resume=True)
+    lock = prepare_out_dir(out, resume=False, overwrite=True)
+    lock.release()
+    # no stale best.pt beside the new run's checkpoints
+    assert sorted(os.listdir(out)) == ["run.lock"]
+    assert "removed" in capsys.readouterr().out
+
+HOLDER = """
+import sys, time
+from model import prepare_out_dir
+prepare_out_dir(sys.argv[1], resume=False)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+def test_out_dir_lock_names_the_live_holder_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    out = str(tmp_path / "run")
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, out], env=env, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        message = rf"'{out}' is in use by another run \(pid {holder.pid} on "
+        with pytest.raises(UserError, match=message):
+            prepare_out_dir(out, resume=False)
+    finally:
+        holder.kill()  # SIGKILL: no exit handler runs, the lock file still names the dead pid
+        holder.wait()
+    lock = prepare_out_dir(out, resume=False)
+    assert open(os.path.join(out, "run.lock")).read().split()[0] == str(os.getpid())
+    with pytest.raises(UserError, match=rf"in use by another run \(pid {os.getpid()} on "):
+        prepare_out_dir(out, resume=False)  # a second run from this very process is refused too
+    lock.release()
+    prepare_out_dir(out, resume=False).release()
+
+def test_stop_request_sets_a_flag_and_a_second_signal_acts_at_once():
+    before = signal.getsignal(signal.SIGINT)
+    stop = StopRequest()
+    try:
+        assert not stop.requested()
+        os.kill(os.getpid(), signal.SIGTERM)  # preemption: the run goes on to the end of its step
+        assert stop.requested() and stop.signum == signal.SIGTERM
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # asked twice: Python's own Ctrl-C behaviour
+        assert signal.getsignal(signal.SIGINT) is before  # the earlier handlers are back
+    finally:
+        stop.restore()
