@@ -23,9 +23,9 @@ Methods (--method=, or add an overlay such as config/coconut_pause.py after a ta
     pause_as_thought  same data, <latent> a learned token        no_cot   Q A
     no_thoughts       curriculum deletes steps, nothing instead   pause    Q <latent>xN A, no curriculum
 "w/o curriculum" is coconut at the final stage from the first epoch: --start_stage=99 (capped).
-Accuracy against the number of inference thoughts (no retraining), and bf16 autocast instead of the released fp32:
-    python coconut.py config/coconut_prosqa.py --eval_only=True --init_from=out/prosqa_coconut/best.pt \
-        --thoughts_sweep=0,1,2,3,4,5,6
+Accuracy against the number of inference thoughts (no retraining); bf16 autocast instead of fp32:
+    python coconut.py config/coconut_prosqa.py --eval_only=True \
+        --init_from=out/prosqa_coconut/best.pt --thoughts_sweep=0,1,2,3,4,5,6
     torchrun --standalone --nproc_per_node=4 coconut.py config/coconut_prosqa.py --precision=bf16
 """
 
@@ -72,15 +72,17 @@ c_thought = 1                   # thoughts per replaced step (paper: 2 for GSM8k
 epochs_per_stage = 3            # curriculum: epochs per stage (paper: 3 GSM8k, 5 ProsQA/ProntoQA)
 max_latent_stage = 3            # last stage with steps left; past it all steps are dropped (paper: 3 GSM8k, 6 ProsQA)
 start_stage = 0                 # first stage: 1 when continuing from a CoT run; 99 (capped) = "w/o curriculum"
-pad_latent_to_max = True        # True: k*c thoughts at stage k whatever the step count (released default); False:
-                                # min(k, #steps)*c past the last stage and at inference (training stages keep k*c)
+pad_latent_to_max = True        # True (released default): k*c thoughts at stage k whatever the
+                                # step count; False: min(k, #steps)*c past the last stage and at
+                                # inference (training stages k <= max_latent_stage keep k*c)
 uniform_prob = 0.0              # chance that an example trains at a random stage in 0..#steps instead (released: 0)
 n_thoughts_eval = -1            # thoughts at inference (and pause tokens); -1 = max_latent_stage * c_thought
-thoughts_sweep = ""             # e.g. '0,1,2,3,4,5,6': test accuracy and tokens at each inference thought count
-                                # (table + out_dir/thoughts_sweep.json; the paper's accuracy-vs-thoughts analysis)
-marker_init = "auto"            # the 3 new marker rows start as copies of this one token's embedding (released:
-                                # '<<'); 'auto' = '<<' (else '<') for pretrained weights, fresh rows for scratch
-                                # ones; '' = fresh N(0, 0.02) rows
+thoughts_sweep = ""             # e.g. '0,1,2,3,4,5,6': test accuracy and tokens at each inference
+                                # thought count, a table + out_dir/thoughts_sweep.json (the paper's
+                                # accuracy-vs-thoughts analysis)
+marker_init = "auto"            # the 3 new marker rows copy this one token's embedding (released:
+                                # '<<'); 'auto' = '<<' (else '<') for pretrained weights, fresh rows
+                                # for a model from scratch; '' = fresh N(0, 0.02) rows
 # model (init_from='scratch')
 arch = "gpt2"                   # gpt2 | llama
 n_layer = 2
@@ -94,9 +96,10 @@ batch_size = 32                 # GLOBAL batch in examples, over all ranks and m
 micro_batch_size = 32           # examples per rank per forward; grad accumulation = batch / (micro * world)
 learning_rate = 1e-3            # AdamW lr (paper: 1e-4 for pretrained GPT-2; a tiny model from scratch likes 1e-3)
 weight_decay = 0.01
-reset_optimizer = "stage"       # 'stage': new AdamW at each stage switch (paper text); 'epoch': every epoch (the
-                                # released coconut configs); 'never' (the released GSM8k CoT config)
-precision = "fp32"              # 'fp32' (released) | 'bf16': bf16 autocast, fp32 weights/optimizer, fp32 log-probs
+reset_optimizer = "stage"       # 'stage': new AdamW at each stage switch (paper text); 'epoch':
+                                # every epoch (released coconut configs); 'never' (released GSM8k CoT)
+precision = "fp32"              # 'fp32' (released) | 'bf16': bf16 autocast; weights, optimizer and
+                                # log-probs stay fp32
 # evaluation
 eval_batch_size = 64            # prompts per generate call, per rank
 max_new_tokens = 48             # paper: 64 GSM8k, 128 others

@@ -446,7 +446,8 @@ PRESETS = [  # files, released values, thoughts (or pauses) at inference, marker
     (("coconut_prosqa.py",), dict(method="coconut", c_thought=1, epochs_per_stage=5, max_latent_stage=6,
                                   num_epochs=50, start_stage=0, reset_optimizer="epoch", max_new_tokens=128), 6, True),
     (("coconut_prontoqa.py",), dict(method="coconut", c_thought=1, epochs_per_stage=5, max_latent_stage=6,
-                                    num_epochs=50, start_stage=0, reset_optimizer="epoch", max_new_tokens=128), 6, True),
+                                    num_epochs=50, start_stage=0, reset_optimizer="epoch",
+                                    max_new_tokens=128), 6, True),
     (("coconut_gsm8k_cot.py",), dict(method="cot", num_epochs=25, reset_optimizer="never", max_new_tokens=64,
                                      init_from="openai-community/gpt2"), 0, False),
     (("coconut_gsm8k.py",), dict(method="coconut", c_thought=2, epochs_per_stage=3, max_latent_stage=3,
@@ -454,7 +455,10 @@ PRESETS = [  # files, released values, thoughts (or pauses) at inference, marker
     (("coconut_gsm8k_cot.py", "coconut_pause.py"), dict(method="pause", max_new_tokens=64), 6, True),
 ]
 
-@pytest.mark.parametrize("files,values,n_infer,copies", PRESETS, ids=lambda x: "+".join(x) if isinstance(x, tuple) else None)
+def preset_id(x):
+    return "+".join(x) if isinstance(x, tuple) else None
+
+@pytest.mark.parametrize("files,values,n_infer,copies", PRESETS, ids=preset_id)
 def test_presets_resolve_to_released_values(files, values, n_infer, copies):
     cfg = resolve(*files)
     for key, want in {**RELEASED, **values}.items():
