@@ -480,10 +480,12 @@ def check_lengths(n_positions, prompts, answers, gold, max_rationale_tokens, eva
 def check_resume(ckpt, config, path):
     """Resume tells the truth: a checkpoint of another script, or of a run with another task, data,
     tokenizer, seed or (scratch) model shape, is refused, naming the keys that differ."""
-    if ckpt.get("script", "latro") != "latro" or "ref_model" not in ckpt:
-        raise UserError(f"{path} was not written by latro.py (script {ckpt.get('script', '?')!r}): "
+    # (checkpoints from before the "script" entry are recognised by π0's slot)
+    script = ckpt.get("script", "latro" if "ref_model" in ckpt else "?")
+    if script != "latro":
+        raise UserError(f"{path} was not written by latro.py (script {script!r}): "
                         f"point --out_dir at a latro.py run, or start with --init_from=scratch")
-    keys = RESUME_KEYS + (MODEL_KEYS if ckpt["source"] == "scratch" else ())
+    keys = (MODEL_KEYS if ckpt["source"] == "scratch" else ()) + RESUME_KEYS
     check_same_run(ckpt["config"], config, keys)
 
 # -----------------------------------------------------------------------------
