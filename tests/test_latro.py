@@ -224,20 +224,7 @@ def test_bad_batch_arithmetic_fails_before_any_work(tmp_path):
     assert "micro_batch_size=3" in p.stderr and "2 prompts x rloo_k=4 = 8 rollouts" in p.stderr
     assert "data:" not in p.stdout and not os.listdir(tmp_path)  # failed before loading data or a model
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    for args in ([f"--out_dir={a}"], [f"--out_dir={b}", "--stop_at_step=2"], [f"--out_dir={b}", "--init_from=resume"]):
-        p = run(TINY + args)
-        assert p.returncode == 0, p.stderr[-3000:]
-    assert "step 3/4" in p.stdout and "step 1/4" not in p.stdout  # the resumed run continued at step 3
-    ca, cb = load_checkpoint(str(a / "ckpt.pt")), load_checkpoint(str(b / "ckpt.pt"))
-    assert ca["iter_num"] == cb["iter_num"] == 4
-    for k in ca["model"]:
-        assert torch.equal(ca["model"][k], cb["model"][k]), k
-    for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
-        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
-
-# (2-process DDP and FSDP runs: tests/test_latro_script.py)
+# (resume, kills, NaN guards, 2-process DDP and FSDP runs: tests/test_latro_script.py)
 
 @pytest.mark.parametrize("preset", ["config/latro_gsm8k.py", "config/latro_arc.py", "config/latro_sft_gsm8k.py",
                                     "config/latro_sft_arc.py"])
@@ -275,8 +262,7 @@ def test_sft_baseline_run_and_bad_names(tmp_path):
                     "--sft_epochs=0.25", "--sft_batch_size=8", "--sft_decay=True", "--latro_steps=0", "--maj_k=0"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "up to 2 steps of 8 (0.25 epochs)" in p.stdout and "SFT baseline | test acc" in p.stdout
-    p = run(TINY + [f"--out_dir={tmp_path / 'x'}", "--checker=paper"])
-    assert p.returncode != 0 and "checker='paper'" in p.stderr and "data:" not in p.stdout
+    # (a bad checker name: CONFIG_ERRORS below)
 
 
 # ---- the up-front check, resume refusal, the per-rank prompts and the lr schedule -------------------------
