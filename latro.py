@@ -466,11 +466,12 @@ def check_config(cfg, world_size=1, distributed=False, cuda_available=False):
 def check_lengths(n_positions, prompts, answers, gold, max_rationale_tokens, eval_max_tokens):
     """A UserError when a sequence could outgrow the model's n_positions: a rollout (prompt +
     max_rationale_tokens + answer), an evaluation (prompt + eval_max_tokens + answer) or a gold
-    warm-up row (token lists of prompt, rationale, answer). Returns the longest length."""
+    warm-up row (token lists of prompt, rationale, answer). Returns the longest length. n_positions None:
+    a model without a position limit in its config (nothing to check)."""
     need = max(len(x) + len(y) for x, y in zip(prompts, answers))
     need += max(max_rationale_tokens, eval_max_tokens)
     longest_gold = max((sum(map(len, row)) for row in gold), default=0)
-    if max(need, longest_gold) > n_positions:
+    if n_positions is not None and max(need, longest_gold) > n_positions:
         raise UserError(f"the longest sequence needs {max(need, longest_gold)} positions (prompt + "
                         f"answer + max(max_rationale_tokens, eval_max_tokens) = {need}, gold warm-up "
                         f"row {longest_gold}) but the model has {n_positions}: raise block_size (scratch) "
@@ -524,7 +525,9 @@ if __name__ == "__main__":
     def finish(code, message):
         """End every rank together: log, tear down the process group, exit with `code`."""
         log(message)
-        if ddp:
+        if ddp:  # the DDP wrapper goes first, as at the end of the script
+            globals().pop("train_scorer", None)
+            gc.collect()
             dist.destroy_process_group()
         sys.exit(code)
 
@@ -569,7 +572,7 @@ if __name__ == "__main__":
     else:
         model_cfg = AutoConfig.from_pretrained(source)
     eval_ex = dev_ex + test_ex
-    n_positions = getattr(model_cfg, "max_position_embeddings", None) or model_cfg.n_positions
+    n_positions = getattr(model_cfg, "max_position_embeddings", None) or getattr(model_cfg, "n_positions", None)
     longest = check_lengths(n_positions, train_x + encode_x(eval_ex, eval_prompt or prompt),
                             train_y + encode_y(eval_ex), list(zip(gold_x, gold_z, gold_y)),
                             max_rationale_tokens, eval_max_tokens)
