@@ -44,16 +44,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AutoConfig
 
 from configurator import UserError, configure, exit_cleanly_on_user_error
-from data import (PROMPT_STYLES, TASKS, build_tokenizer, check_split_overlap, latro_answer, latro_prompt,
-                  latro_rationale, load_task, sft_target)
+from data import (PROMPT_STYLES, TASKS, build_tokenizer, check_split_overlap, latro_answer,
+                  latro_prompt, latro_rationale, load_task, sft_target)
 from evaluate import CHECKERS, latro_correct, majority_correct
-from model import (StopRequest, autocast_ctx, backbone, check_memory_plan,
-                   check_same_run, device_memory_bytes, enable_activation_checkpointing,
-                   estimate_activation_bytes, estimate_kv_cache_bytes, format_memory_plan, fsdp_wrap,
-                   full_state_dicts, gather_full, gathered, generate, left_pad, load_checkpoint,
-                   load_full_state_dicts, load_model, memory_plan, n_params_of_config, nonfinite_names,
-                   position_ids_from_mask, prepare_out_dir, save_checkpoint, save_pretrained_full,
-                   set_grad_sync, token_logprobs)
+from model import (StopRequest, autocast_ctx, backbone, check_memory_plan, check_same_run,
+                   device_memory_bytes, enable_activation_checkpointing, estimate_activation_bytes,
+                   estimate_kv_cache_bytes, format_memory_plan, fsdp_wrap, full_state_dicts,
+                   gather_full, gathered, generate, left_pad, load_checkpoint, load_full_state_dicts,
+                   load_model, memory_plan, n_params_of_config, nonfinite_names, position_ids_from_mask,
+                   prepare_out_dir, save_checkpoint, save_pretrained_full, set_grad_sync,
+                   token_logprobs)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults are the embedded CPU demo (a few minutes on 2 cores); paper values in comments
@@ -63,14 +63,14 @@ init_from = "scratch"          # 'scratch' (tiny model), 'resume' (out_dir/ckpt.
 eval_interval = 25             # LaTRO steps between dev evaluations and checkpoints
 stop_at_step = 0               # end this invocation after this LaTRO step (checkpoint kept, resume later); 0 = never
 export_hf = True               # write out_dir/hf with save_pretrained (model + tokenizer) at the end
-overwrite = False              # a scratch run may delete ckpt.pt / best.pt of an earlier run in out_dir
+overwrite = False              # a scratch run may delete an earlier run's ckpt.pt / best.pt
 wandb_log = False              # log to Weights & Biases (imported only when True)
 wandb_project = "nanolatent"   # wandb project
 wandb_run_name = "latro"       # wandb run name
 # data
 task = "modsum"                # modsum (CPU demo) | gsm8k | arc | any task of data.py with a numeric or text answer
 data_path = ""                 # local file for gsm8k / arc / json; '' = generate or download
-split_layout = ""              # one local file for every split: 'tail:VAL,TEST' (see data.load_task)
+split_layout = ""              # one local file for all splits: 'tail:VAL,TEST' (data.load_task)
 n_train = 0                    # training questions (0 = the task's default size)
 n_dev = 200                    # dev questions: evaluation during training and model selection
 n_test = 500                   # test questions: evaluated before LaTRO and once at the end, never used for selection
@@ -120,7 +120,7 @@ maj_k = 8                      # samples per question for maj@k (self-consistenc
 # system
 device = "auto"                # auto | cpu | cuda
 seed = 1337                    # data order, initial weights, and rollouts (seeded by seed, step and rank)
-fsdp = False                   # shard weights, gradients, optimizer state and π0 over the GPUs (FSDP2)
+fsdp = False                   # FSDP2: shard weights, gradients, optimizer state and π0
 ddp_timeout_s = 1800           # a rank waiting this long in a collective (a dead peer) ends the run
 if __name__ == "__main__":  # a config file and --key=value override the defaults (importing keeps them)
     config = configure(globals(), sys.argv[1:])
@@ -132,15 +132,16 @@ def batch_layout(batch_size, rloo_k, micro_batch_size, world_size):
     """Per-rank counts from the global ones. Each rank owns whole groups of K, so the leave-one-out baseline never
     needs another rank's rewards, and every rank runs the same number of micro-steps (or DDP's backward hangs)."""
     if rloo_k < 2:
-        raise UserError(f"rloo_k={rloo_k}: the leave-one-out baseline needs at least 2 rationales per prompt")
+        raise UserError(f"rloo_k={rloo_k}: the leave-one-out baseline needs at least 2 rationales "
+                        f"per prompt")
     if batch_size % world_size:
-        raise UserError(f"batch_size={batch_size} prompts per step do not split over {world_size} ranks: "
-                         f"make batch_size a multiple of {world_size} or change the number of processes")
+        raise UserError(f"batch_size={batch_size} prompts per step do not split over "
+                        f"{world_size} ranks: make batch_size a multiple of {world_size} or change the number of processes")
     prompts = batch_size // world_size
     rollouts = prompts * rloo_k
     if rollouts % micro_batch_size:
-        raise UserError(f"each rank has {prompts} prompts x rloo_k={rloo_k} = {rollouts} rollouts, which "
-                         f"micro_batch_size={micro_batch_size} does not divide: pick a micro_batch_size dividing "
+        raise UserError(f"each rank has {prompts} prompts x rloo_k={rloo_k} = {rollouts} "
+                        f"rollouts, which micro_batch_size={micro_batch_size} does not divide: pick a micro_batch_size dividing "
                          f"{rollouts}, or change batch_size / rloo_k")
     return prompts, rollouts, rollouts // micro_batch_size  # prompts per rank, rollouts per rank, accumulation
 
@@ -359,12 +360,12 @@ def rank_prompts(step, batch_size, n_data, seed, rank, world_size):
     return step_indices(step, batch_size, n_data, seed)[rank * per_rank:(rank + 1) * per_rank]
 
 def lr_at(step, lr, total_steps):
-    """The learning rate of optimizer step `step` (0-based) of total_steps: linear decay from lr to 0,
-    no warm-up, as released (the first step uses lr, the last lr / total_steps)."""
+    """The learning rate of optimizer step `step` (0-based) of total_steps: linear decay from lr
+    to 0, no warm-up, as released (the first step uses lr, the last lr / total_steps)."""
     return lr * (1 - step / total_steps)
 
 def local(t):
-    """This rank's part of a tensor: the local shard of an FSDP DTensor, the tensor itself otherwise."""
+    """This rank's part of a tensor: the local shard of an FSDP DTensor, else the tensor."""
     return t.to_local() if hasattr(t, "to_local") else t
 
 def nonfinite_grads(model):
@@ -389,7 +390,8 @@ def check_config(cfg, world_size=1, distributed=False, cuda_available=False):
         fail(f"task={cfg['task']!r} is unknown; " + (f"did you mean {close[0]}?" if close else
                                                     f"known: {', '.join(TASKS)}"))
     choices = [("arch", ("gpt2", "llama")), ("penalty", ("group", "rank_mean", "none")),
-               ("checker", CHECKERS), ("prompt", ("cot", "sft")), ("eval_prompt", ("",) + PROMPT_STYLES),
+               ("checker", CHECKERS), ("prompt", ("cot", "sft")),
+               ("eval_prompt", ("",) + PROMPT_STYLES),
                ("arc_options", ("released", "lettered"))]
     for key, allowed in choices:
         if cfg[key] not in allowed:
@@ -404,21 +406,21 @@ def check_config(cfg, world_size=1, distributed=False, cuda_available=False):
         fail(f"stop_strings={spec!r}: did you mean 'released'? (to stop at that text, write it as "
              f"'{spec}|' )")
     if any(not s.strip() for s in parse_stop_strings(spec)):
-        fail(f"stop_strings={spec!r} holds a blank stop string: it would cut every rationale at the "
-             f"first space; separate real strings with '|'")
+        fail(f"stop_strings={spec!r} holds a blank stop string: it would cut every rationale at "
+             f"the first space; separate real strings with '|'")
     if cfg["init_from"] not in ("scratch", "resume") and os.path.isfile(cfg["init_from"]):
-        fail(f"init_from={cfg['init_from']!r} is a file; give a directory written by save_pretrained, "
-             f"a hub name, 'scratch' or 'resume'")
+        fail(f"init_from={cfg['init_from']!r} is a file; give a directory written by "
+             f"save_pretrained, a hub name, 'scratch' or 'resume'")
     for key, value in cfg.items():
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"{key}={value}: give a finite number")
-    positive = ("batch_size", "micro_batch_size", "gen_batch_size", "eval_max_tokens", "eval_interval",
-                "sft_batch_size", "sft_eval_interval", "lr", "sft_lr", "ddp_timeout_s", "gamma",
+    positive = ("batch_size", "micro_batch_size", "gen_batch_size", "eval_max_tokens",
+                "eval_interval", "sft_batch_size", "sft_eval_interval", "lr", "sft_lr", "ddp_timeout_s", "gamma",
                 "n_layer", "n_head", "n_embd", "block_size")
     for key in positive:
         if cfg[key] <= 0:
             fail(f"{key}={cfg[key]}: give a value > 0")
-    # documented zeros: 0 steps (no warm-up, no LaTRO), 0 = the task's default size, maj_k 0 = greedy
+    # documented zeros: 0 steps (no warm-up / LaTRO), 0 = the task's default size, maj_k 0 = greedy
     at_least_zero = ("latro_steps", "sft_steps", "sft_epochs", "stop_at_step", "n_train", "n_dev",
                      "n_test", "maj_k", "beta", "sft_coef", "weight_decay", "sft_target_acc")
     for key in at_least_zero:
@@ -428,15 +430,17 @@ def check_config(cfg, world_size=1, distributed=False, cuda_available=False):
     # rollouts that cannot teach: K equal rationales get equal rewards, so every advantage is 0
     if cfg["temperature"] <= 0:
         fail(f"temperature={cfg['temperature']}: greedy rollouts make the K rationales of a prompt "
-             f"identical, so every RLOO advantage is 0 and LaTRO learns nothing; use > 0 (paper: 1)")
+             f"identical, so every RLOO advantage is 0 and LaTRO learns nothing; use > 0 "
+             f"(paper: 1)")
     if not 0 < cfg["top_p"] <= 1:
-        fail(f"top_p={cfg['top_p']}: use 0 < top_p <= 1 (1 = no nucleus, as in the paper); top_p -> 0 "
-             f"is greedy, whose identical rollouts give zero advantages")
+        fail(f"top_p={cfg['top_p']}: use 0 < top_p <= 1 (1 = no nucleus, as in the paper); "
+             f"top_p -> 0 is greedy, whose identical rollouts give zero advantages")
     if cfg["max_rationale_tokens"] <= 0:
-        fail(f"max_rationale_tokens={cfg['max_rationale_tokens']}: LaTRO optimises the rationale, so it "
-             f"needs at least one token (paper: 500)")
+        fail(f"max_rationale_tokens={cfg['max_rationale_tokens']}: LaTRO optimises the rationale, "
+             f"so it needs at least one token (paper: 500)")
     if not 0 < cfg["sft_share"] <= 1:
-        fail(f"sft_share={cfg['sft_share']}: a share of the training questions, use a value in (0, 1]")
+        fail(f"sft_share={cfg['sft_share']}: a share of the training questions, use a value in "
+             f"(0, 1]")
     if cfg["sft_target_acc"] > 1:
         fail(f"sft_target_acc={cfg['sft_target_acc']}: an accuracy, use a value in [0, 1] "
              f"(0 = run all sft_steps)")
@@ -447,9 +451,9 @@ def check_config(cfg, world_size=1, distributed=False, cuda_available=False):
     # runs that would report an untrained model or contradict themselves
     no_warm_up = cfg["sft_steps"] == 0 and cfg["sft_epochs"] == 0
     if cfg["init_from"] == "scratch" and no_warm_up and cfg["latro_steps"] == 0:
-        fail("init_from='scratch' with no SFT warm-up (sft_steps=0) and latro_steps=0 trains nothing: "
-             "the test accuracy would be a random model's; set sft_steps or latro_steps, or evaluate a "
-             "trained model with evaluate.py")
+        fail("init_from='scratch' with no SFT warm-up (sft_steps=0) and latro_steps=0 trains "
+             "nothing: the test accuracy would be a random model's; set sft_steps or latro_steps, "
+             "or evaluate a trained model with evaluate.py")
     if cfg["init_from"] == "resume" and cfg["overwrite"]:
         fail("init_from='resume' continues out_dir's checkpoint and overwrite=True deletes it: "
              "choose one")
@@ -459,15 +463,15 @@ def check_config(cfg, world_size=1, distributed=False, cuda_available=False):
     if cfg["wandb_log"] and importlib.util.find_spec("wandb") is None:
         fail("wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False")
     if cfg["sft_batch_size"] % world_size:
-        fail(f"sft_batch_size={cfg['sft_batch_size']} does not split over {world_size} ranks: make it "
-             f"a multiple of {world_size}")
+        fail(f"sft_batch_size={cfg['sft_batch_size']} does not split over {world_size} ranks: "
+             f"make it a multiple of {world_size}")
     return batch_layout(cfg["batch_size"], cfg["rloo_k"], cfg["micro_batch_size"], world_size)
 
 def check_lengths(n_positions, prompts, answers, gold, max_rationale_tokens, eval_max_tokens):
     """A UserError when a sequence could outgrow the model's n_positions: a rollout (prompt +
     max_rationale_tokens + answer), an evaluation (prompt + eval_max_tokens + answer) or a gold
-    warm-up row (token lists of prompt, rationale, answer). Returns the longest length. n_positions None:
-    a model without a position limit in its config (nothing to check)."""
+    warm-up row (token lists of prompt, rationale, answer). Returns the longest length.
+    n_positions None: a model without a position limit in its config (nothing to check)."""
     need = max(len(x) + len(y) for x, y in zip(prompts, answers))
     need += max(max_rationale_tokens, eval_max_tokens)
     longest_gold = max((sum(map(len, row)) for row in gold), default=0)
