@@ -26,9 +26,14 @@ Launch:
 """
 
 import copy
+import datetime
+import difflib
 import gc
+import importlib.util
 import math
 import os
+import re
+import signal
 import sys
 import time
 
@@ -36,12 +41,19 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure
-from data import (PROMPT_STYLES, build_tokenizer, latro_answer, latro_prompt, latro_rationale, load_task,
-                  sft_target)
+from transformers import AutoConfig
+
+from configurator import UserError, configure, exit_cleanly_on_user_error
+from data import (PROMPT_STYLES, TASKS, build_tokenizer, check_split_overlap, latro_answer,
+                  latro_prompt, latro_rationale, load_task, sft_target)
 from evaluate import CHECKERS, latro_correct, majority_correct
-from model import (autocast_ctx, backbone, generate, left_pad, load_checkpoint, load_model,
-                   position_ids_from_mask, save_checkpoint, token_logprobs)
+from model import (StopRequest, autocast_ctx, backbone, check_memory_plan, check_same_run,
+                   device_memory_bytes, enable_activation_checkpointing, estimate_activation_bytes,
+                   estimate_kv_cache_bytes, format_memory_plan, fsdp_wrap, full_state_dicts,
+                   gather_full, gathered, generate, left_pad, load_checkpoint, load_full_state_dicts,
+                   load_model, memory_plan, n_params_of_config, nonfinite_names, position_ids_from_mask,
+                   prepare_out_dir, save_checkpoint, save_pretrained_full, set_grad_sync,
+                   token_logprobs)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults are the embedded CPU demo (a few minutes on 2 cores); paper values in comments
@@ -51,12 +63,14 @@ init_from = "scratch"          # 'scratch' (tiny model), 'resume' (out_dir/ckpt.
 eval_interval = 25             # LaTRO steps between dev evaluations and checkpoints
 stop_at_step = 0               # end this invocation after this LaTRO step (checkpoint kept, resume later); 0 = never
 export_hf = True               # write out_dir/hf with save_pretrained (model + tokenizer) at the end
+overwrite = False              # a scratch run may delete an earlier run's ckpt.pt / best.pt
 wandb_log = False              # log to Weights & Biases (imported only when True)
 wandb_project = "nanolatent"   # wandb project
 wandb_run_name = "latro"       # wandb run name
 # data
 task = "modsum"                # modsum (CPU demo) | gsm8k | arc | any task of data.py with a numeric or text answer
 data_path = ""                 # local file for gsm8k / arc / json; '' = generate or download
+split_layout = ""              # one local file for all splits: 'tail:VAL,TEST' (data.load_task)
 n_train = 0                    # training questions (0 = the task's default size)
 n_dev = 200                    # dev questions: evaluation during training and model selection
 n_test = 500                   # test questions: evaluated before LaTRO and once at the end, never used for selection
@@ -106,6 +120,8 @@ maj_k = 8                      # samples per question for maj@k (self-consistenc
 # system
 device = "auto"                # auto | cpu | cuda
 seed = 1337                    # data order, initial weights, and rollouts (seeded by seed, step and rank)
+fsdp = False                   # FSDP2: shard weights, gradients, optimizer state and π0
+ddp_timeout_s = 1800           # a rank waiting this long in a collective (a dead peer) ends the run
 if __name__ == "__main__":  # a config file and --key=value override the defaults (importing keeps them)
     config = configure(globals(), sys.argv[1:])
 
@@ -116,15 +132,16 @@ def batch_layout(batch_size, rloo_k, micro_batch_size, world_size):
     """Per-rank counts from the global ones. Each rank owns whole groups of K, so the leave-one-out baseline never
     needs another rank's rewards, and every rank runs the same number of micro-steps (or DDP's backward hangs)."""
     if rloo_k < 2:
-        raise ValueError(f"rloo_k={rloo_k}: the leave-one-out baseline needs at least 2 rationales per prompt")
+        raise UserError(f"rloo_k={rloo_k}: the leave-one-out baseline needs at least 2 rationales "
+                        f"per prompt")
     if batch_size % world_size:
-        raise ValueError(f"batch_size={batch_size} prompts per step do not split over {world_size} ranks: "
-                         f"make batch_size a multiple of {world_size} or change the number of processes")
+        raise UserError(f"batch_size={batch_size} prompts per step do not split over "
+                        f"{world_size} ranks: make batch_size a multiple of {world_size} or change the number of processes")
     prompts = batch_size // world_size
     rollouts = prompts * rloo_k
     if rollouts % micro_batch_size:
-        raise ValueError(f"each rank has {prompts} prompts x rloo_k={rloo_k} = {rollouts} rollouts, which "
-                         f"micro_batch_size={micro_batch_size} does not divide: pick a micro_batch_size dividing "
+        raise UserError(f"each rank has {prompts} prompts x rloo_k={rloo_k} = {rollouts} "
+                        f"rollouts, which micro_batch_size={micro_batch_size} does not divide: pick a micro_batch_size dividing "
                          f"{rollouts}, or change batch_size / rloo_k")
     return prompts, rollouts, rollouts // micro_batch_size  # prompts per rank, rollouts per rank, accumulation
 
@@ -334,112 +351,322 @@ def step_indices(step, n_per_step, n_data, seed):
     start = first % n_data
     return sum(perms, [])[start:start + n_per_step]
 
+
+def rank_prompts(step, batch_size, n_data, seed, rank, world_size):
+    """The questions this rank rolls out at a step: its contiguous share of the step's batch_size
+    questions (step_indices). The ranks' shares are disjoint and together are exactly the questions
+    a single process takes at that step."""
+    per_rank = batch_size // world_size
+    return step_indices(step, batch_size, n_data, seed)[rank * per_rank:(rank + 1) * per_rank]
+
+def lr_at(step, lr, total_steps):
+    """The learning rate of optimizer step `step` (0-based) of total_steps: linear decay from lr
+    to 0, no warm-up, as released (the first step uses lr, the last lr / total_steps)."""
+    return lr * (1 - step / total_steps)
+
+def local(t):
+    """This rank's part of a tensor: the local shard of an FSDP DTensor, else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+def nonfinite_grads(model):
+    """How many of this rank's gradient tensors (shards under FSDP) hold a NaN or an inf."""
+    grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
+    return sum(not bool(torch.isfinite(g).all()) for g in grads)
+
+# ---- the up-front check: every mistake in the configuration is found before data, model or out_dir
+
+MODEL_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size")  # a scratch model's shape
+RESUME_KEYS = ("task", "data_path", "split_layout", "n_train", "tokenizer", "seed", "prompt",
+               "arc_options")  # what a resumed run must share with its checkpoint (plus MODEL_KEYS)
+
+def check_config(cfg, world_size=1, distributed=False, cuda_available=False):
+    """Raise a UserError for the first setting that cannot work or would train silently wrong; the
+    message names the key and what to do. Names are checked before numbers and the task before its
+    options, so a typo is reported as a typo."""
+    def fail(msg):
+        raise UserError(msg)
+    if cfg["task"] not in TASKS:
+        close = difflib.get_close_matches(cfg["task"], TASKS, n=1)
+        fail(f"task={cfg['task']!r} is unknown; " + (f"did you mean {close[0]}?" if close else
+                                                    f"known: {', '.join(TASKS)}"))
+    choices = [("arch", ("gpt2", "llama")), ("penalty", ("group", "rank_mean", "none")),
+               ("checker", CHECKERS), ("prompt", ("cot", "sft")),
+               ("eval_prompt", ("",) + PROMPT_STYLES),
+               ("arc_options", ("released", "lettered"))]
+    for key, allowed in choices:
+        if cfg[key] not in allowed:
+            fail(f"{key}={cfg[key]!r}: use one of {', '.join(repr(a) for a in allowed)}")
+    dev = cfg["device"]
+    if dev not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", dev):
+        fail(f"device={dev!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if dev.startswith("cuda") and not cuda_available:
+        fail(f"device={dev!r} but this torch sees no CUDA GPU: use --device=cpu or 'auto'")
+    spec = cfg["stop_strings"]
+    if spec != "released" and difflib.get_close_matches(spec, ["released"], cutoff=0.75):
+        fail(f"stop_strings={spec!r}: did you mean 'released'? (to stop at that text, write it as "
+             f"'{spec}|' )")
+    if any(not s.strip() for s in parse_stop_strings(spec)):
+        fail(f"stop_strings={spec!r} holds a blank stop string: it would cut every rationale at "
+             f"the first space; separate real strings with '|'")
+    if cfg["init_from"] not in ("scratch", "resume") and os.path.isfile(cfg["init_from"]):
+        fail(f"init_from={cfg['init_from']!r} is a file; give a directory written by "
+             f"save_pretrained, a hub name, 'scratch' or 'resume'")
+    for key, value in cfg.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(f"{key}={value}: give a finite number")
+    positive = ("batch_size", "micro_batch_size", "gen_batch_size", "eval_max_tokens",
+                "eval_interval", "sft_batch_size", "sft_eval_interval", "lr", "sft_lr", "ddp_timeout_s", "gamma",
+                "n_layer", "n_head", "n_embd", "block_size")
+    for key in positive:
+        if cfg[key] <= 0:
+            fail(f"{key}={cfg[key]}: give a value > 0")
+    # documented zeros: 0 steps (no warm-up / LaTRO), 0 = the task's default size, maj_k 0 = greedy
+    at_least_zero = ("latro_steps", "sft_steps", "sft_epochs", "stop_at_step", "n_train", "n_dev",
+                     "n_test", "maj_k", "beta", "sft_coef", "weight_decay", "sft_target_acc")
+    for key in at_least_zero:
+        if cfg[key] < 0:
+            meaning = " (0 = the task's default size)" if key.startswith("n_") else ""
+            fail(f"{key}={cfg[key]}: give a value >= 0{meaning}")
+    # rollouts that cannot teach: K equal rationales get equal rewards, so every advantage is 0
+    if cfg["temperature"] <= 0:
+        fail(f"temperature={cfg['temperature']}: greedy rollouts make the K rationales of a prompt "
+             f"identical, so every RLOO advantage is 0 and LaTRO learns nothing; use > 0 "
+             f"(paper: 1)")
+    if not 0 < cfg["top_p"] <= 1:
+        fail(f"top_p={cfg['top_p']}: use 0 < top_p <= 1 (1 = no nucleus, as in the paper); "
+             f"top_p -> 0 is greedy, whose identical rollouts give zero advantages")
+    if cfg["max_rationale_tokens"] <= 0:
+        fail(f"max_rationale_tokens={cfg['max_rationale_tokens']}: LaTRO optimises the rationale, "
+             f"so it needs at least one token (paper: 500)")
+    if not 0 < cfg["sft_share"] <= 1:
+        fail(f"sft_share={cfg['sft_share']}: a share of the training questions, use a value in "
+             f"(0, 1]")
+    if cfg["sft_target_acc"] > 1:
+        fail(f"sft_target_acc={cfg['sft_target_acc']}: an accuracy, use a value in [0, 1] "
+             f"(0 = run all sft_steps)")
+    if not 0 <= cfg["dropout"] < 1:
+        fail(f"dropout={cfg['dropout']}: use a value in [0, 1) (keep 0, see its comment)")
+    if cfg["init_from"] == "scratch" and cfg["n_embd"] % cfg["n_head"]:
+        fail(f"n_embd={cfg['n_embd']} is not a multiple of n_head={cfg['n_head']}")
+    # runs that would report an untrained model or contradict themselves
+    no_warm_up = cfg["sft_steps"] == 0 and cfg["sft_epochs"] == 0
+    if cfg["init_from"] == "scratch" and no_warm_up and cfg["latro_steps"] == 0:
+        fail("init_from='scratch' with no SFT warm-up (sft_steps=0) and latro_steps=0 trains "
+             "nothing: the test accuracy would be a random model's; set sft_steps or latro_steps, "
+             "or evaluate a trained model with evaluate.py")
+    if cfg["init_from"] == "resume" and cfg["overwrite"]:
+        fail("init_from='resume' continues out_dir's checkpoint and overwrite=True deletes it: "
+             "choose one")
+    if cfg["fsdp"] and not distributed:
+        fail("fsdp=True shards over the processes of a torchrun launch: run "
+             "torchrun --nproc_per_node=N latro.py ... (N >= 2), or leave fsdp=False")
+    if cfg["wandb_log"] and importlib.util.find_spec("wandb") is None:
+        fail("wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False")
+    if cfg["sft_batch_size"] % world_size:
+        fail(f"sft_batch_size={cfg['sft_batch_size']} does not split over {world_size} ranks: "
+             f"make it a multiple of {world_size}")
+    return batch_layout(cfg["batch_size"], cfg["rloo_k"], cfg["micro_batch_size"], world_size)
+
+def check_lengths(n_positions, prompts, answers, gold, max_rationale_tokens, eval_max_tokens):
+    """A UserError when a sequence could outgrow the model's n_positions: a rollout (prompt +
+    max_rationale_tokens + answer), an evaluation (prompt + eval_max_tokens + answer) or a gold
+    warm-up row (token lists of prompt, rationale, answer). Returns the longest length.
+    n_positions None: a model without a position limit in its config (nothing to check)."""
+    need = max(len(x) + len(y) for x, y in zip(prompts, answers))
+    need += max(max_rationale_tokens, eval_max_tokens)
+    longest_gold = max((sum(map(len, row)) for row in gold), default=0)
+    if n_positions is not None and max(need, longest_gold) > n_positions:
+        raise UserError(f"the longest sequence needs {max(need, longest_gold)} positions (prompt + "
+                        f"answer + max(max_rationale_tokens, eval_max_tokens) = {need}, gold warm-up "
+                        f"row {longest_gold}) but the model has {n_positions}: raise block_size (scratch) "
+                        f"or lower max_rationale_tokens / eval_max_tokens")
+    return max(need, longest_gold)
+
+def check_resume(ckpt, config, path):
+    """Resume tells the truth: a checkpoint of another script, or of a run with another task, data,
+    tokenizer, seed or (scratch) model shape, is refused, naming the keys that differ."""
+    # (checkpoints from before the "script" entry are recognised by π0's slot)
+    script = ckpt.get("script", "latro" if "ref_model" in ckpt else "?")
+    if script != "latro":
+        raise UserError(f"{path} was not written by latro.py (script {script!r}): "
+                        f"point --out_dir at a latro.py run, or start with --init_from=scratch")
+    keys = (MODEL_KEYS if ckpt["source"] == "scratch" else ()) + RESUME_KEYS
+    check_same_run(ckpt["config"], config, keys)
+
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
-    # ---- DDP init: one process per GPU (or per CPU worker with gloo); rank 0 logs and writes checkpoints
+    exit_cleanly_on_user_error()  # a UserError prints one line and exits 1; bugs keep their traceback
+    # ---- the configuration, checked whole before any data, model or out_dir is touched
     ddp = int(os.environ.get("RANK", -1)) != -1
+    ddp_rank, ddp_world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    master_process = ddp_rank == 0
+    layout = check_config(config, ddp_world_size, ddp, torch.cuda.is_available())
+    prompts_per_rank, rollouts_per_rank, grad_accum = layout
+    stops = parse_stop_strings(stop_strings)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    if master_process:  # lock, write probe, no silent overwrite; a refusal here ends every rank
+        prepare_out_dir(out_dir, resume=init_from == "resume", overwrite=overwrite)
+    # ---- DDP init: one process per GPU (or per CPU worker with gloo); rank 0 logs and writes checkpoints
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if ddp:
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        ddp_rank, ddp_world_size = dist.get_rank(), dist.get_world_size()
+        timeout = datetime.timedelta(seconds=ddp_timeout_s)  # a dead peer ends the run, not a hang
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo", timeout=timeout)
         if device.startswith("cuda"):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
-    else:
-        ddp_rank, ddp_world_size = 0, 1
-    master_process = ddp_rank == 0
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    # the batch arithmetic fails here, before any data, model or rollout
-    prompts_per_rank, rollouts_per_rank, grad_accum = batch_layout(batch_size, rloo_k, micro_batch_size, ddp_world_size)
-    if sft_batch_size % ddp_world_size:
-        raise ValueError(f"sft_batch_size={sft_batch_size} does not split over {ddp_world_size} ranks: "
-                         f"make it a multiple of {ddp_world_size}")
-    names = [("checker", checker, CHECKERS), ("prompt", prompt, ("cot", "sft")),
-             ("eval_prompt", eval_prompt, ("",) + PROMPT_STYLES),
-             ("arc_options", arc_options, ("released", "lettered"))]
-    for key, value, allowed in names:
-        if value not in allowed:
-            raise ValueError(f"{key}={value!r}: use one of {allowed}")
     ctx = autocast_ctx(device_type)  # bf16 on CUDA, fp32 on the CPU; log-probs are fp32 either way
     log = print if master_process else (lambda *a, **k: None)
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    stop = StopRequest()  # Ctrl-C / SIGTERM: checkpoint at the next step boundary, then exit
 
-    def all_sum(t):  # sum a small tensor over ranks (eval counts, logged stats, the NaN flag)
+    def all_sum(t):  # sum a small tensor over ranks (eval counts, logged stats, the NaN flags)
         if ddp:
             t = t.to(device)
             dist.all_reduce(t)
         return t.cpu()
 
-    # ---- data: prompts x in the model's chat template, answers y = "The answer is {gold}." + end-of-turn
-    ckpt = load_checkpoint(ckpt_path) if init_from == "resume" else None
+    def finish(code, message):
+        """End every rank together: log, tear down the process group, exit with `code`."""
+        log(message)
+        if ddp:  # the DDP wrapper goes first, as at the end of the script
+            globals().pop("train_scorer", None)
+            gc.collect()
+            dist.destroy_process_group()
+        sys.exit(code)
+
+    # ---- resume: the checkpoint must be this script's, of this run
+    ckpt = None
+    if init_from == "resume":
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except RuntimeError as e:  # corrupt or truncated: say so in one line
+            raise UserError(str(e)) from None
+        check_resume(ckpt, config, ckpt_path)
     source = ckpt["source"] if ckpt else init_from  # what the weights were first loaded from
-    train_ex = load_task(task, "train", path=data_path, n=n_train, seed=seed)
-    dev_ex = load_task(task, "val", path=data_path, n=n_dev, seed=seed)
-    test_ex = load_task(task, "test", path=data_path, n=n_test, seed=seed)
+    phase = ckpt.get("phase", "latro") if ckpt else "sft"  # a checkpoint mid-warm-up or of LaTRO
+
+    # ---- data: prompts x in the model's chat template, answers y = "The answer is {gold}." + end-of-turn
+    splits = {split: load_task(task, split, path=data_path, n=n, seed=seed, split_layout=split_layout)
+              for split, n in (("train", n_train), ("val", n_dev), ("test", n_test))}
+    check_split_overlap(splits)  # no question scored on what it trained on
+    train_ex, dev_ex, test_ex = splits["train"], splits["val"], splits["test"]
     tok = build_tokenizer(tokenizer or ("words" if source == "scratch" else source), train_ex + dev_ex + test_ex)
     def encode_x(exs, style=prompt):
         return [tok.chat_prompt(latro_prompt(ex, task, arc_options, style)) for ex in exs]
     encode_y = lambda exs: [tok.encode(latro_answer(ex["answer"])) + [tok.end_of_turn_id] for ex in exs]
     train_x, train_y = encode_x(train_ex), encode_y(train_ex)
-    stops = parse_stop_strings(stop_strings)
     stop_ids = {tok.eos_id, tok.pad_id, tok.end_of_turn_id}
     log(f"data: {task} train {len(train_ex)} dev {len(dev_ex)} test {len(test_ex)}, vocab {len(tok)}, "
         f"{len(stops)} stop strings, checker {checker}")
+    gold = train_ex[:max(1, int(sft_share * len(train_ex)))]
+    sft_total = math.ceil(sft_epochs * len(gold) / sft_batch_size) if sft_epochs > 0 else sft_steps
+    gold_x = encode_x(gold)
+    if prompt == "sft":  # the released SFT baseline: one target text, then end-of-turn
+        gold_z = [tok.encode(sft_target(ex, task)) for ex in gold]
+        gold_y = [[tok.end_of_turn_id] for _ in gold]
+    else:
+        gold_z, gold_y = [tok.encode(latro_rationale(ex)) for ex in gold], encode_y(gold)
+
+    # ---- the model's shape without its weights: positions for the longest sequence, the memory plan
+    if source == "scratch":
+        with torch.device("meta"):
+            model_cfg = load_model("scratch", len(tok), arch=arch, n_layer=n_layer, n_head=n_head,
+                                   n_embd=n_embd, block_size=block_size).config
+    else:
+        model_cfg = AutoConfig.from_pretrained(source)
+    eval_ex = dev_ex + test_ex
+    n_positions = getattr(model_cfg, "max_position_embeddings", None) or getattr(model_cfg, "n_positions", None)
+    longest = check_lengths(n_positions, train_x + encode_x(eval_ex, eval_prompt or prompt),
+                            train_y + encode_y(eval_ex), list(zip(gold_x, gold_z, gold_y)),
+                            max_rationale_tokens, eval_max_tokens)
+    n_params = n_params_of_config(model_cfg)
+    kv = estimate_kv_cache_bytes(model_cfg, gen_batch_size, longest)
+    acts = estimate_activation_bytes(model_cfg, micro_batch_size * longest, checkpointing=gradient_checkpointing,
+                                     logit_positions=micro_batch_size * (max_rationale_tokens + 16))
+    plan = memory_plan(n_params, mode="fsdp" if fsdp else "ddp", world_size=ddp_world_size,
+                       precision="bf16" if device_type == "cuda" else "fp32",
+                       reference="sharded" if fsdp else "full", grad_accum=grad_accum, kv_cache_bytes=kv,
+                       activations_bytes=acts, device_bytes=device_memory_bytes(device))
+    log(format_memory_plan(plan))
+    check_memory_plan(plan)  # before any weight is loaded
 
     # ---- model: the same seed on every rank (DDP also broadcasts rank 0's weights)
-    torch.manual_seed(seed)
-    model = load_model(source, len(tok), arch=arch, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                       block_size=block_size, dropout=dropout, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                       pad_id=tok.pad_id, attn_implementation=attn_implementation, device_type=device_type)
-    if source != "scratch":  # as released: rollouts, scoring and update see one function
-        disable_dropout(model)
+    def new_model():
+        """The initial weights: the same on every rank and every call; the global RNG is left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            m = load_model(source, len(tok), arch=arch, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                           block_size=block_size, dropout=dropout, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                           pad_id=tok.pad_id, attn_implementation=attn_implementation,
+                           device_type=device_type)
+        if source != "scratch":  # as released: rollouts, scoring and update see one function
+            disable_dropout(m)
+        return m
+    model = new_model()
+    if gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    raw_model = model  # generation, evaluation and checkpoints use the HF model itself
+    scorer = SequenceScorer(model)
+    if fsdp:  # in place: scorer becomes the root FSDP unit, each decoder layer one unit
+        train_scorer = fsdp_wrap(scorer, device_type, bf16=device_type == "cuda")
+    else:
+        model.to(device)
+        train_scorer = scorer
+        if ddp:
+            train_scorer = DDP(scorer, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
     if ckpt:
-        model.load_state_dict(ckpt["model"])
+        load_full_state_dicts(raw_model, None, ckpt["model"])
         torch.set_rng_state(ckpt["rng"])
     else:
         torch.manual_seed(seed + ddp_rank)
-    model.to(device)
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    raw_model = model  # generation and evaluation use the unwrapped model
-    scorer = SequenceScorer(model)
-    if ddp:
-        ddp_scorer = DDP(scorer, device_ids=[torch.device(device).index] if device_type == "cuda" else None)
-    else:
-        ddp_scorer = scorer
-    log(f"model: {source}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, on {device}")
+    log(f"model: {source}, {n_params / 1e6:.2f}M parameters, on {device}{' (FSDP)' if fsdp else ''}")
 
     def run_eval(examples, k=maj_k):
         """Greedy accuracy, maj@k and mean answer log-likelihood over a split, sharded over the ranks."""
         mine = examples[ddp_rank::ddp_world_size]
         g = torch.Generator(device=device).manual_seed(seed + ddp_rank)  # fixed: evals do not disturb training
         xs = encode_x(mine, eval_prompt or prompt)
-        s = all_sum(evaluate(raw_model, task, mine, xs, encode_y(mine), tok=tok, maj_k=k,
-                             stop_strings=stops, checker=checker, max_new_tokens=eval_max_tokens,
-                             chunk=gen_batch_size, ctx=ctx, generator=g))
+        with gathered(train_scorer):  # FSDP: weights gathered once for the whole split
+            s = evaluate(raw_model, task, mine, xs, encode_y(mine), tok=tok, maj_k=k, stop_strings=stops,
+                         checker=checker, max_new_tokens=eval_max_tokens, chunk=gen_batch_size, ctx=ctx,
+                         generator=g)
+        s = all_sum(s)
         correct, maj, answer_logp = (s[:3] / s[3]).tolist()
         return {"acc": correct, **({f"maj@{k}": maj} if k else {}), "answer_logp": answer_logp}
 
     fmt = lambda r: " ".join(f"{k} {v:.4f}" for k, v in r.items())
 
+    def weights_finite(what):
+        """Every rank checks its weights (its shards) before a save: non-finite ones are never written."""
+        bad = nonfinite_names((n, local(p)) for n, p in raw_model.named_parameters())
+        if all_sum(torch.tensor([float(len(bad))])).item():
+            finish(1, f"{what}: the weights hold nan/inf ({', '.join(bad[:3]) or 'another rank'}); not "
+                      f"saved, {ckpt_path} keeps the last good state: resume with a lower lr")
+
+    def save_state(optimizer, **state):
+        """ckpt.pt: full (DDP-format) tensors gathered from every rank, written by the master."""
+        weights_finite(f"saving {state['phase']} step {state.get('iter_num', state.get('sft_iter'))}")
+        model_sd, optim_sd = full_state_dicts(raw_model, optimizer)  # a collective under FSDP
+        if "ref_model" in state and state["ref_model"] is not None:
+            state["ref_model"] = gather_full(state["ref_model"].state_dict())
+        if master_process:
+            save_checkpoint(ckpt_path, {"script": "latro", "model": model_sd, "optimizer": optim_sd,
+                                        "config": config, "source": source, "rng": torch.get_rng_state(),
+                                        **state})
+
     # ---- SFT warm-up on gold rationales [x, z*, y] for a share of the training questions (the SFT baseline)
-    gold = train_ex[:max(1, int(sft_share * len(train_ex)))]
-    sft_total = math.ceil(sft_epochs * len(gold) / sft_batch_size) if sft_epochs > 0 else sft_steps
-    warm_up = ckpt is None and sft_total > 0  # a resumed run is past its warm-up
-    if warm_up:
-        gold_x = encode_x(gold)
-        if prompt == "sft":  # the released SFT baseline: one target text, then end-of-turn
-            gold_z = [tok.encode(sft_target(ex, task)) for ex in gold]
-            gold_y = [[tok.end_of_turn_id] for _ in gold]
-        else:
-            gold_z, gold_y = [tok.encode(latro_rationale(ex)) for ex in gold], encode_y(gold)
+    if phase == "sft" and sft_total > 0:
         optimizer = torch.optim.AdamW(model.parameters(), lr=sft_lr, weight_decay=0.0)
+        sft_start = 0
+        if ckpt:
+            load_full_state_dicts(raw_model, optimizer, ckpt["model"], ckpt["optimizer"])
+            sft_start = ckpt["sft_iter"]
         per_rank = sft_batch_size // ddp_world_size
         log(f"SFT warm-up: {len(gold)} gold rationales, up to {sft_total} steps of {sft_batch_size} "
             f"({sft_total * sft_batch_size / len(gold):.2f} epochs), stop at dev accuracy {sft_target_acc}")
         t0 = time.time()
-        for it in range(sft_total + 1):
+        for it in range(sft_start, sft_total + 1):
             if it % sft_eval_interval == 0 or it == sft_total:
                 acc = run_eval(dev_ex, k=0)["acc"]
                 log(f"sft {it}/{sft_total} | dev acc {acc:.4f} | {time.time() - t0:.1f}s")
@@ -447,42 +674,61 @@ if __name__ == "__main__":
                     break
             if sft_decay:  # linear, no warm-up: the HF Trainer default the released SFT ran with
                 for group in optimizer.param_groups:
-                    group["lr"] = sft_lr * (1 - it / sft_total)
-            idx = step_indices(it, sft_batch_size, len(gold), seed)[ddp_rank * per_rank:(ddp_rank + 1) * per_rank]
+                    group["lr"] = lr_at(it, sft_lr, sft_total)
+            idx = rank_prompts(it, sft_batch_size, len(gold), seed, ddp_rank, ddp_world_size)
             batch = [[gold_x[i] for i in idx], [gold_z[i] for i in idx], [gold_y[i] for i in idx]]
             n_tok = sum(len(z) + len(y) for z, y in zip(batch[1], batch[2]))  # token-mean NLL over the rank's batch
             raw_model.train()
             chunks = range(0, per_rank, micro_batch_size)
+            bad = torch.zeros(1)
             for j, s in enumerate(chunks):
-                if ddp:
-                    ddp_scorer.require_backward_grad_sync = j == len(chunks) - 1
+                set_grad_sync(train_scorer, j == len(chunks) - 1)
                 with ctx:
                     rows = (b[s:s + micro_batch_size] for b in batch)
-                    logp_z, logp_y = ddp_scorer(*build_batch(*rows, tok.pad_id, device))
-                (-(logp_z + logp_y).sum() / n_tok).backward()
+                    logp_z, logp_y = train_scorer(*build_batch(*rows, tok.pad_id, device))
+                loss = -(logp_z + logp_y).sum() / n_tok
+                loss.backward()
+                bad += not torch.isfinite(loss).item()
+            if all_sum(bad + nonfinite_grads(model)).item():  # every rank stops together, before the update
+                finish(1, f"sft step {it}: the loss or a gradient is nan/inf; stopping before the update "
+                          f"(nothing saved from this warm-up): lower sft_lr, or check the data")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if stop.requested(device):
+                save_state(optimizer, phase="sft", sft_iter=it + 1)
+                signum = stop.signum or signal.SIGTERM  # (the signal may have reached another rank)
+                finish(128 + signum, f"stopped by {signal.Signals(signum).name} at sft step {it + 1}; "
+                                     f"{ckpt_path} saved: continue with --init_from=resume")
     iter_num, best_dev_acc, before = 0, -1.0, None  # before = test metrics of π0, printed again at the end
-    if ckpt:
+    if ckpt and phase == "latro":
         iter_num, best_dev_acc, before = ckpt["iter_num"], ckpt["best_dev_acc"], ckpt["before"]
 
     # ---- reference model π0: the initial weights, frozen, same dtype and attention kernel as the policy.
     # It goes into the checkpoint unless it can be reloaded from `source` (a pretrained model without warm-up).
-    if ckpt and ckpt["ref_model"] is None:
-        ref_model = load_model(source, len(tok), attn_implementation=attn_implementation, device_type=device_type)
-        disable_dropout(ref_model)
-        ref_model.to(device)
+    # Under FSDP it is sharded like the policy (fp32, 1/world_size per GPU); otherwise a full fp32 copy.
+    resumed = ckpt is not None and phase == "latro"
+    if resumed:
+        ref_in_ckpt = ckpt["ref_model"] is not None
+    else:
+        ref_in_ckpt = source == "scratch" or sft_total > 0
+    if fsdp or (resumed and not ref_in_ckpt):
+        ref_model = new_model()  # the initial weights of `source`
     else:
         ref_model = copy.deepcopy(raw_model)
-        if ckpt:
-            ref_model.load_state_dict(ckpt["ref_model"])
-    ref_in_ckpt = ckpt["ref_model"] is not None if ckpt else (source == "scratch" or warm_up)
+    if resumed and ref_in_ckpt:
+        ref_model.load_state_dict(ckpt["ref_model"])
+    elif fsdp and ref_in_ckpt:  # π0 is the policy now (after the warm-up, or untouched)
+        ref_model.load_state_dict(gather_full(raw_model.state_dict()))
     ref_scorer = SequenceScorer(ref_model.eval().requires_grad_(False))
+    if fsdp:
+        fsdp_wrap(ref_scorer, device_type, bf16=device_type == "cuda")
+    else:
+        ref_model.to(device)
 
     # ---- optimizer as released: AdamW, linear decay to 0 over the budget, no warm-up, no clipping
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    if ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt and phase == "latro":
+        load_full_state_dicts(raw_model, optimizer, ckpt["model"], ckpt["optimizer"])
     log(f"LaTRO budget: {latro_steps} steps x {batch_size} prompts = {latro_steps * batch_size} prompts "
         f"({latro_steps * batch_size / len(train_ex):.2f} epochs of {len(train_ex)}), x K={rloo_k} = "
         f"{latro_steps * batch_size * rloo_k} rollouts; per rank {prompts_per_rank} prompts, {rollouts_per_rank} "
@@ -491,13 +737,10 @@ if __name__ == "__main__":
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
-    def save(path=ckpt_path):
-        if master_process:
-            save_checkpoint(path, {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                                   "config": config, "source": source, "iter_num": iter_num,
-                                   "best_dev_acc": best_dev_acc, "before": before,
-                                   "ref_model": ref_model.state_dict() if ref_in_ckpt else None,
-                                   "rng": torch.get_rng_state()})
+    def save():
+        save_state(optimizer, phase="latro", iter_num=iter_num, best_dev_acc=best_dev_acc, before=before,
+                   ref_model=ref_model if ref_in_ckpt else None)
+        log(f"saved {ckpt_path} at step {iter_num}")
 
     def eval_dev():
         """Model selection on the dev split: best.pt holds the best weights so far."""
@@ -506,13 +749,15 @@ if __name__ == "__main__":
         log(f"eval step {iter_num} | dev {fmt(r)}")
         if r["acc"] > best_dev_acc:
             best_dev_acc = r["acc"]
+            weights_finite(f"saving best.pt at step {iter_num}")
+            model_sd = gather_full(raw_model.state_dict())
             if master_process:
-                save_checkpoint(os.path.join(out_dir, "best.pt"),
-                                {"model": raw_model.state_dict(), "iter_num": iter_num})
+                save_checkpoint(os.path.join(out_dir, "best.pt"), {"model": model_sd, "iter_num": iter_num})
         if wandb_log and master_process:
             wandb.log({f"dev/{k}": v for k, v in r.items()}, step=iter_num)
 
     if before is None:  # the same checker and metrics before and after LaTRO, on the test split
+        save()  # right after the warm-up: the long evaluations below cannot lose it
         before = run_eval(test_ex)
         log(f"before LaTRO | test {fmt(before)}")
         eval_dev()
@@ -523,25 +768,26 @@ if __name__ == "__main__":
     last = min(latro_steps, stop_at_step or latro_steps)
     while iter_num < last:
         t0 = time.time()
-        lr_now = lr * (1 - iter_num / latro_steps)  # linear decay to 0, no warm-up
+        lr_now = lr_at(iter_num, lr, latro_steps)  # linear decay to 0, no warm-up
         for group in optimizer.param_groups:
             group["lr"] = lr_now
         # 1-3. this rank's prompts, each K times (groups stay whole on one rank); sample rationales and cut them
-        idx = step_indices(iter_num, batch_size, len(train_ex), seed)
-        idx = idx[ddp_rank * prompts_per_rank:(ddp_rank + 1) * prompts_per_rank]
+        idx = rank_prompts(iter_num, batch_size, len(train_ex), seed, ddp_rank, ddp_world_size)
         xs = [train_x[i] for i in idx for _ in range(rloo_k)]
         ys = [train_y[i] for i in idx for _ in range(rloo_k)]  # 4. the gold answer after each cut rationale
         generator.manual_seed(seed + 1_000_003 * iter_num + ddp_rank)  # a function of the step: resume is exact
         raw_model.eval()
-        zs, stopped, n_gen = sample(raw_model, xs, max_rationale_tokens, tok.pad_id, gen_batch_size,
-                                    ctx, tok=tok, stop_ids=stop_ids, stop_strings=stops,
-                                    temperature=temperature, top_p=top_p, generator=generator)
+        with gathered(train_scorer):  # FSDP: one all-gather per layer for the whole generate call
+            zs, stopped, n_gen = sample(raw_model, xs, max_rationale_tokens, tok.pad_id, gen_batch_size,
+                                        ctx, tok=tok, stop_ids=stop_ids, stop_strings=stops,
+                                        temperature=temperature, top_p=top_p, generator=generator)
         t1 = time.time()
         # 5. no-grad scoring: policy and reference over the same rows (identical shapes: KL is exactly 0 at step 0)
         logp_z, logp_y = score(scorer, xs, zs, ys, tok.pad_id, micro_batch_size, ctx)
         ref_logp_z, _ = score(ref_scorer, xs, zs, ys, tok.pad_id, micro_batch_size, ctx)
         # 6-7. r_ik = log π(y|x,z_ik) − β·KL_ik with the non-stopped penalty; A_ik = r_ik − mean_{j≠k} r_ij
-        rewards, kl = latro_rewards(logp_y, logp_z, ref_logp_z, stopped.to(logp_y.device), rloo_k, beta, gamma, penalty)
+        rewards, kl = latro_rewards(logp_y, logp_z, ref_logp_z, stopped.to(logp_y.device), rloo_k, beta, gamma,
+                                    penalty)
         advantages = rloo_advantages(rewards, rloo_k)
         t2 = time.time()
         # 8. update: one forward with grad per micro-batch gives log π(z) (and log π(y|x,z) when sft_coef > 0)
@@ -550,20 +796,17 @@ if __name__ == "__main__":
         for j in range(grad_accum):
             s = slice(j * micro_batch_size, (j + 1) * micro_batch_size)
             ids, attn, z_mask, y_mask = build_batch(xs[s], zs[s], ys[s], tok.pad_id, device)
-            if ddp:  # all-reduce the gradients only on the last micro-step
-                ddp_scorer.require_backward_grad_sync = j == grad_accum - 1
+            set_grad_sync(train_scorer, j == grad_accum - 1)  # all-reduce only on the last micro-step
             with ctx:  # the answer tokens need no LM head (nor backward) at sft_coef 0, the released recipe
-                lz, ly = ddp_scorer(ids, attn, z_mask, y_mask if sft_coef else torch.zeros_like(y_mask))
+                lz, ly = train_scorer(ids, attn, z_mask, y_mask if sft_coef else torch.zeros_like(y_mask))
             loss = latro_loss(lz, ly, advantages[s], sft_coef) / grad_accum
             loss.backward()
             loss_sum += loss.item()
             bad += not torch.isfinite(loss).item()
-        if all_sum(bad).item():  # every rank stops together; ckpt.pt still holds the last good state
-            log(f"step {iter_num}: the loss is {loss_sum} (nan/inf); stopping before the update. {ckpt_path} keeps "
-                f"the last good state (the last eval); resume from it with a lower lr, or check the data")
-            if ddp:
-                dist.destroy_process_group()
-            sys.exit(1)
+        if all_sum(bad + nonfinite_grads(model)).item():  # every rank stops together; ckpt.pt keeps the last good state
+            finish(1, f"step {iter_num + 1}: the loss ({loss_sum}) or a gradient is nan/inf; stopping before the "
+                      f"update. {ckpt_path} keeps the last good state (the last eval); resume from it with a "
+                      f"lower lr, or check the data")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
@@ -585,11 +828,17 @@ if __name__ == "__main__":
         if iter_num % eval_interval == 0 or iter_num == latro_steps:
             eval_dev()
             save()
-    if ddp:  # cheap sanity check: DDP must have kept every rank's parameters identical
+        if stop.requested(device) and iter_num < latro_steps:
+            if iter_num % eval_interval:
+                save()
+            signum = stop.signum or signal.SIGTERM  # (the signal may have reached another rank)
+            finish(128 + signum, f"stopped by {signal.Signals(signum).name} at step {iter_num}; "
+                                 f"continue with --init_from=resume")
+    if ddp and not fsdp:  # cheap sanity check: DDP must have kept every rank's parameters identical
         sums = torch.stack([torch.stack([p.double().sum(), p.double().square().sum()]) for p in model.parameters()])
-        gathered = [torch.zeros_like(sums) for _ in range(ddp_world_size)]
-        dist.all_gather(gathered, sums)
-        log(f"parameters identical across {ddp_world_size} ranks: {all(torch.equal(gathered[0], g) for g in gathered)}")
+        everyone = [torch.zeros_like(sums) for _ in range(ddp_world_size)]
+        dist.all_gather(everyone, sums)
+        log(f"parameters identical across {ddp_world_size} ranks: {all(torch.equal(everyone[0], g) for g in everyone)}")
     if iter_num < latro_steps:
         save()
         log(f"stopped at step {iter_num} (stop_at_step); continue with --init_from=resume")
@@ -598,16 +847,18 @@ if __name__ == "__main__":
         if ddp:
             dist.barrier()  # rank 0 has written best.pt
         best = load_checkpoint(os.path.join(out_dir, "best.pt"))
-        raw_model.load_state_dict(best["model"])
+        load_full_state_dicts(raw_model, None, best["model"])
         after = before if best["iter_num"] == 0 else run_eval(test_ex)  # step 0's weights are measured already
         log(f"{'before LaTRO' if latro_steps else 'SFT baseline'} | test {fmt(before)}")
         if latro_steps:  # (latro_steps=0: the SFT baseline alone)
             log(f"after LaTRO  | test {fmt(after)} (weights of step {best['iter_num']}, best dev {best_dev_acc:.4f})")
-        if export_hf and master_process:
-            raw_model.save_pretrained(os.path.join(out_dir, "hf"))
-            tok.save_pretrained(os.path.join(out_dir, "hf"))
+        if export_hf:
+            model_sd = gather_full(raw_model.state_dict())  # a collective under FSDP
+            if master_process:
+                save_pretrained_full(raw_model, model_sd, os.path.join(out_dir, "hf"))
+                tok.save_pretrained(os.path.join(out_dir, "hf"))
     if ddp:  # free the DDP wrapper first: it holds the process group, and a group torn down only at interpreter
-        del ddp_scorer  # exit (its gloo threads still holding tensors) aborts the process
+        del train_scorer  # exit (its gloo threads still holding tensors) aborts the process
         gc.collect()
         dist.barrier()
         dist.destroy_process_group()

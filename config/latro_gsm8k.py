@@ -4,12 +4,12 @@
 #   mistralai/Mistral-7B-Instruct-v0.3  base 47.8 / 58.2   LaTRO 67.3 / 73.8
 #   meta-llama/Llama-3.1-8B-Instruct    base 76.8 / 79.7   LaTRO 80.1 / 87.0
 #     torchrun --standalone --nproc_per_node=8 latro.py config/latro_gsm8k.py
-#     torchrun --standalone --nproc_per_node=8 latro.py config/latro_gsm8k.py --init_from=meta-llama/Llama-3.1-8B-Instruct --out_dir=out-latro-gsm8k-llama31
+#     torchrun --standalone --nproc_per_node=8 latro.py config/latro_gsm8k_8b.py    # Llama-3.1-8B, FSDP
 #     python latro.py config/latro_gsm8k.py --init_from=Qwen/Qwen2.5-1.5B-Instruct --batch_size=3     (1 GPU)
 # Memory: plain DDP keeps fp32 weights + grads + AdamW state (16 B/param) and the frozen fp32 reference (4 B/param)
 # on every GPU: ~76 GB for Phi-3.5's 3.8B before activations (use 141 GB GPUs such as the H200, or a <=3B model on
-# 80 GB GPUs), ~145-160 GB for the 7-8B models. The paper sharded with DeepSpeed ZeRO-3; this plain-DDP script does
-# not, so the 7-8B runs need sharding (FSDP2) added first.
+# 80 GB GPUs), ~145-160 GB for the 7-8B models. The paper sharded with DeepSpeed ZeRO-3; here --fsdp=True shards
+# with PyTorch's FSDP2 (config/latro_gsm8k_8b.py turns it on for the 7-8B models).
 out_dir = "out-latro-gsm8k"
 init_from = "microsoft/Phi-3.5-mini-instruct"
 task = "gsm8k"

@@ -80,6 +80,23 @@ CLI_CASES = [
     (["data.py", "prosqa_smal", "train", "3"],
      "task 'prosqa_smal' is unknown; did you mean prosqa_small?"),
     # coconut.py / latro.py cases go here: (["latro.py", "--n_train=-5"], "n_train"), ...
+    # latro.py: all found by the up-front check, before data, model or out_dir (more in test_latro.py's
+    # CONFIG_ERRORS, which call the check directly)
+    (["latro.py", "--n_train=-5"], "n_train=-5: give a value >= 0 (0 = the task's default size)"),
+    (["latro.py", "--temperature=0"], "temperature=0.0: greedy rollouts make the K rationales"),
+    (["latro.py", "--top_p=0"], "top_p=0.0: use 0 < top_p <= 1"),
+    (["latro.py", "--max_rationale_tokens=0"], "max_rationale_tokens=0: LaTRO optimises the rationale"),
+    (["latro.py", "--eval_interval=0"], "eval_interval=0: give a value > 0"),
+    (["latro.py", "--penalty=grp"], "penalty='grp': use one of 'group', 'rank_mean', 'none'"),
+    (["latro.py", "--task=gsm9k", "--arc_options=x"], "task='gsm9k' is unknown; did you mean gsm8k?"),
+    (["latro.py", "--stop_strings=release"], "stop_strings='release': did you mean 'released'?"),
+    (["latro.py", "--sft_steps=0", "--latro_steps=0"], "with no SFT warm-up (sft_steps=0) and latro_steps=0"),
+    # latro.py: out_dir and resume, before data or model
+    (["latro.py", "--out_dir={tmp}/preds.jsonl"], "out_dir '{tmp}/preds.jsonl' is a file, not a directory"),
+    (["latro.py", "--init_from=resume", "--out_dir={tmp}/no_run"], "'{tmp}/no_run' has no ckpt.pt"),
+    # latro.py: the data against the model, before the model is loaded
+    (["latro.py", "--block_size=16", "--out_dir={tmp}/short"], "but the model has 16: raise block_size"),
+    (["latro.py", "--task=json", "--data_path={tmp}/mydata.jsonl"], "mydata.jsonl names no split"),
 ]
 
 

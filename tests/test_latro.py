@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from data import Tokenizer
-from latro import (RELEASED_STOP_STRINGS, SequenceScorer, batch_layout, build_batch, cut_at_stop, disable_dropout,
-                   latro_loss, latro_rewards, parse_stop_strings, rloo_advantages, sample, score)
+import latro
+from configurator import UserError, configure
+from latro import (RELEASED_STOP_STRINGS, SequenceScorer, batch_layout, build_batch, check_config, check_lengths,
+                   check_resume, cut_at_stop, disable_dropout, latro_loss, latro_rewards, lr_at, parse_stop_strings,
+                   rank_prompts, rloo_advantages, sample, score, step_indices)
 from model import load_checkpoint, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -221,33 +224,7 @@ def test_bad_batch_arithmetic_fails_before_any_work(tmp_path):
     assert "micro_batch_size=3" in p.stderr and "2 prompts x rloo_k=4 = 8 rollouts" in p.stderr
     assert "data:" not in p.stdout and not os.listdir(tmp_path)  # failed before loading data or a model
 
-def test_resume_equals_uninterrupted_run(tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
-    for args in ([f"--out_dir={a}"], [f"--out_dir={b}", "--stop_at_step=2"], [f"--out_dir={b}", "--init_from=resume"]):
-        p = run(TINY + args)
-        assert p.returncode == 0, p.stderr[-3000:]
-    assert "step 3/4" in p.stdout and "step 1/4" not in p.stdout  # the resumed run continued at step 3
-    ca, cb = load_checkpoint(str(a / "ckpt.pt")), load_checkpoint(str(b / "ckpt.pt"))
-    assert ca["iter_num"] == cb["iter_num"] == 4
-    for k in ca["model"]:
-        assert torch.equal(ca["model"][k], cb["model"][k]), k
-    for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
-        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
-
-def test_two_process_gloo_ddp_keeps_parameters_identical(tmp_path):
-    # 1 prompt x 4 rollouts per rank in 2 micro-steps: exercises the no-sync micro-step and the synced one
-    p = run(TINY + [f"--out_dir={tmp_path}", "--micro_batch_size=2", "--device=cpu"],
-            launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "parameters identical across 2 ranks: True" in p.stdout
-    assert "per rank 1 prompts, 4 rollouts, 2 micro-steps" in p.stdout
-
-def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tmp_path):
-    p = run(TINY + [f"--out_dir={tmp_path}", "--beta=1e400"])  # β = inf: inf × KL (0 at step 0) = nan rewards
-    assert p.returncode == 1 and "(nan/inf); stopping before the update" in p.stdout
-    ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))  # the last good state, written before the first step
-    assert ckpt["iter_num"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-
+# (resume, kills, NaN guards, 2-process DDP and FSDP runs: tests/test_latro_script.py)
 
 @pytest.mark.parametrize("preset", ["config/latro_gsm8k.py", "config/latro_arc.py", "config/latro_sft_gsm8k.py",
                                     "config/latro_sft_arc.py"])
@@ -285,5 +262,99 @@ def test_sft_baseline_run_and_bad_names(tmp_path):
                     "--sft_epochs=0.25", "--sft_batch_size=8", "--sft_decay=True", "--latro_steps=0", "--maj_k=0"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "up to 2 steps of 8 (0.25 epochs)" in p.stdout and "SFT baseline | test acc" in p.stdout
-    p = run(TINY + [f"--out_dir={tmp_path / 'x'}", "--checker=paper"])
-    assert p.returncode != 0 and "checker='paper'" in p.stderr and "data:" not in p.stdout
+    # (a bad checker name: CONFIG_ERRORS below)
+
+
+# ---- the up-front check, resume refusal, the per-rank prompts and the lr schedule -------------------------
+
+def cfg(*args):
+    """latro.py's effective configuration for these --key=value arguments (defaults otherwise)."""
+    return configure(dict(vars(latro)), list(args), verbose=False)
+
+CONFIG_ERRORS = [  # (arguments, world size, message): each names the key and what to do
+    (["--task=gsm9k", "--arc_options=x"], 1, "task='gsm9k' is unknown; did you mean gsm8k?"),  # the task first
+    (["--arc_options=letters"], 1, "arc_options='letters': use one of 'released', 'lettered'"),
+    (["--penalty=grp"], 1, "penalty='grp': use one of 'group', 'rank_mean', 'none'"),
+    (["--checker=paper"], 1, "checker='paper': use one of"),
+    (["--eval_prompt=zero"], 1, "eval_prompt='zero'"),
+    (["--arch=bert"], 1, "arch='bert'"),
+    (["--device=tpu"], 1, "device='tpu'"),
+    (["--device=cuda"], 1, "this torch sees no CUDA GPU"),
+    (["--stop_strings=Released"], 1, "did you mean 'released'?"),
+    (["--stop_strings=Answer:| "], 1, "holds a blank stop string"),
+    (["--n_train=-5"], 1, "n_train=-5: give a value >= 0 (0 = the task's default size)"),
+    (["--n_dev=-1"], 1, "n_dev=-1"),
+    (["--n_test=-1"], 1, "n_test=-1"),
+    (["--eval_interval=0"], 1, "eval_interval=0: give a value > 0"),
+    (["--sft_eval_interval=0"], 1, "sft_eval_interval=0"),
+    (["--gen_batch_size=0"], 1, "gen_batch_size=0"),
+    (["--lr=0"], 1, "lr=0.0: give a value > 0"),
+    (["--beta=1e400"], 1, "beta=inf: give a finite number"),
+    (["--beta=-0.1"], 1, "beta=-0.1: give a value >= 0"),
+    (["--latro_steps=-1"], 1, "latro_steps=-1"),
+    (["--maj_k=-1"], 1, "maj_k=-1"),
+    (["--temperature=0"], 1, "temperature=0.0: greedy rollouts make the K rationales"),
+    (["--top_p=0"], 1, "top_p=0.0: use 0 < top_p <= 1"),
+    (["--top_p=1.5"], 1, "top_p=1.5"),
+    (["--max_rationale_tokens=0"], 1, "max_rationale_tokens=0: LaTRO optimises the rationale"),
+    (["--sft_share=0"], 1, "sft_share=0.0"),
+    (["--sft_target_acc=45"], 1, "sft_target_acc=45.0: an accuracy"),
+    (["--dropout=1"], 1, "dropout=1.0"),
+    (["--n_embd=30", "--n_head=4"], 1, "n_embd=30 is not a multiple of n_head=4"),
+    (["--sft_steps=0", "--latro_steps=0"], 1, "trains nothing"),
+    (["--init_from=resume", "--overwrite=True"], 1, "choose one"),
+    (["--fsdp=True"], 1, "fsdp=True shards over the processes of a torchrun launch"),
+    (["--sft_batch_size=63"], 2, "sft_batch_size=63 does not split over 2 ranks"),
+    (["--batch_size=6"], 4, "batch_size=6 prompts per step do not split over 4 ranks"),
+    (["--rloo_k=1"], 1, "rloo_k=1"),
+]
+
+@pytest.mark.parametrize("args, world, message", CONFIG_ERRORS, ids=[c[0][0] for c in CONFIG_ERRORS])
+def test_check_config_refuses_with_a_message_naming_the_key(args, world, message):
+    with pytest.raises(UserError) as e:
+        check_config(cfg(*args), world, distributed=world > 1)
+    assert message in str(e.value)
+
+def test_check_config_accepts_the_defaults_presets_and_documented_zeros():
+    assert check_config(cfg()) == (8, 64, 1)
+    assert check_config(cfg("--n_train=0", "--n_dev=0", "--maj_k=0", "--beta=0", "--latro_steps=0")) == (8, 64, 1)
+    assert check_config(cfg("--stop_strings=", "--penalty=none")) == (8, 64, 1)  # stop ids only
+    for preset in ("latro_gsm8k", "latro_arc", "latro_sft_gsm8k", "latro_gsm8k_8b"):
+        assert check_config(cfg(f"config/{preset}.py"), 8, distributed=True) == (3, 48, 12)
+
+def test_check_lengths_counts_prompt_rationale_and_answer():
+    prompts, answers, gold = [[1] * 10, [1] * 4], [[2] * 3, [2] * 9], [([1] * 5, [3] * 20, [2] * 3)]
+    # the longest rollout: 4 + 9 answer tokens + max(12, 8) = 25; the gold row 28
+    assert check_lengths(28, prompts, answers, gold, 12, 8) == 28
+    assert check_lengths(30, prompts, answers, [], 12, 8) == 25
+    with pytest.raises(UserError, match="needs 28 positions .* but the model has 27"):
+        check_lengths(27, prompts, answers, gold, 12, 8)
+    with pytest.raises(UserError, match="needs 25 positions"):
+        check_lengths(24, prompts, answers, [], 8, 12)  # the evaluation's length counts too
+
+def test_resume_refuses_another_scripts_or_another_runs_checkpoint():
+    mine = cfg("--task=modsum", "--n_layer=3")
+    ok = {"script": "latro", "ref_model": None, "source": "scratch", "config": dict(mine)}
+    check_resume(ok, mine, "ckpt.pt")
+    with pytest.raises(UserError, match="ckpt.pt was not written by latro.py .script 'coconut'"):
+        check_resume({**ok, "script": "coconut"}, mine, "ckpt.pt")
+    with pytest.raises(UserError, match="not written by latro.py"):  # no script entry, no slot for π0
+        check_resume({k: v for k, v in ok.items() if k not in ("script", "ref_model")}, mine, "ckpt.pt")
+    other = cfg("--task=modsum", "--n_layer=2", "--seed=1")
+    with pytest.raises(UserError, match="n_layer: checkpoint 3, now 2; seed: checkpoint 1337, now 1"):
+        check_resume(ok, other, "ckpt.pt")
+    # a pretrained model's shape comes from the checkpoint's source: the scratch shape keys do not apply
+    check_resume({**ok, "source": "gpt2"}, cfg("--task=modsum", "--n_layer=2"), "ckpt.pt")
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_rank_prompts_are_disjoint_and_cover_the_single_process_step(world):
+    for step in (0, 3, 7):  # 7 x 8 = 56: a step that crosses into the second epoch of 60 questions
+        shares = [rank_prompts(step, 8, 60, 5, r, world) for r in range(world)]
+        assert all(len(s) == 8 // world for s in shares)
+        assert sum(shares, []) == rank_prompts(step, 8, 60, 5, 0, 1) == step_indices(step, 8, 60, 5)
+        assert len(set(sum(shares, []))) == 8  # disjoint
+
+def test_lr_follows_the_linear_schedule_exactly():
+    # step 0 uses the peak, each step 1/total less, the last step peak/total (never 0: every step learns)
+    assert [lr_at(s, 1e-4, 4) for s in range(4)] == pytest.approx([1e-4, 7.5e-5, 5e-5, 2.5e-5], rel=1e-12)
+    assert lr_at(0, 3.0, 117) == 3.0 and lr_at(116, 3.0, 117) == pytest.approx(3.0 / 117, rel=1e-12)
