@@ -307,8 +307,10 @@ def test_batched_cached_generation_equals_batch1_uncached(arch):
 # ---- configuration checks (pure) and the script end to end
 
 def test_bad_config_fails_with_clear_message():
-    ok = dict(method="coconut", c_thought=1, epochs_per_stage=1, max_latent_stage=2, uniform_prob=0.0,
-              reset_optimizer="stage", batch_size=128, micro_batch_size=32, precision="fp32", thoughts_sweep="0,2")
+    import coconut
+    ok = {**{k: v for k, v in vars(coconut).items() if isinstance(v, (int, float, str, bool))},
+          **dict(method="coconut", c_thought=1, epochs_per_stage=1, max_latent_stage=2, uniform_prob=0.0,
+                 reset_optimizer="stage", batch_size=128, micro_batch_size=32, precision="fp32", thoughts_sweep="0,2")}
     assert check_config(ok, 2) == 2                                    # 128 = 32 x 2 accumulation x 2 ranks
     assert parse_counts("0, 1,6") == [0, 1, 6]
     for bad, msg in [(dict(batch_size=100), "multiple of micro_batch_size"), (dict(method="coconat"), "unknown"),
