@@ -83,6 +83,8 @@ def test_killed_and_stopped_runs_resume_to_the_uninterrupted_run(tmp_path):
     a, b = ckpt(tmp_path / "straight"), ckpt(d)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert b["iter_num"] == 8 and b["epoch"] == 2
+    # reset_optimizer='stage': a new AdamW at epoch 1 (stage 0 -> 1), so 4 steps, not 8, in both runs
+    assert all(st["step"] == 4 for c in (a, b) for st in c["optimizer"]["state"].values())
 
 
 def test_resume_refuses_other_settings_other_scripts_and_divergence(tmp_path):
