@@ -16,6 +16,7 @@ Launch (the defaults: a small generated ProsQA-style task, a tiny GPT-2 from scr
     python coconut.py                                                   # CPU demo
     python coconut.py config/coconut_prosqa.py                          # 1 GPU (global batch 128 by accumulation)
     torchrun --standalone --nproc_per_node=8 coconut.py config/coconut_gsm8k.py --micro_batch_size=16
+    torchrun --standalone --nproc_per_node=8 coconut.py config/coconut_gsm8k.py --fsdp=True   # sharded (FSDP2)
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 \
         coconut.py config/coconut_gsm8k.py --micro_batch_size=8         # and --node_rank=1 on the second node
 Methods (--method=, or add an overlay such as config/coconut_pause.py after a task preset):
@@ -512,6 +513,12 @@ if __name__ == "__main__":
         if resume:  # the checkpoint's values are the run's: a different one is refused, never silently kept
             check_same_run(ckpt["config"], config, RESUME_KEYS)
     base = ckpt["base"] if ckpt else init_from                         # 'scratch' or the HF model it started from
+    if base != "scratch":  # the model's config.json: found (local or hub), before anything else is read
+        try:
+            base_cfg = AutoConfig.from_pretrained(base)
+        except OSError as e:  # no such directory, and not on the hub (or offline without a cached copy)
+            raise UserError(f"init_from={base!r}: no model there ({str(e).splitlines()[0]}); give a "
+                            f"save_pretrained directory, a hub name, 'scratch' or a .pt checkpoint") from None
     tok_name = resolve_tokenizer(tokenizer, base, ckpt)                # the model's own unless set
     tok = build_tokenizer(tok_name, [ex for exs in splits.values() for ex in exs])
     encoded = {s: [encode_example(tok, ex) for ex in exs] for s, exs in splits.items()}
@@ -556,7 +563,7 @@ if __name__ == "__main__":
         if base == "scratch":
             shape_model = load_model("scratch", n_rows, **shape_kw)
         else:
-            shape_model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+            shape_model = AutoModelForCausalLM.from_config(base_cfg)
     hf_cfg, n_params = shape_model.config, sum(p.numel() for p in shape_model.parameters())
     shape_model = None
     stages_run = set() if eval_only else {stage_at(ep) for ep in range(num_epochs)}
