@@ -8,7 +8,6 @@ out_dir = "out/gsm8k_coconut"
 task = "json"
 data_path = "data/gsm_{split}.json"
 task_options = "{}"
-tokenizer = "openai-community/gpt2"
 init_from = "out/gsm8k_cot/best.pt"
 method = "coconut"
 c_thought = 2

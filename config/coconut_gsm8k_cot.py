@@ -7,7 +7,6 @@ out_dir = "out/gsm8k_cot"
 task = "json"
 data_path = "data/gsm_{split}.json"
 task_options = "{}"
-tokenizer = "openai-community/gpt2"
 init_from = "openai-community/gpt2"
 method = "cot"
 # Coconut's GSM8k curriculum (unused by cot): overlays on this preset (pause: 2 x 3 = 6 pause tokens, as many as

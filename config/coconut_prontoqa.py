@@ -7,7 +7,6 @@ out_dir = "out/prontoqa_coconut"
 task = "prontoqa"
 data_path = "data/prontoqa_{split}.json"
 task_options = "{}"
-tokenizer = "openai-community/gpt2"
 init_from = "openai-community/gpt2"
 method = "coconut"
 c_thought = 1

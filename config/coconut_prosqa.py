@@ -7,7 +7,6 @@ out_dir = "out/prosqa_coconut"
 task = "prosqa"
 data_path = "data/prosqa_{split}.json"
 task_options = "{}"
-tokenizer = "openai-community/gpt2"
 init_from = "openai-community/gpt2"
 method = "coconut"
 c_thought = 1

@@ -97,6 +97,32 @@ CLI_CASES = [
     # latro.py: the data against the model, before the model is loaded
     (["latro.py", "--block_size=16", "--out_dir={tmp}/short"], "but the model has 16: raise block_size"),
     (["latro.py", "--task=json", "--data_path={tmp}/mydata.jsonl"], "mydata.jsonl names no split"),
+    # coconut.py: the config (before the data), the data, out_dir, the model's positions
+    (["coconut.py", "--num_epochs=0"], "num_epochs=0 must be > 0 (eval_only=True evaluates"),
+    (["coconut.py", "--eval_only=True"], "eval_only=True with init_from='scratch' would score an untrained"),
+    (["coconut.py", "--n_train=-5"], "n_train=-5 must be >= 0"),
+    (["coconut.py", "--method=coconat"], "method='coconat' is unknown; use one of coconut, cot"),
+    (["coconut.py", "--reset_optimizer=always"], "reset_optimizer='always': use one of 'stage'"),
+    (["coconut.py", "--task=prosqa_smal"], "task='prosqa_smal' is unknown; known: prosqa"),
+    (["coconut.py", "--task_options=min_hops"], "task_options='min_hops' must be a dict literal"),
+    (["coconut.py", "--uniform_prob=1.5"], "uniform_prob=1.5 must be in [0, 1]"),
+    (["coconut.py", "--ckpt_interval=-1"], "ckpt_interval=-1 must be >= 0"),
+    (["coconut.py", "--thoughts_sweep=0,x"], "thoughts_sweep='0,x': give thought counts >= 0"),
+    (["coconut.py", "--batch_size=10"], "batch_size=10 (global) must be a multiple of micro_batch_size=32"),
+    (["coconut.py", "--gradient_checkpointing=True"], "does not work with method=coconut"),
+    (["coconut.py", "--fsdp=True"], "fsdp=True shards over the processes of a torchrun launch"),
+    (["coconut.py", "--init_from={tmp}/nope.pt"], "init_from='{tmp}/nope.pt': no such checkpoint file"),
+    (["coconut.py", "--init_from={tmp}/preds.jsonl"], "is a file but not a .pt checkpoint"),
+    (["coconut.py", "--init_from={tmp}/no_model_here", "--n_train=8", "--n_val=2", "--n_test=2",
+      "--batch_size=8", "--micro_batch_size=8"], "init_from='{tmp}/no_model_here': no model there"),
+    (["coconut.py", "--init_from=resume", "--out_dir={tmp}/fresh"], "has no ckpt.pt"),
+    (["coconut.py", "--out_dir={tmp}/preds.jsonl"], "is a file, not a directory"),
+    (["coconut.py", "--task=json", "--task_options={}", "--data_path={tmp}/mydata.jsonl"],
+     "mydata.jsonl names no split, and one file for"),
+    (["coconut.py", "--n_train=8", "--n_val=2", "--n_test=2", "--batch_size=8", "--micro_batch_size=8",
+      "--block_size=24"], "more than the model's 24 positions (block_size): raise --block_size"),
+    (["coconut.py", "--n_train=4", "--n_val=2", "--n_test=2", "--batch_size=8", "--micro_batch_size=8"],
+     "4 training examples < batch_size=8"),
 ]
 
 

@@ -117,6 +117,61 @@ def test_stage_schedule():
     assert [stage_of(e, 0, 1, 2) for e in range(6)] == [0, 1, 2, 3, 3, 3]  # capped past max_latent_stage
     assert stage_of(0, 99, 5, 6) == 7                                 # "w/o curriculum": the final stage at once
 
+def test_uniform_prob_zero_keeps_every_example_at_its_scheduled_stage():
+    import random
+    from coconut import draw_stages
+    n_steps = [3, 1, 5, 0, 2] * 20
+    assert draw_stages(random.Random(0), 2, 0.0, n_steps) == [2] * 100
+
+def test_uniform_prob_one_draws_every_stage_from_zero_to_the_example_steps():
+    import random
+    from coconut import draw_stages
+    n_steps = [3, 1, 5, 0, 2] * 40
+    got = draw_stages(random.Random(0), 9, 1.0, n_steps)               # 9: never a drawn stage here
+    assert all(0 <= st <= n for st, n in zip(got, n_steps))
+    for n in set(n_steps):                                              # each reachable stage is drawn
+        assert {st for st, m in zip(got, n_steps) if m == n} == set(range(n + 1))
+    half = draw_stages(random.Random(0), 9, 0.5, n_steps)              # both kinds, about half each
+    assert 60 < half.count(9) < 140
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    from coconut import epoch_order
+    n_steps = [2, 3, 1, 4] * 8
+    a = epoch_order(0, 3, 1, 0.5, n_steps)
+    assert a == epoch_order(0, 3, 1, 0.5, n_steps) and sorted(a[1]) == list(range(32))
+    assert a[1] != epoch_order(0, 4, 1, 0.5, n_steps)[1] and a[1] != epoch_order(1, 3, 1, 0.5, n_steps)[1]
+
+@pytest.mark.parametrize("world,accum", [(1, 1), (1, 4), (2, 1), (2, 2), (4, 2)])
+def test_rank_blocks_partition_the_global_batch(world, accum):
+    from coconut import rank_block
+    micro = 3
+    batch = list(range(100, 100 + world * accum * micro))
+    blocks = [rank_block(batch, r, m, accum, micro) for r in range(world) for m in range(accum)]
+    assert all(len(b) == micro for b in blocks)
+    assert sorted(i for b in blocks for i in b) == batch                # every example once
+    # rank r's micro-step m is micro-step r*accum+m of one process accumulating world*accum blocks
+    for r in range(world):
+        for m in range(accum):
+            assert rank_block(batch, r, m, accum, micro) == rank_block(batch, 0, r * accum + m, world * accum, micro)
+
+def test_optimizer_resets_exactly_at_the_configured_epochs():
+    from coconut import resets_optimizer
+    sched = [stage_of(e, 0, 2, 2) for e in range(8)]                    # 0 0 1 1 2 2 3 3
+    at = lambda mode: [e for e in range(8) if resets_optimizer(e, sched, mode)]
+    assert at("stage") == [2, 4, 6] and at("epoch") == [1, 2, 3, 4, 5, 6, 7] and at("never") == []
+    assert [e for e in range(7) if resets_optimizer(e, lambda e: stage_of(e, 1, 3, 3), "stage")] == [3, 6]
+    # and a real optimizer's step count: AdamW made anew at those epochs restarts at 0
+    p = torch.nn.Parameter(torch.ones(2))
+    opt, counts = None, []
+    for e in range(8):
+        if opt is None or resets_optimizer(e, sched, "stage"):
+            opt = torch.optim.AdamW([p], lr=0.1)
+        for _ in range(3):
+            p.grad = torch.ones(2)
+            opt.step()
+        counts.append(int(opt.state[p]["step"]))
+    assert counts == [3, 6, 3, 6, 3, 6, 3, 6]
+
 def test_marker_ids_are_bot_latent_eot():
     # regression: data.py lists the markers as (start, end, latent); layout() takes (bot, latent, eot)
     tok = build_tokenizer("words", [{"question": "Tom is a wumpus.", "steps": [], "answer": "yes"}])
@@ -307,8 +362,10 @@ def test_batched_cached_generation_equals_batch1_uncached(arch):
 # ---- configuration checks (pure) and the script end to end
 
 def test_bad_config_fails_with_clear_message():
-    ok = dict(method="coconut", c_thought=1, epochs_per_stage=1, max_latent_stage=2, uniform_prob=0.0,
-              reset_optimizer="stage", batch_size=128, micro_batch_size=32, precision="fp32", thoughts_sweep="0,2")
+    import coconut
+    ok = {**{k: v for k, v in vars(coconut).items() if isinstance(v, (int, float, str, bool))},
+          **dict(method="coconut", c_thought=1, epochs_per_stage=1, max_latent_stage=2, uniform_prob=0.0,
+                 reset_optimizer="stage", batch_size=128, micro_batch_size=32, precision="fp32", thoughts_sweep="0,2")}
     assert check_config(ok, 2) == 2                                    # 128 = 32 x 2 accumulation x 2 ranks
     assert parse_counts("0, 1,6") == [0, 1, 6]
     for bad, msg in [(dict(batch_size=100), "multiple of micro_batch_size"), (dict(method="coconat"), "unknown"),
