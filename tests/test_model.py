@@ -289,10 +289,19 @@ def test_stop_request_sets_a_flag_and_a_second_signal_acts_at_once():
     stop = StopRequest()
     try:
         assert not stop.requested()
+        # Python runs a signal's handler in the main thread at its next check, which may come a moment after
+        # os.kill returns (the kernel can deliver the signal to another of torch's threads): sleep, which
+        # the signal interrupts, until it has run
         os.kill(os.getpid(), signal.SIGTERM)  # preemption: the run goes on to the end of its step
+        for _ in range(500):
+            if stop.requested():
+                break
+            time.sleep(0.01)
         assert stop.requested() and stop.signum == signal.SIGTERM
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)  # asked twice: Python's own Ctrl-C behaviour
+            for _ in range(500):
+                time.sleep(0.01)
         assert signal.getsignal(signal.SIGINT) is before  # the earlier handlers are back
     finally:
         stop.restore()
