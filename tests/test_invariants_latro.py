@@ -1,6 +1,7 @@
-"""LaTRO invariants that single-line bugs break: the KL term against a hand computation, one random stream per
-sampling chunk, the data order, and a real tiny run (KL exactly 0 at the first step, the logged lr on the
-schedule, one step independent of micro_batch_size, resume exact with dropout on). CPU, tiny models."""
+"""LaTRO invariants that single-line bugs break: the KL term against a hand computation, one random
+stream per sampling chunk, the data order, and real tiny runs (KL exactly 0 at the first step, the
+logged lr on the schedule, one step independent of micro_batch_size, resume exact with dropout on,
+2 DDP ranks x 1 prompt = 1 process x 2 prompts). CPU, tiny models."""
 import os
 import re
 import subprocess
@@ -8,7 +9,7 @@ import sys
 
 import torch
 
-from latro import SequenceScorer, build_batch, latro_rewards, sample, score, step_indices
+from latro import SequenceScorer, latro_rewards, sample, score, step_indices
 from model import load_checkpoint, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,9 +18,9 @@ V, PAD, EOS = 24, 0, 1
 
 def tiny(seed):
     torch.manual_seed(seed)
-    m = load_model("scratch", V, arch="gpt2", n_layer=1, n_head=2, n_embd=16, block_size=32, eos_id=EOS,
-                   pad_id=PAD)
-    with torch.no_grad():  # sharpen the random weights so that two seeds give clearly different models
+    m = load_model("scratch", V, arch="gpt2", n_layer=1, n_head=2, n_embd=16, block_size=32,
+                   eos_id=EOS, pad_id=PAD)
+    with torch.no_grad():  # sharpen the random weights: two seeds give clearly different models
         for p in m.parameters():
             p.mul_(6.0 if p.dim() > 1 else 1.0)
     return m.eval()
@@ -38,110 +39,120 @@ class NoStopTokenizer:
 
 
 def test_kl_and_reward_equal_a_hand_computation_when_the_policy_differs_from_pi0():
-    """kl_i = log π(z_i|x_i) − log π0(z_i|x_i) and r_i = log π(y_i|x_i,z_i) − β·kl_i, each term a sum over
-    exactly the rationale (or answer) tokens, checked against unpadded batch-1 forwards of two different models."""
+    """kl_i = log π(z_i|x_i) − log π0(z_i|x_i) and r_i = log π(y_i|x_i,z_i) − β·kl_i, each a sum
+    over exactly the rationale (or answer) tokens: checked against unpadded batch-1 forwards of two
+    different models, with the rows scored in padded chunks of 2 and 3."""
     policy, ref = tiny(0), tiny(1)
-    xs, zs, ys = [[5, 6, 7], [8, 9], [10, 11, 12, 13]], [[14, 15, 16], [17], [18, 19]], [[20, EOS], [21, EOS], [22, EOS]]
+    xs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
+    zs = [[14, 15, 16], [17], [18, 19]]
+    ys = [[20, EOS], [21, EOS], [22, EOS]]
+    stopped = torch.ones(3, dtype=torch.bool)
     with torch.no_grad():
         logp_z, logp_y = score(SequenceScorer(policy), xs, zs, ys, PAD, 2, torch.no_grad())
         ref_z, _ = score(SequenceScorer(ref), xs, zs, ys, PAD, 3, torch.no_grad())
-        rewards, kl = latro_rewards(logp_y, logp_z, ref_z, torch.ones(3, dtype=torch.bool), 3, 0.25, 2.0, "group")
+        rewards, kl = latro_rewards(logp_y, logp_z, ref_z, stopped, 3, 0.25, 2.0, "group")
         for i, (x, z, y) in enumerate(zip(xs, zs, ys)):
             want_kl = seq_logprob(policy, x, z) - seq_logprob(ref, x, z)
             want_r = seq_logprob(policy, x + z, y) - 0.25 * want_kl
             assert abs(kl[i].item() - want_kl) < 1e-4 and abs(rewards[i].item() - want_r) < 1e-4
-    assert kl.abs().min() > 0.05  # the two models do differ on every row: the comparison is not vacuous
+    assert kl.abs().min() > 0.05  # the two models differ on every row: not a vacuous comparison
 
 
 def test_each_sampling_chunk_draws_its_own_random_stream():
-    """Eight copies of one prompt sampled in chunks of 4: the chunks are different draws (one seed per chunk),
-    and the same generator seed gives the same rationales again."""
+    """Eight copies of one prompt sampled in chunks of 4: the chunks are different draws (one seed
+    per chunk), and the same generator seed gives the same rationales again."""
     m = tiny(0)
     prompts = [[5, 6, 7]] * 8
     kw = dict(tok=NoStopTokenizer(), stop_ids={EOS, PAD}, stop_strings=[], temperature=1.0)
-    outs, _, _ = sample(m, prompts, 12, PAD, 4, torch.no_grad(), generator=torch.Generator().manual_seed(3), **kw)
-    again, _, _ = sample(m, prompts, 12, PAD, 4, torch.no_grad(), generator=torch.Generator().manual_seed(3), **kw)
-    assert outs == again
+    draw = lambda: sample(m, prompts, 12, PAD, 4, torch.no_grad(),
+                          generator=torch.Generator().manual_seed(3), **kw)[0]
+    outs = draw()
+    assert outs == draw()
     assert outs[:4] != outs[4:]
     assert len({tuple(o) for o in outs}) > 2  # the model does sample varied rationales
 
 
 def test_consecutive_steps_take_each_question_once_per_epoch_and_epochs_reshuffle():
-    """step_indices: the steps of one epoch partition the questions (a step may straddle two epochs), and the
-    next epoch is another order."""
-    n, per_step = 12, 4
-    epoch0 = sum((step_indices(s, per_step, n, 7) for s in range(3)), [])
-    epoch1 = sum((step_indices(s, per_step, n, 7) for s in range(3, 6)), [])
+    """step_indices: the steps of one epoch partition the questions (a step may straddle two
+    epochs), and the next epoch is another order."""
+    n = 12
+    epoch0 = sum((step_indices(s, 4, n, 7) for s in range(3)), [])
+    epoch1 = sum((step_indices(s, 4, n, 7) for s in range(3, 6)), [])
     assert sorted(epoch0) == sorted(epoch1) == list(range(n)) and epoch0 != epoch1
-    straddle = sum((step_indices(s, 5, n, 7) for s in range(5)), [])  # 25 = two epochs and one question
+    straddle = sum((step_indices(s, 5, n, 7) for s in range(5)), [])  # 25 = 2 epochs + 1 question
     assert sorted(straddle[:12]) == sorted(straddle[12:24]) == list(range(n))
 
 
-# ---- a real tiny run --------------------------------------------------------------------------------------
+# ---- real tiny runs ---------------------------------------------------------------------------
 
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=32", "--n_dev=2", "--n_test=2", "--sft_steps=0",
-        "--batch_size=2", "--rloo_k=4", "--max_rationale_tokens=8", "--eval_max_tokens=8", "--maj_k=0",
-        "--eval_interval=100", "--export_hf=False", "--device=cpu", "--lr=1e-3"]
-STEP = re.compile(r"^step (\d+)/(\d+) \| reward (\S+) \| kl (\S+) \| .* \| loss (\S+) \| lr (\S+) \|", re.M)
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=32", "--n_dev=2", "--n_test=2",
+        "--sft_steps=0", "--batch_size=2", "--rloo_k=4", "--max_rationale_tokens=8",
+        "--eval_max_tokens=8", "--maj_k=0", "--eval_interval=100", "--export_hf=False",
+        "--device=cpu", "--lr=1e-3"]
+STEP = re.compile(r"^step (\d+)/(\d+) \| reward (\S+) \| kl (\S+) \| .* "
+                  r"\| loss (\S+) \| lr (\S+) \|", re.M)
 
 
-def run(args):
+def run(args, launcher=(sys.executable,)):
+    """Run latro.py on TINY + args; returns the step lines as (step, of, reward, kl, loss, lr)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "latro.py"), *TINY, *args], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run([*launcher, os.path.join(ROOT, "latro.py"), *TINY, *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
-    return STEP.findall(p.stdout)
+    return p.stdout, STEP.findall(p.stdout)
 
 
-def test_first_step_kl_is_zero_lr_follows_the_schedule_and_a_step_ignores_micro_batch_size(tmp_path):
-    """A tiny run of 3 steps, once with one micro-batch of 8 rollouts and once with 4 micro-batches of 2:
-    - the KL to π0 is exactly 0 at the first step (π0 is the initial policy, scored on the same rows);
+def weights(out_dir):
+    return load_checkpoint(os.path.join(out_dir, "ckpt.pt"))["model"]
+
+
+def test_first_step_kl_is_zero_lr_follows_the_schedule_and_a_step_ignores_micro_batch_size(
+        tmp_path):
+    """A tiny run of 3 steps, with one micro-batch of 8 rollouts and with 4 micro-batches of 2:
+    - the KL to π0 is exactly 0 at the first step (π0 is the initial policy, on the same rows);
     - the logged lr is lr·(1 − (step−1)/latro_steps): linear decay to 0, no warm-up;
-    - the loss and the weights do not depend on micro_batch_size (gradient accumulation averages)."""
-    one = run([f"--out_dir={tmp_path / 'one'}", "--micro_batch_size=8", "--latro_steps=3"])
-    four = run([f"--out_dir={tmp_path / 'four'}", "--micro_batch_size=2", "--latro_steps=3"])
+    - loss and weights do not depend on micro_batch_size (gradient accumulation averages)."""
+    _, one = run([f"--out_dir={tmp_path / 'one'}", "--micro_batch_size=8", "--latro_steps=3"])
+    _, four = run([f"--out_dir={tmp_path / 'four'}", "--micro_batch_size=2", "--latro_steps=3"])
     assert [s[:2] for s in one] == [s[:2] for s in four] == [("1", "3"), ("2", "3"), ("3", "3")]
     assert one[0][3] == four[0][3] == "0.0000"
-    assert [float(s[5]) for s in one] == [float(s[5]) for s in four] == [1e-3, float(f"{1e-3 * 2 / 3:.2e}"),
-                                                                         float(f"{1e-3 / 3:.2e}")]
+    schedule = [1e-3, float(f"{1e-3 * 2 / 3:.2e}"), float(f"{1e-3 / 3:.2e}")]
+    assert [float(s[5]) for s in one] == [float(s[5]) for s in four] == schedule
+    close = lambda a, b: abs(float(a) - float(b)) <= 2e-4 + 1e-3 * abs(float(a))
     for a, b in zip(one, four):
-        assert abs(float(a[4]) - float(b[4])) <= 2e-4 + 1e-3 * abs(float(a[4])), (a, b)
-        assert abs(float(a[2]) - float(b[2])) <= 2e-4 + 1e-3 * abs(float(a[2])), (a, b)  # the same rollouts
+        assert close(a[4], b[4]) and close(a[2], b[2]), (a, b)  # the same loss, the same rollouts
     assert any(abs(float(s[4])) > 1e-3 for s in one)  # the loss is not trivially 0
-    wa = load_checkpoint(str(tmp_path / "one" / "ckpt.pt"))["model"]
-    wb = load_checkpoint(str(tmp_path / "four" / "ckpt.pt"))["model"]
-    # Adam moves each weight by about lr per step whatever the gradient's scale: a rounding-level difference
-    # in a near-zero gradient may flip one move, so the bound is one step's lr, far below 3 steps' drift
+    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "four")
+    # Adam moves a weight by about lr per step whatever its gradient's scale: a rounding-level
+    # difference in a near-zero gradient may flip one move; 3 steps move weights up to 3e-3
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-3
 
 
 def test_resume_with_dropout_on_equals_an_uninterrupted_run(tmp_path):
-    """Dropout draws from the global RNG in the update: a resumed run restores that RNG state and reproduces the
-    uninterrupted run bit for bit."""
+    """Dropout draws from the global RNG in the update: a resumed run restores that RNG state and
+    reproduces the uninterrupted run bit for bit."""
     drop = ["--dropout=0.2", "--micro_batch_size=8", "--latro_steps=3"]
     run(drop + [f"--out_dir={tmp_path / 'a'}"])
     run(drop + [f"--out_dir={tmp_path / 'b'}", "--stop_at_step=1"])
-    resumed = run(drop + [f"--out_dir={tmp_path / 'b'}", "--init_from=resume"])
+    _, resumed = run(drop + [f"--out_dir={tmp_path / 'b'}", "--init_from=resume"])
     assert [s[0] for s in resumed] == ["2", "3"]
-    ca, cb = load_checkpoint(str(tmp_path / "a" / "ckpt.pt")), load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
+    ca = load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))
+    cb = load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
     assert ca["iter_num"] == cb["iter_num"] == 3
     for k in ca["model"]:
         assert torch.equal(ca["model"][k], cb["model"][k]), k
 
 
 def test_two_ranks_with_one_prompt_each_equal_one_process_with_two_prompts(tmp_path):
-    """Under DDP each rank takes its own prompts of the global batch: 2 gloo ranks x 1 prompt give the weights of
-    1 process x 2 prompts. Greedy rollouts (temperature 0) make the rollouts independent of the rank's random
-    stream, and sft_coef=1 gives the answer term a gradient (K identical rollouts have zero advantages)."""
+    """Under DDP each rank takes its own prompts of the global batch: 2 gloo ranks x 1 prompt give
+    the weights of 1 process x 2 prompts. Greedy rollouts (temperature 0) do not depend on the
+    rank's random stream, and sft_coef=1 gives the answer term a gradient (K identical rollouts have
+    zero advantages)."""
     args = ["--temperature=0", "--sft_coef=1", "--micro_batch_size=4", "--latro_steps=2"]
     run(args + [f"--out_dir={tmp_path / 'one'}"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        os.path.join(ROOT, "latro.py"), *TINY, *args, f"--out_dir={tmp_path / 'two'}"], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "per rank 1 prompts, 4 rollouts" in p.stdout
-    wa = load_checkpoint(str(tmp_path / "one" / "ckpt.pt"))["model"]
-    wb = load_checkpoint(str(tmp_path / "two" / "ckpt.pt"))["model"]
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
+    out, _ = run(args + [f"--out_dir={tmp_path / 'two'}"], launcher=torchrun)
+    assert "per rank 1 prompts, 4 rollouts" in out
+    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
     diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert diff < 1e-5, diff  # measured: exactly 0; a rank repeating rank 0's prompt: 3e-3
