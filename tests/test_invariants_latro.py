@@ -146,7 +146,8 @@ def test_resume_with_dropout_on_equals_an_uninterrupted_run(tmp_path):
 def test_two_ranks_with_one_prompt_each_equal_one_process_with_two_prompts(tmp_path):
     """Under DDP each rank takes its own prompts of the global batch: 2 gloo ranks x 1 prompt give
     the weights of 1 process x 2 prompts. Rollouts with top_p=1e-9 (the nucleus keeps only the top
-    token: greedy, which the up-front check refuses as temperature=0) do not depend on the rank's random stream, and sft_coef=1 gives the answer term a gradient (K identical rollouts have
+    token: greedy, which the up-front check refuses as temperature=0) do not depend on the rank's
+    random stream, and sft_coef=1 gives the answer term a gradient (K identical rollouts have
     zero advantages)."""
     args = ["--top_p=1e-9", "--sft_coef=1", "--micro_batch_size=4", "--latro_steps=2"]
     run(args + [f"--out_dir={tmp_path / 'one'}"])
