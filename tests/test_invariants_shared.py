@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from configurator import ConfigError, configure
-from model import decode, load_model, prefill, sample_next
+from model import decode, ends_with_stop, load_model, prefill, sample_next
 
 
 def test_sampling_draws_from_softmax_of_logits_over_temperature():
@@ -49,3 +49,12 @@ def test_config_file_may_use_private_helper_names_and_modules(tmp_path):
     f.write_text("n = True\n")  # a bool is not an int (True == 1 in Python)
     with pytest.raises(ConfigError, match="'n' expects int"):
         configure({"n": 1}, [str(f)], verbose=False)
+
+
+def test_a_multi_token_stop_matches_only_the_whole_sequence_at_the_end():
+    """ends_with_stop: a row stops when its last n tokens equal an n-token stop, all of them; a row
+    sharing one token with it, or holding it earlier, does not stop."""
+    tokens = torch.tensor([[9, 4, 5], [9, 7, 5], [9, 4, 7], [4, 5, 7], [7, 7, 8]])
+    assert ends_with_stop(tokens, [[4, 5]]).tolist() == [True, False, False, False, False]
+    assert ends_with_stop(tokens, [[4, 5], [8]]).tolist() == [True, False, False, False, True]
+    assert ends_with_stop(tokens, [[1, 2, 3, 4]]).tolist() == [False] * 5  # longer than the rows
