@@ -286,6 +286,9 @@ def test_out_dir_lock_names_the_live_holder_and_a_dead_ones_lock_is_taken_over(t
     prepare_out_dir(out, resume=False).release()
 
 def test_stop_request_sets_a_flag_and_a_second_signal_acts_at_once():
+    # Python's own Ctrl-C handler to start from, also when the runner started us with SIGINT ignored
+    # (a background job of a non-interactive shell is), where a second Ctrl-C could not interrupt
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
     before = signal.getsignal(signal.SIGINT)
     stop = StopRequest()
     try:
@@ -306,6 +309,7 @@ def test_stop_request_sets_a_flag_and_a_second_signal_acts_at_once():
         assert signal.getsignal(signal.SIGINT) is before  # the earlier handlers are back
     finally:
         stop.restore()
+        signal.signal(signal.SIGINT, outer)
 
 STOP_DRIVER = """
 import os, signal
