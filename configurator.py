@@ -12,7 +12,8 @@ Differences from nanoGPT's exec-based original, each a fault users hit there:
 - a value may contain '=' (--out_dir=runs/lr=1e-4); only the first '=' splits key from value;
 - an int is accepted for a float key (--lr=1 means 1.0);
 - a key whose default is None can be set to anything;
-- an unknown key is an error naming the closest known keys (a typo never passes silently);
+- an unknown key is an error naming the closest known keys (a typo never passes silently), or its
+  new name when the script renamed it;
 - a wrong type is an error naming the key, the expected type and the value;
 - only rank 0 prints, so an 8-GPU run logs its configuration once.
 
@@ -87,14 +88,18 @@ def check_type(key, default, value, raw=None):
     raise ConfigError(f"config key {key!r} expects {type(default).__name__} (default {default!r}), "
                       f"got {type(value).__name__} {value!r}")
 
-def unknown_key_error(key, known):
+def unknown_key_error(key, known, renamed=None):
+    if renamed and key in renamed:
+        return ConfigError(f"config key {key!r} is now called {renamed[key]!r} (one name in both scripts): "
+                           f"write {renamed[key]} instead")
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
     return ConfigError(f"unknown config key {key!r}{hint}")
 
-def configure(scope, argv, verbose=None):
+def configure(scope, argv, verbose=None, renamed=None):
     """Apply config files (positional arguments, in order) then --key=value arguments to `scope` (a script's
-    globals()). Returns {key: value} of every configuration global, in definition order."""
+    globals()). Returns {key: value} of every configuration global, in definition order.
+    renamed: {old key: new key}, so that an old name is refused with its new one."""
     defaults = {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, TYPES)}
     if verbose is None:
         verbose = int(os.environ.get("RANK", "0")) == 0
@@ -118,7 +123,7 @@ def configure(scope, argv, verbose=None):
                 if key.startswith("_") or type(value).__name__ == "module":
                     continue
                 if key not in defaults:
-                    raise unknown_key_error(key, defaults)
+                    raise unknown_key_error(key, defaults, renamed)
                 updates[key] = check_type(key, defaults[key], value)
             if verbose:
                 print(f"config file {arg}")
@@ -127,7 +132,7 @@ def configure(scope, argv, verbose=None):
             if not eq:
                 raise ConfigError(f"argument {arg!r} has no value: write --{key}=VALUE")
             if key not in defaults:
-                raise unknown_key_error(key, defaults)
+                raise unknown_key_error(key, defaults, renamed)
             updates[key] = check_type(key, defaults[key], parse_value(raw), raw)
     scope.update(updates)
     config = {k: scope[k] for k in defaults}

@@ -11,6 +11,7 @@ Everything here works with any `transformers` causal LM that accepts `inputs_emb
 import atexit
 import dataclasses
 import functools
+import gc
 import inspect
 import os
 import signal
@@ -592,6 +593,55 @@ def save_pretrained_full(model, model_sd, path):
     """The Hugging Face export (config + safetensors) from a gathered state dict; call it on the
     master only."""
     hf_model_in(model).save_pretrained(path, state_dict=model_sd)
+
+def export_hf(model, tok, model_sd, path, master):
+    """out_dir/hf: weights (a gathered state dict) and tokenizer, loadable with from_pretrained.
+    Every rank calls it after gathering; the master writes."""
+    if master:
+        save_pretrained_full(model, model_sd, path)
+        tok.save_pretrained(path)
+
+# ---- the few collectives both scripts share (each script keeps its DDP set-up and loop in view)
+
+def distributed():
+    """True inside a torchrun launch once init_process_group has run."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+def all_sum(t, device="cpu"):
+    """A small tensor summed over the ranks (eval counts, logged stats, NaN flags), returned on the
+    CPU. device: where the collective runs (NCCL takes CUDA tensors). Without a process group: t."""
+    if distributed():
+        t = t.to(device)
+        torch.distributed.all_reduce(t)
+    return t.cpu()
+
+def ranks_identical(model):
+    """Does every rank hold the same weights? (a cheap check after DDP training, a collective): each
+    tensor's sum and sum of squares, in float64, must have the same min and max over the ranks."""
+    p = [w.detach().double() for w in model.parameters()]
+    sums = torch.stack([torch.stack([w.sum(), w.square().sum()]) for w in p])
+    lo, hi = sums.clone(), sums.clone()
+    torch.distributed.all_reduce(lo, op=torch.distributed.ReduceOp.MIN)
+    torch.distributed.all_reduce(hi, op=torch.distributed.ReduceOp.MAX)
+    return bool(torch.equal(lo, hi))
+
+def end_distributed():
+    """Leave the process group on every rank together. Drop the DDP/FSDP wrapper before calling this:
+    a group torn down only at interpreter exit, its gloo threads still holding tensors, aborts the
+    process ('terminate called without an active exception')."""
+    if distributed():
+        gc.collect()
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+def wandb_logger(enabled, master, project, name, config):
+    """wandb.log on the master when enabled (wandb imported only then), else a function that does
+    nothing: the scripts call it unconditionally."""
+    if not (enabled and master):
+        return lambda *args, **kwargs: None
+    import wandb
+    wandb.init(project=project, name=name, config=config)
+    return wandb.log
 
 # ---- the memory plan: per-GPU bytes before anything is loaded
 

@@ -118,3 +118,14 @@ def test_user_error_is_one_line_and_a_bug_keeps_its_traceback(rank, prefix):
                        env=env)
     assert r.returncode == 1
     assert r.stderr.startswith("Traceback") and r.stderr.endswith("ZeroDivisionError: a bug\n")
+
+def test_renamed_key_is_refused_with_its_new_name(tmp_path):
+    """An old key name (from before both scripts shared one vocabulary) is an error that gives the new
+    name, from a config file and from the command line."""
+    with pytest.raises(ConfigError, match="'lr' is now called 'learning_rate'"):
+        configure({"learning_rate": 1.0}, ["--lr=0.1"], verbose=False, renamed={"lr": "learning_rate"})
+    (tmp_path / "old.py").write_text("lr = 0.1\n")
+    with pytest.raises(ConfigError, match="'lr' is now called 'learning_rate'"):
+        configure({"learning_rate": 1.0}, [str(tmp_path / "old.py")], verbose=False, renamed={"lr": "learning_rate"})
+    with pytest.raises(ConfigError, match="unknown config key 'lr'"):
+        configure({"learning_rate": 1.0}, ["--lr=0.1"], verbose=False)
