@@ -217,13 +217,16 @@ def rank_thought_columns(n_epochs=2):
     return cols
 
 
-def test_fsdp_stopped_and_resumed_equals_ddp_with_uneven_thought_columns(tmp_path):
+def test_one_process_equals_ddp_equals_fsdp_stopped_and_resumed_with_uneven_thought_columns(tmp_path):
     cols = rank_thought_columns()
     assert any(a != b for a, b in cols), cols                           # the case that used to hang
     model_dir = tmp_path / "tiny_hf"
     tiny_hf_dir(model_dir)
     args = UNEVEN + [f"--init_from={model_dir}"]
+    rc, one, err = run(args, tmp_path / "one")
+    assert rc == 0, err
     ddp = torchrun(args, tmp_path / "ddp")
+    assert "ddp: parameters identical on 2 ranks: True" in ddp
     # FSDP in two invocations: epoch 0, then a resume at the epoch boundary (a gathered full checkpoint)
     half = torchrun(args + ["--fsdp=True", "--num_epochs=1"], tmp_path / "fsdp")
     rest = torchrun(args + ["--fsdp=True", "--init_from=resume"], tmp_path / "fsdp")
@@ -234,11 +237,16 @@ def test_fsdp_stopped_and_resumed_equals_ddp_with_uneven_thought_columns(tmp_pat
     # the logged losses and the weights: FSDP pads every rank's batch to one layout and reduces in
     # another order, so they agree within fp32 round-off that Adam (lr 1e-2, 4 steps) amplifies to 1e-4;
     # a resume that lost the weights, the stage or the data order would differ by far more
-    l_ddp, l_fsdp = steps(ddp), steps(fsdp)
+    l_one, l_ddp, l_fsdp = steps(one), steps(ddp), steps(fsdp)
     assert sorted(l_ddp) == [1, 2, 3, 4] and sorted(steps(half)) == [1, 2] and sorted(steps(rest)) == [3, 4]
     assert max(abs(l_ddp[k] - l_fsdp[k]) for k in l_ddp) <= 2e-4
     a, b = ckpt(tmp_path / "ddp")["model"], ckpt(tmp_path / "fsdp")["model"]
     assert sorted(a) == sorted(b) and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    # one process with 2 micro-steps of 4 == 2 DDP ranks with one micro-step of 4 each: rank r's block of
+    # the global batch is micro-step r of the single process (a rank taking another's block: far off)
+    assert sorted(l_one) == [1, 2, 3, 4] and max(abs(l_one[k] - l_ddp[k]) for k in l_ddp) <= 1e-4
+    w = ckpt(tmp_path / "one")["model"]
+    assert max((w[k] - a[k]).abs().max().item() for k in a) < 1e-4
     # the test accuracy line is computed inside gathered() under FSDP: the same as DDP's
     acc = [next(l for l in out.splitlines() if l.startswith("test acc")) for out in (ddp, rest)]
     assert acc[0] == acc[1]

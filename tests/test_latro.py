@@ -3,7 +3,6 @@
 import copy
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from inprocess import run_main
 from latro import (RELEASED_STOP_STRINGS, SequenceScorer, batch_layout, build_batch, check_config, check_lengths,
                    check_resume, cut_at_stop, disable_dropout, latro_loss, latro_rewards, lr_at, parse_stop_strings,
                    rank_prompts, rloo_advantages, sample, score, step_indices)
-from model import load_checkpoint, load_model
+from model import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, PAD, EOS = 40, 0, 1
