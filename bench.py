@@ -37,7 +37,7 @@ from model import backbone, load_model, lm_head, position_ids_from_mask, token_l
 from model import (PLAN_PARTS, estimate_activation_bytes, estimate_kv_cache_bytes, memory_plan,
                    n_params_of_config)
 from coconut import Coconut, generate as latent_generate
-from latro import SequenceScorer, build_batch, sample, score, latro_rewards, rloo_advantages, latro_loss
+from latro import SequenceScorer, build_batch, sample, score_rows, latro_rewards, rloo_advantages, latro_loss
 
 # -----------------------------------------------------------------------------
 preset = "cpu"              # cpu: small shapes for a laptop; gpu: GPT-2-small at the paper's batch in bf16
@@ -255,8 +255,8 @@ def our_step(model, ref, prompts, K, L, dev, ctx, g):
                                generator=g, temperature=1.0)
     sync(dev); t1 = time.perf_counter()
     y = [[7, 8, 9, 1]] * len(x)
-    logp_z, logp_y = score(SequenceScorer(model), x, z, y, 0, len(x), ctx)
-    ref_z, _ = score(SequenceScorer(ref), x, z, [[]] * len(x), 0, len(x), ctx)
+    logp_z, logp_y = score_rows(SequenceScorer(model), x, z, y, 0, len(x), ctx)
+    ref_z, _ = score_rows(SequenceScorer(ref), x, z, [[]] * len(x), 0, len(x), ctx)
     r, _ = latro_rewards(logp_y, logp_z, ref_z, stopped, K, 0.05, 2.0, "group")
     adv = rloo_advantages(r, K)
     sync(dev); t2 = time.perf_counter()

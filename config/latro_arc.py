@@ -4,13 +4,13 @@
 #   mistralai/Mistral-7B-Instruct-v0.3  base 74.1 / 74.1   LaTRO 74.3 / 78.9
 #   meta-llama/Llama-3.1-8B-Instruct    base 81.4 / 84.4   LaTRO 83.0 / 85.3
 #     torchrun --standalone --nproc_per_node=8 latro.py config/latro_arc.py
-#     torchrun --standalone --nproc_per_node=8 latro.py config/latro_arc.py --init_from=meta-llama/Llama-3.1-8B-Instruct --out_dir=out-latro-arc-llama31
+#     torchrun --standalone --nproc_per_node=8 latro.py config/latro_arc.py --init_from=meta-llama/Llama-3.1-8B-Instruct --out_dir=out/arc_latro_llama31
 #     python latro.py config/latro_arc.py --init_from=Qwen/Qwen2.5-1.5B-Instruct --batch_size=3     (1 GPU)
 # Memory: plain DDP keeps fp32 weights + grads + AdamW state (16 B/param) and the frozen fp32 reference (4 B/param)
 # on every GPU: ~76 GB for Phi-3.5's 3.8B before activations (use 141 GB GPUs such as the H200, or a <=3B model on
 # 80 GB GPUs), ~145-160 GB for the 7-8B models. The paper sharded with DeepSpeed ZeRO-3; this plain-DDP script does
 # not, so the 7-8B runs need sharding (FSDP2) added first.
-out_dir = "out-latro-arc"
+out_dir = "out/arc_latro"
 init_from = "microsoft/Phi-3.5-mini-instruct"
 task = "arc"
 arc_options = "released"  # the options as the released prompt prints them: a plain list of texts, no letters
@@ -26,7 +26,7 @@ sft_steps = 0             # LaTRO straight from the instruct model (its SFT base
 # paper's ARC run used E epochs instead, use --latro_steps=ceil(E x 1,119 / 384) (E = 12: 35).
 latro_steps = 18
 beta = 0.25               # KL coefficient for ARC-Challenge
-n_dev = 0                 # the hub's validation split (299 questions)
+n_val = 0                 # the hub's validation split (299 questions)
 batch_size = 24           # prompts per step, all GPUs
 rloo_k = 16
 micro_batch_size = 4      # 48 rollouts per GPU / 4 = 12 accumulation steps, as released
@@ -38,7 +38,7 @@ top_p = 1.0
 gamma = 2.0
 penalty = "group"         # 'rank_mean' reproduces the released penalty
 sft_coef = 0.0            # released recipe; 1.0 = the paper's Eq. 4
-lr = 5e-7
+learning_rate = 5e-7
 weight_decay = 0.0
 eval_interval = 20
 maj_k = 8

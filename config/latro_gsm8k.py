@@ -10,7 +10,7 @@
 # on every GPU: ~76 GB for Phi-3.5's 3.8B before activations (use 141 GB GPUs such as the H200, or a <=3B model on
 # 80 GB GPUs), ~145-160 GB for the 7-8B models. The paper sharded with DeepSpeed ZeRO-3; here --fsdp=True shards
 # with PyTorch's FSDP2 (config/latro_gsm8k_8b.py turns it on for the 7-8B models).
-out_dir = "out-latro-gsm8k"
+out_dir = "out/gsm8k_latro"
 init_from = "microsoft/Phi-3.5-mini-instruct"
 task = "gsm8k"
 checker = "released"      # is_equiv_gsm8k as released, so the numbers compare with the paper's
@@ -19,7 +19,7 @@ n_test = 0                # the whole test split
 sft_steps = 0             # LaTRO straight from the instruct model (its SFT baseline is a separate run)
 latro_steps = 117         # the released '6 epochs' (epochs of rollouts): 117 x 24 = 2,808 prompts
 beta = 0.05               # KL coefficient for GSM8K
-n_dev = 500               # data.py: the last 500 training problems (the hub has no dev split)
+n_val = 500               # data.py: the last 500 training problems (the hub has no val split)
 batch_size = 24           # prompts per step, all GPUs
 rloo_k = 16
 micro_batch_size = 4      # 48 rollouts per GPU / 4 = 12 accumulation steps, as released
@@ -31,7 +31,7 @@ top_p = 1.0
 gamma = 2.0
 penalty = "group"         # 'rank_mean' reproduces the released penalty
 sft_coef = 0.0            # released recipe; 1.0 = the paper's Eq. 4
-lr = 5e-7
+learning_rate = 5e-7
 weight_decay = 0.0
 eval_interval = 20
 maj_k = 8

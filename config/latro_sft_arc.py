@@ -8,12 +8,12 @@
 #   meta-llama/Llama-3.1-8B-Instruct 77.0 / 76.4
 #     torchrun --standalone --nproc_per_node=8 latro.py config/latro_sft_arc.py
 # Differences: the released run kept the epoch with the lowest test-split loss; here the last weights are scored
-# (no selection on test), and dev accuracy is logged once per epoch.
-out_dir = "out-sft-arc"
+# (no selection on test), and val accuracy is logged once per epoch.
+out_dir = "out/arc_sft"
 init_from = "microsoft/Phi-3.5-mini-instruct"
 task = "arc"
 n_train = 0
-n_dev = 0                 # the hub's validation split (299 questions)
+n_val = 0                 # the hub's validation split (299 questions)
 n_test = 0                # the whole test split
 arc_options = "released"
 prompt = "sft"            # the direct-answer training prompt
@@ -22,7 +22,7 @@ checker = "released"
 sft_share = 1.0
 sft_epochs = 12           # ceil(12 x 1,119 / 256) = 53 steps
 sft_batch_size = 256
-sft_lr = 1e-7
+sft_learning_rate = 1e-7
 sft_decay = True
 sft_target_acc = 0.0
 sft_eval_interval = 5     # about once per epoch (1,119 / 256 = 4.4 steps)

@@ -7,14 +7,14 @@
 #     torchrun --standalone --nproc_per_node=8 latro.py config/latro_sft_gsm8k.py
 # Hyper-parameters: the one released SFT command (sft_baseline.sh): 12 epochs, 8 GPUs x 16 per device x 2
 # accumulation = 256 sequences per step, lr 1e-7. (The script's own defaults are 1 epoch, 16 per device, no
-# accumulation, lr 5e-7: --sft_epochs=1 --sft_batch_size=128 --sft_lr=5e-7.) Differences: the released run kept the
-# epoch with the lowest loss on the test split; here the last weights are scored (no selection on test), and dev
+# accumulation, lr 5e-7: --sft_epochs=1 --sft_batch_size=128 --sft_learning_rate=5e-7.) Differences: the released run kept the
+# epoch with the lowest loss on the test split; here the last weights are scored (no selection on test), and val
 # accuracy is logged once per epoch. Memory as in config/latro_gsm8k.py.
-out_dir = "out-sft-gsm8k"
+out_dir = "out/gsm8k_sft"
 init_from = "microsoft/Phi-3.5-mini-instruct"
 task = "gsm8k"
 n_train = 0
-n_dev = 500               # data.py: the last 500 training problems (the hub has no dev split)
+n_val = 500               # data.py: the last 500 training problems (the hub has no val split)
 n_test = 0                # the whole test split
 prompt = "sft"            # train on the bare question -> solution + 'The answer is N' + end-of-turn
 eval_prompt = "sft_eval"  # the released evaluation of SFT checkpoints uses the CoT prompt on GSM8K
@@ -22,7 +22,7 @@ checker = "released"
 sft_share = 1.0           # every training question's gold solution
 sft_epochs = 12           # ceil(12 x 6,973 / 256) = 327 steps
 sft_batch_size = 256
-sft_lr = 1e-7
+sft_learning_rate = 1e-7
 sft_decay = True          # linear decay to 0 (the HF Trainer default the released script ran with)
 sft_target_acc = 0.0      # run every step
 sft_eval_interval = 27    # about once per epoch (6,973 / 256 = 27.2 steps)

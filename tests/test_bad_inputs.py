@@ -88,6 +88,7 @@ CLI_CASES = [
     # latro.py: all found by the up-front check, before data, model or out_dir (more in test_latro.py's
     # CONFIG_ERRORS, which call the check directly)
     (["latro.py", "--n_train=-5"], "n_train=-5: give a value >= 0 (0 = the task's default size)"),
+    (["latro.py", "--lr=1e-3"], "config key 'lr' is now called 'learning_rate'"),
     (["latro.py", "--temperature=0"], "temperature=0.0: greedy rollouts make the K rationales"),
     (["latro.py", "--top_p=0"], "top_p=0.0: use 0 < top_p <= 1"),
     (["latro.py", "--max_rationale_tokens=0"], "max_rationale_tokens=0: LaTRO optimises the rationale"),

@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-from latro import SequenceScorer, latro_rewards, sample, score, step_indices
 from inprocess import run_main
+from latro import SequenceScorer, latro_rewards, sample, score_rows, step_indices
 from model import load_checkpoint, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,8 +50,8 @@ def test_kl_and_reward_equal_a_hand_computation_when_the_policy_differs_from_pi0
     ys = [[20, EOS], [21, EOS], [22, EOS]]
     stopped = torch.ones(3, dtype=torch.bool)
     with torch.no_grad():
-        logp_z, logp_y = score(SequenceScorer(policy), xs, zs, ys, PAD, 2, torch.no_grad())
-        ref_z, _ = score(SequenceScorer(ref), xs, zs, ys, PAD, 3, torch.no_grad())
+        logp_z, logp_y = score_rows(SequenceScorer(policy), xs, zs, ys, PAD, 2, torch.no_grad())
+        ref_z, _ = score_rows(SequenceScorer(ref), xs, zs, ys, PAD, 3, torch.no_grad())
         rewards, kl = latro_rewards(logp_y, logp_z, ref_z, stopped, 3, 0.25, 2.0, "group")
         for i, (x, z, y) in enumerate(zip(xs, zs, ys)):
             want_kl = seq_logprob(policy, x, z) - seq_logprob(ref, x, z)
@@ -87,10 +87,10 @@ def test_consecutive_steps_take_each_question_once_per_epoch_and_epochs_reshuffl
 
 # ---- real tiny runs ---------------------------------------------------------------------------
 
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=32", "--n_dev=2", "--n_test=2",
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=32", "--n_val=2", "--n_test=2",
         "--sft_steps=0", "--batch_size=2", "--rloo_k=4", "--max_rationale_tokens=8",
         "--eval_max_tokens=8", "--maj_k=0", "--eval_interval=100", "--export_hf=False",
-        "--device=cpu", "--lr=1e-3"]
+        "--device=cpu", "--learning_rate=1e-3"]
 STEP = re.compile(r"^step (\d+)/(\d+) \| reward (\S+) \| kl (\S+) \| .* "
                   r"\| loss (\S+) \| lr (\S+) \|", re.M)
 

@@ -9,11 +9,11 @@ import torch
 
 from data import Tokenizer
 import latro
-from configurator import UserError, configure
+from configurator import ConfigError, UserError, configure
 from inprocess import run_main
 from latro import (RELEASED_STOP_STRINGS, SequenceScorer, batch_layout, build_batch, check_config, check_lengths,
                    check_resume, cut_at_stop, disable_dropout, latro_loss, latro_rewards, lr_at, parse_stop_strings,
-                   rank_prompts, rloo_advantages, sample, score, step_indices)
+                   rank_prompts, rloo_advantages, sample, score_rows, step_indices)
 from model import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -124,8 +124,8 @@ def test_kl_is_exactly_zero_at_step_0():
     g = torch.Generator().manual_seed(0)
     zs, stopped, _ = sample(m, xs, 10, PAD, 5, torch.no_grad(), tok=TOK, stop_ids={TOK.eos_id, PAD},
                             stop_strings=["b", "c"], temperature=1.0, generator=g)
-    logp_z, logp_y = score(SequenceScorer(m), xs, zs, ys, PAD, 4, torch.no_grad())
-    ref_logp_z, _ = score(SequenceScorer(ref), xs, zs, ys, PAD, 4, torch.no_grad())
+    logp_z, logp_y = score_rows(SequenceScorer(m), xs, zs, ys, PAD, 4, torch.no_grad())
+    ref_logp_z, _ = score_rows(SequenceScorer(ref), xs, zs, ys, PAD, 4, torch.no_grad())
     rewards, kl = latro_rewards(logp_y, logp_z, ref_logp_z, stopped, 4, 0.05, 2.0, "group")
     assert (kl == 0).all() and sum(map(len, zs)) > 0
 
@@ -207,7 +207,7 @@ def test_batch_layout_and_its_errors():
 
 # ---- the script end to end ------------------------------------------------------------------------------
 
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=64", "--n_dev=8", "--n_test=8", "--sft_steps=3",
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=64", "--n_val=8", "--n_test=8", "--sft_steps=3",
         "--sft_batch_size=8", "--sft_target_acc=0", "--latro_steps=4", "--batch_size=2", "--rloo_k=4",
         "--micro_batch_size=4", "--max_rationale_tokens=12", "--eval_max_tokens=16", "--maj_k=2",
         "--eval_interval=2", "--export_hf=False"]
@@ -270,6 +270,15 @@ def cfg(*args):
     """latro.py's effective configuration for these --key=value arguments (defaults otherwise)."""
     return configure(dict(vars(latro)), list(args), verbose=False)
 
+def test_a_renamed_key_is_refused_with_its_new_name():
+    # one vocabulary in both scripts: an old name (--lr) is an error that names the new one
+    with pytest.raises(ConfigError, match="'lr' is now called 'learning_rate'"):
+        configure(dict(vars(latro)), ["--lr=1e-3"], verbose=False, renamed=latro.RENAMED)
+    for old, new in latro.RENAMED.items():
+        assert new in cfg() and old not in cfg()
+        with pytest.raises(ConfigError, match=f"'{old}' is now called '{new}'"):
+            configure(dict(vars(latro)), [f"--{old}=1"], verbose=False, renamed=latro.RENAMED)
+
 CONFIG_ERRORS = [  # (arguments, world size, message): each names the key and what to do
     (["--task=gsm9k", "--arc_options=x"], 1, "task='gsm9k' is unknown; did you mean gsm8k?"),  # the task first
     (["--arc_options=letters"], 1, "arc_options='letters': use one of 'released', 'lettered'"),
@@ -282,12 +291,12 @@ CONFIG_ERRORS = [  # (arguments, world size, message): each names the key and wh
     (["--stop_strings=Released"], 1, "did you mean 'released'?"),
     (["--stop_strings=Answer:| "], 1, "holds a blank stop string"),
     (["--n_train=-5"], 1, "n_train=-5: give a value >= 0 (0 = the task's default size)"),
-    (["--n_dev=-1"], 1, "n_dev=-1"),
+    (["--n_val=-1"], 1, "n_val=-1"),
     (["--n_test=-1"], 1, "n_test=-1"),
     (["--eval_interval=0"], 1, "eval_interval=0: give a value > 0"),
     (["--sft_eval_interval=0"], 1, "sft_eval_interval=0"),
     (["--gen_batch_size=0"], 1, "gen_batch_size=0"),
-    (["--lr=0"], 1, "lr=0.0: give a value > 0"),
+    (["--learning_rate=0"], 1, "learning_rate=0.0: give a value > 0"),
     (["--beta=1e400"], 1, "beta=inf: give a finite number"),
     (["--beta=-0.1"], 1, "beta=-0.1: give a value >= 0"),
     (["--latro_steps=-1"], 1, "latro_steps=-1"),
@@ -316,7 +325,7 @@ def test_check_config_refuses_with_a_message_naming_the_key(args, world, message
 
 def test_check_config_accepts_the_defaults_presets_and_documented_zeros():
     assert check_config(cfg()) == (8, 64, 1)
-    assert check_config(cfg("--n_train=0", "--n_dev=0", "--maj_k=0", "--beta=0", "--latro_steps=0")) == (8, 64, 1)
+    assert check_config(cfg("--n_train=0", "--n_val=0", "--maj_k=0", "--beta=0", "--latro_steps=0")) == (8, 64, 1)
     assert check_config(cfg("--stop_strings=", "--penalty=none")) == (8, 64, 1)  # stop ids only
     for preset in ("latro_gsm8k", "latro_arc", "latro_sft_gsm8k", "latro_gsm8k_8b"):
         assert check_config(cfg(f"config/{preset}.py"), 8, distributed=True) == (3, 48, 12)

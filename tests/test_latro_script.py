@@ -12,17 +12,19 @@ import pytest
 import torch
 
 from inprocess import run_main
-from model import load_checkpoint
+from latro import RENAMED
+from model import load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # sft_steps=40 keeps the warm-up long enough (~1 s) for a signal to land in it; dropout on, so that a
 # resume is exact only if it restores the RNG state the update draws its dropout masks from
-TINY = ["--dropout=0.1", "--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=64", "--n_dev=8", "--n_test=8", "--sft_steps=40",
+TINY = ["--dropout=0.1", "--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=64", "--n_val=8", "--n_test=8", "--sft_steps=40",
         "--sft_batch_size=8", "--sft_eval_interval=100", "--sft_target_acc=0", "--latro_steps=6", "--batch_size=2",
         "--rloo_k=4", "--micro_batch_size=4", "--max_rationale_tokens=12", "--eval_max_tokens=16", "--maj_k=2",
         "--eval_interval=2", "--export_hf=False"]
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+RENAMED_AS = {new: old for old, new in RENAMED.items()}  # a new key -> its former name
 
 
 def run(args, launcher=None):
@@ -106,7 +108,12 @@ def test_kills_at_several_moments_resume_to_the_uninterrupted_run(reference, tmp
                              signal.SIGKILL)
     assert code == -signal.SIGKILL
     assert_readable(d)
-    # 4. resumed to the end: the same weights, optimizer state and logged steps as never interrupted
+    # 4. resumed to the end: the same weights, optimizer state and logged steps as never interrupted,
+    # from a checkpoint written with the keys' former names (best_dev_acc, n_dev, lr, ...)
+    old = load_checkpoint(os.path.join(d, "ckpt.pt"))
+    old["best_dev_acc"] = old.pop("best_val_acc")
+    old["config"] = {RENAMED_AS.get(k, k): v for k, v in old["config"].items()}
+    save_checkpoint(os.path.join(d, "ckpt.pt"), old)
     p = run(TINY + [f"--out_dir={d}", "--init_from=resume"])
     assert p.returncode == 0, p.stderr[-3000:]
     resumed = step_lines(p.stdout)
@@ -140,8 +147,8 @@ def test_resume_refuses_a_checkpoint_of_another_shape_or_seed(reference, tmp_pat
 
 
 def test_nan_guard_in_the_warm_up(tmp_path):
-    # sft_lr=1e30: the first update blows the weights up, the second step's loss is nan: stop before its update
-    p = run(TINY + [f"--out_dir={tmp_path}", "--sft_lr=1e30"])
+    # sft_learning_rate=1e30: the first update blows the weights up, the second step's loss is nan: stop before its update
+    p = run(TINY + [f"--out_dir={tmp_path}", "--sft_learning_rate=1e30"])
     assert p.returncode == 1, p.stderr[-3000:]
     assert "sft step 1: the loss or a gradient is nan/inf; stopping before the update" in p.stdout
     assert not os.path.exists(tmp_path / "ckpt.pt") and not os.path.exists(tmp_path / "best.pt")
@@ -159,7 +166,7 @@ def test_nan_guard_in_latro_keeps_the_last_good_checkpoint(tmp_path):
 
 # ---- 2 processes (gloo): FSDP against DDP, and an FSDP resume --------------------------------------------
 # 1 prompt x 4 rollouts per rank in 2 micro-steps: the no-sync micro-step and the synced one
-DIST = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=64", "--n_dev=8", "--n_test=8", "--sft_steps=3",
+DIST = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=64", "--n_val=8", "--n_test=8", "--sft_steps=3",
         "--sft_batch_size=8", "--sft_target_acc=0", "--latro_steps=4", "--batch_size=2", "--rloo_k=4",
         "--micro_batch_size=2", "--max_rationale_tokens=12", "--eval_max_tokens=16", "--maj_k=2",
         "--eval_interval=2", "--device=cpu"]
@@ -187,7 +194,7 @@ def ddp_and_fsdp(tmp_path_factory):
 
 def test_two_process_ddp_keeps_parameters_identical(ddp_and_fsdp):
     out = ddp_and_fsdp["ddp"][1]
-    assert "parameters identical across 2 ranks: True" in out
+    assert "ddp: parameters identical on 2 ranks: True" in out
     assert "per rank 1 prompts, 4 rollouts, 2 micro-steps" in out
 
 
