@@ -392,6 +392,12 @@ def rank_prompts(step, batch_size, n_data, seed, rank, world_size):
     per_rank = batch_size // world_size
     return step_indices(step, batch_size, n_data, seed)[rank * per_rank:(rank + 1) * per_rank]
 
+def rollout_seed(seed, step, rank):
+    """The seed of the rollout sampler at optimizer step `step` on a rank: a function of (seed, step,
+    rank) only, so a resumed run draws the same rationales, every step draws new ones and every rank
+    draws its own."""
+    return seed + 1_000_003 * step + rank
+
 def lr_at(step, lr, total_steps):
     """The learning rate of optimizer step `step` (0-based) of total_steps: linear decay from lr
     to 0, no warm-up, as released (the first step uses lr, the last lr / total_steps)."""
@@ -913,7 +919,7 @@ if __name__ == "__main__":
         idx = rank_prompts(iter_num, batch_size, len(train_ex), seed, ddp_rank, ddp_world_size)
         xs = [train_x[i] for i in idx for _ in range(rloo_k)]
         ys = [train_y[i] for i in idx for _ in range(rloo_k)]
-        generator.manual_seed(seed + 1_000_003 * iter_num + ddp_rank)
+        generator.manual_seed(rollout_seed(seed, iter_num, ddp_rank))
         raw_model.eval()
         with gathered(train_scorer):  # FSDP: one all-gather per layer for the whole generate call
             zs, stopped, n_gen = sample(raw_model, xs, max_rationale_tokens, tok.pad_id,

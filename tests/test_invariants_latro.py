@@ -11,7 +11,7 @@ import sys
 import torch
 
 from inprocess import run_main
-from latro import SequenceScorer, latro_rewards, sample, score_rows, step_indices
+from latro import SequenceScorer, latro_rewards, rollout_seed, sample, score_rows, step_indices
 from model import load_checkpoint, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -149,3 +149,13 @@ def test_two_ranks_with_one_prompt_each_equal_one_process_with_two_prompts(tmp_p
     wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
     diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     assert diff < 1e-5, diff  # measured: exactly 0; a rank repeating rank 0's prompt: 3e-3
+
+
+def test_rollout_seed_is_new_at_every_step_and_rank_and_fixed_by_them():
+    """The sampler is reseeded each step from (seed, step, rank): no two (step, rank) pairs of a run
+    share a stream (a seed that ignored the step would draw the same rationales every step for the
+    same prompts), and the same triple always gives the same seed (resume draws the same)."""
+    seeds = [rollout_seed(1337, step, rank) for step in range(500) for rank in range(16)]
+    assert len(set(seeds)) == len(seeds)
+    assert rollout_seed(1337, 7, 3) == seeds[7 * 16 + 3]
+    assert rollout_seed(1337, 0, 0) != rollout_seed(7, 0, 0)
