@@ -699,7 +699,7 @@ def save_resume_point(path, model, optimizer, fsdp, master, run_info, *, epoch, 
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
-    # ---- DDP set-up (torchrun sets RANK), after every check that needs no data
+    # ---- DDP set-up (torchrun sets RANK) and every check that needs no data
     ddp = int(os.environ.get("RANK", -1)) != -1
     ddp_rank = int(os.environ.get("RANK", 0))
     ddp_local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -778,7 +778,7 @@ if __name__ == "__main__":
 
     # ---- the markers: only for the methods that use them, as released. A checkpoint of this script
     # brings its own (resume) or has none (the GSM8k CoT stage): then they are added and set now
-    had_markers = markers_present(tok, ckpt)                           # trained rows stay as are
+    had_markers = markers_present(tok, ckpt)                           # trained rows are kept
     new_markers = method in MARKER_METHODS and not had_markers
     source_id = None
     if new_markers:
