@@ -919,9 +919,10 @@ if __name__ == "__main__":
     ckpt = None                                                        # (frees its tensors)
     log_wandb = wandb_logger(wandb_log, master_process, wandb_project, wandb_run_name, config)
     # what every checkpoint of this run says about itself (ckpt.pt adds where to continue, best.pt
-    # its score); rank r evaluates examples r, r+W, ...
+    # its score)
     run_info = {"config": config, "script": "coconut", "base": base, "tokenizer": tok_name,
                 "markers": latent_id is not None}
+    # evaluation: rank r takes examples r, r+W, ..., so that each is counted exactly once
     mine = slice(ddp_rank, None, ddp_world_size)
     val_golds = [ex["answer"] for ex in splits["val"][mine]]
     test_golds = [ex["answer"] for ex in splits["test"][mine]]
