@@ -1,8 +1,12 @@
 """Bad input fails fast and clearly: each row is something a user might type or feed us, and the
 message it must get. Adding a case is adding a row.
 
-CLI_CASES run a command the way a user does (a subprocess): it must exit with status 1, print
-exactly one line `error: <message>` on stderr (no traceback) and do no work (no WORK on stdout).
+CLI_CASES run a command the way a user types it: it must stop with a UserError carrying the message
+and do no work (no WORK on stdout). coconut.py and latro.py run in this process (tests/inprocess.py:
+the same code path as from the shell, without paying for a new interpreter and the torch import per
+row). evaluate.py and data.py rows, and one row per script in
+ONE_LINE_CASES, run as real subprocesses: those must exit with status 1 and print exactly one line
+`error: <message>` on stderr (no traceback), which is what the user sees.
 LOADER_CASES call the data loaders: each must raise a UserError with its message before any data is
 generated.
 """
@@ -17,6 +21,7 @@ import pytest
 import data
 import evaluate
 from configurator import UserError
+from inprocess import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -207,14 +212,41 @@ def run(argv, tmp):
                           capture_output=True, text=True, env=env, timeout=300)
 
 
-@pytest.mark.parametrize("argv, message", CLI_CASES, ids=[" ".join(c[0][:2]) + f" #{i}"
-                                                          for i, c in enumerate(CLI_CASES)])
-def test_cli_bad_input_is_one_clear_line_and_no_work(argv, message, tmp):
-    r = run(argv, tmp)
+def assert_one_clear_line(r, message, tmp):
     assert r.returncode == 1, r.stderr
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), r.stderr  # no traceback
     assert message.replace("{tmp}", tmp) in r.stderr
     assert not WORK.search(r.stdout), r.stdout
+
+
+IN_PROCESS = ("coconut.py", "latro.py")
+
+
+@pytest.mark.parametrize("argv, message", CLI_CASES, ids=[" ".join(c[0][:2]) + f" #{i}"
+                                                          for i, c in enumerate(CLI_CASES)])
+def test_cli_bad_input_is_a_clear_error_and_no_work(argv, message, tmp, tmp_path):
+    if argv[0] not in IN_PROCESS:  # no torch import: as cheap as a subprocess gets
+        assert_one_clear_line(run(argv, tmp), message, tmp)
+        return
+    r = run_main(argv[0], [a.replace("{tmp}", tmp) for a in argv[1:]], cwd=tmp_path)
+    assert r.code == 1 and r.error is not None, r.out[-2000:]
+    assert message.replace("{tmp}", tmp) in str(r.error)
+    assert not WORK.search(r.out), r.out
+
+
+# what the user sees from each script: one line on stderr, status 1 (an error found before the data,
+# and one found after the data, when the model is looked up)
+ONE_LINE_CASES = [
+    (["latro.py", "--temperature=0"], "temperature=0.0: greedy rollouts make the K rationales"),
+    (["coconut.py", "--init_from={tmp}/no_model_here", "--n_train=8", "--n_val=2", "--n_test=2",
+      "--batch_size=8", "--micro_batch_size=8"], "init_from='{tmp}/no_model_here': no model there"),
+]
+
+
+@pytest.mark.parametrize("argv, message", ONE_LINE_CASES, ids=[" ".join(c[0][:2]) + f" #{i}"
+                                                               for i, c in enumerate(ONE_LINE_CASES)])
+def test_script_error_is_one_line_on_stderr_and_status_1(argv, message, tmp):
+    assert_one_clear_line(run(argv, tmp), message, tmp)
 
 
 @pytest.mark.parametrize("call, message", LOADER_CASES,

@@ -2,7 +2,6 @@
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from coconut import (Coconut, anchor, check_config, collate, encode_example, gen
                      latent_forward, layout, marker_ids, marker_source, markers_present, naive_latent_forward,
                      parse_counts, stage_of)
 from data import build_tokenizer
+from inprocess import run_main
 from model import autocast_ctx, backbone, lm_head, load_model, position_ids_from_mask
 
 V, PAD, EOS, BOT, LAT, EOT = 40, 0, 1, 37, 38, 39
@@ -386,12 +386,11 @@ TINY = ["--task=prosqa_small", "--task_options={'symbolic': True, 'min_nodes': 6
         "--batch_size=8", "--micro_batch_size=4", "--max_latent_stage=1", "--max_new_tokens=4", "--probe=0",
         "--learning_rate=0.01"]
 
-def run_script(args, out_dir, nproc=1):
-    launcher = [sys.executable, "coconut.py"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "coconut.py"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run(launcher + TINY + [f"--out_dir={out_dir}"] + args, cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+def run_script(args, out_dir):
+    """coconut.py on TINY + args, in this process (tests/inprocess.py). Returns (returncode, stdout,
+    stderr) as a finished subprocess would."""
+    r = run_main("coconut.py", TINY + [f"--out_dir={out_dir}"] + args)
+    return subprocess.CompletedProcess(args, r.code, r.out, f"error: {r.error}\n" if r.error else "")
 
 def step_losses(stdout):
     return [float(line.split("| loss ")[1].split()[0]) for line in stdout.splitlines() if line.startswith("step ")]
@@ -399,42 +398,18 @@ def step_losses(stdout):
 def weights(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
 
-def test_ddp_two_ranks_match_one_process(tmp_path):
-    # same global batch of 8: one process with 2 micro-steps of 4 == two ranks with one micro-step of 4 each
-    # (rank r's block of the global batch is micro-step r of the single process); epoch 1 has thoughts
-    args = ["--num_epochs=2", "--epochs_per_stage=1", "--dropout=0.0"]
-    one = run_script(args, tmp_path / "one")
-    two = run_script(args, tmp_path / "two", nproc=2)
-    assert one.returncode == 0, one.stderr[-2000:]
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert "parameters identical on 2 ranks: True" in two.stdout
-    # stages 0 and 1 only (max_latent_stage=1): no epoch is all-latent, so no best.pt is chosen
-    assert "no epoch reaches the final stage" in one.stdout and not (tmp_path / "one" / "best.pt").exists()
-    l1, l2 = step_losses(one.stdout), step_losses(two.stdout)
-    assert len(l1) == len(l2) == 4 and max(abs(a - b) for a, b in zip(l1, l2)) < 1e-4
-    w1, w2 = weights(tmp_path / "one"), weights(tmp_path / "two")
-    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 1e-4
+# stages 0, 1, 2 (max_latent_stage=1, one epoch each): the last epoch is all-latent
+TRAIN = ["--num_epochs=3", "--epochs_per_stage=1"]
 
-def test_resume_equals_straight_run_and_corrupt_checkpoint_fails(tmp_path):
-    # dropout on: each epoch reseeds from (seed, epoch, rank), data order from (seed, epoch), optimizer restored
-    args = ["--epochs_per_stage=2", "--start_stage=1", "--dropout=0.1"]
-    straight = run_script(args + ["--num_epochs=2"], tmp_path / "a")
-    half = run_script(args + ["--num_epochs=1"], tmp_path / "b")
-    resumed = run_script(args + ["--num_epochs=2", "--init_from=resume"], tmp_path / "b")
-    for r in (straight, half, resumed):
-        assert r.returncode == 0, r.stderr[-2000:]
-    assert step_losses(half.stdout) + step_losses(resumed.stdout) == step_losses(straight.stdout)
-    wa, wb = weights(tmp_path / "a"), weights(tmp_path / "b")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    ckpt = tmp_path / "b" / "ckpt.pt"
-    ckpt.write_bytes(ckpt.read_bytes()[:1000])                          # a truncated write
-    bad = run_script(args + ["--num_epochs=3", "--init_from=resume"], tmp_path / "b")
-    assert bad.returncode != 0 and "corrupt or truncated" in bad.stderr
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One process trained to the final stage: (out_dir, stdout)."""
+    d = tmp_path_factory.mktemp("trained")
+    r = run_script(TRAIN, d)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return d, r.stdout
 
-def test_bad_config_stops_before_training(tmp_path):
-    r = run_script(["--batch_size=10"], tmp_path)
-    assert r.returncode != 0 and "must be a multiple of micro_batch_size" in r.stderr
-    assert not step_losses(r.stdout)
+# (2 DDP ranks == 1 process, and FSDP: tests/test_coconut_script.py)
 
 def test_precision_bf16_autocast_keeps_loss_fp32():
     # precision='bf16' is autocast (bf16 matmuls, fp32 weights); the loss is computed from fp32 log-probs
@@ -473,16 +448,15 @@ def test_cot_checkpoint_gets_markers_added_and_initialised(tmp_path):
     assert any(torch.equal(rows[0], old[key][i]) for i in range(n_real))  # a copy of a real token's row
     assert torch.load(tmp_path / "coco" / "ckpt.pt", weights_only=True)["markers"] is True
 
-def test_thought_sweep_table_and_final_stage_row_equals_test_eval(tmp_path):
+def test_thought_sweep_table_and_final_stage_row_equals_test_eval(trained, tmp_path):
     # a tiny model trained to the final stage (stages 0, 1, 2 with max_latent_stage=1), then one evaluation run
     # at 0..3 thoughts; the row for the final-stage count (1 x c_thought=1) is the plain test evaluation
-    train = run_script(["--num_epochs=3", "--epochs_per_stage=1"], tmp_path)
-    assert train.returncode == 0, train.stderr[-2000:]
-    val_losses = [float(l.split("val loss ")[1].split()[0]) for l in train.stdout.splitlines() if "val loss" in l]
+    out_dir, stdout = trained
+    val_losses = [float(l.split("val loss ")[1].split()[0]) for l in stdout.splitlines() if "val loss" in l]
     assert len(val_losses) == 3 and all(0 < v < 10 for v in val_losses)  # printed every epoch, as released
-    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    best = torch.load(out_dir / "best.pt", weights_only=True)
     assert best["stage"] == 2                                          # chosen among all-latent epochs only
-    r = run_script(["--eval_only=True", f"--init_from={tmp_path / 'best.pt'}", "--thoughts_sweep=0,1,2,3",
+    r = run_script(["--eval_only=True", f"--init_from={out_dir / 'best.pt'}", "--thoughts_sweep=0,1,2,3",
                     "--max_new_tokens=8"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     line = next(l for l in r.stdout.splitlines() if l.startswith("test acc"))

@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from inprocess import run_main
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = ["--task=prosqa_small", "--task_options={'symbolic': True, 'min_nodes': 6, 'max_nodes': 8, "
         "'min_hops': 1, 'max_hops': 2}", "--n_val=4", "--n_test=4", "--max_new_tokens=4", "--probe=0"]
@@ -23,9 +25,10 @@ def launch(args, out_dir):
 
 
 def run(args, out_dir):
-    p = launch(args, out_dir)
-    out, err = p.communicate(timeout=300)
-    return p.returncode, out, err
+    """A run that needs no signal: in this process (tests/inprocess.py). Returns (exit code, stdout,
+    stderr) as the process would: a UserError is `error: ...` on stderr and status 1."""
+    r = run_main("coconut.py", TINY + [f"--out_dir={out_dir}", *args])
+    return r.code, r.out, f"error: {r.error}\n" if r.error else ""
 
 
 def steps(stdout):
@@ -54,7 +57,7 @@ def ckpt(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
 
 
-def test_killed_and_stopped_runs_resume_to_the_uninterrupted_run(tmp_path):
+def test_killed_and_stopped_runs_resume_to_the_uninterrupted_run_and_a_truncated_one_is_refused(tmp_path):
     # 4 steps per epoch, 2 epochs (stage 0, then 1 thought), dropout on, a checkpoint every step
     args = ["--n_train=32", "--num_epochs=2", "--epochs_per_stage=1", "--dropout=0.1", "--ckpt_interval=1"]
     rc, out, err = run(args, tmp_path / "straight")
@@ -85,6 +88,11 @@ def test_killed_and_stopped_runs_resume_to_the_uninterrupted_run(tmp_path):
     assert b["iter_num"] == 8 and b["epoch"] == 2
     # reset_optimizer='stage': a new AdamW at epoch 1 (stage 0 -> 1), so 4 steps, not 8, in both runs
     assert all(st["step"] == 4 for c in (a, b) for st in c["optimizer"]["state"].values())
+    # a truncated checkpoint (a write cut short outside save_checkpoint's atomic rename) is refused
+    path = d / "ckpt.pt"
+    path.write_bytes(path.read_bytes()[:1000])
+    rc, out, err = run(args + ["--num_epochs=3", "--init_from=resume"], d)
+    assert rc == 1 and "corrupt or truncated" in err and not steps(out), err[-2000:]
 
 
 def test_resume_refuses_other_settings_other_scripts_and_divergence(tmp_path):
@@ -143,13 +151,12 @@ def test_preset_with_a_local_model_directory_runs_offline_with_its_own_tokenizer
     # task/data/batch are shrunk)
     model_dir = tmp_path / "tiny_hf"
     tok = tiny_hf_dir(model_dir)
-    p = subprocess.run([sys.executable, "coconut.py", "config/coconut_prosqa.py", f"--init_from={model_dir}",
-                        "--data_path=", *TINY, "--num_epochs=1", "--marker_init=", "--learning_rate=0.001",
-                        f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert f"tokenizer: {model_dir} (the model's own)" in p.stdout
-    assert f"vocabulary {len(tok)}\n" in p.stdout
+    p = run_main("coconut.py", ["config/coconut_prosqa.py", f"--init_from={model_dir}", "--data_path=", *TINY,
+                                "--num_epochs=1", "--marker_init=", "--learning_rate=0.001",
+                                f"--out_dir={tmp_path / 'out'}"])
+    assert p.code == 0, (p.error, p.out[-2000:])
+    assert f"tokenizer: {model_dir} (the model's own)" in p.out
+    assert f"vocabulary {len(tok)}\n" in p.out
     assert (tmp_path / "out" / "hf" / "config.json").exists()
 
 
@@ -210,32 +217,40 @@ def rank_thought_columns(n_epochs=2):
     return cols
 
 
-def test_fsdp_equals_ddp_with_uneven_thought_columns_and_resumes_exactly(tmp_path):
+def test_one_process_equals_ddp_equals_fsdp_stopped_and_resumed_with_uneven_thought_columns(tmp_path):
     cols = rank_thought_columns()
     assert any(a != b for a, b in cols), cols                           # the case that used to hang
     model_dir = tmp_path / "tiny_hf"
     tiny_hf_dir(model_dir)
     args = UNEVEN + [f"--init_from={model_dir}"]
+    rc, one, err = run(args, tmp_path / "one")
+    assert rc == 0, err
     ddp = torchrun(args, tmp_path / "ddp")
-    fsdp = torchrun(args + ["--fsdp=True"], tmp_path / "fsdp")
+    assert "ddp: parameters identical on 2 ranks: True" in ddp
+    # FSDP in two invocations: epoch 0, then a resume at the epoch boundary (a gathered full checkpoint)
+    half = torchrun(args + ["--fsdp=True", "--num_epochs=1"], tmp_path / "fsdp")
+    rest = torchrun(args + ["--fsdp=True", "--init_from=resume"], tmp_path / "fsdp")
+    fsdp = half + rest
     assert "memory plan:" in fsdp and "fsdp on 2 GPU(s)" in fsdp
+    # stages 1 and 2 of max_latent_stage=2: no epoch is all-latent, so no best.pt is chosen
+    assert "no epoch reaches the final stage 3" in ddp and not (tmp_path / "ddp" / "best.pt").exists()
     # the logged losses and the weights: FSDP pads every rank's batch to one layout and reduces in
-    # another order, so they agree within fp32 round-off that Adam (lr 1e-2, 4 steps) amplifies to 1e-4
-    l_ddp, l_fsdp = steps(ddp), steps(fsdp)
-    assert sorted(l_ddp) == sorted(l_fsdp) == [1, 2, 3, 4]
+    # another order, so they agree within fp32 round-off that Adam (lr 1e-2, 4 steps) amplifies to 1e-4;
+    # a resume that lost the weights, the stage or the data order would differ by far more
+    l_one, l_ddp, l_fsdp = steps(one), steps(ddp), steps(fsdp)
+    assert sorted(l_ddp) == [1, 2, 3, 4] and sorted(steps(half)) == [1, 2] and sorted(steps(rest)) == [3, 4]
     assert max(abs(l_ddp[k] - l_fsdp[k]) for k in l_ddp) <= 2e-4
     a, b = ckpt(tmp_path / "ddp")["model"], ckpt(tmp_path / "fsdp")["model"]
     assert sorted(a) == sorted(b) and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    # one process with 2 micro-steps of 4 == 2 DDP ranks with one micro-step of 4 each: rank r's block of
+    # the global batch is micro-step r of the single process (a rank taking another's block: far off)
+    assert sorted(l_one) == [1, 2, 3, 4] and max(abs(l_one[k] - l_ddp[k]) for k in l_ddp) <= 1e-4
+    w = ckpt(tmp_path / "one")["model"]
+    assert max((w[k] - a[k]).abs().max().item() for k in a) < 1e-4
     # the test accuracy line is computed inside gathered() under FSDP: the same as DDP's
-    acc = [next(l for l in out.splitlines() if l.startswith("test acc")) for out in (ddp, fsdp)]
+    acc = [next(l for l in out.splitlines() if l.startswith("test acc")) for out in (ddp, rest)]
     assert acc[0] == acc[1]
     # the save_pretrained export under FSDP is a normal HF directory holding the last weights
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "hf").state_dict()
     assert all(torch.equal(hf[k], b[k]) for k in b if k in hf) and "transformer.wte.weight" in hf
-    # FSDP resumed at the epoch boundary (gathered full checkpoint) == the uninterrupted FSDP run
-    half = torchrun(args + ["--fsdp=True", "--num_epochs=1"], tmp_path / "half")
-    rest = torchrun(args + ["--fsdp=True", "--init_from=resume"], tmp_path / "half")
-    assert {**steps(half), **steps(rest)} == l_fsdp
-    c = ckpt(tmp_path / "half")["model"]
-    assert all(torch.equal(c[k], b[k]) for k in b)

@@ -1,7 +1,8 @@
 """LaTRO invariants that single-line bugs break: the KL term against a hand computation, one random
 stream per sampling chunk, the data order, and real tiny runs (KL exactly 0 at the first step, the
-logged lr on the schedule, one step independent of micro_batch_size, resume exact with dropout on,
-2 DDP ranks x 1 prompt = 1 process x 2 prompts). CPU, tiny models."""
+logged lr on the schedule, one step independent of micro_batch_size,
+2 DDP ranks x 1 prompt = 1 process x 2 prompts). CPU, tiny models. (Resume with dropout on:
+tests/test_latro_script.py.)"""
 import os
 import re
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import torch
 
 from latro import SequenceScorer, latro_rewards, sample, score, step_indices
+from inprocess import run_main
 from model import load_checkpoint, load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,8 +95,13 @@ STEP = re.compile(r"^step (\d+)/(\d+) \| reward (\S+) \| kl (\S+) \| .* "
                   r"\| loss (\S+) \| lr (\S+) \|", re.M)
 
 
-def run(args, launcher=(sys.executable,)):
-    """Run latro.py on TINY + args; returns the step lines as (step, of, reward, kl, loss, lr)."""
+def run(args, launcher=None):
+    """Run latro.py on TINY + args (in this process, or under a launcher such as torchrun); returns
+    the output and its step lines as (step, of, reward, kl, loss, lr)."""
+    if launcher is None:
+        r = run_main("latro.py", TINY + args)
+        assert r.code == 0, (r.error, r.out[-3000:])
+        return r.out, STEP.findall(r.out)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([*launcher, os.path.join(ROOT, "latro.py"), *TINY, *args], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
@@ -126,21 +133,6 @@ def test_first_step_kl_is_zero_lr_follows_the_schedule_and_a_step_ignores_micro_
     # Adam moves a weight by about lr per step whatever its gradient's scale: a rounding-level
     # difference in a near-zero gradient may flip one move; 3 steps move weights up to 3e-3
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-3
-
-
-def test_resume_with_dropout_on_equals_an_uninterrupted_run(tmp_path):
-    """Dropout draws from the global RNG in the update: a resumed run restores that RNG state and
-    reproduces the uninterrupted run bit for bit."""
-    drop = ["--dropout=0.2", "--micro_batch_size=8", "--latro_steps=3"]
-    run(drop + [f"--out_dir={tmp_path / 'a'}"])
-    run(drop + [f"--out_dir={tmp_path / 'b'}", "--stop_at_step=1"])
-    _, resumed = run(drop + [f"--out_dir={tmp_path / 'b'}", "--init_from=resume"])
-    assert [s[0] for s in resumed] == ["2", "3"]
-    ca = load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))
-    cb = load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
-    assert ca["iter_num"] == cb["iter_num"] == 3
-    for k in ca["model"]:
-        assert torch.equal(ca["model"][k], cb["model"][k]), k
 
 
 def test_two_ranks_with_one_prompt_each_equal_one_process_with_two_prompts(tmp_path):

@@ -3,7 +3,6 @@
 import copy
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,10 +10,11 @@ import torch
 from data import Tokenizer
 import latro
 from configurator import UserError, configure
+from inprocess import run_main
 from latro import (RELEASED_STOP_STRINGS, SequenceScorer, batch_layout, build_batch, check_config, check_lengths,
                    check_resume, cut_at_stop, disable_dropout, latro_loss, latro_rewards, lr_at, parse_stop_strings,
                    rank_prompts, rloo_advantages, sample, score, step_indices)
-from model import load_checkpoint, load_model
+from model import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, PAD, EOS = 40, 0, 1
@@ -212,11 +212,10 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=64", "--n_dev=8",
         "--micro_batch_size=4", "--max_rationale_tokens=12", "--eval_max_tokens=16", "--maj_k=2",
         "--eval_interval=2", "--export_hf=False"]
 
-def run(args, launcher=(sys.executable,)):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([*launcher, os.path.join(ROOT, "latro.py"), *args], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300)
-    return p
+def run(args):
+    """latro.py with args in this process (tests/inprocess.py), as (returncode, stdout, stderr)."""
+    r = run_main("latro.py", args)
+    return subprocess.CompletedProcess(args, r.code, r.out, f"error: {r.error}\n" if r.error else "")
 
 def test_bad_batch_arithmetic_fails_before_any_work(tmp_path):
     p = run(TINY + [f"--out_dir={tmp_path}", "--micro_batch_size=3"])

@@ -1,0 +1,71 @@
+"""Run coconut.py or latro.py as `python <script> <args>` would, inside the test process.
+
+A subprocess pays for a new interpreter and the torch + transformers import (~3-4 s on a CI core)
+before the script does anything; most script tests then train a tiny model for well under a second.
+runpy executes the same file as `__main__` with sys.argv set, so the run takes exactly the path it
+takes from the shell. What a real process would undo at exit is undone here after each run: the
+out_dir lock is released, the Ctrl-C/SIGTERM handlers and sys.excepthook are put back, and the global
+torch RNG and thread count are restored, so that runs do not leak into each other or into other tests.
+
+What only a real process shows stays in subprocess tests: signals (SIGKILL, SIGTERM), torchrun, exit
+statuses and the one-line `error: ...` on stderr (tests/test_bad_inputs.py ONE_LINE_CASES).
+"""
+import contextlib
+import dataclasses
+import io
+import os
+import runpy
+import signal
+import sys
+
+import torch
+
+import model
+from configurator import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclasses.dataclass
+class Run:
+    code: int               # the exit status the process would have: 0, 1 for a UserError, sys.exit's code
+    out: str                # everything the script printed
+    error: UserError = None  # the UserError that ended the run, if one did
+
+
+def run_main(script, args, cwd=ROOT):
+    """Run ROOT/script with args (a list of '--key=value' and config files) in this process, from
+    directory cwd (the repository, as the subprocess tests run it)."""
+    path = os.path.join(ROOT, script)
+    locks, prepare = [], model.prepare_out_dir
+
+    def tracked(*a, **k):  # the script's `from model import prepare_out_dir` picks this up
+        locks.append(prepare(*a, **k))
+        return locks[-1]
+
+    saved = dict(argv=sys.argv, excepthook=sys.excepthook, cwd=os.getcwd(),
+                 handlers={s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
+    out, code, error = io.StringIO(), 0, None
+    model.prepare_out_dir, sys.argv = tracked, [path, *map(str, args)]
+    os.chdir(cwd)
+    # one thread, as the subprocess tests run (OMP_NUM_THREADS=1): a CPU matmul split over another
+    # number of threads may round differently, and tests compare these runs with subprocess runs bit
+    # for bit
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(out):
+            runpy.run_path(path, run_name="__main__")
+    except UserError as e:
+        code, error = 1, e
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        model.prepare_out_dir, sys.argv, sys.excepthook = prepare, saved["argv"], saved["excepthook"]
+        os.chdir(saved["cwd"])
+        torch.set_num_threads(threads)
+        for sig, handler in saved["handlers"].items():
+            signal.signal(sig, handler)
+        for lock in locks:
+            lock.release()
+    return Run(code, out.getvalue(), error)
