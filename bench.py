@@ -33,10 +33,10 @@ import transformers
 
 from transformers import AutoConfig
 
-from model import backbone, load_model, lm_head, position_ids_from_mask, token_logprobs, autocast_ctx
+from model import backbone, load_model, lm_head, token_logprobs, autocast_ctx
 from model import (PLAN_PARTS, estimate_activation_bytes, estimate_kv_cache_bytes, memory_plan,
                    n_params_of_config)
-from coconut import Coconut, generate as latent_generate
+from coconut import Coconut, generate_answers, naive_latent_forward
 from latro import SequenceScorer, build_batch, sample, score_rows, latro_rewards, rloo_advantages, latro_loss
 
 # -----------------------------------------------------------------------------
@@ -119,31 +119,21 @@ def train_flops(model, n_tokens, n_labelled, ctx_len):
 # -----------------------------------------------------------------------------
 # the naive ways, for comparison
 
-def naive_latent_hidden(model, input_ids, mask, latent_id):
-    """Continuous thoughts without a cache: every thought re-encodes the whole prefix before it."""
-    embeds = model.get_input_embeddings()(input_ids)
-    pos = position_ids_from_mask(mask)
-    for c in (input_ids == latent_id).any(0).nonzero().flatten().tolist():
-        h = backbone(model)(inputs_embeds=embeds[:, :c], attention_mask=mask[:, :c], position_ids=pos[:, :c])
-        fed = torch.where((input_ids[:, c] == latent_id)[:, None], h.last_hidden_state[:, -1], embeds[:, c])
-        embeds = torch.cat([embeds[:, :c], fed[:, None], embeds[:, c + 1:]], 1)
-    return backbone(model)(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
-
 @torch.no_grad()
 def naive_latent_generate(model, prompt, latent_id, eos_id, max_new_tokens):
-    """The released approach: batch 1, no KV cache. The thoughts are computed once, then every new token re-encodes
-    the whole sequence (question, thoughts, answer so far) from its input embeddings."""
+    """The released approach: batch 1, no KV cache. The thoughts are computed once (coconut.naive_latent_forward,
+    which ends with a pass over the whole prompt), then every new token re-encodes the whole sequence (question,
+    thoughts, answer so far) from its input embeddings."""
     ids = torch.tensor([prompt], device=next(model.parameters()).device)
-    embeds = model.get_input_embeddings()(ids)
-    for c in (ids[0] == latent_id).nonzero().flatten().tolist():  # thought c = last hidden state at c-1
-        embeds[:, c] = backbone(model)(inputs_embeds=embeds[:, :c]).last_hidden_state[:, -1]
+    hidden, embeds = naive_latent_forward(model, ids, torch.ones_like(ids), latent_id)
     out = []
     for _ in range(max_new_tokens):
-        nxt = lm_head(model)(backbone(model)(inputs_embeds=embeds).last_hidden_state[:, -1]).argmax(-1)
+        nxt = lm_head(model)(hidden[:, -1]).argmax(-1)
         out.append(nxt.item())
         if out[-1] == eos_id:
             break
         embeds = torch.cat([embeds, model.get_input_embeddings()(nxt)[:, None]], 1)
+        hidden = backbone(model)(inputs_embeds=embeds).last_hidden_state
     return out
 
 # -----------------------------------------------------------------------------
@@ -180,7 +170,7 @@ def bench_coconut_train(shape, P, dev, ctx, rows, peak):
             opt.step()
             opt.zero_grad(set_to_none=True)
         def naive_loss():
-            h = naive_latent_hidden(model, batch[0], batch[1], latent_id)
+            h, _ = naive_latent_forward(model, batch[0], batch[1], latent_id)
             mask = batch[2][:, 1:] != -100
             return -token_logprobs(model, h[:, :-1], batch[2][:, 1:].clamp(min=0), mask).sum() / mask.sum()
         fns = [lambda: step(lambda: coconut(*batch)), lambda: step(lambda: plain(*cot_batch))]
@@ -210,7 +200,7 @@ def bench_coconut_eval(shape, P, dev, ctx, rows):
     out = {}
     def batched():
         with ctx:
-            out["b"] = latent_generate(model, prompts, latent_id, 1, 0, P["eval_new"], dev)
+            out["b"] = generate_answers(model, prompts, latent_id, 1, 0, P["eval_new"], dev)
     def batch1():
         with ctx:
             out["1"] = [naive_latent_generate(model, p, latent_id, 1, P["eval_new"]) for p in prompts]

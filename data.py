@@ -40,7 +40,12 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from configurator import UserError
 
-COCONUT_SPECIAL_TOKENS = ["<|start-latent|>", "<|end-latent|>", "<|latent|>"]
+# Coconut's three markers by role: <bot> opens the continuous thoughts, <latent> holds one, <eot>
+# closes them
+COCONUT_MARKERS = {"bot": "<|start-latent|>", "latent": "<|latent|>", "eot": "<|end-latent|>"}
+# the order they join a vocabulary, as released (start, end, latent): the ids (GPT-2: 50257, 50258,
+# 50259) and the marker rows of existing checkpoints stay as they are
+COCONUT_SPECIAL_TOKENS = [COCONUT_MARKERS["bot"], COCONUT_MARKERS["eot"], COCONUT_MARKERS["latent"]]
 STEP_BY_STEP = " Let's think step by step."
 ARC_INSTRUCTION = "Let's think step by step first then print your answer like 'The answer is (one of the options)'."
 # the released SFT baseline's ARC prompts: the training instruction, and the format block its

@@ -6,8 +6,9 @@ import subprocess
 import pytest
 import torch
 
-from coconut import (Coconut, anchor, check_config, collate, encode_example, generate, init_markers, latent_forward,
-                     layout, marker_ids, marker_source, markers_present, parse_counts, stage_of)
+from coconut import (Coconut, anchor, check_config, collate, encode_example, generate_answers, init_markers,
+                     latent_forward, layout, marker_ids, marker_source, markers_present, naive_latent_forward,
+                     parse_counts, stage_of)
 from data import build_tokenizer
 from inprocess import run_main
 from model import autocast_ctx, backbone, lm_head, load_model, position_ids_from_mask
@@ -24,18 +25,14 @@ def tiny(arch, sharpen=1.0, dropout=0.0):
             p.mul_(sharpen if p.dim() > 1 else 1.0)
     return m.eval()
 
-def naive_hidden(model, input_ids, mask, latent_id, detach=False, upto=None):
-    """Reference: re-run the WHOLE sequence once per thought column (those before `upto`), no cache, then once
-    more for the result."""
-    emb = model.get_input_embeddings()(input_ids)
+def detached_thoughts_hidden(model, input_ids, mask, latent_id):
+    """The naive chain with every thought vector detached: the same values, but the gradient reaches the
+    weights only through the last pass, never back through the thoughts."""
+    _, embeds = naive_latent_forward(model, input_ids, mask, latent_id)
+    is_thought = (input_ids == latent_id)[..., None]
+    fed = torch.where(is_thought, embeds.detach(), model.get_input_embeddings()(input_ids))
     pos = position_ids_from_mask(mask)
-    cols = sorted(c for c in set((input_ids == latent_id).nonzero()[:, 1].tolist()) if upto is None or c < upto)
-    for c in cols:
-        h = backbone(model)(inputs_embeds=emb, attention_mask=mask, position_ids=pos).last_hidden_state
-        fed = h[:, c - 1].detach() if detach else h[:, c - 1]
-        emb = emb.clone()
-        emb[:, c] = torch.where(input_ids[:, c, None] == latent_id, fed, emb[:, c])
-    return backbone(model)(inputs_embeds=emb, attention_mask=mask, position_ids=pos).last_hidden_state
+    return backbone(model)(inputs_embeds=fed, attention_mask=mask, position_ids=pos).last_hidden_state
 
 def ragged_batch():
     """Left-padded rows of different lengths and thought counts (0..3), first thoughts column-aligned."""
@@ -172,11 +169,15 @@ def test_optimizer_resets_exactly_at_the_configured_epochs():
         counts.append(int(opt.state[p]["step"]))
     assert counts == [3, 6, 3, 6, 3, 6, 3, 6]
 
-def test_marker_ids_are_bot_latent_eot():
-    # regression: data.py lists the markers as (start, end, latent); layout() takes (bot, latent, eot)
+def test_marker_ids_are_bot_latent_eot_with_the_released_ids():
+    # layout() takes the ids by role (bot, latent, eot); the vocabulary gets them in the released order
+    # (start, end, latent: GPT-2 50257, 50258, 50259), so existing checkpoints keep their marker rows
     tok = build_tokenizer("words", [{"question": "Tom is a wumpus.", "steps": [], "answer": "yes"}])
-    names = [tok.decode([i], skip_special_tokens=False) for i in marker_ids(tok)]
+    n = len(tok)
+    ids = marker_ids(tok)
+    names = [tok.decode([i], skip_special_tokens=False) for i in ids]
     assert names == ["<|start-latent|>", "<|latent|>", "<|end-latent|>"]
+    assert ids == (n, n + 2, n + 1)
 
 # ---- the markers: released init, tied and untied heads, the tokenizer's BOS
 
@@ -302,7 +303,7 @@ def test_cached_forward_equals_naive_rerun(arch):
     ids, mask, _ = ragged_batch()
     with torch.no_grad():
         got, _ = latent_forward(m, ids, mask, LAT)
-        ref = naive_hidden(m, ids, mask, LAT)
+        ref, _ = naive_latent_forward(m, ids, mask, LAT)
     real = mask.bool()
     assert (got - ref)[real].abs().max().item() <= 1e-5
 
@@ -332,8 +333,8 @@ def test_gradient_flows_through_thoughts(arch):
         torch.nn.functional.cross_entropy(logits, tgt[keep]).backward()
         return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     cached = grads(lambda: latent_forward(m, ids, mask, LAT)[0])
-    naive = grads(lambda: naive_hidden(m, ids, mask, LAT))
-    detached = grads(lambda: naive_hidden(m, ids, mask, LAT, detach=True))
+    naive = grads(lambda: naive_latent_forward(m, ids, mask, LAT)[0])
+    detached = grads(lambda: detached_thoughts_hidden(m, ids, mask, LAT))
     assert max((cached[n] - naive[n]).abs().max().item() for n in naive) <= 1e-5
     assert max((cached[n] - detached[n]).abs().max().item() for n in naive) > 1e-4
     wte = m.get_input_embeddings().weight
@@ -345,16 +346,20 @@ def test_gradient_flows_through_thoughts(arch):
 def test_batched_cached_generation_equals_batch1_uncached(arch):
     m = tiny(arch, sharpen=8.0)
     prompts = [[3, 4, 5, BOT, LAT, LAT, EOT], [7, 8, 9, 10, 11, 12, BOT, LAT, LAT, EOT], [13, BOT, LAT, LAT, EOT]]
-    tokens, n_gen = generate(m, prompts, LAT, EOS, PAD, 10, "cpu")
+    tokens, n_gen = generate_answers(m, prompts, LAT, EOS, PAD, 10, "cpu")
     seen = set()
     for p, row, n in zip(prompts, tokens.tolist(), n_gen.tolist()):
-        seq, ref = torch.tensor([p]), []
-        for _ in range(10):  # batch 1, no cache, full re-run per token; a generated <latent> is a plain token
-            nxt = m.get_output_embeddings()(naive_hidden(m, seq, torch.ones_like(seq), LAT, upto=len(p))[0, -1]).argmax().item()
+        # batch 1, no cache: the prompt's thoughts as naive_latent_forward fills them in, then a full re-run
+        # per token (a generated <latent> is a plain token)
+        ids = torch.tensor([p])
+        _, embeds = naive_latent_forward(m, ids, torch.ones_like(ids), LAT)
+        ref = []
+        for _ in range(10):
+            nxt = m.get_output_embeddings()(backbone(m)(inputs_embeds=embeds).last_hidden_state[0, -1]).argmax().item()
             ref.append(nxt)
             if nxt == EOS:
                 break
-            seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
+            embeds = torch.cat([embeds, m.get_input_embeddings()(torch.tensor([[nxt]]))], 1)
         assert row[:len(ref)] == ref and n == len(ref)
         seen |= set(ref)
     assert len(seen) > 2                                                # not a vacuous comparison

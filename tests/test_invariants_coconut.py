@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import coconut
-from coconut import check_config, evaluate_rank, generate, probe_thoughts
+from coconut import check_config, evaluate_rank, generate_answers, probe_thoughts
 from configurator import configure
 from model import backbone, lm_head, load_model
 
@@ -56,9 +56,9 @@ def test_generated_token_count_includes_the_eos_of_rows_that_stop_and_the_though
     generates max_new_tokens. evaluate_rank's count adds each prompt's thoughts (the paper's
     '# tokens') and its text is the row up to its eos."""
     prompts = [[3, 4, BOT, LAT, LAT, EOT], [5, 6, 7, 8, BOT, LAT, LAT, EOT]]
-    tokens, n_gen = generate(tiny(emit=EOS), prompts, LAT, EOS, PAD, 6, "cpu")
+    tokens, n_gen = generate_answers(tiny(emit=EOS), prompts, LAT, EOS, PAD, 6, "cpu")
     assert tokens[:, 0].tolist() == [EOS, EOS] and n_gen.tolist() == [1, 1]
-    tokens, n_gen = generate(tiny(emit=9), prompts, LAT, EOS, PAD, 6, "cpu")
+    tokens, n_gen = generate_answers(tiny(emit=9), prompts, LAT, EOS, PAD, 6, "cpu")
     assert tokens.tolist() == [[9] * 6] * 2 and n_gen.tolist() == [6, 6]
     got = evaluate_rank(tiny(emit=EOS), prompts, ["a", "b"], IdTokenizer(), LAT, 1, 6, "cpu")
     assert got == (0, 2 * (1 + 2), [str(EOS)] * 2)
