@@ -393,9 +393,9 @@ def rank_prompts(step, batch_size, n_data, seed, rank, world_size):
     return step_indices(step, batch_size, n_data, seed)[rank * per_rank:(rank + 1) * per_rank]
 
 def rollout_seed(seed, step, rank):
-    """The seed of the rollout sampler at optimizer step `step` on a rank: a function of (seed, step,
-    rank) only, so a resumed run draws the same rationales, every step draws new ones and every rank
-    draws its own."""
+    """The seed of the rollout sampler at optimizer step `step` on a rank: a function of
+    (seed, step, rank) only, so a resumed run draws the same rationales, every step draws new ones
+    and every rank draws its own."""
     return seed + 1_000_003 * step + rank
 
 def lr_at(step, lr, total_steps):
