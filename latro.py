@@ -123,7 +123,7 @@ learning_rate = 1e-4           # AdamW peak, linear decay to 0, no warm-up (pape
 weight_decay = 0.0             # (paper: 0)
 # evaluation
 checker = "released"           # released (as the paper's code: comparable numbers) | fixed
-eval_max_tokens = 64           # greedy / maj@k generation length: rationale + answer (paper: 500)
+max_new_tokens = 64            # greedy / maj@k generation length: rationale + answer (paper: 500)
 maj_k = 8                      # samples per question for maj@k (self-consistency), T=1; 0 = greedy
 # system
 device = "auto"                # auto | cpu | cuda
@@ -132,7 +132,7 @@ fsdp = False                   # FSDP2: shard weights, gradients, optimizer stat
 ddp_timeout = 1800             # seconds a rank waits in a collective (a dead peer) before it ends
 # the keys' former names: an old name is refused with its new one
 RENAMED = {"lr": "learning_rate", "sft_lr": "sft_learning_rate", "n_dev": "n_val",
-           "ddp_timeout_s": "ddp_timeout"}
+           "ddp_timeout_s": "ddp_timeout", "eval_max_tokens": "max_new_tokens"}
 # a config file and --key=value override the defaults (importing the module keeps them); from here
 # on a UserError prints one line and exits 1, while a bug keeps its traceback
 if __name__ == "__main__":
@@ -517,7 +517,7 @@ def check_config(cfg, world_size=1, distributed=False, cuda_available=False):
     for key, value in cfg.items():
         if isinstance(value, float) and not math.isfinite(value):
             fail(f"{key}={value}: give a finite number")
-    positive = ("batch_size", "micro_batch_size", "gen_batch_size", "eval_max_tokens",
+    positive = ("batch_size", "micro_batch_size", "gen_batch_size", "max_new_tokens",
                 "eval_interval", "sft_batch_size", "sft_eval_interval", "learning_rate",
                 "sft_learning_rate", "ddp_timeout", "gamma", "n_layer", "n_head", "n_embd",
                 "block_size")
@@ -571,19 +571,19 @@ def check_config(cfg, world_size=1, distributed=False, cuda_available=False):
              f"make it a multiple of {world_size}")
     return batch_layout(cfg["batch_size"], cfg["rloo_k"], cfg["micro_batch_size"], world_size)
 
-def check_lengths(n_positions, prompts, answers, gold, max_rationale_tokens, eval_max_tokens):
+def check_lengths(n_positions, prompts, answers, gold, max_rationale_tokens, max_new_tokens):
     """A UserError when a sequence could outgrow the model's n_positions: a rollout (prompt +
-    max_rationale_tokens + answer), an evaluation (prompt + eval_max_tokens + answer) or a gold
+    max_rationale_tokens + answer), an evaluation (prompt + max_new_tokens + answer) or a gold
     warm-up row (token lists of prompt, rationale, answer). Returns the longest length.
     n_positions None: a model without a position limit in its config (nothing to check)."""
     need = max(len(x) + len(y) for x, y in zip(prompts, answers))
-    need += max(max_rationale_tokens, eval_max_tokens)
+    need += max(max_rationale_tokens, max_new_tokens)
     longest_gold = max((sum(map(len, row)) for row in gold), default=0)
     if n_positions is not None and max(need, longest_gold) > n_positions:
         raise UserError(f"the longest sequence needs {max(need, longest_gold)} positions (prompt + "
-                        f"answer + max(max_rationale_tokens, eval_max_tokens) = {need}, gold "
+                        f"answer + max(max_rationale_tokens, max_new_tokens) = {need}, gold "
                         f"warm-up row {longest_gold}) but the model has {n_positions}: raise "
-                        f"block_size (scratch) or lower max_rationale_tokens / eval_max_tokens")
+                        f"block_size (scratch) or lower max_rationale_tokens / max_new_tokens")
     return max(need, longest_gold)
 
 def check_resume(ckpt, config, path):
@@ -702,7 +702,7 @@ if __name__ == "__main__":
                    or getattr(model_cfg, "n_positions", None))
     longest = check_lengths(n_positions, train_x + encode_x(eval_ex, eval_prompt or prompt),
                             train_y + encode_y(eval_ex), list(zip(gold_x, gold_z, gold_y)),
-                            max_rationale_tokens, eval_max_tokens)
+                            max_rationale_tokens, max_new_tokens)
     n_params = n_params_of_config(model_cfg)
     kv = estimate_kv_cache_bytes(model_cfg, gen_batch_size, longest)
     acts = estimate_activation_bytes(model_cfg, micro_batch_size * longest,
@@ -763,7 +763,7 @@ if __name__ == "__main__":
         with gathered(train_scorer):  # FSDP: weights gathered once for the whole split
             sums = evaluate_split(raw_model, task, mine, xs, encode_y(mine), tok=tok, maj_k=k,
                                   stop_strings=stops, checker=checker,
-                                  max_new_tokens=eval_max_tokens, chunk=gen_batch_size, ctx=ctx,
+                                  max_new_tokens=max_new_tokens, chunk=gen_batch_size, ctx=ctx,
                                   generator=g)
         sums = all_sum(sums, device)
         correct, maj, answer_logp = (sums[:3] / sums[3]).tolist()

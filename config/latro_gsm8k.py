@@ -25,7 +25,7 @@ rloo_k = 16
 micro_batch_size = 4      # 48 rollouts per GPU / 4 = 12 accumulation steps, as released
 gen_batch_size = 48       # all of a GPU's rollouts in one generate call
 max_rationale_tokens = 500
-eval_max_tokens = 512
+max_new_tokens = 512
 temperature = 1.0
 top_p = 1.0
 gamma = 2.0

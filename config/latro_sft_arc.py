@@ -31,6 +31,6 @@ batch_size = 24
 rloo_k = 16
 micro_batch_size = 4
 gen_batch_size = 48
-eval_max_tokens = 512
+max_new_tokens = 512
 maj_k = 8
 gradient_checkpointing = True

@@ -31,6 +31,6 @@ batch_size = 24           # (unused at latro_steps=0; kept valid for 8 GPUs)
 rloo_k = 16
 micro_batch_size = 4      # 32 sequences per GPU per step in 8 micro-batches of 4
 gen_batch_size = 48
-eval_max_tokens = 512
+max_new_tokens = 512
 maj_k = 8
 gradient_checkpointing = True

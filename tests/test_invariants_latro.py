@@ -89,7 +89,7 @@ def test_consecutive_steps_take_each_question_once_per_epoch_and_epochs_reshuffl
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=32", "--n_val=2", "--n_test=2",
         "--sft_steps=0", "--batch_size=2", "--rloo_k=4", "--max_rationale_tokens=8",
-        "--eval_max_tokens=8", "--maj_k=0", "--eval_interval=100", "--export_hf=False",
+        "--max_new_tokens=8", "--maj_k=0", "--eval_interval=100", "--export_hf=False",
         "--device=cpu", "--learning_rate=1e-3"]
 STEP = re.compile(r"^step (\d+)/(\d+) \| reward (\S+) \| kl (\S+) \| .* "
                   r"\| loss (\S+) \| lr (\S+) \|", re.M)

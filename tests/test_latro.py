@@ -209,7 +209,7 @@ def test_batch_layout_and_its_errors():
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=64", "--n_val=8", "--n_test=8", "--sft_steps=3",
         "--sft_batch_size=8", "--sft_target_acc=0", "--latro_steps=4", "--batch_size=2", "--rloo_k=4",
-        "--micro_batch_size=4", "--max_rationale_tokens=12", "--eval_max_tokens=16", "--maj_k=2",
+        "--micro_batch_size=4", "--max_rationale_tokens=12", "--max_new_tokens=16", "--maj_k=2",
         "--eval_interval=2", "--export_hf=False"]
 
 def run(args):

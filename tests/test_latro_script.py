@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # resume is exact only if it restores the RNG state the update draws its dropout masks from
 TINY = ["--dropout=0.1", "--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=64", "--n_val=8", "--n_test=8", "--sft_steps=40",
         "--sft_batch_size=8", "--sft_eval_interval=100", "--sft_target_acc=0", "--latro_steps=6", "--batch_size=2",
-        "--rloo_k=4", "--micro_batch_size=4", "--max_rationale_tokens=12", "--eval_max_tokens=16", "--maj_k=2",
+        "--rloo_k=4", "--micro_batch_size=4", "--max_rationale_tokens=12", "--max_new_tokens=16", "--maj_k=2",
         "--eval_interval=2", "--export_hf=False"]
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -168,7 +168,7 @@ def test_nan_guard_in_latro_keeps_the_last_good_checkpoint(tmp_path):
 # 1 prompt x 4 rollouts per rank in 2 micro-steps: the no-sync micro-step and the synced one
 DIST = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=64", "--n_val=8", "--n_test=8", "--sft_steps=3",
         "--sft_batch_size=8", "--sft_target_acc=0", "--latro_steps=4", "--batch_size=2", "--rloo_k=4",
-        "--micro_batch_size=2", "--max_rationale_tokens=12", "--eval_max_tokens=16", "--maj_k=2",
+        "--micro_batch_size=2", "--max_rationale_tokens=12", "--max_new_tokens=16", "--maj_k=2",
         "--eval_interval=2", "--device=cpu"]
 # FSDP reduces gradients in another order than DDP: equal within fp32 round-off (measured: bit-identical here)
 TOL = 1e-6
