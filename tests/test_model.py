@@ -313,8 +313,9 @@ def test_stop_request_sets_a_flag_and_a_second_signal_acts_at_once():
 
 STOP_DRIVER = """
 import os, signal
+import torch
 import torch.distributed as dist
-from model import StopRequest
+from model import StopRequest, all_sum, end_distributed, ranks_identical
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 stop = StopRequest()
@@ -326,10 +327,18 @@ for step in range(1000):
         break
     steps += 1
 print(f"rank {rank}: {steps} steps, own signal {stop.signum}", flush=True)
-dist.destroy_process_group()
+# the cross-rank helpers: a sum over ranks; the same weights on both ranks, then one weight 1e-6 apart
+torch.manual_seed(0)
+layer = torch.nn.Linear(3, 2)
+same = ranks_identical(layer)
+with torch.no_grad():
+    layer.weight[1, 2] += 1e-6 * rank
+print(f"rank {rank}: sum {all_sum(torch.tensor([rank + 1.0])).item()}, identical {same} "
+      f"{ranks_identical(layer)}", flush=True)
+end_distributed()
 """
 
-def test_stop_request_stops_every_rank_at_the_same_step(tmp_path):
+def test_stop_request_stops_every_rank_at_the_same_step_and_the_cross_rank_helpers(tmp_path):
     # under DDP a rank that stops alone would leave the others waiting in their next all-reduce
     driver = tmp_path / "driver.py"
     driver.write_text(STOP_DRIVER)
@@ -341,6 +350,9 @@ def test_stop_request_stops_every_rank_at_the_same_step(tmp_path):
     # the two ranks share one stdout pipe, so their lines can interleave: find the reports, not lines
     reports = sorted(re.findall(r"rank (\d): (\d+) steps, own signal (None|\d+)", r.stdout))
     assert reports == [("0", "3", "None"), ("1", "3", "15")], r.stdout
+    # model.all_sum and model.ranks_identical, as both scripts use them, then end_distributed
+    helpers = sorted(re.findall(r"rank (\d): sum (\d+\.\d+), identical (True|False) (True|False)", r.stdout))
+    assert helpers == [("0", "3.0", "True", "False"), ("1", "3.0", "True", "False")], r.stdout
 
 def test_check_same_run_names_every_differing_key():
     from model import check_same_run
