@@ -59,7 +59,7 @@ from evaluate import coconut_correct
 from model import (load_model, backbone, lm_head, left_pad, position_ids_from_mask, token_logprobs,
                    decode, autocast_ctx, cache_kwargs, save_checkpoint, load_checkpoint,
                    prepare_out_dir, StopRequest, check_same_run, nonfinite_names, fsdp_wrap,
-                   gathered, set_grad_sync, gather_full, load_full_state_dicts,
+                   gathered, set_grad_sync, gather_full, full_state_dicts, load_full_state_dicts,
                    enable_activation_checkpointing, memory_plan, format_memory_plan,
                    check_memory_plan, device_memory_bytes, estimate_kv_cache_bytes,
                    estimate_activation_bytes, all_sum, ranks_identical, end_distributed, export_hf,
@@ -670,12 +670,6 @@ def log(*args):
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args)
 
-def model_state(model, fsdp):
-    """The model's state dict, gathered whole under FSDP (a collective: every rank calls it)."""
-    if fsdp:
-        return gather_full(model.state_dict())
-    return model.state_dict()
-
 def write_checkpoint(path, obj, model_sd, iter_num, master):
     """obj plus the weights, written from rank 0, never with non-finite weights: every rank checks
     the same (gathered) values, so every rank stops together and the last good file stays."""
@@ -687,12 +681,11 @@ def write_checkpoint(path, obj, model_sd, iter_num, master):
     if master:
         save_checkpoint(path, {**obj, "model": model_sd})
 
-def save_resume_point(path, model, optimizer, fsdp, master, run_info, *, epoch, step_in_epoch,
-                      stage, iter_num, best_val_acc):
+def save_resume_point(path, model, optimizer, master, run_info, *, epoch, step_in_epoch, stage,
+                      iter_num, best_val_acc):
     """ckpt.pt: where to continue (the epoch, the steps done in it) and everything to continue
     exactly: weights and AdamW state (gathered whole under FSDP: every rank calls it)."""
-    model_sd = model_state(model, fsdp)
-    optim_sd = gather_full(optimizer.state_dict()) if fsdp else optimizer.state_dict()
+    model_sd, optim_sd = full_state_dicts(model, optimizer)
     where = {"epoch": epoch, "step_in_epoch": step_in_epoch, "stage": stage, "iter_num": iter_num,
              "best_val_acc": best_val_acc}
     write_checkpoint(path, {"optimizer": optim_sd, **run_info, **where}, model_sd, iter_num, master)
@@ -994,7 +987,7 @@ if __name__ == "__main__":
             stopping = stop.requested(device)
             at_interval = ckpt_interval > 0 and iter_num % ckpt_interval == 0
             if stopping or at_interval:
-                save_resume_point(os.path.join(out_dir, "ckpt.pt"), model, optimizer, fsdp,
+                save_resume_point(os.path.join(out_dir, "ckpt.pt"), model, optimizer,
                                   master_process, run_info, epoch=epoch, step_in_epoch=step + 1,
                                   stage=stage_at[epoch], iter_num=iter_num,
                                   best_val_acc=best_val_acc)
@@ -1020,9 +1013,10 @@ if __name__ == "__main__":
         if stage >= final_stage and val_acc > best_val_acc:
             best_val_acc = val_acc
             best = {**run_info, "epoch": epoch, "stage": stage, "val_acc": val_acc}
-            write_checkpoint(os.path.join(out_dir, "best.pt"), best, model_state(model, fsdp),
-                             iter_num, master_process)
-        save_resume_point(os.path.join(out_dir, "ckpt.pt"), model, optimizer, fsdp, master_process,
+            best_sd = gather_full(model.state_dict())  # a collective under FSDP
+            write_checkpoint(os.path.join(out_dir, "best.pt"), best, best_sd, iter_num,
+                             master_process)
+        save_resume_point(os.path.join(out_dir, "ckpt.pt"), model, optimizer, master_process,
                           run_info, epoch=epoch + 1, step_in_epoch=0, stage=stage_at[epoch + 1],
                           iter_num=iter_num, best_val_acc=best_val_acc)
 
@@ -1043,7 +1037,8 @@ if __name__ == "__main__":
         best_sd = None
     # a pretrained model's result as a save_pretrained directory, for the usual tools
     if base != "scratch" and not eval_only:
-        export_hf(model, tok, model_state(model, fsdp), os.path.join(out_dir, "hf"), master_process)
+        hf_dir = os.path.join(out_dir, "hf")
+        export_hf(model, tok, gather_full(model.state_dict()), hf_dir, master_process)
     # test accuracy at the final stage's layout (or n_thoughts_eval thoughts)
     test_prompts = eval_prompts(encoded["test"][mine], final_stage, lay, n_test_thoughts)
     test_acc, test_tok, texts = greedy_accuracy(model, train_model, test_prompts, test_golds,

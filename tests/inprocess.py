@@ -32,6 +32,19 @@ class Run:
     out: str                # everything the script printed
     error: UserError = None  # the UserError that ended the run, if one did
 
+    # the same run read as a finished subprocess.run(...): a UserError is `error: ...` on stderr
+    @property
+    def returncode(self):
+        return self.code
+
+    @property
+    def stdout(self):
+        return self.out
+
+    @property
+    def stderr(self):
+        return f"error: {self.error}\n" if self.error else ""
+
 
 def run_main(script, args, cwd=ROOT):
     """Run ROOT/script with args (a list of '--key=value' and config files) in this process, from

@@ -1,7 +1,6 @@
 """coconut.py: stage layouts, the cached latent forward, latent generation, and the training script end to end."""
 import json
 import os
-import subprocess
 
 import pytest
 import torch
@@ -387,10 +386,9 @@ TINY = ["--task=prosqa_small", "--task_options={'symbolic': True, 'min_nodes': 6
         "--learning_rate=0.01"]
 
 def run_script(args, out_dir):
-    """coconut.py on TINY + args, in this process (tests/inprocess.py). Returns (returncode, stdout,
-    stderr) as a finished subprocess would."""
-    r = run_main("coconut.py", TINY + [f"--out_dir={out_dir}"] + args)
-    return subprocess.CompletedProcess(args, r.code, r.out, f"error: {r.error}\n" if r.error else "")
+    """coconut.py on TINY + args, in this process (tests/inprocess.py); the result reads as a
+    finished subprocess's (returncode, stdout, stderr)."""
+    return run_main("coconut.py", TINY + [f"--out_dir={out_dir}"] + args)
 
 def step_losses(stdout):
     return [float(line.split("| loss ")[1].split()[0]) for line in stdout.splitlines() if line.startswith("step ")]

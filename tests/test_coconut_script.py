@@ -28,7 +28,7 @@ def run(args, out_dir):
     """A run that needs no signal: in this process (tests/inprocess.py). Returns (exit code, stdout,
     stderr) as the process would: a UserError is `error: ...` on stderr and status 1."""
     r = run_main("coconut.py", TINY + [f"--out_dir={out_dir}", *args])
-    return r.code, r.out, f"error: {r.error}\n" if r.error else ""
+    return r.returncode, r.stdout, r.stderr
 
 
 def steps(stdout):

@@ -2,7 +2,6 @@
 (resume, 2-process DDP, batch arithmetic). CPU, tiny models, no network."""
 import copy
 import os
-import subprocess
 
 import pytest
 import torch
@@ -213,9 +212,9 @@ TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=64", "--n_val=8",
         "--eval_interval=2", "--export_hf=False"]
 
 def run(args):
-    """latro.py with args in this process (tests/inprocess.py), as (returncode, stdout, stderr)."""
-    r = run_main("latro.py", args)
-    return subprocess.CompletedProcess(args, r.code, r.out, f"error: {r.error}\n" if r.error else "")
+    """latro.py with args in this process (tests/inprocess.py); the result reads as a finished
+    subprocess's (returncode, stdout, stderr)."""
+    return run_main("latro.py", args)
 
 def test_bad_batch_arithmetic_fails_before_any_work(tmp_path):
     p = run(TINY + [f"--out_dir={tmp_path}", "--micro_batch_size=3"])

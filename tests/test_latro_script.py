@@ -31,8 +31,7 @@ def run(args, launcher=None):
     """latro.py with args, in this process (tests/inprocess.py) or under a launcher (torchrun);
     returns (returncode, stdout, stderr) as a finished subprocess would."""
     if launcher is None:
-        r = run_main("latro.py", args)
-        return subprocess.CompletedProcess(args, r.code, r.out, f"error: {r.error}\n" if r.error else "")
+        return run_main("latro.py", args)
     return subprocess.run([*launcher, os.path.join(ROOT, "latro.py"), *args], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
 
