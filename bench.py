@@ -34,10 +34,11 @@ import transformers
 from transformers import AutoConfig
 
 from model import backbone, load_model, lm_head, token_logprobs, autocast_ctx
-from model import (PLAN_PARTS, estimate_activation_bytes, estimate_kv_cache_bytes, memory_plan,
-                   n_params_of_config)
+from model import n_params_of_config
+from run import PLAN_PARTS, estimate_activation_bytes, estimate_kv_cache_bytes, memory_plan
 from coconut import Coconut, generate_answers, naive_latent_forward
-from latro import SequenceScorer, build_batch, sample, score_rows, latro_rewards, rloo_advantages, latro_loss
+from latro import (Sampler, SequenceScorer, build_batch, latro_loss, latro_rewards, rloo_advantages, sample,
+                   score_rows)
 
 # -----------------------------------------------------------------------------
 preset = "cpu"              # cpu: small shapes for a laptop; gpu: GPT-2-small at the paper's batch in bf16
@@ -216,8 +217,7 @@ def released_step(model, ref, prompts, K, L, dev, ctx, g):
     and two grad forwards per micro-batch (answer branch back-propagated even at weight 0)."""
     x = [p for p in prompts for _ in range(K)]
     t0 = time.perf_counter()
-    z, _, _ = sample(model, x, L, 0, len(x), ctx, tok=None, stop_ids=set(), stop_strings=[], generator=g,
-                     temperature=1.0)
+    z, _, _ = sample(model, x, L, Sampler(None, set(), [], 0, len(x), ctx), g, temperature=1.0)
     sync(dev); t1 = time.perf_counter()
     y = [[7, 8, 9, 1]] * len(x)
     ids = torch.tensor([a + b + c for a, b, c in zip(x, z, y)], device=dev)
@@ -241,8 +241,7 @@ def our_step(model, ref, prompts, K, L, dev, ctx, g):
     x = [p for p in prompts for _ in range(K)]
     stops = set(range(2, 2 + max(1, SHAPES_VOCAB[0] // L)))  # stop ids only: no tokenizer needed
     t0 = time.perf_counter()
-    z, stopped, n_tok = sample(model, x, L, 0, len(x), ctx, tok=None, stop_ids=stops, stop_strings=[],
-                               generator=g, temperature=1.0)
+    z, stopped, n_tok = sample(model, x, L, Sampler(None, stops, [], 0, len(x), ctx), g, temperature=1.0)
     sync(dev); t1 = time.perf_counter()
     y = [[7, 8, 9, 1]] * len(x)
     logp_z, logp_y = score_rows(SequenceScorer(model), x, z, y, 0, len(x), ctx)

@@ -1,21 +1,27 @@
 """
-Override a script's configuration globals from config files and --key=value arguments, nanoGPT style:
+Override a script's configuration globals from config files and --key=value arguments, nanoGPT
+style, then check the script's rules:
 
     python coconut.py config/coconut_prosqa.py --batch_size=64 --out_dir=out/prosqa
 
-At the top of a script, after its defaults (plain int/float/bool/str/None module globals):
+At the top of a script, after its defaults (plain int/float/bool/str/None module globals) and its
+RULES:
 
-    from configurator import configure
-    config = configure(globals(), sys.argv[1:])  # overrides the globals in place, returns the effective config
+    config = configure(globals(), sys.argv[1:], rules=RULES)  # overrides the globals in place
 
 Differences from nanoGPT's exec-based original, each a fault users hit there:
 - a value may contain '=' (--out_dir=runs/lr=1e-4); only the first '=' splits key from value;
-- an int is accepted for a float key (--lr=1 means 1.0);
+- an int is accepted for a float key (--learning_rate=1 means 1.0); a float must be finite;
 - a key whose default is None can be set to anything;
 - an unknown key is an error naming the closest known keys (a typo never passes silently), or its
   new name when the script renamed it;
 - a wrong type is an error naming the key, the expected type and the value;
 - only rank 0 prints, so an 8-GPU run logs its configuration once.
+
+Rules are data: (condition, message) pairs, a Python expression over the config's keys (and the
+script's globals, `world_size` and `distributed` of the launch) that must hold, and the error that
+says what to do otherwise, an f-string over the same names. They are checked in order before any
+work; the first one that fails is the error.
 
 User errors: a mistake in the user's input (a config key, a data file, an out_dir, a checkpoint
 that does not fit) is raised as a UserError. A script calls exit_cleanly_on_user_error() once at
@@ -25,6 +31,7 @@ status 1, without a traceback, while any other exception (a bug) keeps its full 
 
 import ast
 import difflib
+import math
 import os
 import sys
 
@@ -58,7 +65,7 @@ def exit_cleanly_on_user_error():
     sys.excepthook = hook
 
 def parse_value(text):
-    """'3' -> 3, '1e-4' -> 0.0001, 'True' -> True, 'None' -> None, anything that is not a literal -> the string."""
+    """'3' -> 3, '1e-4' -> 0.0001, 'True' -> True, 'None' -> None, other text -> the string."""
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -79,61 +86,106 @@ def check_type(key, default, value, raw=None):
             return value
     elif isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}={float(value)}: give a finite number")
             return float(value)
     elif isinstance(default, str):
         if isinstance(value, str):
             return value
         if raw is not None:
-            return raw  # --out_dir=123 or --init_from=None-like text: a string key keeps the text as written
+            return raw  # --out_dir=123: a string key keeps the text as written
     raise ConfigError(f"config key {key!r} expects {type(default).__name__} (default {default!r}), "
                       f"got {type(value).__name__} {value!r}")
 
 def unknown_key_error(key, known, renamed=None):
     if renamed and key in renamed:
-        return ConfigError(f"config key {key!r} is now called {renamed[key]!r} (one name in both scripts): "
-                           f"write {renamed[key]} instead")
+        return ConfigError(f"config key {key!r} is now called {renamed[key]!r} (one name in both "
+                           f"scripts): write {renamed[key]} instead")
     close = difflib.get_close_matches(key, known, n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(known))}"
+    hint = f"; known keys: {', '.join(sorted(known))}"
+    if close:
+        hint = f"; did you mean {', '.join(close)}?"
     return ConfigError(f"unknown config key {key!r}{hint}")
 
-def configure(scope, argv, verbose=None, renamed=None):
-    """Apply config files (positional arguments, in order) then --key=value arguments to `scope` (a script's
-    globals()). Returns {key: value} of every configuration global, in definition order.
-    renamed: {old key: new key}, so that an old name is refused with its new one."""
+# -----------------------------------------------------------------------------
+# rules
+
+def each(keys, condition, message):
+    """One rule per key: `condition` and `message` with {key} for the key's name and {value} (or
+    {value!r}) for its value, e.g. each('batch_size n_layer', '{key} > 0', '{key}={value} > 0')."""
+    rules = []
+    for k in keys.split():
+        value = "{" + k  # '{value}' -> '{batch_size}', '{value!r}' -> '{batch_size!r}'
+        rules.append((condition.replace("{key}", k),
+                      message.replace("{key}", k).replace("{value", value)))
+    return rules
+
+def suggest(value, known):
+    """'did you mean X?' for a near miss, else the list of known values."""
+    close = difflib.get_close_matches(value, known, n=1)
+    if close:
+        return f"did you mean {close[0]}?"
+    return f"known: {', '.join(known)}"
+
+def launch():
+    """The names a rule may use about the launch: torchrun sets RANK and WORLD_SIZE."""
+    return {"world_size": int(os.environ.get("WORLD_SIZE", 1)),
+            "distributed": int(os.environ.get("RANK", -1)) != -1}
+
+def check_rules(rules, names):
+    """Raise a ConfigError with the message of the first rule whose condition is false. names: the
+    config and whatever else the conditions and messages use (a script's globals, launch())."""
+    scope = {"suggest": suggest, **names}
+    for condition, message in rules:
+        if not eval(condition, scope):
+            raise ConfigError(eval("f" + repr(message), scope))
+
+# -----------------------------------------------------------------------------
+
+def read_config_file(path, defaults, renamed):
+    """The key updates of one config file (a Python file of assignments)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} not found (positional arguments are config "
+                          f"files; options are written --key=value)")
+    namespace = {}
+    with open(path) as f:
+        source = f.read()
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except Exception as e:
+        # the user's file: say which one and what failed, not a traceback into this module
+        where = f" line {e.lineno}" if isinstance(e, SyntaxError) else ""
+        raise ConfigError(f"config file {path!r}{where} failed: {type(e).__name__}: {e}") from e
+    updates = {}
+    for key, value in namespace.items():
+        if key.startswith("_") or type(value).__name__ == "module":
+            continue
+        if key not in defaults:
+            raise unknown_key_error(key, defaults, renamed)
+        updates[key] = check_type(key, defaults[key], value)
+    return updates
+
+def configure(scope, argv, verbose=None, renamed=None, rules=()):
+    """Apply config files (positional arguments, in order) then --key=value arguments to `scope` (a
+    script's globals()), then check `rules` (see check_rules). Returns {key: value} of every
+    configuration global, in definition order. renamed: {old key: new key}, so that an old name is
+    refused with its new one."""
     defaults = {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, TYPES)}
     if verbose is None:
         verbose = int(os.environ.get("RANK", "0")) == 0
     updates = {}
     for arg in argv:
         if not arg.startswith("--"):
-            if not os.path.isfile(arg):
-                raise ConfigError(f"config file {arg!r} not found (positional arguments are config files; "
-                                  f"options are written --key=value)")
-            namespace = {}
-            with open(arg) as f:
-                source = f.read()
-            try:
-                exec(compile(source, arg, "exec"), namespace)
-            except Exception as e:
-                # the user's file: say which one and what failed, not a traceback into this module
-                where = f" line {e.lineno}" if isinstance(e, SyntaxError) else ""
-                problem = f"{type(e).__name__}: {e}"
-                raise ConfigError(f"config file {arg!r}{where} failed: {problem}") from e
-            for key, value in namespace.items():
-                if key.startswith("_") or type(value).__name__ == "module":
-                    continue
-                if key not in defaults:
-                    raise unknown_key_error(key, defaults, renamed)
-                updates[key] = check_type(key, defaults[key], value)
+            updates.update(read_config_file(arg, defaults, renamed))
             if verbose:
                 print(f"config file {arg}")
-        else:
-            key, eq, raw = arg[2:].partition("=")
-            if not eq:
-                raise ConfigError(f"argument {arg!r} has no value: write --{key}=VALUE")
-            if key not in defaults:
-                raise unknown_key_error(key, defaults, renamed)
-            updates[key] = check_type(key, defaults[key], parse_value(raw), raw)
+            continue
+        key, eq, raw = arg[2:].partition("=")
+        if not eq:
+            raise ConfigError(f"argument {arg!r} has no value: write --{key}=VALUE")
+        if key not in defaults:
+            raise unknown_key_error(key, defaults, renamed)
+        updates[key] = check_type(key, defaults[key], parse_value(raw), raw)
     scope.update(updates)
     config = {k: scope[k] for k in defaults}
     if verbose:
@@ -141,4 +193,5 @@ def configure(scope, argv, verbose=None, renamed=None):
         print("configuration (* = overridden):")
         for k, v in config.items():
             print(f"  {'*' if k in updates else ' '} {k:<{width}} = {v!r}")
+    check_rules(rules, {**scope, **launch()})
     return config

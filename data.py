@@ -978,6 +978,16 @@ def load_task(task, split, *, path="", n=0, seed=0, split_layout="", **task_kwar
     return _first(load_arc(split), n, split)
 
 
+def load_splits(task, sizes, *, path="", seed=0, split_layout="", **task_kwargs):
+    """{split: examples} of train, val and test (sizes: their counts, 0 = the task's default),
+    refused when a question is in two of them (check_split_overlap)."""
+    splits = {split: load_task(task, split, path=path, n=n, seed=seed, split_layout=split_layout,
+                               **task_kwargs)
+              for split, n in zip(SPLITS, sizes)}
+    check_split_overlap(splits)
+    return splits
+
+
 def _first(examples, n, split):
     if n > len(examples):
         print(f"note: asked for {n} {split} examples, the data has {len(examples)}")

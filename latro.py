@@ -29,35 +29,28 @@ Launch:
         latro.py config/latro_gsm8k.py --batch_size=48    # 2 nodes (--node_rank=1 on the other)
 """
 
-import datetime
+import dataclasses
 import difflib
-import importlib.util
 import math
 import os
 import re
-import signal
 import sys
 import time
+from importlib.util import find_spec
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from transformers import AutoConfig
-
-from configurator import UserError, configure, exit_cleanly_on_user_error
-from data import (PROMPT_STYLES, TASKS, build_tokenizer, check_split_overlap, latro_answer,
-                  latro_prompt, latro_rationale, load_task, sft_target)
+from configurator import configure, each, exit_cleanly_on_user_error, UserError
+from data import (PROMPT_STYLES, TASKS, build_tokenizer, latro_answer, latro_prompt,
+                  latro_rationale, load_splits, sft_target)
 from evaluate import CHECKERS, latro_correct, majority_correct
-from model import (StopRequest, all_sum, autocast_ctx, backbone, check_memory_plan, check_same_run,
-                   device_memory_bytes, enable_activation_checkpointing, end_distributed,
-                   estimate_activation_bytes, estimate_kv_cache_bytes, format_memory_plan,
-                   fsdp_wrap, full_state_dicts, gather_full, gathered, generate, left_pad,
-                   load_checkpoint, load_full_state_dicts, load_model, memory_plan,
-                   n_params_of_config, nonfinite_names, position_ids_from_mask, prepare_out_dir,
-                   ranks_identical, save_checkpoint, set_grad_sync, token_logprobs, wandb_logger)
-# (renamed on import: `export_hf` is also the config key that switches the export on)
-from model import export_hf as write_hf_export
+from model import (autocast_ctx, backbone, generate, left_pad, load_model, max_positions,
+                   model_config, position_ids_from_mask, token_logprobs)
+from run import (StopRequest, all_sum, check_same_run, distribute, end_distributed,
+                 enable_activation_checkpointing, exit_on_signal, gather_full, gathered, grad_norm,
+                 load_checkpoint, load_full_state_dicts, load_run, plan_memory, print0,
+                 ranks_identical, require_finite, save_hf_export, save_run, set_grad_sync, start,
+                 wandb_logger)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults are the embedded CPU demo (a few minutes on 2 cores); paper values in
@@ -73,8 +66,7 @@ wandb_log = False              # log to Weights & Biases (imported only when Tru
 wandb_project = "nanolatent"   # wandb project
 wandb_run_name = "latro"       # wandb run name
 # data
-task = "modsum"                # modsum (CPU demo) | gsm8k | arc | a data.py task with a numeric or
-                               # text answer
+task = "modsum"                # modsum (CPU demo) | gsm8k | arc | a data.py task with an answer
 data_path = ""                 # local file for gsm8k / arc / json; '' = generate or download
 split_layout = ""              # one local file for all splits: 'tail:VAL,TEST' (data.load_task)
 n_train = 0                    # training questions (0 = the task's default size)
@@ -90,8 +82,7 @@ n_layer = 3                    # 3 x 128 dims, 4 heads: 0.63M parameters with th
 n_head = 4
 n_embd = 128
 block_size = 256               # longest sequence (positions) of a scratch model
-dropout = 0.0                  # keep 0: the update must see the same policy that made the rollouts
-                               # (pretrained models get their dropout switched off, as released)
+dropout = 0.0                  # keep 0: the update must see the policy that made the rollouts
 attn_implementation = "auto"   # auto = flash_attention_2 on CUDA when installed, else sdpa
 gradient_checkpointing = False # recompute activations in the backward (long rationales, big models)
 # SFT warm-up on gold rationales (also the SFT baseline; 0 steps for pretrained models)
@@ -107,8 +98,7 @@ sft_target_acc = 0.45          # stop the warm-up once val accuracy reaches this
 latro_steps = 200              # optimizer steps: the budget (released GSM8K "6 epochs" = 117 steps)
 batch_size = 8                 # prompts per optimizer step, all ranks together (paper: 24 = 8 x 3)
 rloo_k = 8                     # K rationales per prompt (paper: 16)
-micro_batch_size = 64          # rollouts per forward/backward on one rank (paper: 4); sets the
-                               # gradient accumulation
+micro_batch_size = 64          # rollouts per forward/backward on one rank (paper: 4)
 gen_batch_size = 256           # rows per generate call (rollouts and evaluation)
 max_rationale_tokens = 40      # L, longest sampled rationale (paper: 500)
 temperature = 1.0              # rollout sampling temperature (paper: 1)
@@ -116,8 +106,7 @@ top_p = 1.0                    # rollout nucleus (paper: 1, no top-p)
 stop_strings = "released"      # 'released' (the 18 RELEASED_STOP_STRINGS) or 'A|B': found in text
 beta = 0.05                    # KL coefficient (paper: 0.05 GSM8K, 0.25 ARC-Challenge)
 gamma = 2.0                    # a non-stopped rationale's reward: gamma x mean raw (paper: 2)
-penalty = "group"              # non-stopped penalty baseline: group (the prompt's K samples) |
-                               # rank_mean (released) | none
+penalty = "group"              # non-stopped penalty baseline: group | rank_mean (released) | none
 sft_coef = 0.0                 # weight of ∇log π(y|x,z): 0 = released recipe, 1.0 = paper's Eq. 4
 learning_rate = 1e-4           # AdamW peak, linear decay to 0, no warm-up (paper: 5e-7, pretrained)
 weight_decay = 0.0             # (paper: 0)
@@ -130,54 +119,10 @@ device = "auto"                # auto | cpu | cuda
 seed = 1337                    # data order, initial weights, rollouts (seeded by seed, step, rank)
 fsdp = False                   # FSDP2: shard weights, gradients, optimizer state and π0
 ddp_timeout = 1800             # seconds a rank waits in a collective (a dead peer) before it ends
-# the keys' former names: an old name is refused with its new one
-RENAMED = {"lr": "learning_rate", "sft_lr": "sft_learning_rate", "n_dev": "n_val",
-           "ddp_timeout_s": "ddp_timeout", "eval_max_tokens": "max_new_tokens"}
-# a config file and --key=value override the defaults (importing the module keeps them); from here
-# on a UserError prints one line and exits 1, while a bug keeps its traceback
-if __name__ == "__main__":
-    exit_cleanly_on_user_error()
-    config = configure(globals(), sys.argv[1:], renamed=RENAMED)
-
-# -----------------------------------------------------------------------------
-# the method
-
-def batch_layout(batch_size, rloo_k, micro_batch_size, world_size):
-    """Per-rank counts from the global ones. Each rank owns whole groups of K, so the leave-one-out
-    baseline never needs another rank's rewards, and every rank runs the same number of micro-steps
-    (or DDP's backward hangs). Returns prompts per rank, rollouts per rank, accumulation steps."""
-    if rloo_k < 2:
-        raise UserError(f"rloo_k={rloo_k}: the leave-one-out baseline needs at least 2 rationales "
-                        f"per prompt")
-    if batch_size % world_size:
-        raise UserError(f"batch_size={batch_size} prompts per step do not split over "
-                        f"{world_size} ranks: make batch_size a multiple of {world_size} or change "
-                        f"the number of processes")
-    prompts = batch_size // world_size
-    rollouts = prompts * rloo_k
-    if rollouts % micro_batch_size:
-        raise UserError(f"each rank has {prompts} prompts x rloo_k={rloo_k} = {rollouts} "
-                        f"rollouts, which micro_batch_size={micro_batch_size} does not divide: "
-                        f"pick a micro_batch_size dividing {rollouts}, or change batch_size / "
-                        f"rloo_k")
-    return prompts, rollouts, rollouts // micro_batch_size
-
-def disable_dropout(model):
-    """Dropout off everywhere, as the released trainer does for policy and reference: trl's
-    disable_dropout_in_model zeroes nn.Dropout modules; attention dropout handed to the kernel as a
-    float attribute is zeroed too."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        for name in ("attention_dropout", "attn_dropout", "dropout"):
-            if isinstance(getattr(m, name, None), float):
-                setattr(m, name, 0.0)
-    return model
 
 # The released stop strings (trainer_config.stop_seqs), lowercase and tool-call phrasings included.
 # They are found in the decoded text: SentencePiece spells "The" after a newline as another piece
-# than at the start of an encoded string, so matching the ids of encode(stop) misses the common
-# case.
+# than at the start of an encoded string, so matching the ids of encode(stop) misses it.
 RELEASED_STOP_STRINGS = [
     "Answer:", " Answer:", "\nAnswer:",
     "The answer is", " The answer is", "\nThe answer is",
@@ -192,6 +137,90 @@ def parse_stop_strings(spec):
     if spec == "released":
         return list(RELEASED_STOP_STRINGS)
     return [s for s in spec.split("|") if s]
+
+CHOICES = {"arch": ("gpt2", "llama"), "penalty": ("group", "rank_mean", "none"),
+           "checker": CHECKERS, "prompt": ("cot", "sft"), "eval_prompt": ("",) + PROMPT_STYLES,
+           "arc_options": ("released", "lettered")}
+# what a configuration must hold, checked by configurator.py before any work, in this order (names
+# before numbers, the task before its options, so that a typo is reported as a typo)
+RULES = [
+    ("task in TASKS", "task={task!r} is unknown; {suggest(task, TASKS)}"),
+    *each(" ".join(CHOICES), "{key} in CHOICES['{key}']",
+          "{key}={value!r}: use one of {', '.join(map(repr, CHOICES['{key}']))}"),
+    ("device in ('auto', 'cpu') or re.fullmatch(r'cuda(:\\d+)?', device)",
+     "device={device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("not device.startswith('cuda') or torch.cuda.is_available()",
+     "device={device!r} but this torch sees no CUDA GPU: use --device=cpu or 'auto'"),
+    ("stop_strings == 'released' or not difflib.get_close_matches(stop_strings, ['released'], "
+     "cutoff=0.75)", "stop_strings={stop_strings!r}: did you mean 'released'? (to stop at that "
+     "text, write it as '{stop_strings}|' )"),
+    ("all(s.strip() for s in parse_stop_strings(stop_strings))", "stop_strings={stop_strings!r} "
+     "holds a blank stop string: it would cut every rationale at the first space; separate real "
+     "strings with '|'"),
+    ("init_from in ('scratch', 'resume') or not os.path.isfile(init_from)",
+     "init_from={init_from!r} is a file; give a directory written by save_pretrained, a hub name, "
+     "'scratch' or 'resume'"),
+    *each("batch_size micro_batch_size gen_batch_size max_new_tokens eval_interval sft_batch_size "
+          "sft_eval_interval learning_rate sft_learning_rate ddp_timeout gamma n_layer n_head "
+          "n_embd block_size", "{key} > 0", "{key}={value}: give a value > 0"),
+    *each("latro_steps sft_steps sft_epochs stop_at_step", "{key} >= 0",
+          "{key}={value}: give a value >= 0"),
+    *each("n_train n_val n_test", "{key} >= 0",
+          "{key}={value}: give a value >= 0 (0 = the task's default size)"),
+    *each("maj_k beta sft_coef weight_decay sft_target_acc", "{key} >= 0",
+          "{key}={value}: give a value >= 0"),
+    # rollouts that cannot teach: K equal rationales get equal rewards, so every advantage is 0
+    ("temperature > 0", "temperature={temperature}: greedy rollouts make the K rationales of a "
+     "prompt identical, so every RLOO advantage is 0 and LaTRO learns nothing; use > 0 (paper: 1)"),
+    ("0 < top_p <= 1", "top_p={top_p}: use 0 < top_p <= 1 (1 = no nucleus, as in the paper); "
+     "top_p -> 0 is greedy, whose identical rollouts give zero advantages"),
+    ("max_rationale_tokens > 0", "max_rationale_tokens={max_rationale_tokens}: LaTRO optimises "
+     "the rationale, so it needs at least one token (paper: 500)"),
+    ("0 < sft_share <= 1",
+     "sft_share={sft_share}: a share of the training questions, use a value in (0, 1]"),
+    ("sft_target_acc <= 1", "sft_target_acc={sft_target_acc}: an accuracy, use a value in [0, 1] "
+     "(0 = run all sft_steps)"),
+    ("0 <= dropout < 1", "dropout={dropout}: use a value in [0, 1) (keep 0, see its comment)"),
+    ("init_from != 'scratch' or n_embd % n_head == 0",
+     "n_embd={n_embd} is not a multiple of n_head={n_head}"),
+    # runs that would report an untrained model or contradict themselves
+    ("init_from != 'scratch' or sft_steps or sft_epochs or latro_steps",
+     "init_from='scratch' with no SFT warm-up (sft_steps=0) and latro_steps=0 trains nothing: the "
+     "test accuracy would be a random model's; set sft_steps or latro_steps, or evaluate a "
+     "trained model with evaluate.py"),
+    ("not (init_from == 'resume' and overwrite)", "init_from='resume' continues out_dir's "
+     "checkpoint and overwrite=True deletes it: choose one"),
+    ("not fsdp or distributed", "fsdp=True shards over the processes of a torchrun launch: run "
+     "torchrun --nproc_per_node=N latro.py ... (N >= 2), or leave fsdp=False"),
+    ("not wandb_log or find_spec('wandb')",
+     "wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False"),
+    ("sft_batch_size % world_size == 0", "sft_batch_size={sft_batch_size} does not split over "
+     "{world_size} ranks: make it a multiple of {world_size}"),
+    # each rank owns whole groups of K (the leave-one-out baseline needs no other rank's rewards),
+    # and every rank runs the same number of micro-steps (or DDP's backward hangs)
+    ("rloo_k >= 2", "rloo_k={rloo_k}: the leave-one-out baseline needs at least 2 rationales per "
+     "prompt"),
+    ("batch_size % world_size == 0", "batch_size={batch_size} prompts per step do not split over "
+     "{world_size} ranks: make batch_size a multiple of {world_size} or change the number of "
+     "processes"),
+    ("batch_size // world_size * rloo_k % micro_batch_size == 0",
+     "each rank has {batch_size // world_size} prompts x rloo_k={rloo_k} = "
+     "{batch_size // world_size * rloo_k} rollouts, which micro_batch_size={micro_batch_size} "
+     "does not divide: pick a micro_batch_size dividing {batch_size // world_size * rloo_k}, or "
+     "change batch_size / rloo_k"),
+]
+MODEL_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size")  # a scratch model's shape
+RESUME_KEYS = ("task", "data_path", "split_layout", "n_train", "tokenizer", "seed", "prompt",
+               "arc_options")  # what a resumed run must share with its checkpoint (+ MODEL_KEYS)
+# the keys' former names: an old name is refused with its new one
+RENAMED = {"lr": "learning_rate", "sft_lr": "sft_learning_rate", "n_dev": "n_val",
+           "ddp_timeout_s": "ddp_timeout", "eval_max_tokens": "max_new_tokens"}
+if __name__ == "__main__":
+    exit_cleanly_on_user_error()  # a UserError (a wrong key, file, value): one line, exit 1
+    config = configure(globals(), sys.argv[1:], renamed=RENAMED, rules=RULES)
+
+# -----------------------------------------------------------------------------
+# the method: rollouts cut at their first stop, one-pass scoring, rewards, RLOO, the loss
 
 def first_stop(text, strings):
     """Character index where the first stop string of text starts, or -1."""
@@ -226,22 +255,63 @@ def cut_at_stop(tok, ids, stop_ids, strings):
             return k, True
     return 0, True
 
-def tail_stop_check(tok, strings):
-    """A decode() stop_check: the rows whose newest tokens' text holds a stop string. Only the last
+class TailStopCheck:
+    """decode()'s stop_check: the rows whose newest tokens' text holds a stop string. Only the last
     `window` tokens are decoded per step: a stop of b UTF-8 bytes spans at most b tokens (every
     token decodes to at least one byte), and two more absorb what differs when a suffix is decoded
     alone (SentencePiece drops the first piece's leading space; a byte-fallback piece cut from its
-    character prints U+FFFD). A suffix decoded alone never holds a stop the full text does not hold,
-    so no row stops early by mistake."""
-    window = max(len(s.encode("utf-8")) for s in strings) + 2
+    character prints U+FFFD). A suffix decoded alone never holds a stop the full text does not
+    hold, so no row stops early by mistake."""
+    def __init__(self, tok, strings):
+        self.tok, self.strings = tok, strings
+        self.window = max(len(s.encode("utf-8")) for s in strings) + 2
 
-    def check(tokens, finished):  # tokens (B, t), finished (B,) bool -> (B,) bool
+    def __call__(self, tokens, finished):  # tokens (B, t), finished (B,) bool -> (B,) bool
         hit = torch.zeros_like(finished)
         rows = (~finished).nonzero().flatten().tolist()
-        for r, tail in zip(rows, tokens[rows, -window:].tolist()):
-            hit[r] = first_stop(tok.decode(tail), strings) >= 0
+        for r, tail in zip(rows, tokens[rows, -self.window:].tolist()):
+            hit[r] = first_stop(self.tok.decode(tail), self.strings) >= 0
         return hit
-    return check
+
+@dataclasses.dataclass
+class Sampler:
+    """How rationales (and evaluation outputs) are generated and cut."""
+    tok: object              # data.Tokenizer (decodes the text the stop strings are found in)
+    stop_ids: set            # token ids that end a rationale (eos, pad, end-of-turn)
+    stop_strings: list       # texts that end it, found in the decoded text
+    pad_id: int
+    chunk: int               # rows per generate call
+    ctx: object              # autocast (or nullcontext)
+
+@torch.no_grad()
+def sample(model, prompts, max_new_tokens, how, generator=None, early_stop=True, **decode_kw):
+    """Batched, KV-cached generation that stops each row at its first stop (a stop id, or a stop
+    string in its decoded text) and the batch once all rows stopped. early_stop=False runs all
+    max_new_tokens (tests: the cut outputs are the same). Returns the continuations cut before their
+    first stop (cut_at_stop), stopped flags (N,) and the number of decoded positions."""
+    device = next(model.parameters()).device
+    starts = range(0, len(prompts), how.chunk)
+    # one seed per chunk, drawn up front: a chunk that stops early must not shift the next one's
+    seeds = None
+    if generator:
+        seeds = torch.randint(2**62, (len(starts),), generator=generator, device=device).tolist()
+    id_stops = [[i] for i in sorted(how.stop_ids)] if early_stop else []
+    check = None
+    if early_stop and how.stop_strings:
+        check = TailStopCheck(how.tok, how.stop_strings)
+    outs, flags, n_tok = [], [], 0
+    for c, i in enumerate(starts):
+        ids, mask = left_pad(prompts[i:i + how.chunk], how.pad_id, device)
+        g = torch.Generator(device=device).manual_seed(seeds[c]) if generator else None
+        with how.ctx:
+            tokens, _ = generate(model, ids, mask, max_new_tokens, stop_sequences=id_stops,
+                                 pad_id=how.pad_id, generator=g, stop_check=check, **decode_kw)
+        for row in tokens.tolist():
+            n, stopped = cut_at_stop(how.tok, row, how.stop_ids, how.stop_strings)
+            outs.append(row[:n])
+            flags.append(stopped)
+        n_tok += tokens.numel()
+    return outs, torch.tensor(flags, dtype=torch.bool), n_tok
 
 def build_batch(prompts, rationales, answers, pad_id, device="cpu"):
     """Rows [x, z, y], right-padded. Returns input_ids, attention_mask (B, T) and the token masks
@@ -277,6 +347,18 @@ class SequenceScorer(torch.nn.Module):
         # (B,), (B,): sums over exactly the z tokens and exactly the y tokens
         return (logp * z_t).sum(1), (logp * y_t).sum(1)
 
+@torch.no_grad()
+def score_rows(scorer, prompts, rationales, answers, pad_id, chunk, ctx):
+    """(Σ log π(z), Σ log π(y|x,z)) for every row, in right-sized chunks of `chunk` rows."""
+    device = next(scorer.parameters()).device
+    out = []
+    for i in range(0, len(prompts), chunk):
+        rows = (prompts[i:i + chunk], rationales[i:i + chunk], answers[i:i + chunk])
+        with ctx:
+            out.append(torch.stack(scorer(*build_batch(*rows, pad_id, device)), 1))
+    logp = torch.cat(out)
+    return logp[:, 0], logp[:, 1]
+
 def latro_rewards(logp_y, logp_z, ref_logp_z, stopped, rloo_k, beta, gamma, penalty):
     """The reward r_ik = log π(y|x,z_ik) − β (log π(z_ik|x) − log π0(z_ik|x)): the self-reward minus
     the sequence-level KL estimate, the quantity inside the objective J(θ). A non-stopped
@@ -309,72 +391,101 @@ def latro_loss(logp_z, logp_y, advantages, sft_coef):
         loss = loss - sft_coef * logp_y.mean()
     return loss
 
-@torch.no_grad()
-def sample(model, prompts, max_new_tokens, pad_id, chunk, ctx, *, tok, stop_ids, stop_strings,
-           early_stop=True, generator=None, **decode_kwargs):
-    """Batched, KV-cached generation that stops each row at its first stop (a stop id, or a stop
-    string in its decoded text) and the batch once all rows stopped. early_stop=False runs all
-    max_new_tokens (tests: the cut outputs are the same). Returns the continuations cut before their
-    first stop (cut_at_stop), stopped flags (N,) and the number of decoded positions."""
-    device = next(model.parameters()).device
-    starts = range(0, len(prompts), chunk)
-    # one seed per chunk, drawn up front: a chunk that stops early must not shift the next one's
-    # draws
-    seeds = None
-    if generator:
-        seeds = torch.randint(2**62, (len(starts),), generator=generator, device=device).tolist()
-    id_stops = [[i] for i in sorted(stop_ids)] if early_stop else []
-    check = tail_stop_check(tok, stop_strings) if early_stop and stop_strings else None
-    outs, flags, n_tok = [], [], 0
-    for c, i in enumerate(starts):
-        ids, mask = left_pad(prompts[i:i + chunk], pad_id, device)
-        g = torch.Generator(device=device).manual_seed(seeds[c]) if generator else None
+def sft_loss_backward(scorer, rows, micro_batch_size, pad_id, ctx, device):
+    """The warm-up's supervised step on this rank's gold rows (xs, zs, ys) = [x, z*, y]: the NLL of
+    z* and y, a mean per token over the whole share, back-propagated micro-batch by micro-batch (DDP
+    all-reduces on the last). Returns the loss."""
+    xs, zs, ys = rows
+    n_tok = sum(len(z) + len(y) for z, y in zip(zs, ys))
+    starts = range(0, len(xs), micro_batch_size)
+    total = 0.0
+    for j, s in enumerate(starts):
+        set_grad_sync(scorer, j == len(starts) - 1)
+        part = slice(s, s + micro_batch_size)
         with ctx:
-            tokens, _ = generate(model, ids, mask, max_new_tokens, stop_sequences=id_stops,
-                                 pad_id=pad_id, generator=g, stop_check=check, **decode_kwargs)
-        for row in tokens.tolist():
-            n, stopped = cut_at_stop(tok, row, stop_ids, stop_strings)
-            outs.append(row[:n])
-            flags.append(stopped)
-        n_tok += tokens.numel()
-    return outs, torch.tensor(flags, dtype=torch.bool), n_tok
+            logp_z, logp_y = scorer(*build_batch(xs[part], zs[part], ys[part], pad_id, device))
+        loss = -(logp_z + logp_y).sum() / n_tok
+        loss.backward()
+        total += loss.item()
+    return total
+
+# -----------------------------------------------------------------------------
+# evaluation: greedy accuracy, maj@k and the answer's log-likelihood, with the released checker
+
+@dataclasses.dataclass
+class Evaluation:
+    """How a split is scored, the same for val and test."""
+    task: str
+    style: str               # the prompt style (data.latro_prompt)
+    arc_options: str
+    checker: str             # evaluate.py's released or fixed checker
+    stop_strings: list       # where the answer log-likelihood cuts the output
+    max_new_tokens: int
+    seed: int                # maj@k samples: seed + rank, the same at every evaluation
+    sampler: Sampler         # outputs end at eos / end-of-turn only, as released
+
+def encode_prompts(tok, examples, task, arc_options, style):
+    """The prompts x of examples, as token lists in the chat template."""
+    return [tok.chat_prompt(latro_prompt(ex, task, arc_options, style)) for ex in examples]
+
+def encode_answers(tok, examples):
+    """The answers y of examples: the tokens of "The answer is {gold}." then end-of-turn."""
+    return [tok.encode(latro_answer(ex["answer"])) + [tok.end_of_turn_id] for ex in examples]
 
 @torch.no_grad()
-def score_rows(scorer, prompts, rationales, answers, pad_id, chunk, ctx):
-    """(Σ log π(z), Σ log π(y|x,z)) for every row, in right-sized chunks of `chunk` rows."""
-    device = next(scorer.parameters()).device
-    out = []
-    for i in range(0, len(prompts), chunk):
-        rows = (prompts[i:i + chunk], rationales[i:i + chunk], answers[i:i + chunk])
-        batch = build_batch(*rows, pad_id, device)
-        with ctx:
-            out.append(torch.stack(scorer(*batch), 1))
-    logp = torch.cat(out)
-    return logp[:, 0], logp[:, 1]
-
-@torch.no_grad()
-def evaluate_split(model, task, examples, prompts, answers, *, tok, stop_strings, checker,
-                   max_new_tokens, maj_k, chunk, ctx, generator):
-    """Sums over examples: greedy correct, maj@k correct, log π(y | x, z_greedy); and the count.
-    Outputs end at eos / end-of-turn only (as released); the answer log-likelihood puts the gold
+def evaluate(model, wrapper, examples, maj_k, ev):
+    """Greedy accuracy, maj@k and the mean log π(y | x, z_greedy) over a split, each rank scoring
+    examples r, r+W, ... and the sums added over the ranks. The answer log-likelihood puts the gold
     answer after the greedy output cut at its first stop, as the reward does."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    mine, tok, how = examples[rank::world], ev.sampler.tok, ev.sampler
+    xs = encode_prompts(tok, mine, ev.task, ev.arc_options, ev.style)
+    device = next(model.parameters()).device
     model.eval()
-    eos = {tok.eos_id, tok.end_of_turn_id}
-    outs, _, _ = sample(model, prompts, max_new_tokens, tok.pad_id, chunk, ctx, tok=tok,
-                        stop_ids=eos, stop_strings=[])
-    texts = [tok.decode(o) for o in outs]
-    correct = sum(latro_correct(task, t, ex, checker=checker) for t, ex in zip(texts, examples))
-    cut = [o[:cut_at_stop(tok, o, eos | {tok.pad_id}, stop_strings)[0]] for o in outs]
-    _, logp_y = score_rows(SequenceScorer(model), prompts, cut, answers, tok.pad_id, chunk, ctx)
-    maj = 0
-    if maj_k:
-        many = [p for p in prompts for _ in range(maj_k)]
-        outs, _, _ = sample(model, many, max_new_tokens, tok.pad_id, chunk, ctx, tok=tok,
-                            stop_ids=eos, stop_strings=[], temperature=1.0, generator=generator)
+    with gathered(wrapper):  # FSDP: weights gathered once for the whole split
+        outs, _, _ = sample(model, xs, ev.max_new_tokens, how)
         texts = [tok.decode(o) for o in outs]
-        maj = sum(majority_correct(task, texts[i * maj_k:(i + 1) * maj_k], ex, checker)
-                  for i, ex in enumerate(examples))
-    return torch.tensor([correct, maj, logp_y.sum().item(), len(examples)], dtype=torch.float64)
+        correct = sum(latro_correct(ev.task, t, ex, checker=ev.checker)
+                      for t, ex in zip(texts, mine))
+        cut = [o[:cut_at_stop(tok, o, how.stop_ids | {tok.pad_id}, ev.stop_strings)[0]]
+               for o in outs]
+        _, logp_y = score_rows(SequenceScorer(model), xs, cut, encode_answers(tok, mine),
+                               tok.pad_id, how.chunk, how.ctx)
+        maj = 0
+        if maj_k:
+            # a fixed seed: evaluations do not disturb training's random state
+            g = torch.Generator(device=device).manual_seed(ev.seed + rank)
+            many = [p for p in xs for _ in range(maj_k)]
+            outs, _, _ = sample(model, many, ev.max_new_tokens, how, g, temperature=1.0)
+            texts = [tok.decode(o) for o in outs]
+            maj = sum(majority_correct(ev.task, texts[i * maj_k:(i + 1) * maj_k], ex, ev.checker)
+                      for i, ex in enumerate(mine))
+    sums = torch.tensor([correct, maj, logp_y.sum().item(), len(mine)], dtype=torch.float64)
+    sums = all_sum(sums, device)
+    correct, maj, answer_logp = (sums[:3] / sums[3]).tolist()
+    metrics = {"acc": correct}
+    if maj_k:
+        metrics[f"maj@{maj_k}"] = maj
+    metrics["answer_logp"] = answer_logp
+    return metrics
+
+def format_metrics(metrics):
+    """'acc 0.5000 maj@8 0.6250 answer_logp -1.2345' for a log line."""
+    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+# -----------------------------------------------------------------------------
+# the run's small decisions, as functions the loop calls and the tests import
+
+def batch_layout(batch_size, rloo_k, micro_batch_size, world_size):
+    """Per-rank counts from the global ones (RULES make them divide): prompts per rank, rollouts per
+    rank, gradient accumulation steps."""
+    prompts = batch_size // world_size
+    return prompts, prompts * rloo_k, prompts * rloo_k // micro_batch_size
+
+def resume_keys(ckpt):
+    """The config keys a resumed run must share with its checkpoint; a pretrained model's shape
+    comes from its source, so the scratch shape keys apply to scratch runs only."""
+    return (MODEL_KEYS if ckpt["source"] == "scratch" else ()) + RESUME_KEYS
 
 def step_indices(step, n_per_step, n_data, seed):
     """The questions of one step: consecutive slices of one seeded permutation per epoch (so resume
@@ -403,173 +514,38 @@ def lr_at(step, lr, total_steps):
     to 0, no warm-up, as released (the first step uses lr, the last lr / total_steps)."""
     return lr * (1 - step / total_steps)
 
-def local(t):
-    """This rank's part of a tensor: the local shard of an FSDP DTensor, else the tensor."""
-    return t.to_local() if hasattr(t, "to_local") else t
+def disable_dropout(model):
+    """Dropout off everywhere, as the released trainer does for policy and reference: trl's
+    disable_dropout_in_model zeroes nn.Dropout modules; attention dropout handed to the kernel as a
+    float attribute is zeroed too."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for name in ("attention_dropout", "attn_dropout", "dropout"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+    return model
 
-def nonfinite_grads(model):
-    """How many of this rank's gradient tensors (shards under FSDP) hold a NaN or an inf."""
-    grads = [local(p.grad) for p in model.parameters() if p.grad is not None]
-    return sum(not bool(torch.isfinite(g).all()) for g in grads)
+def initial_model(source, n_vocab, shape, seed):
+    """The initial weights: the same on every rank and every call (policy and π0); the global RNG
+    is left as it was. Pretrained models get their dropout switched off, as released: rollouts,
+    scoring and update see one function."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = load_model(source, n_vocab, **shape)
+    if source != "scratch":
+        disable_dropout(model)
+    return model
 
-def format_metrics(metrics):
-    """'acc 0.5000 maj@8 0.6250 answer_logp -1.2345' for a log line."""
-    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-
-# ---- the SFT warm-up: a short supervised phase before LaTRO (a first reading can skip it)
-
-def sft_warmup(scorer, model, optimizer, gold, first_step, total_steps, *, batch_size,
-               micro_batch_size, learning_rate, decay, eval_interval, target_acc, val_acc, seed,
-               rank, world_size, pad_id, device, ctx, stop, save, finish, log):
-    """Supervised steps on gold rows [x, z*, y] (gold = their token lists xs, zs, ys): the
-    token-mean NLL of z* and y, steps first_step..total_steps-1, until val_acc() (run every
-    eval_interval steps and at the end) reaches target_acc (0 = never). A scratch model learns the
-    answer format here, so LaTRO's rollouts can reach an answer at all; with latro_steps=0 this is
-    the SFT baseline. scorer: the (DDP/FSDP-wrapped) SequenceScorer of model. save(step) writes
-    ckpt.pt (resume continues at that step) and returns its path; finish(code, message) ends the
-    run on every rank."""
-    gold_x, gold_z, gold_y = gold
-    per_rank = batch_size // world_size
-    t0 = time.time()
-    for it in range(first_step, total_steps + 1):
-        # val accuracy every eval_interval steps: the warm-up ends at the target or after its
-        # last step
-        if it % eval_interval == 0 or it == total_steps:
-            acc = val_acc()
-            log(f"sft {it}/{total_steps} | val acc {acc:.4f} | {time.time() - t0:.1f}s")
-            if it == total_steps or 0 < target_acc <= acc:
-                break
-        # linear decay, no warm-up: the HF Trainer default the released SFT baseline ran with
-        if decay:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(it, learning_rate, total_steps)
-        # this rank's share of the step's gold rows; the loss is a token mean over that whole share
-        idx = rank_prompts(it, batch_size, len(gold_x), seed, rank, world_size)
-        xs = [gold_x[i] for i in idx]
-        zs = [gold_z[i] for i in idx]
-        ys = [gold_y[i] for i in idx]
-        n_tok = sum(len(z) + len(y) for z, y in zip(zs, ys))
-        # forward and backward per micro-batch; DDP all-reduces on the last micro-step only
-        model.train()
-        starts = range(0, per_rank, micro_batch_size)
-        bad = torch.zeros(1)
-        for j, s in enumerate(starts):
-            set_grad_sync(scorer, j == len(starts) - 1)
-            rows = (xs[s:s + micro_batch_size], zs[s:s + micro_batch_size],
-                    ys[s:s + micro_batch_size])
-            with ctx:
-                logp_z, logp_y = scorer(*build_batch(*rows, pad_id, device))
-            loss = -(logp_z + logp_y).sum() / n_tok
-            loss.backward()
-            bad += not torch.isfinite(loss).item()
-        # a nan/inf anywhere stops every rank together, before the update
-        if all_sum(bad + nonfinite_grads(model), device).item():
-            finish(1, f"sft step {it}: the loss or a gradient is nan/inf; stopping before the "
-                      f"update (nothing saved from this warm-up): lower sft_learning_rate, or "
-                      f"check the data")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        # Ctrl-C / SIGTERM (on any rank): checkpoint this step and exit
-        if stop.requested(device):
-            path = save(it + 1)
-            signum = stop.signum or signal.SIGTERM  # (the signal may have reached another rank)
-            finish(128 + signum, f"stopped by {signal.Signals(signum).name} at sft step {it + 1}; "
-                                 f"{path} saved: continue with --init_from=resume")
-
-# ---- the up-front check: every mistake in the configuration is found before data, model or out_dir
-
-MODEL_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size")  # a scratch model's shape
-RESUME_KEYS = ("task", "data_path", "split_layout", "n_train", "tokenizer", "seed", "prompt",
-               "arc_options")  # what a resumed run must share with its checkpoint (plus MODEL_KEYS)
-
-def check_config(cfg, world_size=1, distributed=False, cuda_available=False):
-    """Raise a UserError for the first setting that cannot work or would train silently wrong; the
-    message names the key and what to do. Names are checked before numbers and the task before its
-    options, so a typo is reported as a typo."""
-    def fail(msg):
-        raise UserError(msg)
-    if cfg["task"] not in TASKS:
-        close = difflib.get_close_matches(cfg["task"], TASKS, n=1)
-        fail(f"task={cfg['task']!r} is unknown; " + (f"did you mean {close[0]}?" if close else
-                                                    f"known: {', '.join(TASKS)}"))
-    choices = [("arch", ("gpt2", "llama")), ("penalty", ("group", "rank_mean", "none")),
-               ("checker", CHECKERS), ("prompt", ("cot", "sft")),
-               ("eval_prompt", ("",) + PROMPT_STYLES),
-               ("arc_options", ("released", "lettered"))]
-    for key, allowed in choices:
-        if cfg[key] not in allowed:
-            fail(f"{key}={cfg[key]!r}: use one of {', '.join(repr(a) for a in allowed)}")
-    dev = cfg["device"]
-    if dev not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", dev):
-        fail(f"device={dev!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    if dev.startswith("cuda") and not cuda_available:
-        fail(f"device={dev!r} but this torch sees no CUDA GPU: use --device=cpu or 'auto'")
-    spec = cfg["stop_strings"]
-    if spec != "released" and difflib.get_close_matches(spec, ["released"], cutoff=0.75):
-        fail(f"stop_strings={spec!r}: did you mean 'released'? (to stop at that text, write it as "
-             f"'{spec}|' )")
-    if any(not s.strip() for s in parse_stop_strings(spec)):
-        fail(f"stop_strings={spec!r} holds a blank stop string: it would cut every rationale at "
-             f"the first space; separate real strings with '|'")
-    if cfg["init_from"] not in ("scratch", "resume") and os.path.isfile(cfg["init_from"]):
-        fail(f"init_from={cfg['init_from']!r} is a file; give a directory written by "
-             f"save_pretrained, a hub name, 'scratch' or 'resume'")
-    for key, value in cfg.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            fail(f"{key}={value}: give a finite number")
-    positive = ("batch_size", "micro_batch_size", "gen_batch_size", "max_new_tokens",
-                "eval_interval", "sft_batch_size", "sft_eval_interval", "learning_rate",
-                "sft_learning_rate", "ddp_timeout", "gamma", "n_layer", "n_head", "n_embd",
-                "block_size")
-    for key in positive:
-        if cfg[key] <= 0:
-            fail(f"{key}={cfg[key]}: give a value > 0")
-    # documented zeros: 0 steps (no warm-up / LaTRO), 0 = the task's default size, maj_k 0 = greedy
-    at_least_zero = ("latro_steps", "sft_steps", "sft_epochs", "stop_at_step", "n_train", "n_val",
-                     "n_test", "maj_k", "beta", "sft_coef", "weight_decay", "sft_target_acc")
-    for key in at_least_zero:
-        if cfg[key] < 0:
-            meaning = " (0 = the task's default size)" if key.startswith("n_") else ""
-            fail(f"{key}={cfg[key]}: give a value >= 0{meaning}")
-    # rollouts that cannot teach: K equal rationales get equal rewards, so every advantage is 0
-    if cfg["temperature"] <= 0:
-        fail(f"temperature={cfg['temperature']}: greedy rollouts make the K rationales of a prompt "
-             f"identical, so every RLOO advantage is 0 and LaTRO learns nothing; use > 0 "
-             f"(paper: 1)")
-    if not 0 < cfg["top_p"] <= 1:
-        fail(f"top_p={cfg['top_p']}: use 0 < top_p <= 1 (1 = no nucleus, as in the paper); "
-             f"top_p -> 0 is greedy, whose identical rollouts give zero advantages")
-    if cfg["max_rationale_tokens"] <= 0:
-        fail(f"max_rationale_tokens={cfg['max_rationale_tokens']}: LaTRO optimises the rationale, "
-             f"so it needs at least one token (paper: 500)")
-    if not 0 < cfg["sft_share"] <= 1:
-        fail(f"sft_share={cfg['sft_share']}: a share of the training questions, use a value in "
-             f"(0, 1]")
-    if cfg["sft_target_acc"] > 1:
-        fail(f"sft_target_acc={cfg['sft_target_acc']}: an accuracy, use a value in [0, 1] "
-             f"(0 = run all sft_steps)")
-    if not 0 <= cfg["dropout"] < 1:
-        fail(f"dropout={cfg['dropout']}: use a value in [0, 1) (keep 0, see its comment)")
-    if cfg["init_from"] == "scratch" and cfg["n_embd"] % cfg["n_head"]:
-        fail(f"n_embd={cfg['n_embd']} is not a multiple of n_head={cfg['n_head']}")
-    # runs that would report an untrained model or contradict themselves
-    no_warm_up = cfg["sft_steps"] == 0 and cfg["sft_epochs"] == 0
-    if cfg["init_from"] == "scratch" and no_warm_up and cfg["latro_steps"] == 0:
-        fail("init_from='scratch' with no SFT warm-up (sft_steps=0) and latro_steps=0 trains "
-             "nothing: the test accuracy would be a random model's; set sft_steps or latro_steps, "
-             "or evaluate a trained model with evaluate.py")
-    if cfg["init_from"] == "resume" and cfg["overwrite"]:
-        fail("init_from='resume' continues out_dir's checkpoint and overwrite=True deletes it: "
-             "choose one")
-    if cfg["fsdp"] and not distributed:
-        fail("fsdp=True shards over the processes of a torchrun launch: run "
-             "torchrun --nproc_per_node=N latro.py ... (N >= 2), or leave fsdp=False")
-    if cfg["wandb_log"] and importlib.util.find_spec("wandb") is None:
-        fail("wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False")
-    if cfg["sft_batch_size"] % world_size:
-        fail(f"sft_batch_size={cfg['sft_batch_size']} does not split over {world_size} ranks: "
-             f"make it a multiple of {world_size}")
-    return batch_layout(cfg["batch_size"], cfg["rloo_k"], cfg["micro_batch_size"], world_size)
+def latro_state(run_info, iter_num, best_val_acc, before, ref_model):
+    """What ckpt.pt holds at a LaTRO step besides the weights and AdamW's state: where the run
+    stands, the RNG, and π0's weights, gathered whole (a collective under FSDP); ref_model None: π0
+    reloads from the pretrained source."""
+    ref_sd = None
+    if ref_model is not None:
+        ref_sd = gather_full(ref_model.state_dict())
+    return {**run_info, "phase": "latro", "iter_num": iter_num, "best_val_acc": best_val_acc,
+            "before": before, "rng": torch.get_rng_state(), "ref_model": ref_sd}
 
 def check_lengths(n_positions, prompts, answers, gold, max_rationale_tokens, max_new_tokens):
     """A UserError when a sequence could outgrow the model's n_positions: a rollout (prompt +
@@ -586,327 +562,201 @@ def check_lengths(n_positions, prompts, answers, gold, max_rationale_tokens, max
                         f"block_size (scratch) or lower max_rationale_tokens / max_new_tokens")
     return max(need, longest_gold)
 
-def check_resume(ckpt, config, path):
-    """Resume tells the truth: a checkpoint of another script, or of a run with another task, data,
-    tokenizer, seed or (scratch) model shape, is refused, naming the keys that differ."""
-    # (checkpoints from before the "script" entry are recognised by π0's slot)
-    script = ckpt.get("script", "latro" if "ref_model" in ckpt else "?")
-    if script != "latro":
-        raise UserError(f"{path} was not written by latro.py (script {script!r}): "
-                        f"point --out_dir at a latro.py run, or start with --init_from=scratch")
-    keys = (MODEL_KEYS if ckpt["source"] == "scratch" else ()) + RESUME_KEYS
-    check_same_run(ckpt["config"], config, keys)
-
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
-    # ---- the configuration, checked whole before any data, model or out_dir is touched
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    ddp_rank = int(os.environ.get("RANK", 0))
-    ddp_world_size = int(os.environ.get("WORLD_SIZE", 1))
+    # ---- processes and device; rank 0 claims out_dir (a lock, no silent overwrite)
+    ddp, ddp_rank, ddp_world_size, device = start(out_dir, device, ddp_timeout,
+                                                  resume=init_from == "resume", overwrite=overwrite)
     master_process = ddp_rank == 0
-    layout = check_config(config, ddp_world_size, ddp, torch.cuda.is_available())
-    prompts_per_rank, rollouts_per_rank, grad_accum = layout
-    stops = parse_stop_strings(stop_strings)
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    # lock, write probe, no silent overwrite; a refusal here ends every rank
-    if master_process:
-        prepare_out_dir(out_dir, resume=init_from == "resume", overwrite=overwrite)
-
-    # ---- DDP init: one process per GPU (or per CPU worker with gloo); rank 0 logs and checkpoints
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if ddp:
-        # a dead peer ends the run after ddp_timeout seconds instead of hanging it
-        timeout = datetime.timedelta(seconds=ddp_timeout)
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend, timeout=timeout)
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    # each rank owns whole groups of K and runs the same number of micro-steps
+    prompts_per_rank, rollouts_per_rank, grad_accum = batch_layout(batch_size, rloo_k,
+                                                                   micro_batch_size, ddp_world_size)
+    device_type = torch.device(device).type
     ctx = autocast_ctx(device_type)  # bf16 on CUDA, fp32 on the CPU; log-probs are fp32 either way
     stop = StopRequest()  # Ctrl-C / SIGTERM: checkpoint at the next step boundary, then exit
-
-    def log(message):
-        """Rank 0 speaks for every rank."""
-        if master_process:
-            print(message)
-
-    def finish(code, message):
-        """End every rank together: log, leave the process group, exit with `code`."""
-        log(message)
-        # the DDP wrapper goes first (model.end_distributed says why)
-        globals().pop("train_scorer", None)
-        end_distributed()
-        sys.exit(code)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
     # ---- resume: the checkpoint must be this script's, of this run
     ckpt = None
     if init_from == "resume":
-        try:
-            ckpt = load_checkpoint(ckpt_path)
-        except RuntimeError as e:  # corrupt or truncated: say so in one line
-            raise UserError(str(e)) from None
-        check_resume(ckpt, config, ckpt_path)
+        ckpt = load_run(ckpt_path, "latro")
+        check_same_run(ckpt["config"], config, resume_keys(ckpt))
     # what the weights were first loaded from, and the phase a checkpoint was written in
-    source = init_from
-    phase = "sft"
+    source, phase = init_from, "sft"
     if ckpt:
-        source = ckpt["source"]
-        phase = ckpt.get("phase", "latro")
+        source, phase = ckpt["source"], ckpt.get("phase", "latro")
 
     # ---- data: prompts x in the model's chat template, answers y = "The answer is {gold}." + eot
-    sizes = {"train": n_train, "val": n_val, "test": n_test}
-    splits = {split: load_task(task, split, path=data_path, n=n, seed=seed,
-                               split_layout=split_layout)
-              for split, n in sizes.items()}
-    check_split_overlap(splits)  # no question scored on what it trained on
+    splits = load_splits(task, (n_train, n_val, n_test), path=data_path, seed=seed,
+                         split_layout=split_layout)
     train_ex, val_ex, test_ex = splits["train"], splits["val"], splits["test"]
-    tok_name = tokenizer or ("words" if source == "scratch" else source)
-    tok = build_tokenizer(tok_name, train_ex + val_ex + test_ex)
-
-    def encode_x(exs, style=prompt):
-        """The prompts x of examples, as token lists in the chat template."""
-        return [tok.chat_prompt(latro_prompt(ex, task, arc_options, style)) for ex in exs]
-
-    def encode_y(exs):
-        """The answers y of examples: the tokens of "The answer is {gold}." then end-of-turn."""
-        return [tok.encode(latro_answer(ex["answer"])) + [tok.end_of_turn_id] for ex in exs]
-
-    train_x, train_y = encode_x(train_ex), encode_y(train_ex)
-    stop_ids = {tok.eos_id, tok.pad_id, tok.end_of_turn_id}
-    log(f"data: {task} train {len(train_ex)} val {len(val_ex)} test {len(test_ex)}, vocab "
-        f"{len(tok)}, {len(stops)} stop strings, checker {checker}")
-    # the warm-up's gold rows [x, z*, y]: a share of the training questions with their rationales
+    model_cfg = model_config(source) if source != "scratch" else None  # a wrong name fails here
+    tok = build_tokenizer(tokenizer or ("words" if source == "scratch" else source),
+                          train_ex + val_ex + test_ex)
+    train_x = encode_prompts(tok, train_ex, task, arc_options, prompt)
+    train_y = encode_answers(tok, train_ex)
+    stops = parse_stop_strings(stop_strings)
+    print0(f"data: {task} train {len(train_ex)} val {len(val_ex)} test {len(test_ex)}, vocab "
+           f"{len(tok)}, {len(stops)} stop strings, checker {checker}")
+    # the warm-up's gold rows [x, z*, y]: a share of the training questions with their rationales;
+    # the released SFT baseline (prompt=sft) trains one target text, then end-of-turn
     gold = train_ex[:max(1, int(sft_share * len(train_ex)))]
     sft_total = sft_steps
     if sft_epochs > 0:
         sft_total = math.ceil(sft_epochs * len(gold) / sft_batch_size)
-    gold_x = encode_x(gold)
-    if prompt == "sft":  # the released SFT baseline: one target text, then end-of-turn
+    gold_x = encode_prompts(tok, gold, task, arc_options, prompt)
+    gold_z = [tok.encode(latro_rationale(ex)) for ex in gold]
+    gold_y = encode_answers(tok, gold)
+    if prompt == "sft":
         gold_z = [tok.encode(sft_target(ex, task)) for ex in gold]
         gold_y = [[tok.end_of_turn_id] for _ in gold]
-    else:
-        gold_z = [tok.encode(latro_rationale(ex)) for ex in gold]
-        gold_y = encode_y(gold)
 
     # ---- the model's shape without its weights: positions for the longest sequence, memory plan
+    shape = dict(arch=arch, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
+                 dropout=dropout, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                 attn_implementation=attn_implementation, device_type=device_type)
     if source == "scratch":
         with torch.device("meta"):
-            model_cfg = load_model("scratch", len(tok), arch=arch, n_layer=n_layer, n_head=n_head,
-                                   n_embd=n_embd, block_size=block_size).config
-    else:
-        model_cfg = AutoConfig.from_pretrained(source)
+            model_cfg = load_model("scratch", len(tok), **shape).config
     eval_ex = val_ex + test_ex
-    n_positions = (getattr(model_cfg, "max_position_embeddings", None)
-                   or getattr(model_cfg, "n_positions", None))
-    longest = check_lengths(n_positions, train_x + encode_x(eval_ex, eval_prompt or prompt),
-                            train_y + encode_y(eval_ex), list(zip(gold_x, gold_z, gold_y)),
-                            max_rationale_tokens, max_new_tokens)
-    n_params = n_params_of_config(model_cfg)
-    kv = estimate_kv_cache_bytes(model_cfg, gen_batch_size, longest)
-    acts = estimate_activation_bytes(model_cfg, micro_batch_size * longest,
-                                     checkpointing=gradient_checkpointing,
-                                     logit_positions=micro_batch_size * (max_rationale_tokens + 16))
-    plan = memory_plan(n_params, mode="fsdp" if fsdp else "ddp", world_size=ddp_world_size,
-                       precision="bf16" if device_type == "cuda" else "fp32",
-                       reference="sharded" if fsdp else "full", grad_accum=grad_accum,
-                       kv_cache_bytes=kv, activations_bytes=acts,
-                       device_bytes=device_memory_bytes(device))
-    log(format_memory_plan(plan))
-    check_memory_plan(plan)  # before any weight is loaded
+    longest = check_lengths(max_positions(model_cfg),
+                            train_x + encode_prompts(tok, eval_ex, task, arc_options,
+                                                     eval_prompt or prompt),
+                            train_y + encode_answers(tok, eval_ex),
+                            list(zip(gold_x, gold_z, gold_y)), max_rationale_tokens,
+                            max_new_tokens)
+    n_params = plan_memory(model_cfg, device, fsdp=fsdp,
+                           precision="bf16" if device_type == "cuda" else "fp32",
+                           grad_accum=grad_accum, reference="sharded" if fsdp else "full",
+                           kv_cache=(gen_batch_size, longest),
+                           activations=(micro_batch_size * longest,
+                                        micro_batch_size * (max_rationale_tokens + 16),
+                                        gradient_checkpointing))
 
     # ---- model: the same seed on every rank (DDP also broadcasts rank 0's weights)
-    def new_model():
-        """The initial weights: the same on every rank and every call; the global RNG is left as
-        it was."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            m = load_model(source, len(tok), arch=arch, n_layer=n_layer, n_head=n_head,
-                           n_embd=n_embd, block_size=block_size, dropout=dropout, bos_id=tok.bos_id,
-                           eos_id=tok.eos_id, pad_id=tok.pad_id,
-                           attn_implementation=attn_implementation, device_type=device_type)
-        if source != "scratch":  # as released: rollouts, scoring and update see one function
-            disable_dropout(m)
-        return m
-
-    model = new_model()
+    model = initial_model(source, len(tok), shape, seed)
     if gradient_checkpointing:
         enable_activation_checkpointing(model)
-    raw_model = model  # generation, evaluation and checkpoints use the HF model itself
-    scorer = SequenceScorer(model)
-    if fsdp:  # in place: scorer becomes the root FSDP unit, each decoder layer one unit
-        train_scorer = fsdp_wrap(scorer, device_type, bf16=device_type == "cuda")
-    else:
-        model.to(device)
-        train_scorer = scorer
-        if ddp:
-            device_ids = None
-            if device_type == "cuda":
-                device_ids = [torch.device(device).index]
-            train_scorer = DDP(scorer, device_ids=device_ids)
+    scorer = SequenceScorer(model)  # generation, evaluation and checkpoints use the model itself
+    train_scorer = distribute(scorer, device, fsdp, bf16=True)         # (FSDP: in place)
     if ckpt:
-        load_full_state_dicts(raw_model, None, ckpt["model"])
+        load_full_state_dicts(model, None, ckpt["model"])
         torch.set_rng_state(ckpt["rng"])
     else:
         torch.manual_seed(seed + ddp_rank)
-    log(f"model: {source}, {n_params / 1e6:.2f}M parameters, on {device}"
-        f"{' (FSDP)' if fsdp else ''}")
+    print0(f"model: {source}, {n_params / 1e6:.2f}M parameters, on {device}"
+           f"{' (FSDP)' if fsdp else ''}")
+    ev = Evaluation(task, eval_prompt or prompt, arc_options, checker, stops, max_new_tokens, seed,
+                    Sampler(tok, {tok.eos_id, tok.end_of_turn_id}, [], tok.pad_id, gen_batch_size,
+                            ctx))
+    run_info = {"script": "latro", "config": config, "source": source}
 
-    def run_eval(examples, k=maj_k):
-        """Greedy accuracy, maj@k and mean answer log-likelihood over a split, sharded over the
-        ranks."""
-        mine = examples[ddp_rank::ddp_world_size]
-        # a fixed seed: evaluations do not disturb training's random state
-        g = torch.Generator(device=device).manual_seed(seed + ddp_rank)
-        xs = encode_x(mine, eval_prompt or prompt)
-        with gathered(train_scorer):  # FSDP: weights gathered once for the whole split
-            sums = evaluate_split(raw_model, task, mine, xs, encode_y(mine), tok=tok, maj_k=k,
-                                  stop_strings=stops, checker=checker,
-                                  max_new_tokens=max_new_tokens, chunk=gen_batch_size, ctx=ctx,
-                                  generator=g)
-        sums = all_sum(sums, device)
-        correct, maj, answer_logp = (sums[:3] / sums[3]).tolist()
-        metrics = {"acc": correct}
-        if k:
-            metrics[f"maj@{k}"] = maj
-        metrics["answer_logp"] = answer_logp
-        return metrics
-
-    def weights_finite(what):
-        """Every rank checks its weights (its shards) before a save: non-finite ones are never
-        written."""
-        bad = nonfinite_names((n, local(p)) for n, p in raw_model.named_parameters())
-        if all_sum(torch.tensor([float(len(bad))]), device).item():
-            finish(1, f"{what}: the weights hold nan/inf ({', '.join(bad[:3]) or 'another rank'}); "
-                      f"not saved, {ckpt_path} keeps the last good state: resume with a lower "
-                      f"learning rate")
-
-    def save_state(optimizer, **state):
-        """ckpt.pt: full (DDP-format) tensors gathered from every rank, written by the master.
-        Returns its path."""
-        step = state.get("iter_num", state.get("sft_iter"))
-        weights_finite(f"saving {state['phase']} step {step}")
-        model_sd, optim_sd = full_state_dicts(raw_model, optimizer)  # a collective under FSDP
-        if state.get("ref_model") is not None:
-            state["ref_model"] = gather_full(state["ref_model"].state_dict())
-        if master_process:
-            save_checkpoint(ckpt_path, {"script": "latro", "model": model_sd, "optimizer": optim_sd,
-                                        "config": config, "source": source,
-                                        "rng": torch.get_rng_state(), **state})
-        return ckpt_path
-
-    # -----------------------------------------------------------------------------
-    # the SFT warm-up (sft_warmup holds its loop; a first reading can skip to LaTRO below)
+    # ---- the SFT warm-up on gold rows [x, z*, y], until val accuracy reaches sft_target_acc: a
+    # scratch model learns the answer format here, so that LaTRO's rollouts can reach an answer at
+    # all; with latro_steps=0 this is the SFT baseline
     if phase == "sft" and sft_total > 0:
         sft_optimizer = torch.optim.AdamW(model.parameters(), lr=sft_learning_rate,
                                           weight_decay=0.0)
         sft_start = 0
         if ckpt:  # a checkpoint written mid-warm-up
-            load_full_state_dicts(raw_model, sft_optimizer, ckpt["model"], ckpt["optimizer"])
+            load_full_state_dicts(model, sft_optimizer, ckpt["model"], ckpt["optimizer"])
             sft_start = ckpt["sft_iter"]
-        log(f"SFT warm-up: {len(gold)} gold rationales, up to {sft_total} steps of "
-            f"{sft_batch_size} ({sft_total * sft_batch_size / len(gold):.2f} epochs), stop at val "
-            f"accuracy {sft_target_acc}")
+        print0(f"SFT warm-up: {len(gold)} gold rationales, up to {sft_total} steps of "
+               f"{sft_batch_size} ({sft_total * sft_batch_size / len(gold):.2f} epochs), stop at "
+               f"val accuracy {sft_target_acc}")
+        t0 = time.time()
+        for it in range(sft_start, sft_total + 1):
+            if it % sft_eval_interval == 0 or it == sft_total:
+                acc = evaluate(model, train_scorer, val_ex, 0, ev)["acc"]
+                print0(f"sft {it}/{sft_total} | val acc {acc:.4f} | {time.time() - t0:.1f}s")
+                if it == sft_total or 0 < sft_target_acc <= acc:
+                    break
+            if sft_decay:  # linear decay, no warm-up: the HF Trainer default the released SFT ran
+                for group in sft_optimizer.param_groups:
+                    group["lr"] = lr_at(it, sft_learning_rate, sft_total)
+            # this rank's share of the step's gold rows; a token mean over that whole share
+            idx = rank_prompts(it, sft_batch_size, len(gold_x), seed, ddp_rank, ddp_world_size)
+            rows = ([gold_x[i] for i in idx], [gold_z[i] for i in idx], [gold_y[i] for i in idx])
+            model.train()
+            loss = sft_loss_backward(train_scorer, rows, micro_batch_size, tok.pad_id, ctx, device)
+            require_finite(f"sft step {it}", all_sum(torch.tensor([loss]), device).item(),
+                           grad_norm(model), ckpt_path)
+            sft_optimizer.step()
+            sft_optimizer.zero_grad(set_to_none=True)
+            if stop.requested(device):  # Ctrl-C / SIGTERM on any rank: save this step, then exit
+                state = {**run_info, "rng": torch.get_rng_state(), "phase": "sft", "sft_iter": it + 1}
+                save_run(ckpt_path, state, model, sft_optimizer)
+                train_scorer = None                                    # (the wrapper goes first)
+                exit_on_signal(stop, f"at sft step {it + 1}: {ckpt_path} saved")
 
-        def sft_val_acc():
-            return run_eval(val_ex, k=0)["acc"]
-
-        def save_sft(step):
-            return save_state(sft_optimizer, phase="sft", sft_iter=step)
-
-        gold_rows = (gold_x, gold_z, gold_y)
-        sft_warmup(train_scorer, model, sft_optimizer, gold_rows, sft_start, sft_total,
-                   batch_size=sft_batch_size, micro_batch_size=micro_batch_size,
-                   learning_rate=sft_learning_rate, decay=sft_decay,
-                   eval_interval=sft_eval_interval, target_acc=sft_target_acc,
-                   val_acc=sft_val_acc, seed=seed, rank=ddp_rank, world_size=ddp_world_size,
-                   pad_id=tok.pad_id, device=device, ctx=ctx, stop=stop, save=save_sft,
-                   finish=finish, log=log)
-
-    # -----------------------------------------------------------------------------
-    # LaTRO. Where it stands: the step, the best val accuracy so far (model selection), and
-    # `before`, the test metrics of π0 (measured once, printed again at the end).
+    # ---- LaTRO. Where it stands: the step, the best val accuracy so far (model selection), and
+    # `before`, the test metrics of π0 (measured once, printed again at the end)
     resumed = ckpt is not None and phase == "latro"
-    iter_num = 0
-    best_val_acc = -1.0
-    before = None
+    iter_num, best_val_acc, before = 0, -1.0, None
+    if resumed:  # (older checkpoints: best_dev_acc)
+        iter_num, before = ckpt["iter_num"], ckpt["before"]
+        best_val_acc = ckpt.get("best_val_acc", ckpt.get("best_dev_acc"))
+    # the reference model π0: the policy as LaTRO starts (after the warm-up, if any), frozen, in the
+    # policy's dtype and attention kernel, so the KL is exactly 0 at step 0. A pretrained model
+    # without warm-up is its own π0: checkpoints leave it out (it reloads from `source`)
+    pi0_weights = None
     if resumed:
-        iter_num = ckpt["iter_num"]
-        best_val_acc = ckpt.get("best_val_acc", ckpt.get("best_dev_acc"))  # (older: best_dev_acc)
-        before = ckpt["before"]
-
-    # ---- the reference model π0: the policy as LaTRO starts (after the warm-up, if any), frozen,
-    # in the policy's dtype and attention kernel, so the KL is exactly 0 at step 0. new_model()
-    # builds it in that form; its weights are copied from the policy, or on resume from the
-    # checkpoint. A pretrained model without warm-up is its own π0: new_model() already holds
-    # those weights, and checkpoints leave them out (they reload from `source`).
-    if resumed:
-        pi0_weights = ckpt["ref_model"]  # None: π0 is `source` itself
+        pi0_weights = ckpt["ref_model"]
     elif source == "scratch" or sft_total > 0:
-        pi0_weights = gather_full(raw_model.state_dict())  # a collective under FSDP
-    else:
-        pi0_weights = None
-    ref_in_ckpt = pi0_weights is not None
-    ref_model = new_model()
-    if ref_in_ckpt:
+        pi0_weights = gather_full(model.state_dict())                  # a collective under FSDP
+    ref_model = initial_model(source, len(tok), shape, seed)
+    saved_ref = None                                                   # what checkpoints hold of π0
+    if pi0_weights is not None:
         ref_model.load_state_dict(pi0_weights)
+        saved_ref, pi0_weights = ref_model, None
     ref_scorer = SequenceScorer(ref_model.eval().requires_grad_(False))
-    # under FSDP sharded like the policy (fp32, 1/world_size per GPU); otherwise a full copy
-    if fsdp:
-        fsdp_wrap(ref_scorer, device_type, bf16=device_type == "cuda")
-    else:
-        ref_model.to(device)
+    distribute(ref_scorer, device, fsdp, bf16=True, frozen=True)       # FSDP: sharded like θ
 
     # ---- optimizer as released: AdamW, linear decay to 0 over the budget, no warm-up, no clipping
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     if resumed:
-        load_full_state_dicts(raw_model, optimizer, ckpt["model"], ckpt["optimizer"])
+        load_full_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"])
+    ckpt = None                                                        # (frees its tensors)
     n_prompts = latro_steps * batch_size
-    log(f"LaTRO budget: {latro_steps} steps x {batch_size} prompts = {n_prompts} prompts "
-        f"({n_prompts / len(train_ex):.2f} epochs of {len(train_ex)}), x K={rloo_k} = "
-        f"{n_prompts * rloo_k} rollouts; per rank {prompts_per_rank} prompts, "
-        f"{rollouts_per_rank} rollouts, {grad_accum} micro-steps of {micro_batch_size}")
-    log_wandb = wandb_logger(wandb_log, master_process, wandb_project, wandb_run_name, config)
-
-    def save(step, best_val_acc, before):
-        """ckpt.pt at a LaTRO step, π0 included unless it reloads from `source`."""
-        ref = ref_model if ref_in_ckpt else None
-        save_state(optimizer, phase="latro", iter_num=step, best_val_acc=best_val_acc,
-                   before=before, ref_model=ref)
-        log(f"saved {ckpt_path} at step {step}")
-
-    def evaluate_val(step, best_val_acc):
-        """Model selection on the val split: best.pt holds the best weights so far. Returns the
-        best val accuracy, this evaluation's included."""
-        metrics = run_eval(val_ex)
-        log(f"eval step {step} | val {format_metrics(metrics)}")
-        if metrics["acc"] > best_val_acc:
-            best_val_acc = metrics["acc"]
-            weights_finite(f"saving best.pt at step {step}")
-            model_sd = gather_full(raw_model.state_dict())
-            if master_process:
-                save_checkpoint(os.path.join(out_dir, "best.pt"), {"model": model_sd,
-                                                                   "iter_num": step})
-        log_wandb({f"val/{k}": v for k, v in metrics.items()}, step=step)
-        return best_val_acc
-
-    # π0 on the test split, with the same checker and metrics as after LaTRO; the warm-up's result
-    # is saved first, so the long evaluations cannot lose it
-    if before is None:
-        save(iter_num, best_val_acc, before)
-        before = run_eval(test_ex)
-        log(f"before LaTRO | test {format_metrics(before)}")
-        best_val_acc = evaluate_val(iter_num, best_val_acc)
-        save(iter_num, best_val_acc, before)
-
-    # ---- the LaTRO loop. One step: sample K rationales per prompt with the policy; score them
-    # (policy and π0); rewards and RLOO advantages; one on-policy update over micro-batches; log.
+    print0(f"LaTRO budget: {latro_steps} steps x {batch_size} prompts = {n_prompts} prompts "
+           f"({n_prompts / len(train_ex):.2f} epochs of {len(train_ex)}), x K={rloo_k} = "
+           f"{n_prompts * rloo_k} rollouts; per rank {prompts_per_rank} prompts, "
+           f"{rollouts_per_rank} rollouts, {grad_accum} micro-steps of {micro_batch_size}")
+    log_wandb = wandb_logger(wandb_log, wandb_project, wandb_run_name, config)
+    rollouts = Sampler(tok, {tok.eos_id, tok.pad_id, tok.end_of_turn_id}, stops, tok.pad_id,
+                       gen_batch_size, ctx)
     generator = torch.Generator(device=device)
     last_step = latro_steps  # stop_at_step ends this invocation early (resume continues it)
     if stop_at_step:
         last_step = min(latro_steps, stop_at_step)
-    while iter_num < last_step:
+    # π0 on the test split (with the checker and metrics of the end) and the first val selection;
+    # the warm-up's result is saved first (step 0), so the long evaluations cannot lose it
+    evaluating, stopping = before is None, False
+    while True:
+        # model selection on val and a checkpoint, at step 0, every eval_interval steps and at the
+        # end; a checkpoint also when a signal or stop_at_step ends this run early
+        if evaluating or stopping or iter_num == last_step:
+            if before is None:
+                state = latro_state(run_info, iter_num, best_val_acc, None, saved_ref)
+                save_run(ckpt_path, state, model, optimizer)
+                print0(f"saved {ckpt_path} at step {iter_num}")
+                before = evaluate(model, train_scorer, test_ex, maj_k, ev)
+                print0(f"before LaTRO | test {format_metrics(before)}")
+            if evaluating:
+                metrics = evaluate(model, train_scorer, val_ex, maj_k, ev)
+                print0(f"eval step {iter_num} | val {format_metrics(metrics)}")
+                if metrics["acc"] > best_val_acc:
+                    best_val_acc = metrics["acc"]
+                    save_run(os.path.join(out_dir, "best.pt"), {"iter_num": iter_num}, model)
+                log_wandb({f"val/{k}": v for k, v in metrics.items()}, step=iter_num)
+            state = latro_state(run_info, iter_num, best_val_acc, before, saved_ref)
+            save_run(ckpt_path, state, model, optimizer)
+            print0(f"saved {ckpt_path} at step {iter_num}")
+        if stopping:  # Ctrl-C / SIGTERM on any rank: saved just above
+            train_scorer = None                                        # (the wrapper goes first)
+            exit_on_signal(stop, f"at step {iter_num}: {ckpt_path} saved")
+        if iter_num >= last_step:
+            break
         t0 = time.time()
         # the learning rate of this step: linear decay to 0, no warm-up (as released)
         lr = lr_at(iter_num, learning_rate, latro_steps)
@@ -920,12 +770,10 @@ if __name__ == "__main__":
         xs = [train_x[i] for i in idx for _ in range(rloo_k)]
         ys = [train_y[i] for i in idx for _ in range(rloo_k)]
         generator.manual_seed(rollout_seed(seed, iter_num, ddp_rank))
-        raw_model.eval()
+        model.eval()
         with gathered(train_scorer):  # FSDP: one all-gather per layer for the whole generate call
-            zs, stopped, n_gen = sample(raw_model, xs, max_rationale_tokens, tok.pad_id,
-                                        gen_batch_size, ctx, tok=tok, stop_ids=stop_ids,
-                                        stop_strings=stops, temperature=temperature, top_p=top_p,
-                                        generator=generator)
+            zs, stopped, n_gen = sample(model, xs, max_rationale_tokens, rollouts, generator,
+                                        temperature=temperature, top_p=top_p)
         t1 = time.time()
 
         # scoring without gradients: the policy's log π(z|x) and log π(y|x⊕z), π0's log π0(z|x),
@@ -942,9 +790,8 @@ if __name__ == "__main__":
 
         # update: one forward with gradients per micro-batch gives log π(z) (and log π(y|x⊕z) when
         # sft_coef > 0); DDP all-reduces the gradients on the last micro-step only
-        raw_model.train()
+        model.train()
         loss_sum = 0.0
-        bad = torch.zeros(1)
         for j in range(grad_accum):
             s = slice(j * micro_batch_size, (j + 1) * micro_batch_size)
             ids, attn, z_mask, y_mask = build_batch(xs[s], zs[s], ys[s], tok.pad_id, device)
@@ -957,69 +804,51 @@ if __name__ == "__main__":
             loss = latro_loss(lz, ly, advantages[s], sft_coef) / grad_accum
             loss.backward()
             loss_sum += loss.item()
-            bad += not torch.isfinite(loss).item()
-        # a nan/inf stops every rank together, before the update; ckpt.pt keeps the last good state
-        if all_sum(bad + nonfinite_grads(model), device).item():
-            finish(1, f"step {iter_num + 1}: the loss ({loss_sum}) or a gradient is nan/inf; "
-                      f"stopping before the update. {ckpt_path} keeps the last good state (the "
-                      f"last eval); resume from it with a lower learning_rate, or check the data")
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        t3 = time.time()
-
-        # log: means over all ranks' rollouts
+        # means over all ranks' rollouts, for the log and the non-finite guard (every rank agrees)
         n = rollouts_per_rank * ddp_world_size
         sums = [rewards.sum().item(), kl.sum().item(), advantages.sum().item(),
                 stopped.sum().item(), sum(map(len, zs)), loss_sum]
         stats = all_sum(torch.tensor(sums), device)
         reward_m, kl_m, adv_m, stop_m, len_m = (stats[:5] / n).tolist()
         loss_m = stats[5].item() / ddp_world_size
+        # a nan/inf stops every rank together, before the update; ckpt.pt keeps the last good state
+        require_finite(f"step {iter_num + 1}", loss_m, grad_norm(model), ckpt_path)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        t3 = time.time()
         times = (f"{1000 * (t3 - t0):.0f}ms (rollout {1000 * (t1 - t0):.0f} / score "
                  f"{1000 * (t2 - t1):.0f} / update {1000 * (t3 - t2):.0f})")
-        log(f"step {iter_num}/{latro_steps} | reward {reward_m:.4f} | kl {kl_m:.4f} | adv "
-            f"{adv_m:.1e} | stopped {100 * stop_m:.0f}% | len {len_m:.1f} | loss {loss_m:.4f} | "
-            f"lr {lr:.2e} | tok/s {n_gen / (t1 - t0):.0f} | {times}")
+        print0(f"step {iter_num}/{latro_steps} | reward {reward_m:.4f} | kl {kl_m:.4f} | adv "
+               f"{adv_m:.1e} | stopped {100 * stop_m:.0f}% | len {len_m:.1f} | loss {loss_m:.4f} | "
+               f"lr {lr:.2e} | tok/s {n_gen / (t1 - t0):.0f} | {times}")
         log_wandb({"reward": reward_m, "kl": kl_m, "stopped": stop_m, "len": len_m,
                    "loss": loss_m, "lr": lr}, step=iter_num)
+        evaluating = iter_num % eval_interval == 0 or iter_num == latro_steps
+        stopping = stop.requested(device) and iter_num < latro_steps
 
-        # model selection on val and a checkpoint, every eval_interval steps and at the end
-        if iter_num % eval_interval == 0 or iter_num == latro_steps:
-            best_val_acc = evaluate_val(iter_num, best_val_acc)
-            save(iter_num, best_val_acc, before)
-        # Ctrl-C / SIGTERM (on any rank): checkpoint (unless just done) and exit
-        if stop.requested(device) and iter_num < latro_steps:
-            if iter_num % eval_interval:
-                save(iter_num, best_val_acc, before)
-            signum = stop.signum or signal.SIGTERM  # (the signal may have reached another rank)
-            finish(128 + signum, f"stopped by {signal.Signals(signum).name} at step {iter_num}; "
-                                 f"continue with --init_from=resume")
-
+    stop.restore()  # the rest ends by itself: a signal now acts at once
     # a cheap check that DDP kept every rank's parameters identical
     if ddp and not fsdp:
-        log(f"ddp: parameters identical on {ddp_world_size} ranks: {ranks_identical(model)}")
+        print0(f"ddp: parameters identical on {ddp_world_size} ranks: {ranks_identical(model)}")
     if iter_num < latro_steps:
-        save(iter_num, best_val_acc, before)
-        log(f"stopped at step {iter_num} (stop_at_step); continue with --init_from=resume")
+        print0(f"stopped at step {iter_num} (stop_at_step); continue with --init_from=resume")
     else:
         # ---- final: test accuracy of the weights selected on val, the same checker as before
         if ddp:
-            dist.barrier()  # rank 0 has written best.pt
+            torch.distributed.barrier()  # rank 0 has written best.pt
         best = load_checkpoint(os.path.join(out_dir, "best.pt"))
-        load_full_state_dicts(raw_model, None, best["model"])
-        if best["iter_num"] == 0:  # step 0's weights are π0's: measured already
-            after = before
-        else:
-            after = run_eval(test_ex)
+        load_full_state_dicts(model, None, best["model"])
+        after = before  # step 0's weights are π0's: measured already
+        if best["iter_num"] > 0:
+            after = evaluate(model, train_scorer, test_ex, maj_k, ev)
         if latro_steps:
-            log(f"before LaTRO | test {format_metrics(before)}")
-            log(f"after LaTRO  | test {format_metrics(after)} (weights of step "
-                f"{best['iter_num']}, best val {best_val_acc:.4f})")
+            print0(f"before LaTRO | test {format_metrics(before)}")
+            print0(f"after LaTRO  | test {format_metrics(after)} (weights of step "
+                   f"{best['iter_num']}, best val {best_val_acc:.4f})")
         else:  # latro_steps=0: the SFT baseline alone
-            log(f"SFT baseline | test {format_metrics(before)}")
+            print0(f"SFT baseline | test {format_metrics(before)}")
         if export_hf:
-            model_sd = gather_full(raw_model.state_dict())  # a collective under FSDP
-            write_hf_export(raw_model, tok, model_sd, os.path.join(out_dir, "hf"), master_process)
-    # leave the process group, the DDP wrapper first (model.end_distributed says why)
-    train_scorer = None
+            save_hf_export(model, tok, os.path.join(out_dir, "hf"))
+    train_scorer = None                                                # (the wrapper goes first)
     end_distributed()

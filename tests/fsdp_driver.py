@@ -25,9 +25,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import DynamicCache
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import (backbone, enable_activation_checkpointing, fsdp_wrap, full_state_dicts, gathered,
-                   generate, left_pad, load_full_state_dicts, load_model, memory_plan,
-                   save_checkpoint, save_pretrained_full, set_grad_sync, token_logprobs)
+from model import backbone, generate, left_pad, load_model, token_logprobs
+from run import (enable_activation_checkpointing, fsdp_wrap, gather_full, gathered, hf_model_in,
+                 load_full_state_dicts, memory_plan, save_checkpoint, set_grad_sync)
 
 VOCAB, STEPS, ACCUM, B, T = 64, 4, 2, 2, 12
 
@@ -95,14 +95,14 @@ def train(mode, arch="gpt2", start=0, ckpt=None, save_at=None, save_path=None, p
         dist.all_reduce(total)
         losses.append(total.item() / dist.get_world_size())
         if save_at == step + 1:
-            model_sd, optim_sd = full_state_dicts(model, opt)
+            model_sd, optim_sd = gather_full(model.state_dict()), gather_full(opt.state_dict())
             if dist.get_rank() == 0:
                 ckpt_obj = {"model": model_sd, "optimizer": optim_sd, "step": step + 1}
                 save_checkpoint(save_path, ckpt_obj)
                 # and the Hugging Face export from the same gathered weights
-                save_pretrained_full(model, model_sd, save_path.replace(".pt", "_hf"))
+                hf_model_in(model).save_pretrained(save_path.replace(".pt", "_hf"), state_dict=model_sd)
             dist.barrier()
-    model_sd, _ = full_state_dicts(model, opt)
+    model_sd = gather_full(model.state_dict())
     del train_module, step_module, model, opt
     gc.collect()
     return losses, model_sd

@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-import model
+import run
 from configurator import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,16 +50,16 @@ def run_main(script, args, cwd=ROOT):
     """Run ROOT/script with args (a list of '--key=value' and config files) in this process, from
     directory cwd (the repository, as the subprocess tests run it)."""
     path = os.path.join(ROOT, script)
-    locks, prepare = [], model.prepare_out_dir
+    locks, prepare = [], run.prepare_out_dir
 
-    def tracked(*a, **k):  # the script's `from model import prepare_out_dir` picks this up
+    def tracked(*a, **k):  # run.start() looks prepare_out_dir up in run's globals: this one
         locks.append(prepare(*a, **k))
         return locks[-1]
 
     saved = dict(argv=sys.argv, excepthook=sys.excepthook, cwd=os.getcwd(),
                  handlers={s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
     out, code, error = io.StringIO(), 0, None
-    model.prepare_out_dir, sys.argv = tracked, [path, *map(str, args)]
+    run.prepare_out_dir, sys.argv = tracked, [path, *map(str, args)]
     os.chdir(cwd)
     # one thread, as the subprocess tests run (OMP_NUM_THREADS=1): a CPU matmul split over another
     # number of threads may round differently, and tests compare these runs with subprocess runs bit
@@ -74,7 +74,7 @@ def run_main(script, args, cwd=ROOT):
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:
-        model.prepare_out_dir, sys.argv, sys.excepthook = prepare, saved["argv"], saved["excepthook"]
+        run.prepare_out_dir, sys.argv, sys.excepthook = prepare, saved["argv"], saved["excepthook"]
         os.chdir(saved["cwd"])
         torch.set_num_threads(threads)
         for sig, handler in saved["handlers"].items():
@@ -82,3 +82,11 @@ def run_main(script, args, cwd=ROOT):
         for lock in locks:
             lock.release()
     return Run(code, out.getvalue(), error)
+
+
+def check_rules_of(script, cfg, world_size=1, **names):
+    """configurator.check_rules on a script module's RULES for the configuration cfg, as a torchrun
+    launch of world_size processes would check them (names: anything else a rule reads)."""
+    from configurator import check_rules
+    launch = {"world_size": world_size, "distributed": world_size > 1}
+    check_rules(script.RULES, {**vars(script), **cfg, **launch, **names})

@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 
-from coconut import (Coconut, anchor, check_config, collate, encode_example, generate_answers, init_markers,
-                     latent_forward, layout, marker_ids, marker_source, markers_present, naive_latent_forward,
-                     parse_counts, stage_of)
+from coconut import (Coconut, Curriculum, collate, encode_example, generate_answers, init_markers, latent_forward,
+                     layout, marker_ids, marker_source, markers_present, naive_latent_forward, stage_of,
+                     thought_counts)
 from data import build_tokenizer
-from inprocess import run_main
+from inprocess import check_rules_of, run_main
 from model import autocast_ctx, backbone, lm_head, load_model, position_ids_from_mask
 
 V, PAD, EOS, BOT, LAT, EOT = 40, 0, 1, 37, 38, 39
@@ -37,7 +37,7 @@ def ragged_batch():
     """Left-padded rows of different lengths and thought counts (0..3), first thoughts column-aligned."""
     rows = [([3, 4, 5, BOT, LAT, LAT, EOT], [6, 7, EOS]), ([3, 4, 5, 6, 7, 8, 9, BOT, LAT, EOT], [6, EOS]),
             ([5, BOT, LAT, LAT, LAT, EOT], [9, 9, 9, EOS]), ([5, 6, BOT, EOT], [9, EOS])]
-    return collate(rows, [anchor(p, LAT) for p, _ in rows], PAD)
+    return collate(rows, LAT, PAD)
 
 # ---- the curriculum: stage-k sequences and labels
 
@@ -52,9 +52,9 @@ KW = dict(c_thought=2, max_latent_stage=2, pad_latent_to_max=True, n_pause=3, sp
     (9, Q + [BOT] + [LAT] * 4 + [EOT], [30, EOS]),
 ])
 def test_coconut_stage_layout(stage, prompt, target):
-    assert layout(Q, STEPS, A, stage, method="coconut", **KW) == (prompt, target)
-    assert layout(Q, STEPS, A, stage, method="pause_as_thought", **KW) == (prompt, target)  # same data
-    ids, mask, labels = collate([(prompt, target)], [anchor(prompt, LAT)], PAD)
+    assert layout(Q, STEPS, A, stage, Curriculum(method="coconut", **KW)) == (prompt, target)
+    assert layout(Q, STEPS, A, stage, Curriculum(method="pause_as_thought", **KW)) == (prompt, target)  # same data
+    ids, mask, labels = collate([(prompt, target)], LAT, PAD)
     assert ids[0].tolist() == prompt + target and mask.all()
     assert labels[0].tolist() == [-100] * len(prompt) + target     # no loss on question, markers, thoughts
 
@@ -79,7 +79,7 @@ def test_pad_latent_to_max_matches_released_rule(pad, inference):
     for n_steps in (0, 1, 2, 4):
         steps = [[20 + i] for i in range(n_steps)]
         for stage in range(6):
-            prompt, target = layout(Q, steps, A, stage, method="coconut", **kw, inference=inference)
+            prompt, target = layout(Q, steps, A, stage, Curriculum(method="coconut", **kw), inference=inference)
             n = released_n_latent(stage, n_steps, 3, 2, pad, inference)
             assert prompt == Q + [BOT] + [LAT] * n + [EOT], (n_steps, stage)
             kept = steps[stage:] if stage <= 3 else []
@@ -92,20 +92,20 @@ def test_pad_latent_to_max_false_examples():
     # it), past the last stage min(3, 1)*2, and at inference min(2, 1)*2
     kw = dict(KW, max_latent_stage=3, pad_latent_to_max=False)
     one_step = [[20]]
-    assert layout(Q, one_step, A, 2, method="coconut", **kw) == (Q + [BOT] + [LAT] * 4 + [EOT], A)
-    assert layout(Q, one_step, A, 5, method="coconut", **kw) == (Q + [BOT] + [LAT] * 2 + [EOT], A)
-    assert layout(Q, one_step, [], 2, method="coconut", **kw, inference=True)[0] == Q + [BOT] + [LAT] * 2 + [EOT]
+    assert layout(Q, one_step, A, 2, Curriculum(method="coconut", **kw)) == (Q + [BOT] + [LAT] * 4 + [EOT], A)
+    assert layout(Q, one_step, A, 5, Curriculum(method="coconut", **kw)) == (Q + [BOT] + [LAT] * 2 + [EOT], A)
+    assert layout(Q, one_step, [], 2, Curriculum(method="coconut", **kw), inference=True)[0] == Q + [BOT] + [LAT] * 2 + [EOT]
 
 def test_baseline_layouts():
     for stage in (0, 1, 3):
-        assert layout(Q, STEPS, A, stage, method="cot", **KW) == (Q, [20, 21, 22, 23, 30, EOS])
-        assert layout(Q, STEPS, A, stage, method="no_cot", **KW) == (Q, A)
-        assert layout(Q, STEPS, A, stage, method="pause", **KW) == (Q + [LAT] * 3, A)
-    assert layout(Q, STEPS, A, 1, method="no_thoughts", **KW) == (Q, [21, 22, 23, 30, EOS])  # steps deleted
-    assert layout(Q, STEPS, A, 3, method="no_thoughts", **KW) == (Q, A)
+        assert layout(Q, STEPS, A, stage, Curriculum(method="cot", **KW)) == (Q, [20, 21, 22, 23, 30, EOS])
+        assert layout(Q, STEPS, A, stage, Curriculum(method="no_cot", **KW)) == (Q, A)
+        assert layout(Q, STEPS, A, stage, Curriculum(method="pause", **KW)) == (Q + [LAT] * 3, A)
+    assert layout(Q, STEPS, A, 1, Curriculum(method="no_thoughts", **KW)) == (Q, [21, 22, 23, 30, EOS])  # steps deleted
+    assert layout(Q, STEPS, A, 3, Curriculum(method="no_thoughts", **KW)) == (Q, A)
     # inference with a chosen number of thoughts; methods without thoughts ignore it
-    assert layout(Q, STEPS, [], 3, method="coconut", **KW, n_thoughts=6)[0] == Q + [BOT] + [LAT] * 6 + [EOT]
-    assert layout(Q, STEPS, [], 0, method="cot", **KW, n_thoughts=6)[0] == Q
+    assert layout(Q, STEPS, [], 3, Curriculum(method="coconut", **KW), n_thoughts=6)[0] == Q + [BOT] + [LAT] * 6 + [EOT]
+    assert layout(Q, STEPS, [], 0, Curriculum(method="cot", **KW), n_thoughts=6)[0] == Q
 
 def test_stage_schedule():
     assert [stage_of(e, 0, 3, 3) for e in range(7)] == [0, 0, 0, 1, 1, 1, 2]
@@ -155,7 +155,7 @@ def test_optimizer_resets_exactly_at_the_configured_epochs():
     sched = [stage_of(e, 0, 2, 2) for e in range(8)]                    # 0 0 1 1 2 2 3 3
     at = lambda mode: [e for e in range(8) if resets_optimizer(e, sched, mode)]
     assert at("stage") == [2, 4, 6] and at("epoch") == [1, 2, 3, 4, 5, 6, 7] and at("never") == []
-    assert [e for e in range(7) if resets_optimizer(e, lambda e: stage_of(e, 1, 3, 3), "stage")] == [3, 6]
+    assert [e for e in range(7) if resets_optimizer(e, [stage_of(e, 1, 3, 3) for e in range(7)], "stage")] == [3, 6]
     # and a real optimizer's step count: AdamW made anew at those epochs restarts at 0
     p = torch.nn.Parameter(torch.ones(2))
     opt, counts = None, []
@@ -206,8 +206,8 @@ def test_markers_copy_source_row_in_tied_head_and_do_not_raise_the_loss():
     wte = copied.get_input_embeddings().weight
     assert all(torch.equal(wte[i], wte[SRC]) for i in special)
     # stage 0: markers in the input, loss on the steps and answer; the logits are those of the real vocabulary
-    prompt, target = layout(Q, STEPS, A, 0, method="coconut", **KW)
-    ids, mask, labels = collate([(prompt, target)], [anchor(prompt, LAT)], PAD)
+    prompt, target = layout(Q, STEPS, A, 0, Curriculum(method="coconut", **KW))
+    ids, mask, labels = collate([(prompt, target)], LAT, PAD)
     def losses(m):
         with torch.no_grad():
             logits = m(input_ids=ids, attention_mask=mask).logits[0, :-1]
@@ -370,15 +370,15 @@ def test_bad_config_fails_with_clear_message():
     ok = {**{k: v for k, v in vars(coconut).items() if isinstance(v, (int, float, str, bool))},
           **dict(method="coconut", c_thought=1, epochs_per_stage=1, max_latent_stage=2, uniform_prob=0.0,
                  reset_optimizer="stage", batch_size=128, micro_batch_size=32, precision="fp32", thoughts_sweep="0,2")}
-    assert check_config(ok, 2) == 2                                    # 128 = 32 x 2 accumulation x 2 ranks
-    assert parse_counts("0, 1,6") == [0, 1, 6]
+    check_rules_of(coconut, ok, 2)                                     # 128 = 32 x 2 accumulation x 2 ranks
+    assert thought_counts("0, 1,6") == [0, 1, 6]
     for bad, msg in [(dict(batch_size=100), "multiple of micro_batch_size"), (dict(method="coconat"), "unknown"),
                      (dict(c_thought=0), "c_thought"), (dict(reset_optimizer="always"), "reset_optimizer"),
                      (dict(precision="fp16"), "precision='fp16'"), (dict(thoughts_sweep="0,x"), "thoughts_sweep"),
                      (dict(thoughts_sweep="-1"), "thoughts_sweep"),
                      (dict(method="cot"), "thoughts_sweep needs thoughts")]:
         with pytest.raises(ValueError, match=msg):
-            check_config({**ok, **bad}, 2)
+            check_rules_of(coconut, {**ok, **bad}, 2)
 
 TINY = ["--task=prosqa_small", "--task_options={'symbolic': True, 'min_nodes': 6, 'max_nodes': 8, 'min_hops': 1, "
         "'max_hops': 2}", "--n_train=16", "--n_val=4", "--n_test=4", "--n_layer=1", "--n_head=2", "--n_embd=32",
@@ -452,6 +452,8 @@ def test_thought_sweep_table_and_final_stage_row_equals_test_eval(trained, tmp_p
     out_dir, stdout = trained
     val_losses = [float(l.split("val loss ")[1].split()[0]) for l in stdout.splitlines() if "val loss" in l]
     assert len(val_losses) == 3 and all(0 < v < 10 for v in val_losses)  # printed every epoch, as released
+    # batch_size is global: 8 = micro-batches of 4 x 2 accumulation steps on 1 process
+    assert "global batch 8 = 4 per micro-step x 2 accumulation x 1 ranks" in stdout
     best = torch.load(out_dir / "best.pt", weights_only=True)
     assert best["stage"] == 2                                          # chosen among all-latent epochs only
     r = run_script(["--eval_only=True", f"--init_from={out_dir / 'best.pt'}", "--thoughts_sweep=0,1,2,3",
@@ -502,7 +504,7 @@ def test_presets_resolve_to_released_values(files, values, n_infer, copies):
                pad_latent_to_max=cfg["pad_latent_to_max"], n_pause=cfg["max_latent_stage"] * cfg["c_thought"],
                special=(BOT, LAT, EOT))
     final = cfg["max_latent_stage"] + 1 if cfg["method"] == "coconut" else 0
-    prompt = layout(Q, [[20]] * 9, [], final, **lay, inference=True)[0]
+    prompt = layout(Q, [[20]] * 9, [], final, Curriculum(**lay), inference=True)[0]
     assert prompt.count(LAT) == n_infer
     tok = build_tokenizer("words", [{"question": "a << b.", "steps": [], "answer": "c"}])
     if copies:                                                          # from GPT-2 (or a CoT model of it)
@@ -518,4 +520,7 @@ def test_presets_parse_and_divide(preset):
     from configurator import configure
     files = [os.path.join(ROOT, "config", f) for f in ("coconut_prosqa.py", preset)]
     cfg = configure(dict(vars(coconut)), files, verbose=False)
-    assert check_config(cfg, 1) == 4 and check_config(cfg, 4) == 1
+    cfg["init_from"] = "scratch"                                       # (no CoT checkpoint here)
+    check_rules_of(coconut, cfg, 1)                                    # 4 micro-steps on 1 GPU
+    check_rules_of(coconut, cfg, 4)                                    # 1 on each of 4
+    assert cfg["batch_size"] == 4 * cfg["micro_batch_size"]

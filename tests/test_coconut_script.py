@@ -73,7 +73,7 @@ def test_killed_and_stopped_runs_resume_to_the_uninterrupted_run_and_a_truncated
     assert c["epoch"] == 0 and c["step_in_epoch"] in (2, 3) and c["iter_num"] == c["step_in_epoch"]
     # resume, then SIGTERM in the middle of epoch 1: a checkpoint at the step boundary and a clean exit
     rc, out, err = run_until(args + ["--init_from=resume"], d, 6, signal.SIGTERM)
-    assert rc == 0 and "stopped by a signal after step" in out, err[-2000:]
+    assert rc == 128 + signal.SIGTERM and "stopped by SIGTERM after step" in out, err[-2000:]
     assert min(steps(out)) == c["iter_num"] + 1
     seen.update(steps(out))
     c = ckpt(d)
@@ -165,7 +165,8 @@ def test_gradient_checkpointing_leaves_a_single_pass_method_unchanged():
     # loss and gradients of a plain (cot / pause_as_thought) forward are the same with and without
     import copy
     from coconut import Coconut
-    from model import enable_activation_checkpointing, load_model
+    from model import load_model
+    from run import enable_activation_checkpointing
     torch.manual_seed(0)
     a = load_model("scratch", 40, n_layer=2, n_head=2, n_embd=32, block_size=64)
     b = copy.deepcopy(a)
@@ -202,7 +203,7 @@ UNEVEN = ["--max_latent_stage=2", "--c_thought=2", "--start_stage=1", "--uniform
 def rank_thought_columns(n_epochs=2):
     """Per optimizer step, the thought columns of each rank's micro-batch, as the script draws them."""
     import data
-    from coconut import epoch_order, layout, rank_block, stage_of
+    from coconut import Curriculum, epoch_order, layout, rank_block, stage_of
     exs = data.load_task("prosqa_small", "train", n=16, **OPTS)
     n_steps = [len(ex["steps"]) for ex in exs]
     lay = dict(method="coconut", c_thought=2, max_latent_stage=2, pad_latent_to_max=True, n_pause=4,
@@ -212,7 +213,7 @@ def rank_thought_columns(n_epochs=2):
         stages, perm = epoch_order(0, epoch, stage_of(epoch, 1, 1, 2), 0.5, n_steps)
         for step in range(2):
             batch = perm[step * 8:(step + 1) * 8]
-            cols.append([max(layout([0], [[0]] * n_steps[i], [0], stages[i], **lay)[0].count(-2)
+            cols.append([max(layout([0], [[0]] * n_steps[i], [0], stages[i], Curriculum(**lay))[0].count(-2)
                              for i in rank_block(batch, r, 0, 1, 4)) for r in range(2)])
     return cols
 
@@ -227,6 +228,7 @@ def test_one_process_equals_ddp_equals_fsdp_stopped_and_resumed_with_uneven_thou
     assert rc == 0, err
     ddp = torchrun(args, tmp_path / "ddp")
     assert "ddp: parameters identical on 2 ranks: True" in ddp
+    assert "global batch 8 = 4 per micro-step x 1 accumulation x 2 ranks" in ddp
     # FSDP in two invocations: epoch 0, then a resume at the epoch boundary (a gathered full checkpoint)
     half = torchrun(args + ["--fsdp=True", "--num_epochs=1"], tmp_path / "fsdp")
     rest = torchrun(args + ["--fsdp=True", "--init_from=resume"], tmp_path / "fsdp")

@@ -14,8 +14,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from configurator import ConfigError
-from model import (GiB, check_memory_plan, enable_activation_checkpointing,
-                   estimate_kv_cache_bytes, load_model, memory_plan, n_params_of_config, prefill)
+from model import load_model, n_params_of_config, prefill
+from run import (GiB, check_memory_plan, enable_activation_checkpointing, estimate_kv_cache_bytes,
+                 memory_plan)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # DDP all-reduces and FSDP reduce-scatters the same two gradients: here the sums agree to the last

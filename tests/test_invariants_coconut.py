@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import coconut
-from coconut import check_config, evaluate_rank, generate_answers, probe_thoughts
+from coconut import Decoding, evaluate_rank, generate_answers, probe_thoughts
+from inprocess import check_rules_of
 from configurator import configure
 from model import backbone, lm_head, load_model
 
@@ -60,9 +61,9 @@ def test_generated_token_count_includes_the_eos_of_rows_that_stop_and_the_though
     assert tokens[:, 0].tolist() == [EOS, EOS] and n_gen.tolist() == [1, 1]
     tokens, n_gen = generate_answers(tiny(emit=9), prompts, LAT, EOS, PAD, 6, "cpu")
     assert tokens.tolist() == [[9] * 6] * 2 and n_gen.tolist() == [6, 6]
-    got = evaluate_rank(tiny(emit=EOS), prompts, ["a", "b"], IdTokenizer(), LAT, 1, 6, "cpu")
+    got = evaluate_rank(tiny(emit=EOS), prompts, ["a", "b"], Decoding(IdTokenizer(), LAT, 1, 6, None, "cpu"))
     assert got == (0, 2 * (1 + 2), [str(EOS)] * 2)
-    got = evaluate_rank(tiny(emit=9), prompts, ["9", "b"], IdTokenizer(), LAT, 2, 5, "cpu")
+    got = evaluate_rank(tiny(emit=9), prompts, ["9", "b"], Decoding(IdTokenizer(), LAT, 2, 5, None, "cpu"))
     assert got == (0, 2 * (5 + 2), ["9 9 9 9 9"] * 2)
 
 
@@ -71,7 +72,8 @@ def test_batch_check_counts_every_rank():
     that does not split over the ranks is refused naming the rank count."""
     cfg = configure(dict(vars(coconut)), [], verbose=False)
     cfg.update(batch_size=16, micro_batch_size=4)
-    assert [check_config(cfg, w) for w in (1, 2, 4)] == [4, 2, 1]
+    for w in (1, 2, 4):                                                # 4, 2, 1 micro-steps
+        check_rules_of(coconut, cfg, w)
     cfg.update(batch_size=8)
     with pytest.raises(ValueError, match="micro_batch_size=4 x 4 ranks = 16"):
-        check_config(cfg, 4)
+        check_rules_of(coconut, cfg, 4)

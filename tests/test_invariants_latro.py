@@ -11,8 +11,9 @@ import sys
 import torch
 
 from inprocess import run_main
-from latro import SequenceScorer, latro_rewards, rollout_seed, sample, score_rows, step_indices
-from model import load_checkpoint, load_model
+from latro import Sampler, SequenceScorer, latro_rewards, rollout_seed, sample, score_rows, step_indices
+from model import load_model
+from run import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, PAD, EOS = 24, 0, 1
@@ -65,9 +66,8 @@ def test_each_sampling_chunk_draws_its_own_random_stream():
     per chunk), and the same generator seed gives the same rationales again."""
     m = tiny(0)
     prompts = [[5, 6, 7]] * 8
-    kw = dict(tok=NoStopTokenizer(), stop_ids={EOS, PAD}, stop_strings=[], temperature=1.0)
-    draw = lambda: sample(m, prompts, 12, PAD, 4, torch.no_grad(),
-                          generator=torch.Generator().manual_seed(3), **kw)[0]
+    how = Sampler(NoStopTokenizer(), {EOS, PAD}, [], PAD, 4, torch.no_grad())
+    draw = lambda: sample(m, prompts, 12, how, torch.Generator().manual_seed(3), temperature=1.0)[0]
     outs = draw()
     assert outs == draw()
     assert outs[:4] != outs[4:]

@@ -10,10 +10,12 @@ from data import Tokenizer
 import latro
 from configurator import ConfigError, UserError, configure
 from inprocess import run_main
-from latro import (RELEASED_STOP_STRINGS, SequenceScorer, batch_layout, build_batch, check_config, check_lengths,
-                   check_resume, cut_at_stop, disable_dropout, latro_loss, latro_rewards, lr_at, parse_stop_strings,
-                   rank_prompts, rloo_advantages, sample, score_rows, step_indices)
+from latro import (RELEASED_STOP_STRINGS, Sampler, SequenceScorer, batch_layout, build_batch, check_lengths,
+                   cut_at_stop, disable_dropout, latro_loss, latro_rewards, lr_at, parse_stop_strings,
+                   rank_prompts, resume_keys, rloo_advantages, sample, score_rows, step_indices)
+from inprocess import check_rules_of
 from model import load_model
+from run import check_same_run, load_run, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, PAD, EOS = 40, 0, 1
@@ -121,8 +123,8 @@ def test_kl_is_exactly_zero_at_step_0():
     xs = [x for x in rows()[0] for _ in range(4)]
     ys = [y for y in rows()[2] for _ in range(4)]
     g = torch.Generator().manual_seed(0)
-    zs, stopped, _ = sample(m, xs, 10, PAD, 5, torch.no_grad(), tok=TOK, stop_ids={TOK.eos_id, PAD},
-                            stop_strings=["b", "c"], temperature=1.0, generator=g)
+    how = Sampler(TOK, {TOK.eos_id, PAD}, ["b", "c"], PAD, 5, torch.no_grad())
+    zs, stopped, _ = sample(m, xs, 10, how, g, temperature=1.0)
     logp_z, logp_y = score_rows(SequenceScorer(m), xs, zs, ys, PAD, 4, torch.no_grad())
     ref_logp_z, _ = score_rows(SequenceScorer(ref), xs, zs, ys, PAD, 4, torch.no_grad())
     rewards, kl = latro_rewards(logp_y, logp_z, ref_logp_z, stopped, 4, 0.05, 2.0, "group")
@@ -173,11 +175,10 @@ def test_early_stopped_sampling_equals_full_sampling_cut_at_first_stop():
     gives the same rationales and flags. Stops: an id, one-token and two-token strings, one inside a token."""
     m = tiny()
     xs = [x for x in rows()[0] for _ in range(8)]
-    kw = dict(tok=TOK, stop_ids={TOK.eos_id, PAD}, stop_strings=["x y", "c", "ar", "so the"], temperature=1.0)
-    early, stopped, n_early = sample(m, xs, 20, PAD, 4, torch.no_grad(), generator=torch.Generator().manual_seed(0),
-                                     **kw)
-    full, stopped_full, n_full = sample(m, xs, 20, PAD, 4, torch.no_grad(), early_stop=False,
-                                        generator=torch.Generator().manual_seed(0), **kw)
+    how = Sampler(TOK, {TOK.eos_id, PAD}, ["x y", "c", "ar", "so the"], PAD, 4, torch.no_grad())
+    early, stopped, n_early = sample(m, xs, 20, how, torch.Generator().manual_seed(0), temperature=1.0)
+    full, stopped_full, n_full = sample(m, xs, 20, how, torch.Generator().manual_seed(0), early_stop=False,
+                                        temperature=1.0)
     assert early == full and torch.equal(stopped, stopped_full)
     assert n_early < n_full  # batches did stop early
     assert stopped.any() and not stopped.all() and any(len(z) > 0 for z in early)  # not vacuous
@@ -198,11 +199,11 @@ def test_dropout_off_for_pretrained_models():
 def test_batch_layout_and_its_errors():
     assert batch_layout(24, 16, 4, 8) == (3, 48, 12)  # the released setup: 8 GPUs x 3 prompts x 16, accumulation 12
     with pytest.raises(ValueError, match="batch_size=6 .* 4 ranks"):
-        batch_layout(6, 8, 4, 4)
+        check_rules_of(latro, cfg("--batch_size=6", "--rloo_k=8", "--micro_batch_size=4"), 4)
     with pytest.raises(ValueError, match="micro_batch_size=5"):
-        batch_layout(8, 4, 5, 1)
+        check_rules_of(latro, cfg("--batch_size=8", "--rloo_k=4", "--micro_batch_size=5"), 1)
     with pytest.raises(ValueError, match="rloo_k=1"):
-        batch_layout(8, 1, 4, 1)
+        check_rules_of(latro, cfg("--batch_size=8", "--rloo_k=1", "--micro_batch_size=4"), 1)
 
 # ---- the script end to end ------------------------------------------------------------------------------
 
@@ -231,6 +232,7 @@ def test_presets_parse_and_divide_on_8_gpus(preset):
     import latro
     from configurator import configure
     cfg = configure(dict(vars(latro)), [preset], verbose=False)
+    check_rules_of(latro, cfg, 8)
     prompts, rollouts, accum = latro.batch_layout(cfg["batch_size"], cfg["rloo_k"], cfg["micro_batch_size"], 8)
     assert (prompts, rollouts, accum) == (3, 48, 12)  # the released 8 x 3 prompts, 48 rollouts in 12 micro-steps of 4
 
@@ -316,10 +318,22 @@ CONFIG_ERRORS = [  # (arguments, world size, message): each names the key and wh
     (["--rloo_k=1"], 1, "rloo_k=1"),
 ]
 
+class NoCuda:  # what a rule sees as torch on a machine without a GPU
+    class cuda:
+        @staticmethod
+        def is_available():
+            return False
+
+def check_config(config, world=1):
+    """latro.RULES on a configuration, as a launch of `world` ranks checks them (no GPU); the
+    per-rank counts the script then uses."""
+    check_rules_of(latro, config, world, torch=NoCuda)
+    return batch_layout(config["batch_size"], config["rloo_k"], config["micro_batch_size"], world)
+
 @pytest.mark.parametrize("args, world, message", CONFIG_ERRORS, ids=[c[0][0] for c in CONFIG_ERRORS])
 def test_check_config_refuses_with_a_message_naming_the_key(args, world, message):
     with pytest.raises(UserError) as e:
-        check_config(cfg(*args), world, distributed=world > 1)
+        check_config(cfg(*args), world)
     assert message in str(e.value)
 
 def test_check_config_accepts_the_defaults_presets_and_documented_zeros():
@@ -327,7 +341,7 @@ def test_check_config_accepts_the_defaults_presets_and_documented_zeros():
     assert check_config(cfg("--n_train=0", "--n_val=0", "--maj_k=0", "--beta=0", "--latro_steps=0")) == (8, 64, 1)
     assert check_config(cfg("--stop_strings=", "--penalty=none")) == (8, 64, 1)  # stop ids only
     for preset in ("latro_gsm8k", "latro_arc", "latro_sft_gsm8k", "latro_gsm8k_8b"):
-        assert check_config(cfg(f"config/{preset}.py"), 8, distributed=True) == (3, 48, 12)
+        assert check_config(cfg(f"config/{preset}.py"), 8) == (3, 48, 12)
 
 def test_check_lengths_counts_prompt_rationale_and_answer():
     prompts, answers, gold = [[1] * 10, [1] * 4], [[2] * 3, [2] * 9], [([1] * 5, [3] * 20, [2] * 3)]
@@ -339,19 +353,25 @@ def test_check_lengths_counts_prompt_rationale_and_answer():
     with pytest.raises(UserError, match="needs 25 positions"):
         check_lengths(24, prompts, answers, [], 8, 12)  # the evaluation's length counts too
 
-def test_resume_refuses_another_scripts_or_another_runs_checkpoint():
+def check_resume(ckpt, config, tmp_path):
+    """What latro.py does on --init_from=resume: load_run, then check_same_run on resume_keys."""
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(path, ckpt)
+    check_same_run(load_run(path, "latro")["config"], config, resume_keys(ckpt))
+
+def test_resume_refuses_another_scripts_or_another_runs_checkpoint(tmp_path):
     mine = cfg("--task=modsum", "--n_layer=3")
     ok = {"script": "latro", "ref_model": None, "source": "scratch", "config": dict(mine)}
-    check_resume(ok, mine, "ckpt.pt")
-    with pytest.raises(UserError, match="ckpt.pt was not written by latro.py .script 'coconut'"):
-        check_resume({**ok, "script": "coconut"}, mine, "ckpt.pt")
-    with pytest.raises(UserError, match="not written by latro.py"):  # no script entry, no slot for π0
-        check_resume({k: v for k, v in ok.items() if k not in ("script", "ref_model")}, mine, "ckpt.pt")
+    check_resume(ok, mine, tmp_path)
+    with pytest.raises(UserError, match="ckpt.pt is not a latro.py checkpoint .written by coconut.py"):
+        check_resume({**ok, "script": "coconut"}, mine, tmp_path)
+    with pytest.raises(UserError, match="not a latro.py checkpoint"):  # no script entry, no slot for π0
+        check_resume({k: v for k, v in ok.items() if k not in ("script", "ref_model")}, mine, tmp_path)
     other = cfg("--task=modsum", "--n_layer=2", "--seed=1")
     with pytest.raises(UserError, match="n_layer: checkpoint 3, now 2; seed: checkpoint 1337, now 1"):
-        check_resume(ok, other, "ckpt.pt")
+        check_resume(ok, other, tmp_path)
     # a pretrained model's shape comes from the checkpoint's source: the scratch shape keys do not apply
-    check_resume({**ok, "source": "gpt2"}, cfg("--task=modsum", "--n_layer=2"), "ckpt.pt")
+    check_resume({**ok, "source": "gpt2"}, cfg("--task=modsum", "--n_layer=2"), tmp_path)
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_rank_prompts_are_disjoint_and_cover_the_single_process_step(world):

@@ -13,7 +13,7 @@ import torch
 
 from inprocess import run_main
 from latro import RENAMED
-from model import load_checkpoint, save_checkpoint
+from run import load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # sft_steps=40 keeps the warm-up long enough (~1 s) for a signal to land in it; dropout on, so that a
@@ -100,7 +100,8 @@ def test_kills_at_several_moments_resume_to_the_uninterrupted_run(reference, tmp
     # 2. resumed, then SIGTERM mid-LaTRO: a checkpoint at the next step boundary and a clean exit
     code, out = run_and_signal(TINY + [f"--out_dir={d}", "--init_from=resume"], "step 2/6", signal.SIGTERM)
     assert code == 128 + signal.SIGTERM and "Traceback" not in out, out[-2000:]
-    stopped = int(re.search(r"stopped by SIGTERM at step (\d+); continue with --init_from=resume", out)[1])
+    stopped = int(re.search(r"stopped by SIGTERM at step (\d+): \S+ saved; continue with --init_from=resume",
+                            out)[1])
     assert load_checkpoint(os.path.join(d, "ckpt.pt"))["iter_num"] == stopped
     # 3. resumed, then SIGKILL mid-LaTRO (the last checkpoint is at most eval_interval steps old)
     code, _ = run_and_signal(TINY + [f"--out_dir={d}", "--init_from=resume"], f"step {stopped + 1}/6",
@@ -149,7 +150,8 @@ def test_nan_guard_in_the_warm_up(tmp_path):
     # sft_learning_rate=1e30: the first update blows the weights up, the second step's loss is nan: stop before its update
     p = run(TINY + [f"--out_dir={tmp_path}", "--sft_learning_rate=1e30"])
     assert p.returncode == 1, p.stderr[-3000:]
-    assert "sft step 1: the loss or a gradient is nan/inf; stopping before the update" in p.stdout
+    assert "sft step 1: the loss (nan) or a gradient (norm nan) is nan/inf" in p.stderr
+    assert "training diverged; stopped before the update" in p.stderr and p.stderr.count("\n") == 1
     assert not os.path.exists(tmp_path / "ckpt.pt") and not os.path.exists(tmp_path / "best.pt")
 
 
@@ -157,7 +159,8 @@ def test_nan_guard_in_latro_keeps_the_last_good_checkpoint(tmp_path):
     # gamma=1e38: the non-stopped rationales' reward gamma x (mean reward < 0) is -inf in fp32, the advantages nan
     p = run(TINY + [f"--out_dir={tmp_path}", "--gamma=1e38"])
     assert p.returncode == 1, p.stderr[-3000:]
-    assert "step 1: the loss (nan) or a gradient is nan/inf; stopping before the update" in p.stdout
+    assert "step 1: the loss (nan) or a gradient (norm nan) is nan/inf" in p.stderr
+    assert "training diverged; stopped before the update" in p.stderr
     assert not re.search(r"^step \d+/", p.stdout, re.M)  # no step was taken
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))  # the last good state, written before the first step
     assert ckpt["iter_num"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())

@@ -16,7 +16,7 @@ from tokenizers import models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from data import Tokenizer
-from latro import RELEASED_STOP_STRINGS, cut_at_stop, tail_stop_check
+from latro import RELEASED_STOP_STRINGS, TailStopCheck, cut_at_stop
 
 import torch
 
@@ -96,7 +96,7 @@ def test_tail_check_stops_exactly_when_the_text_first_holds_a_stop(tok, text, ke
     text holds a stop, never before, and the cut of that early-stopped prefix equals the cut of the whole row."""
     stops = RELEASED_STOP_STRINGS if stops is None else stops
     ids = tok.encode(text)
-    check = tail_stop_check(tok, stops)
+    check = TailStopCheck(tok, stops)
     fired = next((t for t in range(1, len(ids) + 1)
                   if check(torch.tensor([ids[:t]]), torch.zeros(1, dtype=torch.bool))[0]), None)
     holds = next((t for t in range(1, len(ids) + 1) if any(s in tok.decode(ids[:t]) for s in stops)), None)
