@@ -50,14 +50,14 @@ import torch.nn as nn
 from transformers import DynamicCache
 
 from configurator import UserError, configure, each, exit_cleanly_on_user_error
-from data import (COCONUT_MARKERS, COCONUT_SPECIAL_TOKENS, TASKS, answer_text, build_tokenizer,
-                  load_splits, question_text, step_text)
+from data import (COCONUT_SPECIAL_TOKENS, TASKS, answer_text, build_tokenizer, load_splits,
+                  marker_ids, question_text, step_text, tokenizer_name)
 from evaluate import coconut_correct
-from model import (autocast_ctx, backbone, cache_kwargs, decode, left_pad, lm_head, load_model,
-                   max_positions, model_config, position_ids_from_mask, token_logprobs)
+from model import (autocast_ctx, backbone, cache_kwargs, copy_token_rows, decode, left_pad,
+                   lm_head, load_model, model_config, position_ids_from_mask, token_logprobs)
 from run import (StopRequest, all_sum, check_same_run, distribute, end_distributed,
                  enable_activation_checkpointing, exit_on_signal, gathered, grad_norm,
-                 load_checkpoint, load_full_state_dicts, load_run, plan_memory, print0,
+                 load_checkpoint, load_full_state_dicts, load_run, preflight, print0,
                  ranks_identical, require_finite, save_hf_export, save_run, set_grad_sync, start,
                  wandb_logger)
 
@@ -133,17 +133,11 @@ def thought_counts(text):
         return None
     return counts
 
-def is_dict_literal(text):
-    try:
-        return isinstance(ast.literal_eval(text), dict)
-    except (ValueError, SyntaxError):
-        return False
-
 # what a configuration must hold, checked by configurator.py before any work, in this order
 RULES = [
     ("task in TASKS", "task={task!r} is unknown; known: {', '.join(TASKS)}"),
-    ("is_dict_literal(task_options)", "task_options={task_options!r} must be a dict literal, "
-                                      "e.g. \"{{'min_hops': 2}}\" or \"{{}}\""),
+    ("isinstance(literal(task_options), dict)", "task_options={task_options!r} must be a dict "
+     "literal, e.g. \"{{'min_hops': 2}}\" or \"{{}}\""),
     ("method in METHODS", "method={method!r} is unknown; use one of {', '.join(METHODS)}"),
     ("reset_optimizer in ('stage', 'epoch', 'never')",
      "reset_optimizer={reset_optimizer!r}: use one of 'stage', 'epoch', 'never'"),
@@ -247,6 +241,18 @@ def layout(q, steps, answer, stage, cur, n_thoughts=None, inference=False):
         k = min(k, len(steps))
     n = k * cur.c_thought if n_thoughts is None else n_thoughts
     return q + [bot] + [latent] * n + [eot], flatten(kept) + answer
+
+def schedule_lines(stage_at, cur):
+    """The stages of a run's epochs (stage_at: one per epoch) as log lines, one per stage."""
+    lines = []
+    for st in sorted(set(stage_at)):
+        eps = [ep for ep, s in enumerate(stage_at) if s == st]
+        replaced = "all" if st > cur.max_latent_stage else st
+        if cur.method not in CURRICULUM_METHODS:
+            replaced = "no"
+        lines.append(f"schedule: epochs {eps[0]}-{eps[-1]} {cur.method} stage {st}: "
+                     f"{thoughts_at_stage(st, cur)} thoughts/pauses, {replaced} steps replaced")
+    return "\n".join(lines)
 
 def thoughts_at_stage(stage, cur):
     """The thoughts (or pauses) at `stage` of an example with more steps than any stage replaces:
@@ -398,6 +404,25 @@ def probe_thoughts(model, prompt, latent_id, k, device):
     cols = [i - 1 for i, t in enumerate(prompt) if t == latent_id]
     return lm_head(model)(hidden[0, cols]).float().softmax(-1).topk(k)
 
+def probe_lines(tok, probs, ids):
+    """probe_thoughts' answer as log lines, one per thought: its top-k tokens and probabilities."""
+    lines = []
+    for j, (top_p, top_ids) in enumerate(zip(probs.tolist(), ids.tolist())):
+        words = [f"{tok.decode([i], skip_special_tokens=False)!r} {q:.2f}"
+                 for i, q in zip(top_ids, top_p)]
+        lines.append(f"    thought {j + 1}: " + "  ".join(words))
+    return "\n".join(lines)
+
+def report_sweep(rows, info, path):
+    """The thought sweep as a Markdown table (rank 0 prints) and a json file (rank 0 writes)."""
+    print0("| thoughts | test acc | tokens generated (thoughts included) |\n|---|---|---|")
+    for r in rows:
+        print0(f"| {r['thoughts']} | {r['accuracy']:.4f} | {r['tokens']:.1f} |")
+    if int(os.environ.get("RANK", 0)) == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({**info, "rows": rows}, f, indent=1)
+
 def eval_prompts(rows, stage, cur, n_thoughts=None):
     """The prompts (question + markers + thoughts, as the released evaluation lays them out) of
     encoded examples at `stage`; n_thoughts overrides the stage's thought count."""
@@ -464,12 +489,6 @@ def validation_loss(wrapper, coconut_model, rows, stage, cur, dec):
 # -----------------------------------------------------------------------------
 # the markers: three new tokens, with rows that do not disturb a pretrained model
 
-def marker_ids(tok):
-    """Add the three markers to the tokenizer (in data.py's vocabulary order); returns their ids by
-    role, (<bot>, <latent>, <eot>): the order layout() takes."""
-    tok.add_special_tokens(COCONUT_SPECIAL_TOKENS)
-    return tuple(tok.token_id(COCONUT_MARKERS[role]) for role in ("bot", "latent", "eot"))
-
 def markers_present(tok, ckpt):
     """Do the weights to load already have marker rows? A checkpoint of this script says so (older
     ones always had them); a save_pretrained export of this script (init_from=out/.../hf) has them
@@ -500,22 +519,6 @@ def marker_source(tok, marker_init, base):
                         f"vocabulary; set --marker_init to a text that is one token, or '' for "
                         f"fresh rows")
     return None
-
-def init_markers(model, n_vocab, special, source_id):
-    """Give the markers embedding rows: grow the matrices to n_vocab rows if needed (a checkpoint
-    without markers), then copy the source token's row into each marker row, as released. A fresh
-    row in a pretrained tied head would get a logit near 0, far above real tokens' (strongly
-    negative) logits: training would start by predicting markers. GPT-2 ties head and input
-    embedding, so one write sets both; an untied head gets its own source row."""
-    if model.get_input_embeddings().weight.shape[0] < n_vocab:
-        model.resize_token_embeddings(n_vocab, mean_resizing=False)
-    if source_id is None:
-        return
-    inp, out = model.get_input_embeddings().weight, lm_head(model).weight
-    matrices = [inp] if out is inp else [inp, out]
-    with torch.no_grad():
-        for w in matrices:
-            w[list(special)] = w[source_id].clone()
 
 # -----------------------------------------------------------------------------
 # the training loop's decisions, as small functions the loop calls and the tests import
@@ -552,18 +555,6 @@ def step_seed(seed, iter_num, rank):
     """The torch seed of optimizer step iter_num on a rank (dropout): reseeding each step makes a
     resume at any step exact without saving every rank's RNG state."""
     return (seed * 1_000_003 + iter_num) * 1009 + rank
-
-def resolve_tokenizer(name, base, ckpt=None):
-    """The tokenizer follows the model unless set: '' -> a checkpoint's own, else the word
-    vocabulary for a model from scratch, else the HF model's own (init_from, a hub name or a local
-    directory: offline works)."""
-    if name:
-        return name
-    if ckpt is not None:
-        saved = ckpt.get("tokenizer") or ckpt.get("config", {}).get("tokenizer")
-        if saved:
-            return saved
-    return "words" if base == "scratch" else base
 
 def longest_rows(encoded, stages, uniform_prob, cur, test_counts):
     """(length, index, stage) of the longest training sequence (prompt + target) at every stage a
@@ -613,7 +604,7 @@ if __name__ == "__main__":
         check_same_run(ckpt["config"], config, RESUME_KEYS)
     base = ckpt["base"] if ckpt else init_from                         # 'scratch' or an HF model
     base_cfg = model_config(base) if base != "scratch" else None       # a wrong name fails here
-    tok_name = resolve_tokenizer(tokenizer, base, ckpt)                # the model's own unless set
+    tok_name = tokenizer_name(tokenizer, base, ckpt.get("tokenizer", "") if ckpt else "")
     tok = build_tokenizer(tok_name, [ex for exs in splits.values() for ex in exs])
     encoded = {s: [encode_example(tok, ex) for ex in exs] for s, exs in splits.items()}
     whose = "" if tokenizer else " (the model's own)"
@@ -622,7 +613,7 @@ if __name__ == "__main__":
     print0(f"{task}: {sizes} examples, vocabulary {len(tok)}")
 
     # ---- the markers, only for the methods that use them. A checkpoint of this script brings its
-    # own (resume) or has none (the GSM8k CoT stage): then they are added and set now
+    # own (resume) or has none (the GSM8k CoT stage): then they are added and set after loading
     had_markers = markers_present(tok, ckpt)                           # trained rows are kept
     new_markers = method in MARKER_METHODS and not had_markers
     source_id = marker_source(tok, marker_init, base) if new_markers else None
@@ -630,29 +621,20 @@ if __name__ == "__main__":
     special = (None, None, None)                                       # <bot>, <latent>, <eot>
     if method in MARKER_METHODS or had_markers:
         special = marker_ids(tok)
-    n_rows = len(tok)                                                  # the embedding rows to load
-    if ckpt and not had_markers:
-        n_rows = n_real                                                # a checkpoint without them
+    n_rows = n_real if ckpt and not had_markers else len(tok)          # the weights' own rows
     latent_id = special[1]
     # pause_as_thought: <latent> stays a learned token; only coconut feeds hidden states back
     feedback_id = latent_id if method == "coconut" else None
 
     # ---- the curriculum: the stage of every epoch (and of the epoch a last checkpoint resumes at)
     cur = Curriculum(method, c_thought, max_latent_stage, pad_latent_to_max, special)
-    curriculum = method in CURRICULUM_METHODS
-    final_stage = max_latent_stage + 1 if curriculum else 0
+    final_stage = max_latent_stage + 1 if method in CURRICULUM_METHODS else 0
     stage_at = [0] * (num_epochs + 1)
-    if curriculum:
+    if method in CURRICULUM_METHODS:
         stage_at = [stage_of(ep, start_stage, epochs_per_stage, max_latent_stage)
                     for ep in range(num_epochs + 1)]
     scheduled = sorted(set(stage_at[:num_epochs]))
-    for st in scheduled:
-        eps = [ep for ep in range(num_epochs) if stage_at[ep] == st]
-        replaced = "all" if st > max_latent_stage else st
-        if not curriculum:
-            replaced = "no"
-        print0(f"schedule: epochs {eps[0]}-{eps[-1]} {method} stage {st}: "
-               f"{thoughts_at_stage(st, cur)} thoughts/pauses, {replaced} steps replaced")
+    print0(schedule_lines(stage_at[:num_epochs], cur))
     if final_stage not in scheduled and not eval_only:
         print0(f"note: no epoch reaches the final stage {final_stage}, so no best.pt: the last "
                f"weights are tested")
@@ -677,21 +659,16 @@ if __name__ == "__main__":
     stages_run = [] if eval_only else scheduled
     (train_len, idx, idx_stage), eval_len = longest_rows(encoded, stages_run, uniform_prob, cur,
                                                          [n_test_thoughts] + sweep_counts)
-    eval_len += max_new_tokens
-    positions = max_positions(hf_cfg)
-    if positions and train_len > positions:
-        raise UserError(f"training example {idx} is {train_len} tokens at stage {idx_stage}, more "
-                        f"than the model's {positions} positions (block_size): raise --block_size "
-                        f"(scratch), lower max_latent_stage or c_thought, or drop long examples")
-    if positions and eval_len > positions:
-        raise UserError(f"the longest evaluation prompt + max_new_tokens={max_new_tokens} is "
-                        f"{eval_len} tokens, more than the model's {positions} positions: lower "
-                        f"--max_new_tokens or raise block_size")
+    longest = [(train_len, f"training example {idx} at stage {idx_stage}", "raise --block_size "
+                "(scratch), lower max_latent_stage or c_thought, or drop long examples"),
+               (eval_len + max_new_tokens, f"the longest evaluation prompt + max_new_tokens="
+                f"{max_new_tokens}", "lower --max_new_tokens or raise --block_size (scratch)")]
     # (FSDP keeps full gradients between the syncs of gradient accumulation; DDP does not)
-    plan_memory(hf_cfg, device, fsdp=fsdp, precision=precision, grad_accum=grad_accum,
-                kv_cache=(eval_batch_size, eval_len),
-                activations=(micro_batch_size * train_len, micro_batch_size * train_len,
-                             gradient_checkpointing))
+    memory = dict(fsdp=fsdp, precision=precision, grad_accum=grad_accum,
+                  kv_cache=(eval_batch_size, eval_len + max_new_tokens),
+                  activations=(micro_batch_size * train_len, micro_batch_size * train_len,
+                               gradient_checkpointing))
+    preflight(hf_cfg, device, longest, memory)
 
     # ---- model: scratch, an HF model, a checkpoint of this script (e.g. the CoT stage), or resume
     torch.manual_seed(seed)
@@ -699,7 +676,7 @@ if __name__ == "__main__":
     if ckpt:
         model.load_state_dict(ckpt["model"])
     if new_markers:
-        init_markers(model, len(tok), special, source_id)
+        copy_token_rows(model, len(tok), special, source_id)         # as released
         src = "fresh random rows" if source_id is None else f"copies of {tok.decode([source_id])!r}"
         print0(f"markers: added, ids {list(special)}, {src}")
     if gradient_checkpointing:
@@ -841,21 +818,15 @@ if __name__ == "__main__":
     log_wandb({"test_acc": test_acc, "test_tokens": test_tok})
 
     # ---- the paper's analysis: the same model tested with other numbers of thoughts, no retraining
-    if sweep_counts:
-        sweep = []
-        for n in sweep_counts:
-            prompts = eval_prompts(encoded["test"][mine], final_stage, cur, n)
-            acc, n_tokens, _ = greedy_accuracy(model, train_model, prompts, test_golds,
-                                               len(encoded["test"]), dec)
-            sweep.append({"thoughts": n, "accuracy": acc, "tokens": n_tokens})
-        print0("| thoughts | test acc | tokens generated (thoughts included) |\n|---|---|---|")
-        for r in sweep:
-            print0(f"| {r['thoughts']} | {r['accuracy']:.4f} | {r['tokens']:.1f} |")
-        if master_process:
-            os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, "thoughts_sweep.json"), "w") as f:
-                json.dump({"init_from": init_from, "method": method,
-                           "examples": len(encoded["test"]), "rows": sweep}, f, indent=1)
+    sweep = []
+    for n in sweep_counts:
+        prompts = eval_prompts(encoded["test"][mine], final_stage, cur, n)
+        acc, n_tokens, _ = greedy_accuracy(model, train_model, prompts, test_golds,
+                                           len(encoded["test"]), dec)
+        sweep.append({"thoughts": n, "accuracy": acc, "tokens": n_tokens})
+    if sweep:
+        info = {"init_from": init_from, "method": method, "examples": len(encoded["test"])}
+        report_sweep(sweep, info, os.path.join(out_dir, "thoughts_sweep.json"))
 
     # ---- the probe: what each continuous thought encodes, read through the LM head. FSDP: every
     # rank probes its own prompts inside gathered() (a collective); rank 0 prints
@@ -864,10 +835,6 @@ if __name__ == "__main__":
         for p, text in list(zip(test_prompts, texts))[:n_probe]:
             print0(f"--- {tok.decode(p, skip_special_tokens=False)!r} -> {text!r}")
             if feedback_id in p:
-                probs, ids = probe_thoughts(model, p, latent_id, probe_topk, device)
-                for j, (top_p, top_ids) in enumerate(zip(probs.tolist(), ids.tolist())):
-                    words = [f"{tok.decode([i], skip_special_tokens=False)!r} {q:.2f}"
-                             for i, q in zip(top_ids, top_p)]
-                    print0(f"    thought {j + 1}: " + "  ".join(words))
+                print0(probe_lines(tok, *probe_thoughts(model, p, latent_id, probe_topk, device)))
     train_model = None                                                 # (the wrapper goes first)
     end_distributed()

@@ -127,6 +127,13 @@ def suggest(value, known):
         return f"did you mean {close[0]}?"
     return f"known: {', '.join(known)}"
 
+def literal(text):
+    """The Python literal a text spells ('{"a": 1}' -> a dict), or None."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None
+
 def launch():
     """The names a rule may use about the launch: torchrun sets RANK and WORLD_SIZE."""
     return {"world_size": int(os.environ.get("WORLD_SIZE", 1)),
@@ -135,7 +142,7 @@ def launch():
 def check_rules(rules, names):
     """Raise a ConfigError with the message of the first rule whose condition is false. names: the
     config and whatever else the conditions and messages use (a script's globals, launch())."""
-    scope = {"suggest": suggest, **names}
+    scope = {"suggest": suggest, "literal": literal, **names}
     for condition, message in rules:
         if not eval(condition, scope):
             raise ConfigError(eval("f" + repr(message), scope))

@@ -285,6 +285,20 @@ def example_texts(ex):
     return texts
 
 
+def marker_ids(tok):
+    """Add the three markers to the tokenizer (in the released vocabulary order); returns their ids by
+    role, (<bot>, <latent>, <eot>): the order layout() takes."""
+    tok.add_special_tokens(COCONUT_SPECIAL_TOKENS)
+    return tuple(tok.token_id(COCONUT_MARKERS[role]) for role in ("bot", "latent", "eot"))
+
+
+def tokenizer_name(name, model, saved=""):
+    """The tokenizer a run uses: `name` when set, else the one its checkpoint saved, else the word
+    vocabulary for a model from scratch, else the Hugging Face model's own (a hub name or a local
+    directory: offline works)."""
+    return name or saved or ("words" if model == "scratch" else model)
+
+
 def build_tokenizer(name, examples):
     """'words': a closed word-level vocabulary over the examples and the fixed templates; else a HF tokenizer."""
     if name != "words":

@@ -42,13 +42,13 @@ import torch
 
 from configurator import configure, each, exit_cleanly_on_user_error, UserError
 from data import (PROMPT_STYLES, TASKS, build_tokenizer, latro_answer, latro_prompt,
-                  latro_rationale, load_splits, sft_target)
+                  latro_rationale, load_splits, sft_target, tokenizer_name)
 from evaluate import CHECKERS, latro_correct, majority_correct
-from model import (autocast_ctx, backbone, generate, left_pad, load_model, max_positions,
-                   model_config, position_ids_from_mask, token_logprobs)
+from model import (TailStopCheck, autocast_ctx, backbone, cut_at_stop, disable_dropout, generate,
+                   left_pad, load_model, model_config, position_ids_from_mask, token_logprobs)
 from run import (StopRequest, all_sum, check_same_run, distribute, end_distributed,
                  enable_activation_checkpointing, exit_on_signal, gather_full, gathered, grad_norm,
-                 load_checkpoint, load_full_state_dicts, load_run, plan_memory, print0,
+                 load_checkpoint, load_full_state_dicts, load_run, preflight, print0,
                  ranks_identical, require_finite, save_hf_export, save_run, set_grad_sync, start,
                  wandb_logger)
 
@@ -220,58 +220,8 @@ if __name__ == "__main__":
     config = configure(globals(), sys.argv[1:], renamed=RENAMED, rules=RULES)
 
 # -----------------------------------------------------------------------------
-# the method: rollouts cut at their first stop, one-pass scoring, rewards, RLOO, the loss
-
-def first_stop(text, strings):
-    """Character index where the first stop string of text starts, or -1."""
-    starts = [i for i in (text.find(s) for s in strings) if i >= 0]
-    return min(starts) if starts else -1
-
-def cut_at_stop(tok, ids, stop_ids, strings):
-    """(length, stopped): a rationale is ids[:length], cut strictly before its first stop: a stop id
-    (eos, pad, end-of-turn) or a stop string in the decoded text. The cut falls on the last token
-    boundary at or before the stop's first character (a stop starting inside a token cuts before
-    that token). 'First' is the stop the sampler sees first: the earliest start among the stops
-    complete in the shortest prefix that holds one."""
-    ids = [int(t) for t in ids]
-    n = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
-    if not strings or first_stop(tok.decode(ids[:n]), strings) < 0:
-        return n, n < len(ids)
-    # the shortest prefix whose text holds a stop (once a prefix holds one, every longer one does)
-    lo, hi = 1, n
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if first_stop(tok.decode(ids[:mid]), strings) >= 0:
-            hi = mid
-        else:
-            lo = mid + 1
-    text = tok.decode(ids[:lo])
-    s = first_stop(text, strings)
-    # the last boundary before the stop: a prefix whose text is text's own beginning (byte-fallback
-    # pieces of a half-decoded character print as U+FFFD: no boundary) and ends at or before s
-    for k in range(lo - 1, -1, -1):
-        head = tok.decode(ids[:k])
-        if len(head) <= s and text.startswith(head):
-            return k, True
-    return 0, True
-
-class TailStopCheck:
-    """decode()'s stop_check: the rows whose newest tokens' text holds a stop string. Only the last
-    `window` tokens are decoded per step: a stop of b UTF-8 bytes spans at most b tokens (every
-    token decodes to at least one byte), and two more absorb what differs when a suffix is decoded
-    alone (SentencePiece drops the first piece's leading space; a byte-fallback piece cut from its
-    character prints U+FFFD). A suffix decoded alone never holds a stop the full text does not
-    hold, so no row stops early by mistake."""
-    def __init__(self, tok, strings):
-        self.tok, self.strings = tok, strings
-        self.window = max(len(s.encode("utf-8")) for s in strings) + 2
-
-    def __call__(self, tokens, finished):  # tokens (B, t), finished (B,) bool -> (B,) bool
-        hit = torch.zeros_like(finished)
-        rows = (~finished).nonzero().flatten().tolist()
-        for r, tail in zip(rows, tokens[rows, -self.window:].tolist()):
-            hit[r] = first_stop(self.tok.decode(tail), self.strings) >= 0
-        return hit
+# the method: rollouts cut at their first stop (model.cut_at_stop), one-pass scoring, rewards,
+# RLOO, the loss
 
 @dataclasses.dataclass
 class Sampler:
@@ -432,6 +382,16 @@ def encode_answers(tok, examples):
     """The answers y of examples: the tokens of "The answer is {gold}." then end-of-turn."""
     return [tok.encode(latro_answer(ex["answer"])) + [tok.end_of_turn_id] for ex in examples]
 
+def gold_rows(tok, examples, task, arc_options, style):
+    """The warm-up's rows [x, z*, y] as token lists (xs, zs, ys): the prompt, the gold rationale
+    (one step per line) and the answer y. The released SFT baseline (style 'sft') trains one target
+    text, then end-of-turn."""
+    xs = encode_prompts(tok, examples, task, arc_options, style)
+    if style == "sft":
+        return xs, [tok.encode(sft_target(ex, task)) for ex in examples], [[tok.end_of_turn_id]
+                                                                           for _ in examples]
+    return xs, [tok.encode(latro_rationale(ex)) for ex in examples], encode_answers(tok, examples)
+
 @torch.no_grad()
 def evaluate(model, wrapper, examples, maj_k, ev):
     """Greedy accuracy, maj@k and the mean log π(y | x, z_greedy) over a split, each rank scoring
@@ -514,18 +474,6 @@ def lr_at(step, lr, total_steps):
     to 0, no warm-up, as released (the first step uses lr, the last lr / total_steps)."""
     return lr * (1 - step / total_steps)
 
-def disable_dropout(model):
-    """Dropout off everywhere, as the released trainer does for policy and reference: trl's
-    disable_dropout_in_model zeroes nn.Dropout modules; attention dropout handed to the kernel as a
-    float attribute is zeroed too."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        for name in ("attention_dropout", "attn_dropout", "dropout"):
-            if isinstance(getattr(m, name, None), float):
-                setattr(m, name, 0.0)
-    return model
-
 def initial_model(source, n_vocab, shape, seed):
     """The initial weights: the same on every rank and every call (policy and π0); the global RNG
     is left as it was. Pretrained models get their dropout switched off, as released: rollouts,
@@ -547,20 +495,13 @@ def latro_state(run_info, iter_num, best_val_acc, before, ref_model):
     return {**run_info, "phase": "latro", "iter_num": iter_num, "best_val_acc": best_val_acc,
             "before": before, "rng": torch.get_rng_state(), "ref_model": ref_sd}
 
-def check_lengths(n_positions, prompts, answers, gold, max_rationale_tokens, max_new_tokens):
-    """A UserError when a sequence could outgrow the model's n_positions: a rollout (prompt +
-    max_rationale_tokens + answer), an evaluation (prompt + max_new_tokens + answer) or a gold
-    warm-up row (token lists of prompt, rationale, answer). Returns the longest length.
-    n_positions None: a model without a position limit in its config (nothing to check)."""
+def longest_sequences(prompts, answers, gold, max_rationale_tokens, max_new_tokens):
+    """(longest rollout or evaluation, longest gold warm-up row) in tokens: a prompt + its answer +
+    max(max_rationale_tokens, max_new_tokens), and the whole [x, z*, y] of a gold row (gold: token
+    lists of prompt, rationale, answer)."""
     need = max(len(x) + len(y) for x, y in zip(prompts, answers))
     need += max(max_rationale_tokens, max_new_tokens)
-    longest_gold = max((sum(map(len, row)) for row in gold), default=0)
-    if n_positions is not None and max(need, longest_gold) > n_positions:
-        raise UserError(f"the longest sequence needs {max(need, longest_gold)} positions (prompt + "
-                        f"answer + max(max_rationale_tokens, max_new_tokens) = {need}, gold "
-                        f"warm-up row {longest_gold}) but the model has {n_positions}: raise "
-                        f"block_size (scratch) or lower max_rationale_tokens / max_new_tokens")
-    return max(need, longest_gold)
+    return need, max((sum(map(len, row)) for row in gold), default=0)
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
@@ -591,8 +532,7 @@ if __name__ == "__main__":
                          split_layout=split_layout)
     train_ex, val_ex, test_ex = splits["train"], splits["val"], splits["test"]
     model_cfg = model_config(source) if source != "scratch" else None  # a wrong name fails here
-    tok = build_tokenizer(tokenizer or ("words" if source == "scratch" else source),
-                          train_ex + val_ex + test_ex)
+    tok = build_tokenizer(tokenizer_name(tokenizer, source), train_ex + val_ex + test_ex)
     train_x = encode_prompts(tok, train_ex, task, arc_options, prompt)
     train_y = encode_answers(tok, train_ex)
     stops = parse_stop_strings(stop_strings)
@@ -601,15 +541,10 @@ if __name__ == "__main__":
     # the warm-up's gold rows [x, z*, y]: a share of the training questions with their rationales;
     # the released SFT baseline (prompt=sft) trains one target text, then end-of-turn
     gold = train_ex[:max(1, int(sft_share * len(train_ex)))]
+    gold_x, gold_z, gold_y = gold_rows(tok, gold, task, arc_options, prompt)
     sft_total = sft_steps
     if sft_epochs > 0:
         sft_total = math.ceil(sft_epochs * len(gold) / sft_batch_size)
-    gold_x = encode_prompts(tok, gold, task, arc_options, prompt)
-    gold_z = [tok.encode(latro_rationale(ex)) for ex in gold]
-    gold_y = encode_answers(tok, gold)
-    if prompt == "sft":
-        gold_z = [tok.encode(sft_target(ex, task)) for ex in gold]
-        gold_y = [[tok.end_of_turn_id] for _ in gold]
 
     # ---- the model's shape without its weights: positions for the longest sequence, memory plan
     shape = dict(arch=arch, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
@@ -619,19 +554,21 @@ if __name__ == "__main__":
         with torch.device("meta"):
             model_cfg = load_model("scratch", len(tok), **shape).config
     eval_ex = val_ex + test_ex
-    longest = check_lengths(max_positions(model_cfg),
-                            train_x + encode_prompts(tok, eval_ex, task, arc_options,
-                                                     eval_prompt or prompt),
-                            train_y + encode_answers(tok, eval_ex),
-                            list(zip(gold_x, gold_z, gold_y)), max_rationale_tokens,
-                            max_new_tokens)
-    n_params = plan_memory(model_cfg, device, fsdp=fsdp,
-                           precision="bf16" if device_type == "cuda" else "fp32",
-                           grad_accum=grad_accum, reference="sharded" if fsdp else "full",
-                           kv_cache=(gen_batch_size, longest),
-                           activations=(micro_batch_size * longest,
-                                        micro_batch_size * (max_rationale_tokens + 16),
-                                        gradient_checkpointing))
+    rollout, gold_row = longest_sequences(
+        train_x + encode_prompts(tok, eval_ex, task, arc_options, eval_prompt or prompt),
+        train_y + encode_answers(tok, eval_ex), list(zip(gold_x, gold_z, gold_y)),
+        max_rationale_tokens, max_new_tokens)
+    fix = "raise block_size (scratch) or lower max_rationale_tokens / max_new_tokens"
+    longest = [(rollout, "the longest rollout or evaluation (prompt + answer + "
+                "max(max_rationale_tokens, max_new_tokens))", fix),
+               (gold_row, "the longest gold warm-up row", "raise block_size (scratch)")]
+    memory = dict(fsdp=fsdp, precision="bf16" if device_type == "cuda" else "fp32",
+                  grad_accum=grad_accum, reference="sharded" if fsdp else "full",
+                  kv_cache=(gen_batch_size, max(rollout, gold_row)),
+                  activations=(micro_batch_size * max(rollout, gold_row),
+                               micro_batch_size * (max_rationale_tokens + 16),
+                               gradient_checkpointing))
+    n_params = preflight(model_cfg, device, longest, memory)
 
     # ---- model: the same seed on every rank (DDP also broadcasts rank 0's weights)
     model = initial_model(source, len(tok), shape, seed)

@@ -94,12 +94,41 @@ def n_params_of_config(cfg):
         model = AutoModelForCausalLM.from_config(cfg)
     return sum(p.numel() for p in model.parameters())
 
+def disable_dropout(model):
+    """Dropout off everywhere, as the released trainer does for policy and reference: trl's
+    disable_dropout_in_model zeroes nn.Dropout modules; attention dropout handed to the kernel as a
+    float attribute is zeroed too."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        for name in ("attention_dropout", "attn_dropout", "dropout"):
+            if isinstance(getattr(m, name, None), float):
+                setattr(m, name, 0.0)
+    return model
+
 def backbone(model):
     """The transformer without the LM head; its .last_hidden_state is taken after the final norm."""
     return model.base_model
 
 def lm_head(model):
     return model.get_output_embeddings()
+
+def copy_token_rows(model, n_vocab, rows, source_id):
+    """New token rows (e.g. Coconut's markers): grow the embedding matrices to n_vocab rows if
+    needed, then copy the source token's row into each of `rows` (source_id None: keep the fresh
+    random rows). A fresh row in a pretrained tied head would get a logit near 0, far above real
+    tokens' (strongly negative) logits: training would start by predicting the new tokens. GPT-2
+    ties head and input embedding, so one write sets both; an untied head gets its own source
+    row."""
+    if model.get_input_embeddings().weight.shape[0] < n_vocab:
+        model.resize_token_embeddings(n_vocab, mean_resizing=False)
+    if source_id is None:
+        return
+    inp, out = model.get_input_embeddings().weight, lm_head(model).weight
+    matrices = [inp] if out is inp else [inp, out]
+    with torch.no_grad():
+        for w in matrices:
+            w[list(rows)] = w[source_id].clone()
 
 def autocast_ctx(device_type, precision=None):
     """bf16 autocast on CUDA (no fp16, no GradScaler); plain fp32 on the CPU. precision='fp32' or
@@ -232,6 +261,61 @@ def decode(model, last_logits, past_key_values, attention_mask, max_new_tokens, 
                     **cache_kwargs(model, past_key_values))
         logits, past_key_values = out.logits[:, -1].float(), output_cache(out)
     return tokens, finished
+
+# ---- stops found in the decoded text (LaTRO's stop strings): SentencePiece spells "The" after a
+# newline as another piece than at the start of an encoded string, so matching the ids of
+# encode(stop) would miss it
+
+def first_stop(text, strings):
+    """Character index where the first stop string of text starts, or -1."""
+    starts = [i for i in (text.find(s) for s in strings) if i >= 0]
+    return min(starts) if starts else -1
+
+def cut_at_stop(tok, ids, stop_ids, strings):
+    """(length, stopped): a rationale is ids[:length], cut strictly before its first stop: a stop id
+    (eos, pad, end-of-turn) or a stop string in the decoded text. The cut falls on the last token
+    boundary at or before the stop's first character (a stop starting inside a token cuts before
+    that token). 'First' is the stop the sampler sees first: the earliest start among the stops
+    complete in the shortest prefix that holds one."""
+    ids = [int(t) for t in ids]
+    n = next((i for i, t in enumerate(ids) if t in stop_ids), len(ids))
+    if not strings or first_stop(tok.decode(ids[:n]), strings) < 0:
+        return n, n < len(ids)
+    # the shortest prefix whose text holds a stop (once a prefix holds one, every longer one does)
+    lo, hi = 1, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if first_stop(tok.decode(ids[:mid]), strings) >= 0:
+            hi = mid
+        else:
+            lo = mid + 1
+    text = tok.decode(ids[:lo])
+    s = first_stop(text, strings)
+    # the last boundary before the stop: a prefix whose text is text's own beginning (byte-fallback
+    # pieces of a half-decoded character print as U+FFFD: no boundary) and ends at or before s
+    for k in range(lo - 1, -1, -1):
+        head = tok.decode(ids[:k])
+        if len(head) <= s and text.startswith(head):
+            return k, True
+    return 0, True
+
+class TailStopCheck:
+    """decode()'s stop_check: the rows whose newest tokens' text holds a stop string. Only the last
+    `window` tokens are decoded per step: a stop of b UTF-8 bytes spans at most b tokens (every
+    token decodes to at least one byte), and two more absorb what differs when a suffix is decoded
+    alone (SentencePiece drops the first piece's leading space; a byte-fallback piece cut from its
+    character prints U+FFFD). A suffix decoded alone never holds a stop the full text does not
+    hold, so no row stops early by mistake."""
+    def __init__(self, tok, strings):
+        self.tok, self.strings = tok, strings
+        self.window = max(len(s.encode("utf-8")) for s in strings) + 2
+
+    def __call__(self, tokens, finished):  # tokens (B, t), finished (B,) bool -> (B,) bool
+        hit = torch.zeros_like(finished)
+        rows = (~finished).nonzero().flatten().tolist()
+        for r, tail in zip(rows, tokens[rows, -self.window:].tolist()):
+            hit[r] = first_stop(self.tok.decode(tail), self.strings) >= 0
+        return hit
 
 def generate(model, input_ids, attention_mask, max_new_tokens, **decode_kwargs):
     """prefill + decode for a left-padded prompt batch."""

@@ -33,7 +33,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import ConfigError, UserError
-from model import n_params_of_config
+from model import max_positions, n_params_of_config
 
 # -----------------------------------------------------------------------------
 # processes and device
@@ -657,6 +657,18 @@ def check_memory_plan(plan):
     raise ConfigError(f"estimated {plan['total'] / GiB:.1f} GiB per GPU exceeds the device's "
                       f"{plan['device'] / GiB:.1f} GiB:\n{format_memory_plan(plan)}\n"
                       f"fixes (any of):\n  " + "\n  ".join(fixes))
+
+def preflight(hf_cfg, device, longest, memory):
+    """What both scripts check once the data is tokenized, before any weight is loaded: each kind
+    of sequence against the model's positions (longest: (tokens, what it is, how to shorten it)
+    triples), then the memory plan (memory: plan_memory's keywords), printed, and refused when it
+    cannot fit the device. Returns the model's parameter count."""
+    positions = max_positions(hf_cfg)
+    for tokens, what, fix in longest:
+        if positions and tokens > positions:
+            raise UserError(f"{what} needs {tokens} positions but the model has {positions}: "
+                            f"{fix}")
+    return plan_memory(hf_cfg, device, **memory)
 
 def plan_memory(hf_cfg, device, *, fsdp, precision, grad_accum, reference="none", kv_cache,
                 activations):

@@ -126,7 +126,7 @@ CLI_CASES = [
     (["coconut.py", "--task=json", "--task_options={}", "--data_path={tmp}/mydata.jsonl"],
      "mydata.jsonl names no split, and one file for"),
     (["coconut.py", "--n_train=8", "--n_val=2", "--n_test=2", "--batch_size=8", "--micro_batch_size=8",
-      "--block_size=24"], "more than the model's 24 positions (block_size): raise --block_size"),
+      "--block_size=24"], "needs 80 positions but the model has 24: raise --block_size"),
     (["coconut.py", "--n_train=4", "--n_val=2", "--n_test=2", "--batch_size=8", "--micro_batch_size=8"],
      "4 training examples < batch_size=8"),
 ]

@@ -5,12 +5,11 @@ import os
 import pytest
 import torch
 
-from coconut import (Coconut, Curriculum, collate, encode_example, generate_answers, init_markers, latent_forward,
-                     layout, marker_ids, marker_source, markers_present, naive_latent_forward, stage_of,
-                     thought_counts)
-from data import build_tokenizer
+from coconut import (Coconut, Curriculum, collate, encode_example, generate_answers, latent_forward, layout,
+                     marker_source, markers_present, naive_latent_forward, stage_of, thought_counts)
+from data import build_tokenizer, marker_ids
 from inprocess import check_rules_of, run_main
-from model import autocast_ctx, backbone, lm_head, load_model, position_ids_from_mask
+from model import autocast_ctx, backbone, copy_token_rows, lm_head, load_model, position_ids_from_mask
 
 V, PAD, EOS, BOT, LAT, EOT = 40, 0, 1, 37, 38, 39
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -198,8 +197,8 @@ def test_markers_copy_source_row_in_tied_head_and_do_not_raise_the_loss():
     SRC = 12
     special = (BOT, LAT, EOT)                                           # rows 37..39 of V = 40
     copied, fresh = negative_logit_gpt2(V - 3), negative_logit_gpt2(V - 3)
-    init_markers(copied, V, special, SRC)
-    init_markers(fresh, V, special, None)                               # the old default: fresh N(0, 0.02) rows
+    copy_token_rows(copied, V, special, SRC)
+    copy_token_rows(fresh, V, special, None)                               # the old default: fresh N(0, 0.02) rows
     for m in (copied, fresh):
         assert m.get_input_embeddings().weight.shape[0] == V
         assert lm_head(m).weight is m.get_input_embeddings().weight    # still tied after the resize
@@ -232,7 +231,7 @@ def test_markers_in_untied_head_copy_each_matrix_own_row():
     cfg = AutoConfig.for_model("llama", vocab_size=V - 3, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
     m = AutoModelForCausalLM.from_config(cfg)
-    init_markers(m, V, (BOT, LAT, EOT), 7)
+    copy_token_rows(m, V, (BOT, LAT, EOT), 7)
     inp, out = m.get_input_embeddings().weight, lm_head(m).weight
     assert inp is not out and inp.shape[0] == out.shape[0] == V
     assert not torch.equal(inp[7], out[7])

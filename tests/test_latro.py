@@ -10,11 +10,11 @@ from data import Tokenizer
 import latro
 from configurator import ConfigError, UserError, configure
 from inprocess import run_main
-from latro import (RELEASED_STOP_STRINGS, Sampler, SequenceScorer, batch_layout, build_batch, check_lengths,
-                   cut_at_stop, disable_dropout, latro_loss, latro_rewards, lr_at, parse_stop_strings,
-                   rank_prompts, resume_keys, rloo_advantages, sample, score_rows, step_indices)
+from latro import (RELEASED_STOP_STRINGS, Sampler, SequenceScorer, batch_layout, build_batch, longest_sequences,
+                   latro_loss, latro_rewards, lr_at, parse_stop_strings, rank_prompts, resume_keys,
+                   rloo_advantages, sample, score_rows, step_indices)
 from inprocess import check_rules_of
-from model import load_model
+from model import cut_at_stop, disable_dropout, load_model
 from run import check_same_run, load_run, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -343,15 +343,19 @@ def test_check_config_accepts_the_defaults_presets_and_documented_zeros():
     for preset in ("latro_gsm8k", "latro_arc", "latro_sft_gsm8k", "latro_gsm8k_8b"):
         assert check_config(cfg(f"config/{preset}.py"), 8) == (3, 48, 12)
 
-def test_check_lengths_counts_prompt_rationale_and_answer():
+def test_longest_sequences_count_prompt_rationale_and_answer():
+    from transformers import GPT2Config
+    from run import preflight
     prompts, answers, gold = [[1] * 10, [1] * 4], [[2] * 3, [2] * 9], [([1] * 5, [3] * 20, [2] * 3)]
     # the longest rollout: 4 + 9 answer tokens + max(12, 8) = 25; the gold row 28
-    assert check_lengths(28, prompts, answers, gold, 12, 8) == 28
-    assert check_lengths(30, prompts, answers, [], 12, 8) == 25
-    with pytest.raises(UserError, match="needs 28 positions .* but the model has 27"):
-        check_lengths(27, prompts, answers, gold, 12, 8)
-    with pytest.raises(UserError, match="needs 25 positions"):
-        check_lengths(24, prompts, answers, [], 8, 12)  # the evaluation's length counts too
+    assert longest_sequences(prompts, answers, gold, 12, 8) == (25, 28)
+    assert longest_sequences(prompts, answers, [], 12, 8) == (25, 0)
+    assert longest_sequences(prompts, answers, [], 8, 12) == (25, 0)  # the evaluation's length counts too
+    longest = [(25, "the longest rollout", "lower it"), (28, "the longest gold warm-up row", "raise it")]
+    with pytest.raises(UserError, match="gold warm-up row needs 28 positions but the model has 27"):
+        preflight(GPT2Config(n_positions=27), "cpu", longest, {})
+    with pytest.raises(UserError, match="rollout needs 25 positions but the model has 24: lower it"):
+        preflight(GPT2Config(n_positions=24), "cpu", longest, {})
 
 def check_resume(ckpt, config, tmp_path):
     """What latro.py does on --init_from=resume: load_run, then check_same_run on resume_keys."""

@@ -16,7 +16,8 @@ from tokenizers import models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from data import Tokenizer
-from latro import RELEASED_STOP_STRINGS, TailStopCheck, cut_at_stop
+from latro import RELEASED_STOP_STRINGS
+from model import TailStopCheck, cut_at_stop
 
 import torch
 
