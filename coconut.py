@@ -67,14 +67,14 @@ from run import (StopRequest, all_sum, check_same_run, distribute, end_distribut
 out_dir = "out/coconut"         # ckpt.pt (last, for resume), best.pt (best by val), hf/ (HF export)
 overwrite = False               # True: a scratch run may delete out_dir's ckpt.pt / best.pt
 ckpt_interval = 200             # also save ckpt.pt every this many optimizer steps (0: epoch ends)
-init_from = "scratch"           # scratch | resume (out_dir/ckpt.pt) | a .pt of this script | HF model
+init_from = "scratch"           # scratch | resume (out_dir/ckpt.pt) | a .pt of coconut.py | HF
 eval_only = False               # evaluate init_from on the test split (and probe), then exit
 wandb_log = False               # log to Weights & Biases (imported only when True)
 wandb_project = "nanolatent"
 wandb_run_name = "coconut"
 # data
-task = "prosqa_small"           # a data.py task: prosqa_small, prosqa, prontoqa, gsm8k_aug, json ...
-data_path = ""                  # local files; '{split}' -> train/valid/test (data/prosqa_{split}.json)
+task = "prosqa_small"           # a data.py task: prosqa_small, prosqa, prontoqa, gsm8k_aug, json
+data_path = ""                  # local files, '{split}' -> train/valid/test (prosqa_{split}.json)
 split_layout = ""               # one data file without {split}: 'tail:VAL,TEST' holds out its tail
 n_train = 0                     # examples per split, 0 = the task's default size
 n_val = 0
@@ -242,18 +242,6 @@ def layout(q, steps, answer, stage, cur, n_thoughts=None, inference=False):
     n = k * cur.c_thought if n_thoughts is None else n_thoughts
     return q + [bot] + [latent] * n + [eot], flatten(kept) + answer
 
-def schedule_lines(stage_at, cur):
-    """The stages of a run's epochs (stage_at: one per epoch) as log lines, one per stage."""
-    lines = []
-    for st in sorted(set(stage_at)):
-        eps = [ep for ep, s in enumerate(stage_at) if s == st]
-        replaced = "all" if st > cur.max_latent_stage else st
-        if cur.method not in CURRICULUM_METHODS:
-            replaced = "no"
-        lines.append(f"schedule: epochs {eps[0]}-{eps[-1]} {cur.method} stage {st}: "
-                     f"{thoughts_at_stage(st, cur)} thoughts/pauses, {replaced} steps replaced")
-    return "\n".join(lines)
-
 def thoughts_at_stage(stage, cur):
     """The thoughts (or pauses) at `stage` of an example with more steps than any stage replaces:
     what the schedule and the step log report."""
@@ -377,7 +365,7 @@ def aligned_columns(rows, latent_id, feedback_id, device):
     return c0, c0 + after, list(range(c0, c0 + n))
 
 # -----------------------------------------------------------------------------
-# inference: latent prefix with the cache, then KV-cached greedy decoding; the thought probe
+# inference: latent prefix with the cache, then KV-cached greedy decoding; accuracy over ranks
 
 @torch.no_grad()
 def generate_answers(model, prompts, latent_id, eos_id, pad_id, max_new_tokens, device):
@@ -393,35 +381,6 @@ def generate_answers(model, prompts, latent_id, eos_id, pad_id, max_new_tokens, 
     first_eos = (tokens == eos_id).float().argmax(1) + 1
     every_token = torch.full_like(first_eos, tokens.shape[1])
     return tokens, torch.where(stopped, first_eos, every_token)
-
-@torch.no_grad()
-def probe_thoughts(model, prompt, latent_id, k, device):
-    """The paper's analysis: each continuous thought read through the LM head. Returns (n, k) probs
-    and token ids of the top-k tokens of every thought vector fed back (the hidden state just before
-    each <latent>)."""
-    input_ids = torch.tensor([prompt], device=device)
-    hidden, _ = latent_forward(model, input_ids, torch.ones_like(input_ids), latent_id)
-    cols = [i - 1 for i, t in enumerate(prompt) if t == latent_id]
-    return lm_head(model)(hidden[0, cols]).float().softmax(-1).topk(k)
-
-def probe_lines(tok, probs, ids):
-    """probe_thoughts' answer as log lines, one per thought: its top-k tokens and probabilities."""
-    lines = []
-    for j, (top_p, top_ids) in enumerate(zip(probs.tolist(), ids.tolist())):
-        words = [f"{tok.decode([i], skip_special_tokens=False)!r} {q:.2f}"
-                 for i, q in zip(top_ids, top_p)]
-        lines.append(f"    thought {j + 1}: " + "  ".join(words))
-    return "\n".join(lines)
-
-def report_sweep(rows, info, path):
-    """The thought sweep as a Markdown table (rank 0 prints) and a json file (rank 0 writes)."""
-    print0("| thoughts | test acc | tokens generated (thoughts included) |\n|---|---|---|")
-    for r in rows:
-        print0(f"| {r['thoughts']} | {r['accuracy']:.4f} | {r['tokens']:.1f} |")
-    if int(os.environ.get("RANK", 0)) == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({**info, "rows": rows}, f, indent=1)
 
 def eval_prompts(rows, stage, cur, n_thoughts=None):
     """The prompts (question + markers + thoughts, as the released evaluation lays them out) of
@@ -487,6 +446,38 @@ def validation_loss(wrapper, coconut_model, rows, stage, cur, dec):
     return sums[0].item() / max(sums[1].item(), 1)
 
 # -----------------------------------------------------------------------------
+# the paper's analyses: each thought read through the LM head; accuracy against the thought count
+
+@torch.no_grad()
+def probe_thoughts(model, prompt, latent_id, k, device):
+    """The paper's analysis: each continuous thought read through the LM head. Returns (n, k) probs
+    and token ids of the top-k tokens of every thought vector fed back (the hidden state just before
+    each <latent>)."""
+    input_ids = torch.tensor([prompt], device=device)
+    hidden, _ = latent_forward(model, input_ids, torch.ones_like(input_ids), latent_id)
+    cols = [i - 1 for i, t in enumerate(prompt) if t == latent_id]
+    return lm_head(model)(hidden[0, cols]).float().softmax(-1).topk(k)
+
+def probe_lines(tok, probs, ids):
+    """probe_thoughts' answer as log lines, one per thought: its top-k tokens and probabilities."""
+    lines = []
+    for j, (top_p, top_ids) in enumerate(zip(probs.tolist(), ids.tolist())):
+        words = [f"{tok.decode([i], skip_special_tokens=False)!r} {q:.2f}"
+                 for i, q in zip(top_ids, top_p)]
+        lines.append(f"    thought {j + 1}: " + "  ".join(words))
+    return "\n".join(lines)
+
+def report_sweep(rows, info, path):
+    """The thought sweep as a Markdown table (rank 0 prints) and a json file (rank 0 writes)."""
+    print0("| thoughts | test acc | tokens generated (thoughts included) |\n|---|---|---|")
+    for r in rows:
+        print0(f"| {r['thoughts']} | {r['accuracy']:.4f} | {r['tokens']:.1f} |")
+    if int(os.environ.get("RANK", 0)) == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump({**info, "rows": rows}, f, indent=1)
+
+# -----------------------------------------------------------------------------
 # the markers: three new tokens, with rows that do not disturb a pretrained model
 
 def markers_present(tok, ckpt):
@@ -522,6 +513,18 @@ def marker_source(tok, marker_init, base):
 
 # -----------------------------------------------------------------------------
 # the training loop's decisions, as small functions the loop calls and the tests import
+
+def schedule_lines(stage_at, cur):
+    """The stages of a run's epochs (stage_at: one per epoch) as log lines, one per stage."""
+    lines = []
+    for st in sorted(set(stage_at)):
+        eps = [ep for ep, s in enumerate(stage_at) if s == st]
+        replaced = "all" if st > cur.max_latent_stage else st
+        if cur.method not in CURRICULUM_METHODS:
+            replaced = "no"
+        lines.append(f"schedule: epochs {eps[0]}-{eps[-1]} {cur.method} stage {st}: "
+                     f"{thoughts_at_stage(st, cur)} thoughts/pauses, {replaced} steps replaced")
+    return "\n".join(lines)
 
 def draw_stages(rng, stage, uniform_prob, n_steps_list):
     """Each training example's stage this epoch: the scheduled `stage`, or with probability

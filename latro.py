@@ -621,7 +621,8 @@ if __name__ == "__main__":
             sft_optimizer.step()
             sft_optimizer.zero_grad(set_to_none=True)
             if stop.requested(device):  # Ctrl-C / SIGTERM on any rank: save this step, then exit
-                state = {**run_info, "rng": torch.get_rng_state(), "phase": "sft", "sft_iter": it + 1}
+                state = {**run_info, "rng": torch.get_rng_state(), "phase": "sft",
+                         "sft_iter": it + 1}
                 save_run(ckpt_path, state, model, sft_optimizer)
                 train_scorer = None                                    # (the wrapper goes first)
                 exit_on_signal(stop, f"at sft step {it + 1}: {ckpt_path} saved")

@@ -389,7 +389,8 @@ def check_same_run(saved, config, keys):
 
 def save_hf_export(model, tok, path):
     """out_dir/hf: the weights (gathered whole: a collective under FSDP) and the tokenizer, as
-    save_pretrained writes them, loadable with from_pretrained. Every rank calls it; rank 0 writes."""
+    save_pretrained writes them, loadable with from_pretrained. Every rank calls it; rank 0
+    writes."""
     model_sd = gather_full(model.state_dict())
     if int(os.environ.get("RANK", 0)) == 0:
         hf_model_in(model).save_pretrained(path, state_dict=model_sd)
