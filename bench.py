@@ -1,22 +1,26 @@
 """
 Speed, memory and MFU of both methods, each measured against the naive way of doing the same work.
 
-    python bench.py                                   # CPU preset: minutes on 2 cores
-    python bench.py --preset=gpu                      # one GPU: GPT-2-small shape at the paper's batch, bf16
+    python bench.py                 # CPU preset: minutes on 2 cores
+    python bench.py --preset=gpu    # one GPU: GPT-2-small shape at the paper's batch, bf16
     python bench.py --sections=coconut_train --sizes=tiny --repeats=5
 
-Every comparison runs both sides in the same process, alternating, after warm-up, and reports the median of
-`repeats` timings and the ratio. Prints a Markdown table and writes the same figures to `out_json`.
+Every comparison runs both sides in the same process, alternating, after warm-up, and reports the
+median of `repeats` timings and the ratio. Prints a Markdown table and writes the same figures to
+`out_json`.
 Rows:
-  coconut_train  tokens/s of a coconut training step with n thoughts vs a CoT step over the same tokens, and vs a
-                 naive latent forward that re-encodes the whole prefix on every thought pass (what the KV cache saves);
-                 saved-for-backward activation memory (and CUDA peak memory on a GPU); MFU.
-  coconut_eval   examples/s of batched KV-cached latent generation vs batch-1 generation that re-encodes the whole
-                 sequence for every new token (the released approach); the answers must be token-identical.
-  latro_step     step time split into rollout / scoring / update and rollout tokens/s, vs the released pipeline's
-                 shape (fixed-length rollouts, three separate scoring passes, two grad forwards); growth with K and L.
-  mfu            model FLOPs/s over the peak: on CPU the peak matmul throughput measured in this run, on CUDA the
-                 device's bf16 peak (H100 SXM: 989 TFLOP/s).
+  coconut_train  tokens/s of a coconut training step with n thoughts vs a CoT step over the same
+                 tokens, and vs a naive latent forward that re-encodes the whole prefix on every
+                 thought pass (what the KV cache saves); saved-for-backward activation memory (and
+                 CUDA peak memory on a GPU); MFU.
+  coconut_eval   examples/s of batched KV-cached latent generation vs batch-1 generation that
+                 re-encodes the whole sequence for every new token (the released approach); the
+                 answers must be token-identical.
+  latro_step     step time split into rollout / scoring / update and rollout tokens/s, vs the
+                 released pipeline's shape (fixed-length rollouts, three separate scoring passes,
+                 two grad forwards); growth with K and L.
+  mfu            model FLOPs/s over the peak: on CPU the peak matmul throughput measured in this
+                 run, on CUDA the device's bf16 peak (H100 SXM: 989 TFLOP/s).
   memory         model.py's per-GPU memory plan for the papers' models on 8 x 80 GiB, DDP vs FSDP:
                  estimated from the published shapes, no GPU, no download (--sections=memory).
 """
@@ -37,16 +41,16 @@ from model import backbone, load_model, lm_head, token_logprobs, autocast_ctx
 from model import n_params_of_config
 from run import PLAN_PARTS, estimate_activation_bytes, estimate_kv_cache_bytes, memory_plan
 from coconut import Coconut, generate_answers, naive_latent_forward
-from latro import (Sampler, SequenceScorer, build_batch, latro_loss, latro_rewards, rloo_advantages, sample,
-                   score_rows)
+from latro import (Sampler, SequenceScorer, build_batch, latro_loss, latro_rewards, rloo_advantages,
+                   sample, score_rows)
 
 # -----------------------------------------------------------------------------
-preset = "cpu"              # cpu: small shapes for a laptop; gpu: GPT-2-small at the paper's batch in bf16
+preset = "cpu"  # cpu: small shapes for a laptop; gpu: GPT-2-small at the paper's batch in bf16
 sections = "coconut_train,coconut_eval,latro_step,mfu,memory"
-sizes = ""                  # model shapes to run, '' = the preset's (tiny: 2x128, gpt2: 12x768, vocab 50257)
+sizes = ""      # model shapes to run, '' = the preset's (tiny: 2x128, gpt2: 12x768, vocab 50257)
 device = "auto"
-repeats = 3                 # timed repetitions per side (median reported)
-warmup = 1                  # untimed repetitions per side first
+repeats = 3     # timed repetitions per side (median reported)
+warmup = 1      # untimed repetitions per side first
 seed = 0
 out_json = "bench.json"
 if __name__ == "__main__":
@@ -55,12 +59,15 @@ if __name__ == "__main__":
 
 SHAPES = {"tiny": dict(n_layer=2, n_head=4, n_embd=128, vocab=128),
           "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab=50257)}
-PRESETS = {  # batch, question length, rest (steps+answer) length, thought counts, LaTRO K / L / prompts
-    "cpu": dict(sizes="tiny,gpt2", batch={"tiny": 32, "gpt2": 2}, prefix=48, rest=32, thoughts=(0, 2, 4, 6),
-                eval_n={"tiny": 16, "gpt2": 4}, eval_new=16, latro_prompts=4, latro_k=(2, 4, 8), latro_len=(16, 32, 64),
+# batch, question length, rest (steps+answer) length, thought counts, LaTRO K / L / prompts
+PRESETS = {
+    "cpu": dict(sizes="tiny,gpt2", batch={"tiny": 32, "gpt2": 2}, prefix=48, rest=32,
+                thoughts=(0, 2, 4, 6), eval_n={"tiny": 16, "gpt2": 4}, eval_new=16,
+                latro_prompts=4, latro_k=(2, 4, 8), latro_len=(16, 32, 64),
                 latro_sizes=("tiny",)),  # a 50k-vocabulary LaTRO step is minutes on a CPU
-    "gpu": dict(sizes="gpt2", batch={"tiny": 128, "gpt2": 32}, prefix=128, rest=64, thoughts=(0, 2, 4, 6),
-                eval_n={"tiny": 128, "gpt2": 128}, eval_new=64, latro_prompts=8, latro_k=(4, 8, 16), latro_len=(64, 128, 256),
+    "gpu": dict(sizes="gpt2", batch={"tiny": 128, "gpt2": 32}, prefix=128, rest=64,
+                thoughts=(0, 2, 4, 6), eval_n={"tiny": 128, "gpt2": 128}, eval_new=64,
+                latro_prompts=8, latro_k=(4, 8, 16), latro_len=(64, 128, 256),
                 latro_sizes=("tiny", "gpt2")),
 }
 
@@ -72,7 +79,8 @@ def sync(dev):
         torch.cuda.synchronize()
 
 def alternate(fns, dev, repeats, warmup):
-    """Median seconds of each function, run in turns (a, b, a, b, ...) so drift hits every side alike."""
+    """Median seconds of each function, run in turns (a, b, a, b, ...) so drift hits every side
+    alike."""
     times = [[] for _ in fns]
     for r in range(warmup + repeats):
         for i, fn in enumerate(fns):
@@ -85,8 +93,9 @@ def alternate(fns, dev, repeats, warmup):
     return [statistics.median(t) for t in times]
 
 def saved_activation_bytes(fn):
-    """Bytes of distinct tensors autograd saves for the backward of fn(): the activation memory of a training
-    step, measurable on any device (CUDA's allocator peak is reported too when on a GPU)."""
+    """Bytes of distinct tensors autograd saves for the backward of fn(): the activation memory of a
+    training step, measurable on any device (CUDA's allocator peak is reported too when on a
+    GPU)."""
     seen = {}
     def pack(t):
         seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
@@ -96,7 +105,8 @@ def saved_activation_bytes(fn):
     return sum(seen.values())
 
 def peak_matmul_flops(dev, dtype, n=2048, iters=10):
-    """Measured peak: FLOP/s of a large square matmul in this process (the CPU's denominator for MFU)."""
+    """Measured peak: FLOP/s of a large square matmul in this process (the CPU's denominator for
+    MFU)."""
     a, b = (torch.randn(n, n, device=dev, dtype=dtype) for _ in range(2))
     for _ in range(2):
         a @ b
@@ -108,11 +118,13 @@ def peak_matmul_flops(dev, dtype, n=2048, iters=10):
     return 2 * n ** 3 * iters / (time.perf_counter() - t0)
 
 def train_flops(model, n_tokens, n_labelled, ctx_len):
-    """FLOPs of forward+backward (3x forward): 2 per non-embedding weight per token, the LM head only at labelled
-    positions (we never compute the others), and attention scores/values at context length ctx_len."""
+    """FLOPs of forward+backward (3x forward): 2 per non-embedding weight per token, the LM head
+    only at labelled positions (we never compute the others), and attention scores/values at context
+    length ctx_len."""
     cfg = model.config
     d, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
-    emb = sum(p.numel() for n, p in model.named_parameters() if "wte" in n or "wpe" in n or "embed_tokens" in n)
+    emb = sum(p.numel() for n, p in model.named_parameters()
+              if "wte" in n or "wpe" in n or "embed_tokens" in n)
     non_emb = sum(p.numel() for p in model.parameters()) - emb
     fwd = 2 * non_emb * n_tokens + 2 * V * d * n_labelled + 2 * 2 * L * d * ctx_len * n_tokens
     return 3 * fwd
@@ -122,9 +134,10 @@ def train_flops(model, n_tokens, n_labelled, ctx_len):
 
 @torch.no_grad()
 def naive_latent_generate(model, prompt, latent_id, eos_id, max_new_tokens):
-    """The released approach: batch 1, no KV cache. The thoughts are computed once (coconut.naive_latent_forward,
-    which ends with a pass over the whole prompt), then every new token re-encodes the whole sequence (question,
-    thoughts, answer so far) from its input embeddings."""
+    """The released approach: batch 1, no KV cache. The thoughts are computed once
+    (coconut.naive_latent_forward, which ends with a pass over the whole prompt), then every new
+    token re-encodes the whole sequence (question, thoughts, answer so far) from its input
+    embeddings."""
     ids = torch.tensor([prompt], device=next(model.parameters()).device)
     hidden, embeds = naive_latent_forward(model, ids, torch.ones_like(ids), latent_id)
     out = []
@@ -142,12 +155,14 @@ def naive_latent_generate(model, prompt, latent_id, eos_id, max_new_tokens):
 def make_model(shape, dev):
     s = SHAPES[shape]
     torch.manual_seed(seed)
-    m = load_model("scratch", s["vocab"], n_layer=s["n_layer"], n_head=s["n_head"], n_embd=s["n_embd"],
-                   block_size=1024, eos_id=1, pad_id=0, device_type=dev.split(":")[0])
+    m = load_model("scratch", s["vocab"], n_layer=s["n_layer"], n_head=s["n_head"],
+                   n_embd=s["n_embd"], block_size=1024, eos_id=1, pad_id=0,
+                   device_type=dev.split(":")[0])
     return m.to(dev)
 
 def latent_batch(B, prefix, n, rest, vocab, latent_id, dev, g):
-    """B rows: prefix tokens, n thought columns, rest tokens (labelled). Same total length for every n."""
+    """B rows: prefix tokens, n thought columns, rest tokens (labelled). Same total length for every
+    n."""
     ids = torch.randint(3, vocab - 1, (B, prefix + n + rest), generator=g)
     ids[:, prefix:prefix + n] = latent_id
     labels = torch.full_like(ids, -100)
@@ -162,7 +177,8 @@ def bench_coconut_train(shape, P, dev, ctx, rows, peak):
     coconut, plain = Coconut(model, latent_id), Coconut(model, None)
     for n in P["thoughts"]:
         # the same B x T tokens: n thoughts cost n positions of the CoT row's steps
-        batch = latent_batch(B, P["prefix"], n, P["rest"] + (P["thoughts"][-1] - n), vocab, latent_id, dev, g)
+        batch = latent_batch(B, P["prefix"], n, P["rest"] + (P["thoughts"][-1] - n), vocab,
+                             latent_id, dev, g)
         cot_batch = (batch[0].masked_fill(batch[0] == latent_id, 5), batch[1], batch[2])
         def step(loss_fn):  # one training step: forward, backward, AdamW update
             with ctx:
@@ -173,7 +189,8 @@ def bench_coconut_train(shape, P, dev, ctx, rows, peak):
         def naive_loss():
             h, _ = naive_latent_forward(model, batch[0], batch[1], latent_id)
             mask = batch[2][:, 1:] != -100
-            return -token_logprobs(model, h[:, :-1], batch[2][:, 1:].clamp(min=0), mask).sum() / mask.sum()
+            return (-token_logprobs(model, h[:, :-1], batch[2][:, 1:].clamp(min=0), mask).sum()
+                    / mask.sum())
         fns = [lambda: step(lambda: coconut(*batch)), lambda: step(lambda: plain(*cot_batch))]
         fns += [lambda: step(naive_loss)] if n else []
         t = alternate(fns, dev, repeats, warmup)
@@ -187,8 +204,9 @@ def bench_coconut_train(shape, P, dev, ctx, rows, peak):
             cuda_peak = torch.cuda.max_memory_allocated() / 2**20
         flops = train_flops(model, B * T, int((batch[2] != -100).sum()), T)
         rows.append(dict(section="coconut_train", model=shape, thoughts=n, batch=B, seq=T,
-                         coconut_tok_s=B * T / t[0], cot_tok_s=B * T / t[1], overhead_vs_cot=t[0] / t[1],
-                         naive_tok_s=B * T / t[2] if n else None, speedup_vs_naive=t[2] / t[0] if n else None,
+                         coconut_tok_s=B * T / t[0], cot_tok_s=B * T / t[1],
+                         overhead_vs_cot=t[0] / t[1], naive_tok_s=B * T / t[2] if n else None,
+                         speedup_vs_naive=t[2] / t[0] if n else None,
                          act_mb=mem / 2**20, act_mb_cot=mem_cot / 2**20, cuda_peak_mb=cuda_peak,
                          mfu=flops / t[0] / peak))
 
@@ -197,24 +215,27 @@ def bench_coconut_eval(shape, P, dev, ctx, rows):
     vocab, latent_id, n = SHAPES[shape]["vocab"], SHAPES[shape]["vocab"] - 1, P["thoughts"][-1]
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(3, vocab - 1, (int(L),), generator=g).tolist() + [latent_id] * n
-               for L in torch.randint(P["prefix"] // 2, P["prefix"], (P["eval_n"][shape],), generator=g)]
+               for L in torch.randint(P["prefix"] // 2, P["prefix"], (P["eval_n"][shape],),
+                                      generator=g)]
     out = {}
     def batched():
         with ctx:
             out["b"] = generate_answers(model, prompts, latent_id, 1, 0, P["eval_new"], dev)
     def batch1():
         with ctx:
-            out["1"] = [naive_latent_generate(model, p, latent_id, 1, P["eval_new"]) for p in prompts]
+            out["1"] = [naive_latent_generate(model, p, latent_id, 1, P["eval_new"])
+                        for p in prompts]
     t = alternate([batched, batch1], dev, repeats, warmup)
     tokens, n_gen = out["b"]
     same = all(tokens[i, :n_gen[i]].tolist() == out["1"][i] for i in range(len(prompts)))
     rows.append(dict(section="coconut_eval", model=shape, examples=len(prompts), thoughts=n,
-                     new_tokens=P["eval_new"], batched_ex_s=len(prompts) / t[0], batch1_ex_s=len(prompts) / t[1],
-                     speedup=t[1] / t[0], identical_answers=same))
+                     new_tokens=P["eval_new"], batched_ex_s=len(prompts) / t[0],
+                     batch1_ex_s=len(prompts) / t[1], speedup=t[1] / t[0], identical_answers=same))
 
 def released_step(model, ref, prompts, K, L, dev, ctx, g):
-    """The released pipeline's shape: L tokens always (no early stop), three full-vocabulary scoring passes,
-    and two grad forwards per micro-batch (answer branch back-propagated even at weight 0)."""
+    """The released pipeline's shape: L tokens always (no early stop), three full-vocabulary scoring
+    passes, and two grad forwards per micro-batch (answer branch back-propagated even at weight
+    0)."""
     x = [p for p in prompts for _ in range(K)]
     t0 = time.perf_counter()
     z, _, _ = sample(model, x, L, Sampler(None, set(), [], 0, len(x), ctx), g, temperature=1.0)
@@ -236,12 +257,14 @@ def released_step(model, ref, prompts, K, L, dev, ctx, g):
     return t1 - t0, t2 - t1, time.perf_counter() - t2, len(x) * L
 
 def our_step(model, ref, prompts, K, L, dev, ctx, g):
-    """latro.py's step: early-stopped rollouts, one policy + one reference no-grad pass, one grad forward.
-    A random model has no eos habit, so a stop set of vocab/L tokens gives each token a ~1/L stop chance."""
+    """latro.py's step: early-stopped rollouts, one policy + one reference no-grad pass, one grad
+    forward. A random model has no eos habit, so a stop set of vocab/L tokens gives each token a
+    ~1/L stop chance."""
     x = [p for p in prompts for _ in range(K)]
     stops = set(range(2, 2 + max(1, SHAPES_VOCAB[0] // L)))  # stop ids only: no tokenizer needed
     t0 = time.perf_counter()
-    z, stopped, n_tok = sample(model, x, L, Sampler(None, stops, [], 0, len(x), ctx), g, temperature=1.0)
+    z, stopped, n_tok = sample(model, x, L, Sampler(None, stops, [], 0, len(x), ctx), g,
+                               temperature=1.0)
     sync(dev); t1 = time.perf_counter()
     y = [[7, 8, 9, 1]] * len(x)
     logp_z, logp_y = score_rows(SequenceScorer(model), x, z, y, 0, len(x), ctx)
@@ -277,10 +300,12 @@ def bench_latro(shape, P, dev, ctx, rows):
             med = {k: [statistics.median(x) for x in zip(*v)] for k, v in res.items()}
             ours, rel = med["ours"], med["released"]
             rows.append(dict(section="latro_step", model=shape, prompts=len(prompts), K=K, L=L,
-                             rollout_s=ours[0], scoring_s=ours[1], update_s=ours[2], step_s=sum(ours[:3]),
-                             rollout_tok_s=ours[3] / ours[0], mean_rationale=ours[3] / (len(prompts) * K),
-                             released_step_s=sum(rel[:3]), released_rollout_s=rel[0], released_scoring_s=rel[1],
-                             released_update_s=rel[2], speedup=sum(rel[:3]) / sum(ours[:3])))
+                             rollout_s=ours[0], scoring_s=ours[1], update_s=ours[2],
+                             step_s=sum(ours[:3]), rollout_tok_s=ours[3] / ours[0],
+                             mean_rationale=ours[3] / (len(prompts) * K),
+                             released_step_s=sum(rel[:3]), released_rollout_s=rel[0],
+                             released_scoring_s=rel[1], released_update_s=rel[2],
+                             speedup=sum(rel[:3]) / sum(ours[:3])))
 
 # -----------------------------------------------------------------------------
 # memory: the per-GPU plan for the papers' models, from their shapes
@@ -406,23 +431,26 @@ if __name__ == "__main__":
     todo = sections.split(",")
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
-        peak = 989e12 if "H100" in name else peak_matmul_flops(device, torch.bfloat16)  # H100 SXM dense bf16
+        # H100 SXM dense bf16
+        peak = 989e12 if "H100" in name else peak_matmul_flops(device, torch.bfloat16)
     else:
         name = platform.processor() or platform.machine()
         with open("/proc/cpuinfo") as f:
             name = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), name)
         peak = peak_matmul_flops(device, torch.float32)
-    header = (f"machine: {name} | cores {os.cpu_count()} | threads {torch.get_num_threads()} | torch "
-              f"{torch.__version__} | transformers {transformers.__version__} | {device} "
-              f"{'bf16 autocast' if device_type == 'cuda' else 'fp32'} | peak {peak / 1e9:,.0f} GFLOP/s"
-              f" ({'bf16 spec' if device_type == 'cuda' and 'H100' in name else 'measured matmul'})")
+    header = (f"machine: {name} | cores {os.cpu_count()} | threads {torch.get_num_threads()} | "
+              f"torch {torch.__version__} | transformers {transformers.__version__} | {device} "
+              f"{'bf16 autocast' if device_type == 'cuda' else 'fp32'} | "
+              f"peak {peak / 1e9:,.0f} GFLOP/s ("
+              f"{'bf16 spec' if device_type == 'cuda' and 'H100' in name else 'measured matmul'})")
     print(header)
     rows = []
     t0 = time.time()
     for shape in shapes:
         if "coconut_train" in todo or "mfu" in todo:
             bench_coconut_train(shape, P, device, ctx, rows, peak)
-            print(f"coconut_train {shape} done ({time.time() - t0:.0f}s)", table(rows[-len(PRESETS[preset]["thoughts"]):]), flush=True)
+            print(f"coconut_train {shape} done ({time.time() - t0:.0f}s)",
+                  table(rows[-len(PRESETS[preset]["thoughts"]):]), flush=True)
         if "coconut_eval" in todo:
             bench_coconut_eval(shape, P, device, ctx, rows)
             print(f"coconut_eval {shape} done ({time.time() - t0:.0f}s)", flush=True)

@@ -1,19 +1,22 @@
 """
-Data for nanolatent: every task as one example format, the text each method trains on, and the tokenizers.
+Data for nanolatent: every task as one example format, the text each method trains on, and the
+tokenizers.
 
-An example is a dict {"question": str, "steps": [str, ...], "answer": str} plus optional metadata. Coconut trains
-on question + steps + answer, LaTRO sees only question + answer (its rationales are latent), and SFT baselines use
-the steps as the gold rationale.
+An example is a dict {"question": str, "steps": [str, ...], "answer": str} plus optional metadata.
+Coconut trains on question + steps + answer, LaTRO sees only question + answer (its rationales are
+latent), and SFT baselines use the steps as the gold rationale.
 
-    examples = load_task("prosqa", "train")            # generated here, no download, deterministic by seed
-    examples = load_task("gsm8k", "test")              # hub `openai/gsm8k` through `datasets` (imported lazily)
+    examples = load_task("prosqa", "train")   # generated here, no download, deterministic by seed
+    examples = load_task("gsm8k", "test")     # hub `openai/gsm8k` through `datasets`
+                                              # (imported lazily)
     examples = load_task("json", "train", path="prosqa_{split}.json")  # the official Coconut files
-    tok = build_tokenizer("words", examples)           # closed word-level vocabulary, fast for tiny models
+    tok = build_tokenizer("words", examples)  # closed word-level vocabulary, fast for tiny models
 
-Generated tasks (Coconut's ProsQA and ProntoQA, iCoT's multiplication, and "modsum", a toy for LaTRO) keep their
-splits disjoint by construction: a question belongs to train, val or test according to a stable hash of its
-canonical text, and each split's generator keeps only the questions of its own bucket. The split a question lands
-in therefore never depends on the seed or on the requested sizes.
+Generated tasks (Coconut's ProsQA and ProntoQA, iCoT's multiplication, and "modsum", a toy for
+LaTRO) keep their splits disjoint by construction: a question belongs to train, val or test
+according to a stable hash of its canonical text, and each split's generator keeps only the
+questions of its own bucket. The split a question lands in therefore never depends on the seed or on
+the requested sizes.
 
 Local files never leak one split into another: a path serves a split when it contains `{split}`
 (filled in here) or its file name names that split (`gsm8k_test.jsonl`, `valid.txt`); one file for
@@ -47,7 +50,8 @@ COCONUT_MARKERS = {"bot": "<|start-latent|>", "latent": "<|latent|>", "eot": "<|
 # 50259) and the marker rows of existing checkpoints stay as they are
 COCONUT_SPECIAL_TOKENS = [COCONUT_MARKERS["bot"], COCONUT_MARKERS["eot"], COCONUT_MARKERS["latent"]]
 STEP_BY_STEP = " Let's think step by step."
-ARC_INSTRUCTION = "Let's think step by step first then print your answer like 'The answer is (one of the options)'."
+ARC_INSTRUCTION = ("Let's think step by step first then print your answer like "
+                   "'The answer is (one of the options)'.")
 # the released SFT baseline's ARC prompts: the training instruction, and the format block its
 # evaluation script puts before the question of an SFT checkpoint (prompt texts, kept verbatim so
 # the numbers are comparable)
@@ -80,7 +84,8 @@ def step_text(step):
 
 
 def answer_text(ex):
-    """Coconut: `### A` (the script appends eos as a token id, so no tokenizer ever has to spell it)."""
+    """Coconut: `### A` (the script appends eos as a token id, so no tokenizer ever has to spell
+    it)."""
     return "### " + ex["answer"]
 
 
@@ -98,9 +103,9 @@ def arc_options_text(options, style="released"):
 def latro_prompt(ex, task, arc_options="released", style="cot"):
     """LaTRO: the user turn. style cot: the CoT prompt (ARC: the released multiple-choice template;
     every other task: question + the CoT suffix). sft: the released SFT baseline's training prompt
-    (GSM8K: the bare question; ARC: the direct-answer instruction). sft_eval: the prompt the released
-    evaluation gives an SFT checkpoint (GSM8K: the CoT prompt; ARC: the output-format block, then
-    question and options)."""
+    (GSM8K: the bare question; ARC: the direct-answer instruction). sft_eval: the prompt the
+    released evaluation gives an SFT checkpoint (GSM8K: the CoT prompt; ARC: the output-format
+    block, then question and options)."""
     if style not in PROMPT_STYLES:
         raise ValueError(f"prompt style {style!r}: use one of {PROMPT_STYLES}")
     if task == "arc":
@@ -127,8 +132,8 @@ def sft_target(ex, task):
 
 
 def latro_answer(gold):
-    """LaTRO: the answer y whose likelihood is the reward (the script appends the end-of-turn token id).
-    A gold answer that is a sentence ("Tom is a lempus.") keeps one final period."""
+    """LaTRO: the answer y whose likelihood is the reward (the script appends the end-of-turn token
+    id). A gold answer that is a sentence ("Tom is a lempus.") keeps one final period."""
     return f"The answer is {gold.rstrip('.')}."
 
 
@@ -139,8 +144,9 @@ def latro_rationale(ex):
 # -----------------------------------------------------------------------------
 # tokenizers
 
-# Word-level pre-tokenization: "\n" is a token; . , ? ! : ; are tokens when they end a word ("terpus." -> "terpus"
-# "."), but stay inside a word ("3.5", "Let's"); everything else splits on whitespace.
+# Word-level pre-tokenization: "\n" is a token; . , ? ! : ; are tokens when they end a word
+# ("terpus." -> "terpus" "."), but stay inside a word ("3.5", "Let's"); everything else splits on
+# whitespace.
 _WORD_PUNCT = ".,?!:;"
 _WORD_PATTERN = r"\n|[.,?!:;](?=[.,?!:;]*(?:\s|$))|[^\s]+?(?=[.,?!:;]*(?:\s|$))"
 _WORD_RE = re.compile(_WORD_PATTERN)
@@ -153,7 +159,8 @@ def split_words(text):
 
 
 def join_words(words):
-    """Inverse of split_words for normally spaced text: no space before punctuation, none around newlines."""
+    """Inverse of split_words for normally spaced text: no space before punctuation, none around
+    newlines."""
     out = []
     for w in words:
         glue = not out or out[-1] == "\n" or w == "\n" or all(c in _WORD_PUNCT for c in w)
@@ -164,9 +171,10 @@ def join_words(words):
 class Tokenizer:
     """One small interface over any Hugging Face tokenizer, the offline word-level one included.
 
-    The word-level tokenizer is a PreTrainedTokenizerFast around a `tokenizers` WordLevel model, so it saves and
-    loads with save_pretrained / from_pretrained like any other; only decoding is done here (HF would put a space
-    between every pair of words), so that decode(encode(t)) == t for the generated task texts.
+    The word-level tokenizer is a PreTrainedTokenizerFast around a `tokenizers` WordLevel model, so
+    it saves and loads with save_pretrained / from_pretrained like any other; only decoding is done
+    here (HF would put a space between every pair of words), so that decode(encode(t)) == t for the
+    generated task texts.
     """
 
     def __init__(self, hf):
@@ -179,12 +187,16 @@ class Tokenizer:
 
     @classmethod
     def from_words(cls, texts):
-        """A closed vocabulary over the words of `texts` (sorted, so the ids do not depend on the text order)."""
+        """A closed vocabulary over the words of `texts` (sorted, so the ids do not depend on the
+        text order)."""
         words = sorted({w for t in texts for w in split_words(t)})
-        vocab = {w: i for i, w in enumerate(_WORD_SPECIALS + [w for w in words if w not in _WORD_SPECIALS])}
+        vocab = {w: i for i, w in enumerate(
+            _WORD_SPECIALS + [w for w in words if w not in _WORD_SPECIALS])}
         rust = _RustTokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-        # invert=True + "removed": the regex describes the pieces to keep, the whitespace between them is dropped
-        rust.pre_tokenizer = pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="removed", invert=True)
+        # invert=True + "removed": the regex describes the pieces to keep, the whitespace between
+        # them is dropped
+        rust.pre_tokenizer = pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="removed",
+                                                  invert=True)
         hf = PreTrainedTokenizerFast(tokenizer_object=rust, pad_token="<pad>", bos_token="<bos>",
                                      eos_token="<eos>", unk_token="<unk>")
         return cls(hf)
@@ -193,7 +205,8 @@ class Tokenizer:
         return len(self.hf)
 
     def encode(self, text, add_special_tokens=False):
-        ids = self.hf.encode(text, add_special_tokens=add_special_tokens)  # True: BOS etc. as the tokenizer adds
+        # True: BOS etc. as the tokenizer adds
+        ids = self.hf.encode(text, add_special_tokens=add_special_tokens)
         if self.is_words and self.hf.unk_token_id in ids:
             # a closed vocabulary must not silently map words to <unk>: say which words are missing
             missing = sorted({w for w in split_words(text) if w not in self.hf.get_vocab()})
@@ -205,7 +218,8 @@ class Tokenizer:
         if not self.is_words:
             return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
         special = self.special_ids()
-        tokens = self.hf.convert_ids_to_tokens([i for i in ids if not (skip_special_tokens and i in special)])
+        tokens = self.hf.convert_ids_to_tokens([i for i in ids
+                                                if not (skip_special_tokens and i in special)])
         return join_words(tokens)
 
     def special_ids(self):
@@ -228,12 +242,14 @@ class Tokenizer:
 
     @cached_property
     def end_of_turn_id(self):
-        """The token that closes an assistant turn in the chat template (<|eot_id|>, <|end|>, <|im_end|>, ...)."""
+        """The token that closes an assistant turn in the chat template (<|eot_id|>, <|end|>,
+        <|im_end|>, ...)."""
         if not self.hf.chat_template:
             return self.eos_id
         marker = "XyzzyReplyMarker"
         text = self.hf.apply_chat_template(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+            tokenize=False)
         tail = text.split(marker, 1)[1] if marker in text else ""
         special = self.special_ids()
         for i in self.hf.encode(tail, add_special_tokens=False):
@@ -286,8 +302,8 @@ def example_texts(ex):
 
 
 def marker_ids(tok):
-    """Add the three markers to the tokenizer (in the released vocabulary order); returns their ids by
-    role, (<bot>, <latent>, <eot>): the order layout() takes."""
+    """Add the three markers to the tokenizer (in the released vocabulary order); returns their ids
+    by role, (<bot>, <latent>, <eot>): the order layout() takes."""
     tok.add_special_tokens(COCONUT_SPECIAL_TOKENS)
     return tuple(tok.token_id(COCONUT_MARKERS[role]) for role in ("bot", "latent", "eot"))
 
@@ -300,7 +316,8 @@ def tokenizer_name(name, model, saved=""):
 
 
 def build_tokenizer(name, examples):
-    """'words': a closed word-level vocabulary over the examples and the fixed templates; else a HF tokenizer."""
+    """'words': a closed word-level vocabulary over the examples and the fixed templates; else a HF
+    tokenizer."""
     if name != "words":
         return Tokenizer.from_pretrained(name)
     texts = [t for ex in examples for t in example_texts(ex)]
@@ -319,12 +336,14 @@ _SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
 
 
 def canonical_question(question):
-    """The question with its sentences sorted: two shufflings of the same facts are the same question."""
+    """The question with its sentences sorted: two shufflings of the same facts are the same
+    question."""
     return " ".join(sorted(re.split(r"(?<=[.?!])\s+", question.strip())))
 
 
 def split_of(question):
-    """Which split a question belongs to, by a stable hash (independent of seed, sizes and PYTHONHASHSEED)."""
+    """Which split a question belongs to, by a stable hash (independent of seed, sizes and
+    PYTHONHASHSEED)."""
     h = int(hashlib.sha1(canonical_question(question).encode()).hexdigest()[:8], 16) / 16**8
     if h < _SPLIT_FRACTIONS["train"]:
         return "train"
@@ -332,19 +351,24 @@ def split_of(question):
 
 
 def generate_split(make_example, task, split, n, seed, **task_kwargs):
-    """n distinct examples of one split; `make_example(rng, **task_kwargs)` returns an example or None (rejected)."""
-    rng = random.Random(f"{task}/{split}/{seed}")  # str seeds are hashed with sha512: stable across runs
+    """n distinct examples of one split; `make_example(rng, **task_kwargs)` returns an example or
+    None (rejected)."""
+    # str seeds are hashed with sha512: stable across runs
+    rng = random.Random(f"{task}/{split}/{seed}")
     out, seen, tries = [], set(), 0
     max_tries = 200 * n + 10_000
     t0 = last_print = time.time()
     while len(out) < n:
-        if time.time() - last_print > 2:  # progress only when it takes a while (release-size ProsQA: ~30 s)
+        # progress only when it takes a while (release-size ProsQA: ~30 s)
+        if time.time() - last_print > 2:
             last_print = time.time()
-            print(f"\rgenerating {task} {split}: {len(out)}/{n}", end="", file=sys.stderr, flush=True)
+            print(f"\rgenerating {task} {split}: {len(out)}/{n}", end="", file=sys.stderr,
+                  flush=True)
         tries += 1
         if tries > max_tries:
-            raise UserError(f"{task}: found only {len(out)} of {n} distinct {split} examples in {max_tries} "
-                               f"tries; the task is too small for this size ({task_kwargs}), ask for fewer")
+            raise UserError(f"{task}: found only {len(out)} of {n} distinct {split} examples in "
+                            f"{max_tries} tries; the task is too small for this size "
+                            f"({task_kwargs}), ask for fewer")
         ex = make_example(rng, **task_kwargs)
         if ex is None:
             continue
@@ -354,16 +378,19 @@ def generate_split(make_example, task, split, n, seed, **task_kwargs):
         seen.add(key)
         out.append(ex)
     if last_print > t0:
-        print(f"\rgenerated {task} {split}: {n} examples in {time.time() - t0:.0f}s", file=sys.stderr)
+        print(f"\rgenerated {task} {split}: {n} examples in {time.time() - t0:.0f}s",
+              file=sys.stderr)
     return out
 
 # -----------------------------------------------------------------------------
 # ProsQA (Coconut, Hao et al. 2024, Appendix: Algorithm 1)
 
-PERSONS = ("Alex Bob Carol Davis Eva Fae Gabriel Jack Max Oliver Polly Rex Sally Sam Stella Tom Wren").split()
-CONCEPTS = ("bompus boompus brimpus chorpus dumpus felpus fompus gerpus gorpus grimpus gwompus hilpus impus jelpus "
-            "jompus kerpus lempus lorpus numpus quimpus rempus rompus rorpus scrompus shumpus sterpus storpus "
-            "terpus timpus tumpus vumpus worpus wumpus yerpus yimpus yumpus zhorpus zumpus").split()
+PERSONS = ("Alex Bob Carol Davis Eva Fae Gabriel Jack Max Oliver Polly Rex "
+           "Sally Sam Stella Tom Wren").split()
+CONCEPTS = ("bompus boompus brimpus chorpus dumpus felpus fompus gerpus gorpus grimpus gwompus "
+            "hilpus impus jelpus jompus kerpus lempus lorpus numpus quimpus rempus rompus rorpus "
+            "scrompus shumpus sterpus storpus terpus timpus tumpus vumpus worpus wumpus yerpus "
+            "yimpus yumpus zhorpus zumpus").split()
 
 
 def poisson(rng, lam):
@@ -376,7 +403,8 @@ def poisson(rng, lam):
 
 
 def weighted_sample(rng, items, weights, k):
-    """k distinct items, drawn one at a time with probability proportional to weight (numpy's choice, replace=False)."""
+    """k distinct items, drawn one at a time with probability proportional to weight (numpy's
+    choice, replace=False)."""
     items, weights, chosen = list(items), list(weights), []
     for _ in range(k):
         x, i = rng.random() * sum(weights), 0
@@ -389,12 +417,13 @@ def weighted_sample(rng, items, weights, k):
 
 
 def prosqa_dag(rng, n_nodes, lam=1.5, p_side=0.35, depth_weight=1.5):
-    """Algorithm 1: a random DAG whose labels say which of the two roots (nodes 0 and 1) reach each node.
+    """Algorithm 1: a random DAG whose labels say which of the two roots (nodes 0 and 1) reach each
+    node.
 
-    label bit 1 = descendant of node 0, bit 2 = descendant of node 1 (3 = both, 0 = neither). A new node draws
-    k ~ Poisson(lam) parents: with p_side only from nodes node 1 does not reach, with p_side only from nodes node 0
-    does not reach, else from all, preferring deep parents (weight depth_weight * depth + 1). Returns the list of
-    parent lists and the labels.
+    label bit 1 = descendant of node 0, bit 2 = descendant of node 1 (3 = both, 0 = neither). A new
+    node draws k ~ Poisson(lam) parents: with p_side only from nodes node 1 does not reach, with
+    p_side only from nodes node 0 does not reach, else from all, preferring deep parents (weight
+    depth_weight * depth + 1). Returns the list of parent lists and the labels.
     """
     parents, labels, depth = [[], []], [1, 2], [0, 0]
     groups = {0: [], 1: [0], 2: [1], 3: []}  # nodes by label
@@ -407,7 +436,8 @@ def prosqa_dag(rng, n_nodes, lam=1.5, p_side=0.35, depth_weight=1.5):
         else:
             candidates = list(range(idx))
         k = min(poisson(rng, lam), len(candidates))
-        chosen = weighted_sample(rng, candidates, [depth_weight * depth[c] + 1 for c in candidates], k)
+        chosen = weighted_sample(rng, candidates,
+                                 [depth_weight * depth[c] + 1 for c in candidates], k)
         label = 0
         for c in chosen:
             label |= labels[c]
@@ -419,7 +449,8 @@ def prosqa_dag(rng, n_nodes, lam=1.5, p_side=0.35, depth_weight=1.5):
 
 
 def shortest_path(children, src, dst):
-    """BFS path src -> dst as a node list (None if unreachable); ties broken by child order (deterministic)."""
+    """BFS path src -> dst as a node list (None if unreachable); ties broken by child order
+    (deterministic)."""
     prev, frontier = {src: None}, [src]
     while frontier and dst not in prev:
         nxt = []
@@ -450,41 +481,47 @@ def hop_distances(children, src):
     return dist
 
 
-def make_prosqa(rng, min_nodes=25, max_nodes=28, min_hops=3, max_hops=6, hop_weights=(202, 217, 69, 12),
-                max_persons=6, symbolic=False, max_tries=1000):
-    """One ProsQA example: "<shuffled facts> Is <entity> a <A> or <B>?", steps = the path, "<entity> is a <A>."
+def make_prosqa(rng, min_nodes=25, max_nodes=28, min_hops=3, max_hops=6,
+                hop_weights=(202, 217, 69, 12), max_persons=6, symbolic=False, max_tries=1000):
+    """One ProsQA example: "<shuffled facts> Is <entity> a <A> or <B>?", steps = the path,
+    "<entity> is a <A>."
 
-    The hop count is drawn first from hop_weights (the release's test histogram by default; None = whatever the
-    graphs give), then graphs are drawn until one has a suitable A: drawing graphs first and keeping the lucky ones
-    would skew the histogram towards short paths.
+    The hop count is drawn first from hop_weights (the release's test histogram by default; None =
+    whatever the graphs give), then graphs are drawn until one has a suitable A: drawing graphs
+    first and keeping the lucky ones would skew the histogram towards short paths.
     """
     if hop_weights:
         if len(hop_weights) != max_hops - min_hops + 1:
-            raise UserError(f"hop_weights needs one weight per hop count {min_hops}..{max_hops}, got {hop_weights}")
+            raise UserError(f"hop_weights needs one weight per hop count {min_hops}..{max_hops}, "
+                            f"got {hop_weights}")
         hops = rng.choices(range(min_hops, max_hops + 1), weights=hop_weights)[0]
         min_hops = max_hops = hops
     for _ in range(max_tries):
-        ex = prosqa_try(rng, rng.randint(min_nodes, max_nodes), min_hops, max_hops, max_persons, symbolic)
+        ex = prosqa_try(rng, rng.randint(min_nodes, max_nodes), min_hops, max_hops, max_persons,
+                        symbolic)
         if ex is not None:
             return ex
     return None
 
 
-def make_prosqa_small(rng, min_nodes=10, max_nodes=12, min_hops=2, max_hops=4, hop_weights=None, **kw):
-    """The CPU-sized variant: smaller graphs, shorter paths, hop counts uniform unless hop_weights says otherwise.
-    Every make_prosqa knob passes through (load_task("prosqa_small", ..., symbolic=True, max_nodes=9))."""
+def make_prosqa_small(rng, min_nodes=10, max_nodes=12, min_hops=2, max_hops=4, hop_weights=None,
+                      **kw):
+    """The CPU-sized variant: smaller graphs, shorter paths, hop counts uniform unless hop_weights
+    says otherwise. Every make_prosqa knob passes through
+    (load_task("prosqa_small", ..., symbolic=True, max_nodes=9))."""
     hop_weights = hop_weights or (1,) * (max_hops - min_hops + 1)
-    return make_prosqa(rng, min_nodes=min_nodes, max_nodes=max_nodes, min_hops=min_hops, max_hops=max_hops,
-                       hop_weights=hop_weights, **kw)
+    return make_prosqa(rng, min_nodes=min_nodes, max_nodes=max_nodes, min_hops=min_hops,
+                       max_hops=max_hops, hop_weights=hop_weights, **kw)
 
 
 def prosqa_try(rng, n_nodes, min_hops, max_hops, max_persons, symbolic):
     """One graph, and a question on it if it has one, else None.
 
-    The asked entity is node 0; A is reachable from node 0 only (label 1) at min_hops..max_hops; B is reachable
-    from node 1 only (label 2), so never from the entity. Parentless nodes are persons, the others concepts.
-    Only nodes that occur in some edge are named (a parentless node nobody points to is not in the question).
-    symbolic=True names nodes p0.. / c0.. and writes facts as "p3 > c7." (shorter, same graph).
+    The asked entity is node 0; A is reachable from node 0 only (label 1) at min_hops..max_hops; B
+    is reachable from node 1 only (label 2), so never from the entity. Parentless nodes are persons,
+    the others concepts. Only nodes that occur in some edge are named (a parentless node nobody
+    points to is not in the question). symbolic=True names nodes p0.. / c0.. and writes facts as
+    "p3 > c7." (shorter, same graph).
     """
     parents, labels = prosqa_dag(rng, n_nodes)
     children = [[] for _ in range(n_nodes)]
@@ -492,16 +529,19 @@ def prosqa_try(rng, n_nodes, min_hops, max_hops, max_persons, symbolic):
         for u in ps:
             children[u].append(v)
     dist = hop_distances(children, 0)
-    targets = [v for v in range(2, n_nodes) if labels[v] == 1 and min_hops <= dist.get(v, -1) <= max_hops]
+    targets = [v for v in range(2, n_nodes)
+               if labels[v] == 1 and min_hops <= dist.get(v, -1) <= max_hops]
     distractors = [v for v in range(2, n_nodes) if labels[v] == 2]
     if not targets or not distractors:
         return None
     target, neg_target = rng.choice(targets), rng.choice(distractors)
 
-    used = sorted({u for v, ps in enumerate(parents) for u in ps} | {v for v, ps in enumerate(parents) if ps})
+    used = sorted({u for v, ps in enumerate(parents) for u in ps}
+                  | {v for v, ps in enumerate(parents) if ps})
     persons = [v for v in used if not parents[v]]
     concepts = [v for v in used if parents[v]]
-    pool_p, pool_c = (([f"p{i}" for i in range(len(PERSONS))], [f"c{i}" for i in range(len(CONCEPTS))])
+    pool_p, pool_c = (([f"p{i}" for i in range(len(PERSONS))],
+                       [f"c{i}" for i in range(len(CONCEPTS))])
                       if symbolic else (PERSONS, CONCEPTS))
     if len(persons) > min(max_persons, len(pool_p)) or len(concepts) > len(pool_c):
         return None
@@ -511,19 +551,23 @@ def prosqa_try(rng, n_nodes, min_hops, max_hops, max_persons, symbolic):
     def fact(u, v):
         if symbolic:
             return f"{name[u]} > {name[v]}."
-        return f"{name[u]} is a {name[v]}." if not parents[u] else f"Every {name[u]} is a {name[v]}."
+        return (f"{name[u]} is a {name[v]}." if not parents[u]
+                else f"Every {name[u]} is a {name[v]}.")
 
     edges = [(u, v) for v, ps in enumerate(parents) for u in ps]
     facts = [fact(u, v) for u, v in edges]
     rng.shuffle(facts)
     pair = [name[target], name[neg_target]]
     rng.shuffle(pair)
-    query = f"{name[0]} > {pair[0]} or {pair[1]}?" if symbolic else f"Is {name[0]} a {pair[0]} or {pair[1]}?"
+    query = (f"{name[0]} > {pair[0]} or {pair[1]}?" if symbolic
+             else f"Is {name[0]} a {pair[0]} or {pair[1]}?")
     path = shortest_path(children, 0, target)
-    # a step states the entity's membership at each hop: "Tom is a terpus.", "Every terpus is a brimpus.", ...
+    # a step states the entity's membership at each hop: "Tom is a terpus.",
+    # "Every terpus is a brimpus.", ...
     steps = [fact(u, v) for u, v in zip(path, path[1:])]
     answer = f"{name[0]} > {name[target]}." if symbolic else f"{name[0]} is a {name[target]}."
-    # the release's metadata keys, over the named nodes renumbered 0..n-1 (nodes 0 and 1 keep their ids)
+    # the release's metadata keys, over the named nodes renumbered 0..n-1 (nodes 0 and 1 keep their
+    # ids)
     idx = {v: i for i, v in enumerate(used)}
     return {"question": " ".join(facts + [query]), "steps": steps, "answer": answer,
             "idx_to_symbol": [name[v] for v in used], "edges": [[idx[u], idx[v]] for u, v in edges],
@@ -532,11 +576,11 @@ def prosqa_try(rng, n_nodes, min_hops, max_hops, max_persons, symbolic):
 # -----------------------------------------------------------------------------
 # ProntoQA-style deduction (Saparov & He 2023, as converted by Coconut)
 
-PRONTO_CONCEPTS = ("brimpus dumpus gorpus grimpus impus jompus lempus lorpus numpus rompus shumpus sterpus "
-                   "tumpus vumpus wumpus yumpus zumpus").split()
-ADJECTIVES = ("aggressive amenable angry blue bright brown bitter cold dull feisty floral fruity happy hot kind "
-              "large liquid luminous mean metallic muffled nervous opaque orange red sad shy small sour spicy "
-              "sweet transparent wooden").split()
+PRONTO_CONCEPTS = ("brimpus dumpus gorpus grimpus impus jompus lempus lorpus numpus rompus shumpus "
+                   "sterpus tumpus vumpus wumpus yumpus zumpus").split()
+ADJECTIVES = ("aggressive amenable angry blue bright brown bitter cold dull feisty floral fruity "
+              "happy hot kind large liquid luminous mean metallic muffled nervous opaque orange "
+              "red sad shy small sour spicy sweet transparent wooden").split()
 
 
 def _article(word):
@@ -549,10 +593,12 @@ def _plural(concept, capital=False):
 
 
 def make_prontoqa(rng, hops=5):
-    """Entity in C1, C1 ⊂ C2 ⊂ ... ⊂ C_hops, C_hops is (not) P; query "True or false: <entity> is [not] P."
+    """Entity in C1, C1 ⊂ C2 ⊂ ... ⊂ C_hops, C_hops is (not) P;
+    query "True or false: <entity> is [not] P."
 
-    Distractors: other properties along the chain, and a separate two-concept chain that ends in the opposite of
-    P, so the property word alone does not give the answer away. Steps pair the proof sentences, hops + 1 steps.
+    Distractors: other properties along the chain, and a separate two-concept chain that ends in the
+    opposite of P, so the property word alone does not give the answer away. Steps pair the proof
+    sentences, hops + 1 steps.
     """
     concepts = rng.sample(PRONTO_CONCEPTS, hops + 2)
     chain, distract = concepts[:hops], concepts[hops:]
@@ -568,7 +614,8 @@ def make_prontoqa(rng, hops=5):
     first = f"{entity} is {_article(chain[0])} {chain[0]}."
     rules = [f"{_plural(a, True)} are {_plural(b)}." for a, b in zip(chain, chain[1:])]
     prop_rule = f"{_plural(chain[-1], True)} {is_prop(positive, prop)}."
-    extra = [f"{_plural(c, True)} {is_prop(rng.random() < 0.5, adj)}." for c, adj in zip(chain, other_props)]
+    extra = [f"{_plural(c, True)} {is_prop(rng.random() < 0.5, adj)}."
+             for c, adj in zip(chain, other_props)]
     extra += [f"{_plural(distract[0], True)} are {_plural(distract[1])}.",
               f"{_plural(distract[1], True)} {is_prop(not positive, prop)}."]
     facts = [first] + rules + [prop_rule] + extra
@@ -584,7 +631,8 @@ def make_prontoqa(rng, hops=5):
             "answer": "True" if positive != negated else "False"}
 
 # -----------------------------------------------------------------------------
-# k x k multiplication (implicit CoT, Deng et al. 2023): digits least-significant first, space-separated
+# k x k multiplication (implicit CoT, Deng et al. 2023): digits least-significant first,
+# space-separated
 
 def reversed_digits(x, width):
     """x written least-significant digit first, zero-padded to `width` digits, space-separated."""
@@ -593,7 +641,8 @@ def reversed_digits(x, width):
 
 
 def multiplication_example(a, b, k):
-    """The iCoT layout: partial products A*b_i*10^i, with the running sum after p_1 .. p_(k-2) in parentheses."""
+    """The iCoT layout: partial products A*b_i*10^i, with the running sum after p_1 .. p_(k-2) in
+    parentheses."""
     b_digits = [int(c) for c in str(b)[::-1]]
     steps, total = [], 0
     for i, d in enumerate(b_digits):
@@ -612,7 +661,8 @@ def make_multiplication(rng, digits=4):
     return multiplication_example(rng.randint(lo, hi), rng.randint(lo, hi), digits)
 
 # -----------------------------------------------------------------------------
-# modsum: the LaTRO toy (notes/feasibility.md). Signed running sum mod m; each step is self-contained.
+# modsum: the LaTRO toy (notes/feasibility.md). Signed running sum mod m; each step is
+# self-contained.
 
 def make_modsum(rng, terms=5, modulus=5):
     """'2 + 4 - 1 + 0 - 2 + 3 mod 5?' -> steps '2 + 4 = 1', '1 - 1 = 0', ... -> answer '1'."""
@@ -644,7 +694,8 @@ def _require_file(path):
 
 
 def read_rows(path):
-    """Rows of a .json list or a .jsonl file, each with its 1-based row number (line number for jsonl)."""
+    """Rows of a .json list or a .jsonl file, each with its 1-based row number (line number for
+    jsonl)."""
     _require_file(path)
     with open(path, encoding="utf-8") as f:
         if path.endswith(".jsonl"):
@@ -666,7 +717,8 @@ def read_rows(path):
 
 
 def validate_example(ex, path, row):
-    """The unified format, strictly: a non-empty question, a string answer, steps a list of strings."""
+    """The unified format, strictly: a non-empty question, a string answer, steps a list of
+    strings."""
     if not isinstance(ex, dict):
         _fail(path, row, f"expected an object, got {type(ex).__name__}")
     for key in ("question", "answer"):
@@ -683,7 +735,8 @@ def validate_example(ex, path, row):
 
 
 def load_json(path):
-    """Unified-format .json list or .jsonl; extra keys (the release's idx_to_symbol, edges, ...) are kept."""
+    """Unified-format .json list or .jsonl; extra keys (the release's idx_to_symbol, edges, ...) are
+    kept."""
     out = []
     for row, ex in read_rows(path):
         ex = validate_example(ex, path, row)
@@ -692,7 +745,8 @@ def load_json(path):
 
 
 def gsm8k_example(question, solution, where="", row=0):
-    """Original GSM8K: the solution lines before '#### N' are the steps, N (commas removed) is the answer."""
+    """Original GSM8K: the solution lines before '#### N' are the steps, N (commas removed) is the
+    answer."""
     if "####" not in solution:
         _fail(where, row, "answer has no '#### <number>' line")
     body, answer = solution.rsplit("####", 1)
@@ -737,15 +791,17 @@ def gsm8k_val_rule(rows, split, where):
 
 
 def load_gsm8k(split, path=""):
-    """GSM8K from a local jsonl ({"question", "answer"}) or the hub. The hub has no val split: val is the last 500
-    training problems, and train the rest, so model selection never looks at the test set."""
+    """GSM8K from a local jsonl ({"question", "answer"}) or the hub. The hub has no val split: val
+    is the last 500 training problems, and train the rest, so model selection never looks at the
+    test set."""
     if path:
         rows = read_rows(path)
         for row, r in rows:
             _check_fields(r, ("question", "answer"), path, row)
         return [gsm8k_example(r["question"], r["answer"], path, row) for row, r in rows]
     datasets = _hub_datasets("gsm8k")
-    hub = datasets.load_dataset("openai/gsm8k", "main", split="test" if split == "test" else "train")
+    hub = datasets.load_dataset("openai/gsm8k", "main",
+                                split="test" if split == "test" else "train")
     rows = list(enumerate(hub, 1))
     if split != "test":
         rows = gsm8k_val_rule(rows, split, "the hub (openai/gsm8k)")
@@ -753,9 +809,11 @@ def load_gsm8k(split, path=""):
 
 
 def load_gsm8k_aug(path):
-    """GSM8K-Aug (iCoT) text lines `question||<<eq1>> <<eq2>> #### answer`; steps = the <<...>> equations."""
+    """GSM8K-Aug (iCoT) text lines `question||<<eq1>> <<eq2>> #### answer`; steps = the <<...>>
+    equations."""
     if not path:
-        raise UserError("gsm8k_aug needs path= a local iCoT text file (train.txt / valid.txt / test.txt)")
+        raise UserError("gsm8k_aug needs path= a local iCoT text file "
+                        "(train.txt / valid.txt / test.txt)")
     _require_file(path)
     out = []
     with open(path, encoding="utf-8") as f:
@@ -771,22 +829,27 @@ def load_gsm8k_aug(path):
             rationale, answer = rest.rsplit("####", 1)
             if not question.strip():
                 _fail(path, row, "empty question")
-            steps = re.findall(r"<<[^<>]*>>", rationale)  # some lines have no equation at all: steps = []
-            out.append({"question": question.strip(), "steps": steps, "answer": answer.strip().replace(",", "")})
+            # some lines have no equation at all: steps = []
+            steps = re.findall(r"<<[^<>]*>>", rationale)
+            out.append({"question": question.strip(), "steps": steps,
+                        "answer": answer.strip().replace(",", "")})
     return out
 
 
 def arc_example(r, where, row):
-    """ARC row (question, choices {text, label}, answerKey) -> answer = the text of the keyed option."""
+    """ARC row (question, choices {text, label}, answerKey) -> answer = the text of the keyed
+    option."""
     _check_fields(r, ("question", "answerKey"), where, row)
     choices = r.get("choices")
     if not isinstance(choices, dict) or not isinstance(choices.get("text"), list) \
-            or not isinstance(choices.get("label"), list) or len(choices["text"]) != len(choices["label"]):
+            or not isinstance(choices.get("label"), list) \
+            or len(choices["text"]) != len(choices["label"]):
         _fail(where, row, "field 'choices' must be {'text': [...], 'label': [...]} of equal length")
     options = list(zip(choices["label"], choices["text"]))
     gold = [text for label, text in options if label == r["answerKey"]]
     if len(gold) != 1:
-        _fail(where, row, f"answerKey {r['answerKey']!r} is not one of the labels {choices['label']}")
+        _fail(where, row,
+              f"answerKey {r['answerKey']!r} is not one of the labels {choices['label']}")
     if not r["question"].strip():
         _fail(where, row, "empty question")
     return {"question": r["question"].strip(), "steps": [], "answer": gold[0],
@@ -813,7 +876,8 @@ GENERATORS = {
     "modsum": make_modsum,
 }
 
-# default sizes (train, val, test): ProsQA / ProntoQA as released; multiplication and modsum sized for a CPU demo
+# default sizes (train, val, test): ProsQA / ProntoQA as released; multiplication and modsum sized
+# for a CPU demo
 DEFAULT_SIZES = {
     "prosqa": (17886, 300, 500),
     "prosqa_small": (3000, 200, 500),

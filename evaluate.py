@@ -40,9 +40,11 @@ from configurator import UserError, exit_cleanly_on_user_error
 
 ANSWER_PREFIX = "the answer is"
 
-# A number: optional sign (only when the "-" is not glued to a word or a closing bracket, so "3-4" is 3 and 4),
-# digits with optional thousands commas, optional decimals. "18." is 18 (a trailing period ends a sentence).
-_NUMBER_RE = re.compile(r"(?:(?<![\w)\]])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?:(?<![\w)\]])-)?\.\d+")
+# A number: optional sign (only when the "-" is not glued to a word or a closing bracket, so "3-4"
+# is 3 and 4), digits with optional thousands commas, optional decimals. "18." is 18 (a trailing
+# period ends a sentence).
+_NUMBER_RE = re.compile(r"(?:(?<![\w)\]])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"
+                        r"|(?:(?<![\w)\]])-)?\.\d+")
 
 # -----------------------------------------------------------------------------
 # numbers
@@ -60,13 +62,15 @@ def canonical_number(s):
 
 
 def after_last_answer_prefix(text):
-    """The text after the last "The answer is" (case-insensitive), or None when it does not occur."""
+    """The text after the last "The answer is" (case-insensitive), or None when it does not
+    occur."""
     i = text.lower().rfind(ANSWER_PREFIX)
     return None if i < 0 else text[i + len(ANSWER_PREFIX):]
 
 
 def extract_number(text):
-    """GSM8K / LaTRO: the first number after the last "The answer is", else the last number; canonical string."""
+    """GSM8K / LaTRO: the first number after the last "The answer is", else the last number;
+    canonical string."""
     tail = after_last_answer_prefix(text)
     if tail is not None:
         numbers = _NUMBER_RE.findall(tail.replace("$", ""))
@@ -89,14 +93,17 @@ def coconut_correct(output_text, gold):
 # ARC
 
 def _option_mentions(segment, options):
-    """Labels of the options named in segment: "(B)" / a bare "B", or the option's text (case-insensitive).
+    """Labels of the options named in segment: "(B)" / a bare "B", or the option's text
+    (case-insensitive).
 
-    A text match inside a longer matched option text does not count ("heat" inside "heat and light").
+    A text match inside a longer matched option text does not count ("heat" inside
+    "heat and light").
     """
     low = segment.lower()
     named = set()
     for label, _ in options:
-        if re.search(rf"\({re.escape(label)}\)", segment) or re.fullmatch(rf"\W*{re.escape(label)}\W*", segment):
+        if re.search(rf"\({re.escape(label)}\)", segment) \
+                or re.fullmatch(rf"\W*{re.escape(label)}\W*", segment):
             named.add(label)
     spans = []
     for label, text in options:
@@ -246,7 +253,8 @@ def latro_correct(task, output_text, example, strict=False, checker="released"):
 
 
 def check_answer(task, output_text, example, strict=False):
-    """Coconut-style check for any task: the answer is the text after the last '#' (ARC: an option in it)."""
+    """Coconut-style check for any task: the answer is the text after the last '#' (ARC: an option
+    in it)."""
     if task == "arc":
         return arc_correct("the answer is " + coconut_extract(output_text), example, strict)
     return coconut_correct(output_text, example["answer"])
@@ -255,14 +263,16 @@ def check_answer(task, output_text, example, strict=False):
 # maj@k and accuracy
 
 def majority_vote(answers):
-    """The most frequent non-None answer; ties go to the one seen first; None only if every answer is None."""
+    """The most frequent non-None answer; ties go to the one seen first; None only if every answer
+    is None."""
     counts = {}
     for a in answers:
         if a is not None:
             counts[a] = counts.get(a, 0) + 1
     if not counts:
         return None
-    return max(counts, key=counts.get)  # max keeps the first of equal counts, dicts keep insertion order
+    # max keeps the first of equal counts, dicts keep insertion order
+    return max(counts, key=counts.get)
 
 
 def majority_correct(task, outputs, example, checker="released", strict=False):
@@ -294,14 +304,17 @@ def score(task, examples, outputs, style="latro", strict=False, checker="release
 
 def accuracy(generate, task, examples, style="latro", strict=False, batch_size=64,
              checker="released"):
-    """Run `generate(list of examples) -> list of output texts` over examples in batches; (accuracy, outputs).
+    """Run `generate(list of examples) -> list of output texts` over examples in batches;
+    (accuracy, outputs).
 
-    Each example is counted exactly once (no padding of the last batch, unlike a DistributedSampler).
+    Each example is counted exactly once (no padding of the last batch, unlike a
+    DistributedSampler).
     """
     outputs = []
     for i in range(0, len(examples), batch_size):
         outputs += generate(examples[i:i + batch_size])
-        print(f"\reval {min(i + batch_size, len(examples))}/{len(examples)}", end="", file=sys.stderr)
+        print(f"\reval {min(i + batch_size, len(examples))}/{len(examples)}", end="",
+              file=sys.stderr)
     print(file=sys.stderr)
     correct = score(task, examples, outputs, style, strict, checker)
     return sum(correct) / max(len(correct), 1), outputs
@@ -380,13 +393,17 @@ def read_predictions(path, task):
 if __name__ == "__main__":
     exit_cleanly_on_user_error()
     parser = argparse.ArgumentParser(description="Score a predictions jsonl file.")
-    parser.add_argument("--task", required=True, help="gsm8k, arc, prosqa, ... (decides the answer extraction)")
-    parser.add_argument("--preds", required=True, help='jsonl: {"output": str} or {"outputs": [str]} + "answer"')
+    parser.add_argument("--task", required=True,
+                        help="gsm8k, arc, prosqa, ... (decides the answer extraction)")
+    parser.add_argument("--preds", required=True,
+                        help='jsonl: {"output": str} or {"outputs": [str]} + "answer"')
     parser.add_argument("--style", default="latro", choices=["latro", "coconut"])
-    parser.add_argument("--strict", action="store_true", help="ARC: exactly one option named, the gold one")
+    parser.add_argument("--strict", action="store_true",
+                        help="ARC: exactly one option named, the gold one")
     parser.add_argument("--checker", default="released", choices=CHECKERS,
                         help="LaTRO answers: released (as the paper's code, the default) or fixed")
     args = parser.parse_args()
     examples, outputs = read_predictions(args.preds, args.task)
     correct = score(args.task, examples, outputs, args.style, args.strict, args.checker)
-    print(f"{args.task}: {sum(correct)}/{len(correct)} correct = {sum(correct) / max(len(correct), 1):.4f}")
+    print(f"{args.task}: {sum(correct)}/{len(correct)} correct = "
+          f"{sum(correct) / max(len(correct), 1):.4f}")

@@ -100,7 +100,8 @@ def train(mode, arch="gpt2", start=0, ckpt=None, save_at=None, save_path=None, p
                 ckpt_obj = {"model": model_sd, "optimizer": optim_sd, "step": step + 1}
                 save_checkpoint(save_path, ckpt_obj)
                 # and the Hugging Face export from the same gathered weights
-                hf_model_in(model).save_pretrained(save_path.replace(".pt", "_hf"), state_dict=model_sd)
+                hf_model_in(model).save_pretrained(save_path.replace(".pt", "_hf"),
+                                                   state_dict=model_sd)
             dist.barrier()
     model_sd = gather_full(model.state_dict())
     del train_module, step_module, model, opt

@@ -4,8 +4,9 @@ A subprocess pays for a new interpreter and the torch + transformers import (~3-
 before the script does anything; most script tests then train a tiny model for well under a second.
 runpy executes the same file as `__main__` with sys.argv set, so the run takes exactly the path it
 takes from the shell. What a real process would undo at exit is undone here after each run: the
-out_dir lock is released, the Ctrl-C/SIGTERM handlers and sys.excepthook are put back, and the global
-torch RNG and thread count are restored, so that runs do not leak into each other or into other tests.
+out_dir lock is released, the Ctrl-C/SIGTERM handlers and sys.excepthook are put back, and the
+global torch RNG and thread count are restored, so that runs do not leak into each other or into
+other tests.
 
 What only a real process shows stays in subprocess tests: signals (SIGKILL, SIGTERM), torchrun, exit
 statuses and the one-line `error: ...` on stderr (tests/test_bad_inputs.py ONE_LINE_CASES).
@@ -28,7 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @dataclasses.dataclass
 class Run:
-    code: int               # the exit status the process would have: 0, 1 for a UserError, sys.exit's code
+    # the exit status the process would have: 0, 1 for a UserError, sys.exit's code
+    code: int
     out: str                # everything the script printed
     error: UserError = None  # the UserError that ended the run, if one did
 

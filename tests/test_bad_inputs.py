@@ -85,27 +85,33 @@ CLI_CASES = [
     (["data.py", "prosqa_smal", "train", "3"],
      "task 'prosqa_smal' is unknown; did you mean prosqa_small?"),
     # coconut.py / latro.py cases go here: (["latro.py", "--n_train=-5"], "n_train"), ...
-    # latro.py: all found by the up-front check, before data, model or out_dir (more in test_latro.py's
-    # CONFIG_ERRORS, which call the check directly)
+    # latro.py: all found by the up-front check, before data, model or out_dir (more in
+    # test_latro.py's CONFIG_ERRORS, which call the check directly)
     (["latro.py", "--n_train=-5"], "n_train=-5: give a value >= 0 (0 = the task's default size)"),
     (["latro.py", "--lr=1e-3"], "config key 'lr' is now called 'learning_rate'"),
     (["latro.py", "--temperature=0"], "temperature=0.0: greedy rollouts make the K rationales"),
     (["latro.py", "--top_p=0"], "top_p=0.0: use 0 < top_p <= 1"),
-    (["latro.py", "--max_rationale_tokens=0"], "max_rationale_tokens=0: LaTRO optimises the rationale"),
+    (["latro.py", "--max_rationale_tokens=0"],
+     "max_rationale_tokens=0: LaTRO optimises the rationale"),
     (["latro.py", "--eval_interval=0"], "eval_interval=0: give a value > 0"),
     (["latro.py", "--penalty=grp"], "penalty='grp': use one of 'group', 'rank_mean', 'none'"),
-    (["latro.py", "--task=gsm9k", "--arc_options=x"], "task='gsm9k' is unknown; did you mean gsm8k?"),
+    (["latro.py", "--task=gsm9k", "--arc_options=x"],
+     "task='gsm9k' is unknown; did you mean gsm8k?"),
     (["latro.py", "--stop_strings=release"], "stop_strings='release': did you mean 'released'?"),
-    (["latro.py", "--sft_steps=0", "--latro_steps=0"], "with no SFT warm-up (sft_steps=0) and latro_steps=0"),
+    (["latro.py", "--sft_steps=0", "--latro_steps=0"],
+     "with no SFT warm-up (sft_steps=0) and latro_steps=0"),
     # latro.py: out_dir and resume, before data or model
-    (["latro.py", "--out_dir={tmp}/preds.jsonl"], "out_dir '{tmp}/preds.jsonl' is a file, not a directory"),
+    (["latro.py", "--out_dir={tmp}/preds.jsonl"],
+     "out_dir '{tmp}/preds.jsonl' is a file, not a directory"),
     (["latro.py", "--init_from=resume", "--out_dir={tmp}/no_run"], "'{tmp}/no_run' has no ckpt.pt"),
     # latro.py: the data against the model, before the model is loaded
-    (["latro.py", "--block_size=16", "--out_dir={tmp}/short"], "but the model has 16: raise block_size"),
+    (["latro.py", "--block_size=16", "--out_dir={tmp}/short"],
+     "but the model has 16: raise block_size"),
     (["latro.py", "--task=json", "--data_path={tmp}/mydata.jsonl"], "mydata.jsonl names no split"),
     # coconut.py: the config (before the data), the data, out_dir, the model's positions
     (["coconut.py", "--num_epochs=0"], "num_epochs=0 must be > 0 (eval_only=True evaluates"),
-    (["coconut.py", "--eval_only=True"], "eval_only=True with init_from='scratch' would score an untrained"),
+    (["coconut.py", "--eval_only=True"],
+     "eval_only=True with init_from='scratch' would score an untrained"),
     (["coconut.py", "--n_train=-5"], "n_train=-5 must be >= 0"),
     (["coconut.py", "--method=coconat"], "method='coconat' is unknown; use one of coconut, cot"),
     (["coconut.py", "--reset_optimizer=always"], "reset_optimizer='always': use one of 'stage'"),
@@ -114,10 +120,12 @@ CLI_CASES = [
     (["coconut.py", "--uniform_prob=1.5"], "uniform_prob=1.5 must be in [0, 1]"),
     (["coconut.py", "--ckpt_interval=-1"], "ckpt_interval=-1 must be >= 0"),
     (["coconut.py", "--thoughts_sweep=0,x"], "thoughts_sweep='0,x': give thought counts >= 0"),
-    (["coconut.py", "--batch_size=10"], "batch_size=10 (global) must be a multiple of micro_batch_size=32"),
+    (["coconut.py", "--batch_size=10"],
+     "batch_size=10 (global) must be a multiple of micro_batch_size=32"),
     (["coconut.py", "--gradient_checkpointing=True"], "does not work with method=coconut"),
     (["coconut.py", "--fsdp=True"], "fsdp=True shards over the processes of a torchrun launch"),
-    (["coconut.py", "--init_from={tmp}/nope.pt"], "init_from='{tmp}/nope.pt': no such checkpoint file"),
+    (["coconut.py", "--init_from={tmp}/nope.pt"],
+     "init_from='{tmp}/nope.pt': no such checkpoint file"),
     (["coconut.py", "--init_from={tmp}/preds.jsonl"], "is a file but not a .pt checkpoint"),
     (["coconut.py", "--init_from={tmp}/no_model_here", "--n_train=8", "--n_val=2", "--n_test=2",
       "--batch_size=8", "--micro_batch_size=8"], "init_from='{tmp}/no_model_here': no model there"),
@@ -125,10 +133,11 @@ CLI_CASES = [
     (["coconut.py", "--out_dir={tmp}/preds.jsonl"], "is a file, not a directory"),
     (["coconut.py", "--task=json", "--task_options={}", "--data_path={tmp}/mydata.jsonl"],
      "mydata.jsonl names no split, and one file for"),
-    (["coconut.py", "--n_train=8", "--n_val=2", "--n_test=2", "--batch_size=8", "--micro_batch_size=8",
-      "--block_size=24"], "needs 80 positions but the model has 24: raise --block_size"),
-    (["coconut.py", "--n_train=4", "--n_val=2", "--n_test=2", "--batch_size=8", "--micro_batch_size=8"],
-     "4 training examples < batch_size=8"),
+    (["coconut.py", "--n_train=8", "--n_val=2", "--n_test=2", "--batch_size=8",
+      "--micro_batch_size=8", "--block_size=24"],
+     "needs 80 positions but the model has 24: raise --block_size"),
+    (["coconut.py", "--n_train=4", "--n_val=2", "--n_test=2", "--batch_size=8",
+      "--micro_batch_size=8"], "4 training examples < batch_size=8"),
 ]
 
 
@@ -244,8 +253,8 @@ ONE_LINE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("argv, message", ONE_LINE_CASES, ids=[" ".join(c[0][:2]) + f" #{i}"
-                                                               for i, c in enumerate(ONE_LINE_CASES)])
+@pytest.mark.parametrize("argv, message", ONE_LINE_CASES,
+                         ids=[" ".join(c[0][:2]) + f" #{i}" for i, c in enumerate(ONE_LINE_CASES)])
 def test_script_error_is_one_line_on_stderr_and_status_1(argv, message, tmp):
     assert_one_clear_line(run(argv, tmp), message, tmp)
 

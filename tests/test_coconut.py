@@ -1,66 +1,77 @@
-"""coconut.py: stage layouts, the cached latent forward, latent generation, and the training script end to end."""
+"""coconut.py: stage layouts, the cached latent forward, latent generation, and the training script
+end to end."""
 import json
 import os
 
 import pytest
 import torch
 
-from coconut import (Coconut, Curriculum, collate, encode_example, generate_answers, latent_forward, layout,
-                     marker_source, markers_present, naive_latent_forward, stage_of, thought_counts)
+from coconut import (Coconut, Curriculum, collate, encode_example, generate_answers, latent_forward,
+                     layout, marker_source, markers_present, naive_latent_forward, stage_of,
+                     thought_counts)
 from data import build_tokenizer, marker_ids
 from inprocess import check_rules_of, run_main
-from model import autocast_ctx, backbone, copy_token_rows, lm_head, load_model, position_ids_from_mask
+from model import (autocast_ctx, backbone, copy_token_rows, lm_head, load_model,
+                   position_ids_from_mask)
 
 V, PAD, EOS, BOT, LAT, EOT = 40, 0, 1, 37, 38, 39
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny(arch, sharpen=1.0, dropout=0.0):
     torch.manual_seed(0)
-    m = load_model("scratch", V, arch=arch, n_layer=2, n_head=2, n_embd=32, block_size=64, dropout=dropout,
-                   eos_id=EOS, pad_id=PAD)
-    with torch.no_grad():  # a random tiny model repeats one token; larger weights make greedy decoding vary
+    m = load_model("scratch", V, arch=arch, n_layer=2, n_head=2, n_embd=32, block_size=64,
+                   dropout=dropout, eos_id=EOS, pad_id=PAD)
+    # a random tiny model repeats one token; larger weights make greedy decoding vary
+    with torch.no_grad():
         for p in m.parameters():
             p.mul_(sharpen if p.dim() > 1 else 1.0)
     return m.eval()
 
 def detached_thoughts_hidden(model, input_ids, mask, latent_id):
-    """The naive chain with every thought vector detached: the same values, but the gradient reaches the
-    weights only through the last pass, never back through the thoughts."""
+    """The naive chain with every thought vector detached: the same values, but the gradient reaches
+    the weights only through the last pass, never back through the thoughts."""
     _, embeds = naive_latent_forward(model, input_ids, mask, latent_id)
     is_thought = (input_ids == latent_id)[..., None]
     fed = torch.where(is_thought, embeds.detach(), model.get_input_embeddings()(input_ids))
     pos = position_ids_from_mask(mask)
-    return backbone(model)(inputs_embeds=fed, attention_mask=mask, position_ids=pos).last_hidden_state
+    return backbone(model)(inputs_embeds=fed, attention_mask=mask,
+                           position_ids=pos).last_hidden_state
 
 def ragged_batch():
-    """Left-padded rows of different lengths and thought counts (0..3), first thoughts column-aligned."""
-    rows = [([3, 4, 5, BOT, LAT, LAT, EOT], [6, 7, EOS]), ([3, 4, 5, 6, 7, 8, 9, BOT, LAT, EOT], [6, EOS]),
+    """Left-padded rows of different lengths and thought counts (0..3), first thoughts
+    column-aligned."""
+    rows = [([3, 4, 5, BOT, LAT, LAT, EOT], [6, 7, EOS]),
+            ([3, 4, 5, 6, 7, 8, 9, BOT, LAT, EOT], [6, EOS]),
             ([5, BOT, LAT, LAT, LAT, EOT], [9, 9, 9, EOS]), ([5, 6, BOT, EOT], [9, EOS])]
     return collate(rows, LAT, PAD)
 
 # ---- the curriculum: stage-k sequences and labels
 
 Q, STEPS, A = [10, 11], [[20], [21, 22], [23]], [30, EOS]
-KW = dict(c_thought=2, max_latent_stage=2, pad_latent_to_max=True, n_pause=3, special=(BOT, LAT, EOT))
+KW = dict(c_thought=2, max_latent_stage=2, pad_latent_to_max=True, n_pause=3,
+          special=(BOT, LAT, EOT))
 
 @pytest.mark.parametrize("stage,prompt,target", [
-    (0, Q + [BOT, EOT], [20, 21, 22, 23, 30, EOS]),                  # stage 0: CoT with empty markers
-    (1, Q + [BOT] + [LAT] * 2 + [EOT], [21, 22, 23, 30, EOS]),        # first step -> c_thought thoughts
-    (2, Q + [BOT] + [LAT] * 4 + [EOT], [23, 30, EOS]),                # stage == max_latent_stage: steps[2:] kept
-    (3, Q + [BOT] + [LAT] * 4 + [EOT], [30, EOS]),                    # past it: all steps gone, thoughts capped
+    (0, Q + [BOT, EOT], [20, 21, 22, 23, 30, EOS]),      # stage 0: CoT with empty markers
+    (1, Q + [BOT] + [LAT] * 2 + [EOT], [21, 22, 23, 30, EOS]),  # first step -> c_thought thoughts
+    (2, Q + [BOT] + [LAT] * 4 + [EOT], [23, 30, EOS]),   # stage == max_latent_stage: steps[2:] kept
+    (3, Q + [BOT] + [LAT] * 4 + [EOT], [30, EOS]),       # past it: all steps gone, thoughts capped
     (9, Q + [BOT] + [LAT] * 4 + [EOT], [30, EOS]),
 ])
 def test_coconut_stage_layout(stage, prompt, target):
     assert layout(Q, STEPS, A, stage, Curriculum(method="coconut", **KW)) == (prompt, target)
-    assert layout(Q, STEPS, A, stage, Curriculum(method="pause_as_thought", **KW)) == (prompt, target)  # same data
+    assert layout(Q, STEPS, A, stage,
+                  Curriculum(method="pause_as_thought", **KW)) == (prompt, target)  # same data
     ids, mask, labels = collate([(prompt, target)], LAT, PAD)
     assert ids[0].tolist() == prompt + target and mask.all()
-    assert labels[0].tolist() == [-100] * len(prompt) + target     # no loss on question, markers, thoughts
+    # no loss on question, markers, thoughts
+    assert labels[0].tolist() == [-100] * len(prompt) + target
 
 def released_n_latent(stage, n_steps, max_latent_stage, c, pad, inference):
-    """The released rule, restated from its dataset code: training (get_cot_latent_dataset) gives stage*c thoughts
-    at a stage <= max_latent_stage whatever the step count, and past it max_latent_stage*c, or min(#steps, max)*c
-    without padding; evaluation (get_question_latent_dataset) caps at min(max, #steps) without padding, at any stage."""
+    """The released rule, restated from its dataset code: training (get_cot_latent_dataset) gives
+    stage*c thoughts at a stage <= max_latent_stage whatever the step count, and past it
+    max_latent_stage*c, or min(#steps, max)*c without padding; evaluation
+    (get_question_latent_dataset) caps at min(max, #steps) without padding, at any stage."""
     if inference:
         cap = max_latent_stage if pad else min(max_latent_stage, n_steps)
         return min(cap, stage) * c
@@ -71,14 +82,16 @@ def released_n_latent(stage, n_steps, max_latent_stage, c, pad, inference):
 @pytest.mark.parametrize("pad", [True, False])
 @pytest.mark.parametrize("inference", [False, True])
 def test_pad_latent_to_max_matches_released_rule(pad, inference):
-    # examples with fewer steps than the stage (0, 1, 2 steps at stages up to 5, max_latent_stage 3) are where
-    # the two settings differ; layouts must give the released counts and keep steps[stage:] as targets
+    # examples with fewer steps than the stage (0, 1, 2 steps at stages up to 5, max_latent_stage 3)
+    # are where the two settings differ; layouts must give the released counts and keep
+    # steps[stage:] as targets
     kw = dict(KW, max_latent_stage=3, pad_latent_to_max=pad)
     seen = set()
     for n_steps in (0, 1, 2, 4):
         steps = [[20 + i] for i in range(n_steps)]
         for stage in range(6):
-            prompt, target = layout(Q, steps, A, stage, Curriculum(method="coconut", **kw), inference=inference)
+            prompt, target = layout(Q, steps, A, stage, Curriculum(method="coconut", **kw),
+                                    inference=inference)
             n = released_n_latent(stage, n_steps, 3, 2, pad, inference)
             assert prompt == Q + [BOT] + [LAT] * n + [EOT], (n_steps, stage)
             kept = steps[stage:] if stage <= 3 else []
@@ -87,30 +100,37 @@ def test_pad_latent_to_max_matches_released_rule(pad, inference):
     assert len(seen) > 3
 
 def test_pad_latent_to_max_false_examples():
-    # one step, c=2, max_latent_stage=3: training stage 2 still gives 2*2 thoughts (the step count does not cap
-    # it), past the last stage min(3, 1)*2, and at inference min(2, 1)*2
+    # one step, c=2, max_latent_stage=3: training stage 2 still gives 2*2 thoughts (the step count
+    # does not cap it), past the last stage min(3, 1)*2, and at inference min(2, 1)*2
     kw = dict(KW, max_latent_stage=3, pad_latent_to_max=False)
     one_step = [[20]]
-    assert layout(Q, one_step, A, 2, Curriculum(method="coconut", **kw)) == (Q + [BOT] + [LAT] * 4 + [EOT], A)
-    assert layout(Q, one_step, A, 5, Curriculum(method="coconut", **kw)) == (Q + [BOT] + [LAT] * 2 + [EOT], A)
-    assert layout(Q, one_step, [], 2, Curriculum(method="coconut", **kw), inference=True)[0] == Q + [BOT] + [LAT] * 2 + [EOT]
+    assert (layout(Q, one_step, A, 2, Curriculum(method="coconut", **kw))
+            == (Q + [BOT] + [LAT] * 4 + [EOT], A))
+    assert (layout(Q, one_step, A, 5, Curriculum(method="coconut", **kw))
+            == (Q + [BOT] + [LAT] * 2 + [EOT], A))
+    assert (layout(Q, one_step, [], 2, Curriculum(method="coconut", **kw), inference=True)[0]
+            == Q + [BOT] + [LAT] * 2 + [EOT])
 
 def test_baseline_layouts():
     for stage in (0, 1, 3):
-        assert layout(Q, STEPS, A, stage, Curriculum(method="cot", **KW)) == (Q, [20, 21, 22, 23, 30, EOS])
+        assert (layout(Q, STEPS, A, stage, Curriculum(method="cot", **KW))
+                == (Q, [20, 21, 22, 23, 30, EOS]))
         assert layout(Q, STEPS, A, stage, Curriculum(method="no_cot", **KW)) == (Q, A)
         assert layout(Q, STEPS, A, stage, Curriculum(method="pause", **KW)) == (Q + [LAT] * 3, A)
-    assert layout(Q, STEPS, A, 1, Curriculum(method="no_thoughts", **KW)) == (Q, [21, 22, 23, 30, EOS])  # steps deleted
+    assert (layout(Q, STEPS, A, 1, Curriculum(method="no_thoughts", **KW))
+            == (Q, [21, 22, 23, 30, EOS]))  # steps deleted
     assert layout(Q, STEPS, A, 3, Curriculum(method="no_thoughts", **KW)) == (Q, A)
     # inference with a chosen number of thoughts; methods without thoughts ignore it
-    assert layout(Q, STEPS, [], 3, Curriculum(method="coconut", **KW), n_thoughts=6)[0] == Q + [BOT] + [LAT] * 6 + [EOT]
+    assert (layout(Q, STEPS, [], 3, Curriculum(method="coconut", **KW), n_thoughts=6)[0]
+            == Q + [BOT] + [LAT] * 6 + [EOT])
     assert layout(Q, STEPS, [], 0, Curriculum(method="cot", **KW), n_thoughts=6)[0] == Q
 
 def test_stage_schedule():
     assert [stage_of(e, 0, 3, 3) for e in range(7)] == [0, 0, 0, 1, 1, 1, 2]
     assert [stage_of(e, 1, 2, 3) for e in range(4)] == [1, 1, 2, 2]  # continuing from a CoT run
-    assert [stage_of(e, 0, 1, 2) for e in range(6)] == [0, 1, 2, 3, 3, 3]  # capped past max_latent_stage
-    assert stage_of(0, 99, 5, 6) == 7                                 # "w/o curriculum": the final stage at once
+    # capped past max_latent_stage
+    assert [stage_of(e, 0, 1, 2) for e in range(6)] == [0, 1, 2, 3, 3, 3]
+    assert stage_of(0, 99, 5, 6) == 7                    # "w/o curriculum": the final stage at once
 
 def test_uniform_prob_zero_keeps_every_example_at_its_scheduled_stage():
     import random
@@ -124,7 +144,7 @@ def test_uniform_prob_one_draws_every_stage_from_zero_to_the_example_steps():
     n_steps = [3, 1, 5, 0, 2] * 40
     got = draw_stages(random.Random(0), 9, 1.0, n_steps)               # 9: never a drawn stage here
     assert all(0 <= st <= n for st, n in zip(got, n_steps))
-    for n in set(n_steps):                                              # each reachable stage is drawn
+    for n in set(n_steps):                                           # each reachable stage is drawn
         assert {st for st, m in zip(got, n_steps) if m == n} == set(range(n + 1))
     half = draw_stages(random.Random(0), 9, 0.5, n_steps)              # both kinds, about half each
     assert 60 < half.count(9) < 140
@@ -134,7 +154,8 @@ def test_epoch_order_depends_on_seed_and_epoch_only():
     n_steps = [2, 3, 1, 4] * 8
     a = epoch_order(0, 3, 1, 0.5, n_steps)
     assert a == epoch_order(0, 3, 1, 0.5, n_steps) and sorted(a[1]) == list(range(32))
-    assert a[1] != epoch_order(0, 4, 1, 0.5, n_steps)[1] and a[1] != epoch_order(1, 3, 1, 0.5, n_steps)[1]
+    assert (a[1] != epoch_order(0, 4, 1, 0.5, n_steps)[1]
+            and a[1] != epoch_order(1, 3, 1, 0.5, n_steps)[1])
 
 @pytest.mark.parametrize("world,accum", [(1, 1), (1, 4), (2, 1), (2, 2), (4, 2)])
 def test_rank_blocks_partition_the_global_batch(world, accum):
@@ -147,14 +168,16 @@ def test_rank_blocks_partition_the_global_batch(world, accum):
     # rank r's micro-step m is micro-step r*accum+m of one process accumulating world*accum blocks
     for r in range(world):
         for m in range(accum):
-            assert rank_block(batch, r, m, accum, micro) == rank_block(batch, 0, r * accum + m, world * accum, micro)
+            assert (rank_block(batch, r, m, accum, micro)
+                    == rank_block(batch, 0, r * accum + m, world * accum, micro))
 
 def test_optimizer_resets_exactly_at_the_configured_epochs():
     from coconut import resets_optimizer
     sched = [stage_of(e, 0, 2, 2) for e in range(8)]                    # 0 0 1 1 2 2 3 3
     at = lambda mode: [e for e in range(8) if resets_optimizer(e, sched, mode)]
     assert at("stage") == [2, 4, 6] and at("epoch") == [1, 2, 3, 4, 5, 6, 7] and at("never") == []
-    assert [e for e in range(7) if resets_optimizer(e, [stage_of(e, 1, 3, 3) for e in range(7)], "stage")] == [3, 6]
+    assert [e for e in range(7)
+            if resets_optimizer(e, [stage_of(e, 1, 3, 3) for e in range(7)], "stage")] == [3, 6]
     # and a real optimizer's step count: AdamW made anew at those epochs restarts at 0
     p = torch.nn.Parameter(torch.ones(2))
     opt, counts = None, []
@@ -168,8 +191,9 @@ def test_optimizer_resets_exactly_at_the_configured_epochs():
     assert counts == [3, 6, 3, 6, 3, 6, 3, 6]
 
 def test_marker_ids_are_bot_latent_eot_with_the_released_ids():
-    # layout() takes the ids by role (bot, latent, eot); the vocabulary gets them in the released order
-    # (start, end, latent: GPT-2 50257, 50258, 50259), so existing checkpoints keep their marker rows
+    # layout() takes the ids by role (bot, latent, eot); the vocabulary gets them in the released
+    # order (start, end, latent: GPT-2 50257, 50258, 50259), so existing checkpoints keep their
+    # marker rows
     tok = build_tokenizer("words", [{"question": "Tom is a wumpus.", "steps": [], "answer": "yes"}])
     n = len(tok)
     ids = marker_ids(tok)
@@ -180,11 +204,11 @@ def test_marker_ids_are_bot_latent_eot_with_the_released_ids():
 # ---- the markers: released init, tied and untied heads, the tokenizer's BOS
 
 def negative_logit_gpt2(n_real):
-    """A GPT-2-layout model (tied head) whose real-token logits are all about -30, like a pretrained model's:
-    the final norm outputs a constant b, and every real row points against b."""
+    """A GPT-2-layout model (tied head) whose real-token logits are all about -30, like a pretrained
+    model's: the final norm outputs a constant b, and every real row points against b."""
     torch.manual_seed(0)
-    m = load_model("scratch", n_real, arch="gpt2", n_layer=1, n_head=2, n_embd=32, block_size=64, eos_id=EOS,
-                   pad_id=PAD)
+    m = load_model("scratch", n_real, arch="gpt2", n_layer=1, n_head=2, n_embd=32, block_size=64,
+                   eos_id=EOS, pad_id=PAD)
     with torch.no_grad():
         b = torch.randn(32)
         m.transformer.ln_f.weight.zero_()
@@ -198,13 +222,14 @@ def test_markers_copy_source_row_in_tied_head_and_do_not_raise_the_loss():
     special = (BOT, LAT, EOT)                                           # rows 37..39 of V = 40
     copied, fresh = negative_logit_gpt2(V - 3), negative_logit_gpt2(V - 3)
     copy_token_rows(copied, V, special, SRC)
-    copy_token_rows(fresh, V, special, None)                               # the old default: fresh N(0, 0.02) rows
+    copy_token_rows(fresh, V, special, None)                # the old default: fresh N(0, 0.02) rows
     for m in (copied, fresh):
         assert m.get_input_embeddings().weight.shape[0] == V
         assert lm_head(m).weight is m.get_input_embeddings().weight    # still tied after the resize
     wte = copied.get_input_embeddings().weight
     assert all(torch.equal(wte[i], wte[SRC]) for i in special)
-    # stage 0: markers in the input, loss on the steps and answer; the logits are those of the real vocabulary
+    # stage 0: markers in the input, loss on the steps and answer; the logits are those of the real
+    # vocabulary
     prompt, target = layout(Q, STEPS, A, 0, Curriculum(method="coconut", **KW))
     ids, mask, labels = collate([(prompt, target)], LAT, PAD)
     def losses(m):
@@ -217,19 +242,21 @@ def test_markers_copy_source_row_in_tied_head_and_do_not_raise_the_loss():
         assert abs(Coconut(m, LAT)(ids, mask, labels).item() - full.item()) < 1e-4
         return logits[keep], full.item(), real.item()
     logits, full, real = losses(copied)
-    assert logits[:, :V - 3].max().item() < -20                        # strongly negative real-token logits
+    assert logits[:, :V - 3].max().item() < -20                # strongly negative real-token logits
     assert (logits[:, list(special)] <= logits[:, :V - 3].max(-1, keepdim=True).values).all()
     p_src = logits[:, :V - 3].softmax(-1)[:, SRC]
-    assert abs((full - real) - torch.log1p(3 * p_src).mean().item()) < 1e-4  # 3 more copies of one real token
+    # 3 more copies of one real token
+    assert abs((full - real) - torch.log1p(3 * p_src).mean().item()) < 1e-4
     assert full - real < 0.5
     _, full_fresh, real_fresh = losses(fresh)
-    assert full_fresh - real_fresh > 10                                 # fresh rows: markers win by ~30 nats
+    assert full_fresh - real_fresh > 10                        # fresh rows: markers win by ~30 nats
 
 def test_markers_in_untied_head_copy_each_matrix_own_row():
     from transformers import AutoConfig, AutoModelForCausalLM
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model("llama", vocab_size=V - 3, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                               num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
+    cfg = AutoConfig.for_model("llama", vocab_size=V - 3, hidden_size=32, intermediate_size=64,
+                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                               tie_word_embeddings=False)
     m = AutoModelForCausalLM.from_config(cfg)
     copy_token_rows(m, V, (BOT, LAT, EOT), 7)
     inp, out = m.get_input_embeddings().weight, lm_head(m).weight
@@ -240,23 +267,26 @@ def test_markers_in_untied_head_copy_each_matrix_own_row():
 
 def test_markers_present_never_overwrites_trained_rows():
     tok = build_tokenizer("words", [{"question": "Tom is a wumpus.", "steps": [], "answer": "yes"}])
-    assert not markers_present(tok, None)                              # a model from scratch or the hub
-    assert markers_present(tok, {"markers": False}) is False          # the GSM8k CoT checkpoint
-    assert markers_present(tok, {}) is True                            # older checkpoints always had them
+    assert not markers_present(tok, None)                        # a model from scratch or the hub
+    assert markers_present(tok, {"markers": False}) is False     # the GSM8k CoT checkpoint
+    assert markers_present(tok, {}) is True                      # older checkpoints always had them
     marker_ids(tok)
-    assert markers_present(tok, None)                                  # an hf/ export with its tokenizer
+    assert markers_present(tok, None)                             # an hf/ export with its tokenizer
 
 def test_marker_source_choices_and_errors():
-    tok = build_tokenizer("words", [{"question": "Tom is a wumpus << x.", "steps": [], "answer": "yes"}])
-    assert marker_source(tok, "auto", "openai-community/gpt2") == tok.token_id("<<")  # pretrained: as released
-    assert marker_source(tok, "auto", "scratch") is None                # scratch: fresh rows like all others
+    tok = build_tokenizer("words", [{"question": "Tom is a wumpus << x.", "steps": [],
+                                     "answer": "yes"}])
+    # pretrained: as released
+    assert marker_source(tok, "auto", "openai-community/gpt2") == tok.token_id("<<")
+    assert marker_source(tok, "auto", "scratch") is None       # scratch: fresh rows like all others
     assert marker_source(tok, "", "openai-community/gpt2") is None
     assert marker_source(tok, "wumpus", "scratch") == tok.token_id("wumpus")
     with pytest.raises(ValueError, match="marker_init='Tom is'.*not exactly one token"):
         marker_source(tok, "Tom is", "scratch")
     with pytest.raises(ValueError, match="marker_init='zorp'"):
-        marker_source(tok, "zorp", "scratch")                            # not in the vocabulary at all
-    plain = build_tokenizer("words", [{"question": "Tom is a wumpus.", "steps": [], "answer": "yes"}])
+        marker_source(tok, "zorp", "scratch")                         # not in the vocabulary at all
+    plain = build_tokenizer("words", [{"question": "Tom is a wumpus.", "steps": [],
+                                       "answer": "yes"}])
     with pytest.raises(ValueError, match="marker_init='auto'.*'<<'"):
         marker_source(plain, "auto", "openai-community/gpt2")
 
@@ -268,35 +298,40 @@ def bos_tokenizer():
     words = "<s> </s> <unk> Tom is a wumpus yes ###".split()
     rust = RustTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     rust.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    rust.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    hf = PreTrainedTokenizerFast(tokenizer_object=rust, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    rust.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                        special_tokens=[("<s>", 0)])
+    hf = PreTrainedTokenizerFast(tokenizer_object=rust, bos_token="<s>", eos_token="</s>",
+                                 unk_token="<unk>")
     return Tokenizer(hf)
 
 def test_bos_follows_the_tokenizer():
     ex = {"question": "Tom is a wumpus?", "steps": ["Tom is a wumpus.", "yes."], "answer": "yes"}
     words = build_tokenizer("words", [ex])
     q, steps, answer = encode_example(words, ex)
-    assert words.bos_id is not None and words.bos_id not in q          # like GPT-2: the tokenizer adds none
+    assert words.bos_id is not None and words.bos_id not in q  # like GPT-2: the tokenizer adds none
     full = ex["question"] + "\n" + "\n".join(ex["steps"]) + "\n### " + ex["answer"]
-    assert q + [t for s in steps for t in s] + answer == words.encode(full) + [words.eos_id]  # the released check
+    # the released check
+    assert q + [t for s in steps for t in s] + answer == words.encode(full) + [words.eos_id]
     llama_like = bos_tokenizer()
-    q, steps, _ = encode_example(llama_like, {"question": "Tom is a wumpus", "steps": ["yes"], "answer": "yes"})
-    assert q[0] == llama_like.bos_id and q.count(llama_like.bos_id) == 1 and llama_like.bos_id not in steps[0]
+    q, steps, _ = encode_example(llama_like, {"question": "Tom is a wumpus", "steps": ["yes"],
+                                              "answer": "yes"})
+    assert (q[0] == llama_like.bos_id and q.count(llama_like.bos_id) == 1
+            and llama_like.bos_id not in steps[0])
 
 def test_collate_aligns_first_thought_column():
     ids, mask, labels = ragged_batch()
     cols = [(row == LAT).nonzero().flatten().tolist() for row in ids]
-    assert [c[0] for c in cols if c] == [8, 8, 8]                     # one column c0 for every row's thought 1
+    assert [c[0] for c in cols if c] == [8, 8, 8]          # one column c0 for every row's thought 1
     assert all(c == list(range(8, 8 + len(c))) for c in cols)         # thought j in column c0 + j
-    for row, m, lab in zip(ids, mask, labels):                         # pad is masked and never labelled
+    for row, m, lab in zip(ids, mask, labels):             # pad is masked and never labelled
         assert (row[m == 0] == PAD).all() and (lab[m == 0] == -100).all()
 
 # ---- the latent forward
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_cached_forward_equals_naive_rerun(arch):
-    # each pass sees exactly what the naive loop sees: same earlier positions (cache), same thought vectors,
-    # same position ids and masks; only the order of computation differs
+    # each pass sees exactly what the naive loop sees: same earlier positions (cache), same thought
+    # vectors, same position ids and masks; only the order of computation differs
     m = tiny(arch)
     ids, mask, _ = ragged_batch()
     with torch.no_grad():
@@ -309,18 +344,21 @@ def test_cached_forward_equals_naive_rerun(arch):
 def test_zero_thoughts_is_plain_forward(arch):
     m = tiny(arch)
     ids, mask, labels = ragged_batch()
-    ids = ids.masked_fill(ids == LAT, 5)                              # no thoughts: latent_forward is one pass
+    ids = ids.masked_fill(ids == LAT, 5)                   # no thoughts: latent_forward is one pass
     got, _ = latent_forward(m, ids, mask, LAT)
-    out = m(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), output_hidden_states=True)
+    out = m(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+            output_hidden_states=True)
     assert (got - out.hidden_states[-1])[mask.bool()].abs().max().item() <= 1e-5
     loss = Coconut(m, LAT)(ids, mask, labels)
-    ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+    ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1),
+                                            labels[:, 1:].flatten())
     assert abs(loss.item() - ref.item()) <= 1e-5
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_gradient_flows_through_thoughts(arch):
-    # the loss sits after the thoughts; its gradient must equal the naive (no-detach) chain's, and differ from
-    # the gradient with the thought vectors detached: the chain of thoughts itself carries gradient
+    # the loss sits after the thoughts; its gradient must equal the naive (no-detach) chain's, and
+    # differ from the gradient with the thought vectors detached: the chain of thoughts itself
+    # carries gradient
     m = tiny(arch).train()
     ids, mask, labels = ragged_batch()
     def grads(hidden_fn):
@@ -336,24 +374,27 @@ def test_gradient_flows_through_thoughts(arch):
     assert max((cached[n] - naive[n]).abs().max().item() for n in naive) <= 1e-5
     assert max((cached[n] - detached[n]).abs().max().item() for n in naive) > 1e-4
     wte = m.get_input_embeddings().weight
-    assert cached[next(n for n, p in m.named_parameters() if p is wte)][[3, 4, 5]].abs().sum() > 0  # question rows
+    # question rows
+    assert cached[next(n for n, p in m.named_parameters() if p is wte)][[3, 4, 5]].abs().sum() > 0
 
 # ---- generation
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_batched_cached_generation_equals_batch1_uncached(arch):
     m = tiny(arch, sharpen=8.0)
-    prompts = [[3, 4, 5, BOT, LAT, LAT, EOT], [7, 8, 9, 10, 11, 12, BOT, LAT, LAT, EOT], [13, BOT, LAT, LAT, EOT]]
+    prompts = [[3, 4, 5, BOT, LAT, LAT, EOT], [7, 8, 9, 10, 11, 12, BOT, LAT, LAT, EOT],
+               [13, BOT, LAT, LAT, EOT]]
     tokens, n_gen = generate_answers(m, prompts, LAT, EOS, PAD, 10, "cpu")
     seen = set()
     for p, row, n in zip(prompts, tokens.tolist(), n_gen.tolist()):
-        # batch 1, no cache: the prompt's thoughts as naive_latent_forward fills them in, then a full re-run
-        # per token (a generated <latent> is a plain token)
+        # batch 1, no cache: the prompt's thoughts as naive_latent_forward fills them in, then a
+        # full re-run per token (a generated <latent> is a plain token)
         ids = torch.tensor([p])
         _, embeds = naive_latent_forward(m, ids, torch.ones_like(ids), LAT)
         ref = []
         for _ in range(10):
-            nxt = m.get_output_embeddings()(backbone(m)(inputs_embeds=embeds).last_hidden_state[0, -1]).argmax().item()
+            nxt = m.get_output_embeddings()(
+                backbone(m)(inputs_embeds=embeds).last_hidden_state[0, -1]).argmax().item()
             ref.append(nxt)
             if nxt == EOS:
                 break
@@ -367,22 +408,26 @@ def test_batched_cached_generation_equals_batch1_uncached(arch):
 def test_bad_config_fails_with_clear_message():
     import coconut
     ok = {**{k: v for k, v in vars(coconut).items() if isinstance(v, (int, float, str, bool))},
-          **dict(method="coconut", c_thought=1, epochs_per_stage=1, max_latent_stage=2, uniform_prob=0.0,
-                 reset_optimizer="stage", batch_size=128, micro_batch_size=32, precision="fp32", thoughts_sweep="0,2")}
-    check_rules_of(coconut, ok, 2)                                     # 128 = 32 x 2 accumulation x 2 ranks
+          **dict(method="coconut", c_thought=1, epochs_per_stage=1, max_latent_stage=2,
+                 uniform_prob=0.0, reset_optimizer="stage", batch_size=128, micro_batch_size=32,
+                 precision="fp32", thoughts_sweep="0,2")}
+    check_rules_of(coconut, ok, 2)                             # 128 = 32 x 2 accumulation x 2 ranks
     assert thought_counts("0, 1,6") == [0, 1, 6]
-    for bad, msg in [(dict(batch_size=100), "multiple of micro_batch_size"), (dict(method="coconat"), "unknown"),
-                     (dict(c_thought=0), "c_thought"), (dict(reset_optimizer="always"), "reset_optimizer"),
-                     (dict(precision="fp16"), "precision='fp16'"), (dict(thoughts_sweep="0,x"), "thoughts_sweep"),
+    for bad, msg in [(dict(batch_size=100), "multiple of micro_batch_size"),
+                     (dict(method="coconat"), "unknown"), (dict(c_thought=0), "c_thought"),
+                     (dict(reset_optimizer="always"), "reset_optimizer"),
+                     (dict(precision="fp16"), "precision='fp16'"),
+                     (dict(thoughts_sweep="0,x"), "thoughts_sweep"),
                      (dict(thoughts_sweep="-1"), "thoughts_sweep"),
                      (dict(method="cot"), "thoughts_sweep needs thoughts")]:
         with pytest.raises(ValueError, match=msg):
             check_rules_of(coconut, {**ok, **bad}, 2)
 
-TINY = ["--task=prosqa_small", "--task_options={'symbolic': True, 'min_nodes': 6, 'max_nodes': 8, 'min_hops': 1, "
-        "'max_hops': 2}", "--n_train=16", "--n_val=4", "--n_test=4", "--n_layer=1", "--n_head=2", "--n_embd=32",
-        "--batch_size=8", "--micro_batch_size=4", "--max_latent_stage=1", "--max_new_tokens=4", "--probe=0",
-        "--learning_rate=0.01"]
+TINY = ["--task=prosqa_small",
+        "--task_options={'symbolic': True, 'min_nodes': 6, 'max_nodes': 8, 'min_hops': 1, "
+        "'max_hops': 2}", "--n_train=16", "--n_val=4", "--n_test=4", "--n_layer=1", "--n_head=2",
+        "--n_embd=32", "--batch_size=8", "--micro_batch_size=4", "--max_latent_stage=1",
+        "--max_new_tokens=4", "--probe=0", "--learning_rate=0.01"]
 
 def run_script(args, out_dir):
     """coconut.py on TINY + args, in this process (tests/inprocess.py); the result reads as a
@@ -390,7 +435,8 @@ def run_script(args, out_dir):
     return run_main("coconut.py", TINY + [f"--out_dir={out_dir}"] + args)
 
 def step_losses(stdout):
-    return [float(line.split("| loss ")[1].split()[0]) for line in stdout.splitlines() if line.startswith("step ")]
+    return [float(line.split("| loss ")[1].split()[0]) for line in stdout.splitlines()
+            if line.startswith("step ")]
 
 def weights(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)["model"]
@@ -409,7 +455,8 @@ def trained(tmp_path_factory):
 # (2 DDP ranks == 1 process, and FSDP: tests/test_coconut_script.py)
 
 def test_precision_bf16_autocast_keeps_loss_fp32():
-    # precision='bf16' is autocast (bf16 matmuls, fp32 weights); the loss is computed from fp32 log-probs
+    # precision='bf16' is autocast (bf16 matmuls, fp32 weights); the loss is computed from fp32
+    # log-probs
     m = tiny("gpt2")
     ids, mask, labels = ragged_batch()
     ref = Coconut(m, LAT)(ids, mask, labels)
@@ -418,18 +465,19 @@ def test_precision_bf16_autocast_keeps_loss_fp32():
         got = Coconut(m, LAT)(ids, mask, labels)
     assert got.dtype == torch.float32 and 0 < abs(got.item() - ref.item()) < 0.05
     assert all(p.dtype == torch.float32 for p in m.parameters())
-    with autocast_ctx("cpu", "fp32"), autocast_ctx("cpu"):             # the old call: fp32 on the CPU
+    with autocast_ctx("cpu", "fp32"), autocast_ctx("cpu"):           # the old call: fp32 on the CPU
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 def test_cot_checkpoint_gets_markers_added_and_initialised(tmp_path):
-    # the GSM8k path: a CoT run (no markers in its vocabulary), then coconut from its best.pt; lr=0 leaves the
-    # weights as set up, so the coconut run's ckpt.pt shows the new rows: copies of '###', the rest unchanged
+    # the GSM8k path: a CoT run (no markers in its vocabulary), then coconut from its best.pt; lr=0
+    # leaves the weights as set up, so the coconut run's ckpt.pt shows the new rows: copies of
+    # '###', the rest unchanged
     cot = run_script(["--method=cot", "--num_epochs=1"], tmp_path / "cot")
     assert cot.returncode == 0, cot.stderr[-2000:]
     cot_ckpt = torch.load(tmp_path / "cot" / "best.pt", weights_only=True)
     assert cot_ckpt["markers"] is False
-    r = run_script(["--init_from=" + str(tmp_path / "cot" / "best.pt"), "--marker_init=###", "--num_epochs=1",
-                    "--start_stage=1", "--learning_rate=0"], tmp_path / "coco")
+    r = run_script(["--init_from=" + str(tmp_path / "cot" / "best.pt"), "--marker_init=###",
+                    "--num_epochs=1", "--start_stage=1", "--learning_rate=0"], tmp_path / "coco")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "markers: added" in r.stdout and "copies of '###'" in r.stdout
     old, new = cot_ckpt["model"], weights(tmp_path / "coco")
@@ -442,21 +490,25 @@ def test_cot_checkpoint_gets_markers_added_and_initialised(tmp_path):
     assert sorted(ids) == list(range(n_real, n_real + 3))
     rows = new[key][ids]
     assert torch.equal(rows[0], rows[1]) and torch.equal(rows[1], rows[2])
-    assert any(torch.equal(rows[0], old[key][i]) for i in range(n_real))  # a copy of a real token's row
+    # a copy of a real token's row
+    assert any(torch.equal(rows[0], old[key][i]) for i in range(n_real))
     assert torch.load(tmp_path / "coco" / "ckpt.pt", weights_only=True)["markers"] is True
 
 def test_thought_sweep_table_and_final_stage_row_equals_test_eval(trained, tmp_path):
-    # a tiny model trained to the final stage (stages 0, 1, 2 with max_latent_stage=1), then one evaluation run
-    # at 0..3 thoughts; the row for the final-stage count (1 x c_thought=1) is the plain test evaluation
+    # a tiny model trained to the final stage (stages 0, 1, 2 with max_latent_stage=1), then one
+    # evaluation run at 0..3 thoughts; the row for the final-stage count (1 x c_thought=1) is the
+    # plain test evaluation
     out_dir, stdout = trained
-    val_losses = [float(l.split("val loss ")[1].split()[0]) for l in stdout.splitlines() if "val loss" in l]
-    assert len(val_losses) == 3 and all(0 < v < 10 for v in val_losses)  # printed every epoch, as released
+    val_losses = [float(l.split("val loss ")[1].split()[0]) for l in stdout.splitlines()
+                  if "val loss" in l]
+    # printed every epoch, as released
+    assert len(val_losses) == 3 and all(0 < v < 10 for v in val_losses)
     # batch_size is global: 8 = micro-batches of 4 x 2 accumulation steps on 1 process
     assert "global batch 8 = 4 per micro-step x 2 accumulation x 1 ranks" in stdout
     best = torch.load(out_dir / "best.pt", weights_only=True)
-    assert best["stage"] == 2                                          # chosen among all-latent epochs only
-    r = run_script(["--eval_only=True", f"--init_from={out_dir / 'best.pt'}", "--thoughts_sweep=0,1,2,3",
-                    "--max_new_tokens=8"], tmp_path)
+    assert best["stage"] == 2                                  # chosen among all-latent epochs only
+    r = run_script(["--eval_only=True", f"--init_from={out_dir / 'best.pt'}",
+                    "--thoughts_sweep=0,1,2,3", "--max_new_tokens=8"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     line = next(l for l in r.stdout.splitlines() if l.startswith("test acc"))
     acc, tokens = float(line.split()[2]), float(line.split("tokens generated ")[1].split()[0])
@@ -466,28 +518,34 @@ def test_thought_sweep_table_and_final_stage_row_equals_test_eval(trained, tmp_p
         rows = json.load(f)["rows"]
     assert [row["thoughts"] for row in rows] == [0, 1, 2, 3]
     assert rows[1]["accuracy"] == acc and round(rows[1]["tokens"], 1) == tokens
-    assert all(1 <= row["tokens"] - row["thoughts"] <= 8 for row in rows)  # thoughts + at most max_new_tokens
+    # thoughts + at most max_new_tokens
+    assert all(1 <= row["tokens"] - row["thoughts"] <= 8 for row in rows)
 
 # ---- the presets reproduce the released runs (args/*.yaml of facebookresearch/coconut)
 
 def resolve(*files):
     import coconut
     from configurator import configure
-    return configure(dict(vars(coconut)), [os.path.join(ROOT, "config", f) for f in files], verbose=False)
+    return configure(dict(vars(coconut)), [os.path.join(ROOT, "config", f) for f in files],
+                     verbose=False)
 
-RELEASED = dict(c_thought=None, precision="fp32", learning_rate=1e-4, weight_decay=0.01, batch_size=128,
-                uniform_prob=0.0, pad_latent_to_max=True)
+RELEASED = dict(c_thought=None, precision="fp32", learning_rate=1e-4, weight_decay=0.01,
+                batch_size=128, uniform_prob=0.0, pad_latent_to_max=True)
 PRESETS = [  # files, released values, thoughts (or pauses) at inference, markers copy '<<'
-    (("coconut_prosqa.py",), dict(method="coconut", c_thought=1, epochs_per_stage=5, max_latent_stage=6,
-                                  num_epochs=50, start_stage=0, reset_optimizer="epoch", max_new_tokens=128), 6, True),
-    (("coconut_prontoqa.py",), dict(method="coconut", c_thought=1, epochs_per_stage=5, max_latent_stage=6,
-                                    num_epochs=50, start_stage=0, reset_optimizer="epoch",
-                                    max_new_tokens=128), 6, True),
-    (("coconut_gsm8k_cot.py",), dict(method="cot", num_epochs=25, reset_optimizer="never", max_new_tokens=64,
-                                     init_from="openai-community/gpt2"), 0, False),
-    (("coconut_gsm8k.py",), dict(method="coconut", c_thought=2, epochs_per_stage=3, max_latent_stage=3,
-                                 start_stage=1, num_epochs=22, reset_optimizer="epoch", max_new_tokens=64), 6, True),
-    (("coconut_gsm8k_cot.py", "coconut_pause.py"), dict(method="pause", max_new_tokens=64), 6, True),
+    (("coconut_prosqa.py",), dict(method="coconut", c_thought=1, epochs_per_stage=5,
+                                  max_latent_stage=6, num_epochs=50, start_stage=0,
+                                  reset_optimizer="epoch", max_new_tokens=128), 6, True),
+    (("coconut_prontoqa.py",), dict(method="coconut", c_thought=1, epochs_per_stage=5,
+                                    max_latent_stage=6, num_epochs=50, start_stage=0,
+                                    reset_optimizer="epoch", max_new_tokens=128), 6, True),
+    (("coconut_gsm8k_cot.py",), dict(method="cot", num_epochs=25, reset_optimizer="never",
+                                     max_new_tokens=64, init_from="openai-community/gpt2"),
+     0, False),
+    (("coconut_gsm8k.py",), dict(method="coconut", c_thought=2, epochs_per_stage=3,
+                                 max_latent_stage=3, start_stage=1, num_epochs=22,
+                                 reset_optimizer="epoch", max_new_tokens=64), 6, True),
+    (("coconut_gsm8k_cot.py", "coconut_pause.py"),
+     dict(method="pause", max_new_tokens=64), 6, True),
 ]
 
 def preset_id(x):
@@ -499,22 +557,25 @@ def test_presets_resolve_to_released_values(files, values, n_infer, copies):
     for key, want in {**RELEASED, **values}.items():
         if want is not None:
             assert cfg[key] == want, key
-    lay = dict(method=cfg["method"], c_thought=cfg["c_thought"], max_latent_stage=cfg["max_latent_stage"],
-               pad_latent_to_max=cfg["pad_latent_to_max"], n_pause=cfg["max_latent_stage"] * cfg["c_thought"],
-               special=(BOT, LAT, EOT))
+    lay = dict(method=cfg["method"], c_thought=cfg["c_thought"],
+               max_latent_stage=cfg["max_latent_stage"], pad_latent_to_max=cfg["pad_latent_to_max"],
+               n_pause=cfg["max_latent_stage"] * cfg["c_thought"], special=(BOT, LAT, EOT))
     final = cfg["max_latent_stage"] + 1 if cfg["method"] == "coconut" else 0
     prompt = layout(Q, [[20]] * 9, [], final, Curriculum(**lay), inference=True)[0]
     assert prompt.count(LAT) == n_infer
     tok = build_tokenizer("words", [{"question": "a << b.", "steps": [], "answer": "c"}])
-    if copies:                                                          # from GPT-2 (or a CoT model of it)
+    if copies:                                                   # from GPT-2 (or a CoT model of it)
         assert marker_source(tok, cfg["marker_init"], "openai-community/gpt2") == tok.token_id("<<")
     if files == ("coconut_gsm8k.py",):  # released: resume=3, epochs 3..24 at stage epoch // 3
-        assert [stage_of(e, 1, 3, 3) for e in range(22)] == [min((e + 3) // 3, 4) for e in range(22)]
+        assert ([stage_of(e, 1, 3, 3) for e in range(22)]
+                == [min((e + 3) // 3, 4) for e in range(22)])
 
-@pytest.mark.parametrize("preset", sorted(f for f in os.listdir(os.path.join(ROOT, "config")) if f.startswith("coconut_")))
+@pytest.mark.parametrize("preset", sorted(f for f in os.listdir(os.path.join(ROOT, "config"))
+                                          if f.startswith("coconut_")))
 def test_presets_parse_and_divide(preset):
-    # every key exists with the right type, and the global batch divides on 1 and on 4 GPUs (the released count);
-    # overlays (method files) sit on a task preset, so every file is read after config/coconut_prosqa.py
+    # every key exists with the right type, and the global batch divides on 1 and on 4 GPUs (the
+    # released count); overlays (method files) sit on a task preset, so every file is read after
+    # config/coconut_prosqa.py
     import coconut
     from configurator import configure
     files = [os.path.join(ROOT, "config", f) for f in ("coconut_prosqa.py", preset)]

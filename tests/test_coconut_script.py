@@ -1,7 +1,7 @@
 """coconut.py as a user runs it, the reliability side: a run killed (SIGKILL) or stopped (SIGTERM)
 mid-epoch resumes to exactly the uninterrupted run; a resume with other settings, or from another
-script's checkpoint, is refused by name; a diverging run stops before non-finite weights are written;
-a preset with --init_from=DIR works offline with the model's own tokenizer."""
+script's checkpoint, is refused by name; a diverging run stops before non-finite weights are
+written; a preset with --init_from=DIR works offline with the model's own tokenizer."""
 import os
 import signal
 import subprocess
@@ -13,7 +13,8 @@ from inprocess import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK = ["--task=prosqa_small", "--task_options={'symbolic': True, 'min_nodes': 6, 'max_nodes': 8, "
-        "'min_hops': 1, 'max_hops': 2}", "--n_val=4", "--n_test=4", "--max_new_tokens=4", "--probe=0"]
+        "'min_hops': 1, 'max_hops': 2}", "--n_val=4", "--n_test=4", "--max_new_tokens=4",
+        "--probe=0"]
 TINY = TASK + ["--n_train=16", "--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=8",
                "--micro_batch_size=4", "--max_latent_stage=1", "--learning_rate=0.01"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -21,7 +22,8 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUF
 
 def launch(args, out_dir):
     return subprocess.Popen([sys.executable, "coconut.py", *TINY, f"--out_dir={out_dir}", *args],
-                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def run(args, out_dir):
@@ -57,9 +59,11 @@ def ckpt(out_dir):
     return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
 
 
-def test_killed_and_stopped_runs_resume_to_the_uninterrupted_run_and_a_truncated_one_is_refused(tmp_path):
+def test_killed_and_stopped_runs_resume_to_the_uninterrupted_run_and_a_truncated_one_is_refused(
+        tmp_path):
     # 4 steps per epoch, 2 epochs (stage 0, then 1 thought), dropout on, a checkpoint every step
-    args = ["--n_train=32", "--num_epochs=2", "--epochs_per_stage=1", "--dropout=0.1", "--ckpt_interval=1"]
+    args = ["--n_train=32", "--num_epochs=2", "--epochs_per_stage=1", "--dropout=0.1",
+            "--ckpt_interval=1"]
     rc, out, err = run(args, tmp_path / "straight")
     assert rc == 0, err[-2000:]
     want = steps(out)
@@ -71,13 +75,15 @@ def test_killed_and_stopped_runs_resume_to_the_uninterrupted_run_and_a_truncated
     seen = steps(out)
     c = ckpt(d)
     assert c["epoch"] == 0 and c["step_in_epoch"] in (2, 3) and c["iter_num"] == c["step_in_epoch"]
-    # resume, then SIGTERM in the middle of epoch 1: a checkpoint at the step boundary and a clean exit
+    # resume, then SIGTERM in the middle of epoch 1: a checkpoint at the step boundary and a clean
+    # exit
     rc, out, err = run_until(args + ["--init_from=resume"], d, 6, signal.SIGTERM)
     assert rc == 128 + signal.SIGTERM and "stopped by SIGTERM after step" in out, err[-2000:]
     assert min(steps(out)) == c["iter_num"] + 1
     seen.update(steps(out))
     c = ckpt(d)
-    assert c["epoch"] == 1 and 2 <= c["step_in_epoch"] < 4 and c["iter_num"] == 4 + c["step_in_epoch"]
+    assert (c["epoch"] == 1 and 2 <= c["step_in_epoch"] < 4
+            and c["iter_num"] == 4 + c["step_in_epoch"])
     rc, out, err = run(args + ["--init_from=resume"], d)
     assert rc == 0, err[-2000:]
     seen.update(steps(out))
@@ -86,7 +92,8 @@ def test_killed_and_stopped_runs_resume_to_the_uninterrupted_run_and_a_truncated
     a, b = ckpt(tmp_path / "straight"), ckpt(d)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert b["iter_num"] == 8 and b["epoch"] == 2
-    # reset_optimizer='stage': a new AdamW at epoch 1 (stage 0 -> 1), so 4 steps, not 8, in both runs
+    # reset_optimizer='stage': a new AdamW at epoch 1 (stage 0 -> 1), so 4 steps, not 8, in both
+    # runs
     assert all(st["step"] == 4 for c in (a, b) for st in c["optimizer"]["state"].values())
     # a truncated checkpoint (a write cut short outside save_checkpoint's atomic rename) is refused
     path = d / "ckpt.pt"
@@ -106,7 +113,8 @@ def test_resume_refuses_other_settings_other_scripts_and_divergence(tmp_path):
         assert rc == 1 and err.startswith("error: ") and message in err, err[-2000:]
         assert not steps(out)
 
-    # resume with another model shape and seed: refused, naming both keys (never silently the old ones)
+    # resume with another model shape and seed: refused, naming both keys (never silently the old
+    # ones)
     refused(["--num_epochs=2", "--init_from=resume", "--n_layer=2", "--seed=1"],
             "(n_layer: checkpoint 1, now 2; seed: checkpoint 0, now 1)")
     # a scratch run over a resumable checkpoint
@@ -117,8 +125,8 @@ def test_resume_refuses_other_settings_other_scripts_and_divergence(tmp_path):
     refused([f"--init_from={other}"], "is not a coconut.py checkpoint", tmp_path / "other")
 
     # divergence: an update that makes the weights infinite is never written over the good ckpt.pt
-    rc, out, err = run(["--num_epochs=2", "--init_from=resume", "--learning_rate=1e20", "--weight_decay=1e20",
-                        "--ckpt_interval=1"], d)
+    rc, out, err = run(["--num_epochs=2", "--init_from=resume", "--learning_rate=1e20",
+                        "--weight_decay=1e20", "--ckpt_interval=1"], d)
     assert rc == 1 and "non-finite weights" in err and "ckpt.pt not written" in err, err[-2000:]
     assert err.count("\n") == 1
     # a non-finite loss stops the run before its update (no interval save in between)
@@ -141,19 +149,20 @@ def tiny_hf_dir(path, n_train=16):
         "prosqa_small", s, n=n_train if s == "train" else 4, **OPTS)]
     tok = data.build_tokenizer("words", exs)
     torch.manual_seed(0)
-    load_model("scratch", len(tok), n_layer=1, n_head=2, n_embd=32, block_size=256).save_pretrained(path)
+    load_model("scratch", len(tok), n_layer=1, n_head=2, n_embd=32,
+               block_size=256).save_pretrained(path)
     tok.save_pretrained(path)
     return tok
 
 
 def test_preset_with_a_local_model_directory_runs_offline_with_its_own_tokenizer(tmp_path):
-    # the preset names no tokenizer, so --init_from=DIR is enough with HF_HUB_OFFLINE=1 (the preset's
-    # task/data/batch are shrunk)
+    # the preset names no tokenizer, so --init_from=DIR is enough with HF_HUB_OFFLINE=1 (the
+    # preset's task/data/batch are shrunk)
     model_dir = tmp_path / "tiny_hf"
     tok = tiny_hf_dir(model_dir)
-    p = run_main("coconut.py", ["config/coconut_prosqa.py", f"--init_from={model_dir}", "--data_path=", *TINY,
-                                "--num_epochs=1", "--marker_init=", "--learning_rate=0.001",
-                                f"--out_dir={tmp_path / 'out'}"])
+    p = run_main("coconut.py", ["config/coconut_prosqa.py", f"--init_from={model_dir}",
+                                "--data_path=", *TINY, "--num_epochs=1", "--marker_init=",
+                                "--learning_rate=0.001", f"--out_dir={tmp_path / 'out'}"])
     assert p.code == 0, (p.error, p.out[-2000:])
     assert f"tokenizer: {model_dir} (the model's own)" in p.out
     assert f"vocabulary {len(tok)}\n" in p.out
@@ -186,9 +195,10 @@ def test_gradient_checkpointing_leaves_a_single_pass_method_unchanged():
 
 
 def torchrun(args, out_dir):
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "coconut.py", *TINY, f"--out_dir={out_dir}", *args], cwd=ROOT, env=ENV,
-                       capture_output=True, text=True, timeout=300)  # a hang fails here
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node=2", "coconut.py", *TINY, f"--out_dir={out_dir}", *args],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=300)  # a hang fails here
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
 
@@ -201,7 +211,8 @@ UNEVEN = ["--max_latent_stage=2", "--c_thought=2", "--start_stage=1", "--uniform
 
 
 def rank_thought_columns(n_epochs=2):
-    """Per optimizer step, the thought columns of each rank's micro-batch, as the script draws them."""
+    """Per optimizer step, the thought columns of each rank's micro-batch, as the script draws
+    them."""
     import data
     from coconut import Curriculum, epoch_order, layout, rank_block, stage_of
     exs = data.load_task("prosqa_small", "train", n=16, **OPTS)
@@ -213,12 +224,14 @@ def rank_thought_columns(n_epochs=2):
         stages, perm = epoch_order(0, epoch, stage_of(epoch, 1, 1, 2), 0.5, n_steps)
         for step in range(2):
             batch = perm[step * 8:(step + 1) * 8]
-            cols.append([max(layout([0], [[0]] * n_steps[i], [0], stages[i], Curriculum(**lay))[0].count(-2)
+            cols.append([max(layout([0], [[0]] * n_steps[i], [0], stages[i],
+                                    Curriculum(**lay))[0].count(-2)
                              for i in rank_block(batch, r, 0, 1, 4)) for r in range(2)])
     return cols
 
 
-def test_one_process_equals_ddp_equals_fsdp_stopped_and_resumed_with_uneven_thought_columns(tmp_path):
+def test_one_process_equals_ddp_equals_fsdp_stopped_and_resumed_with_uneven_thought_columns(
+        tmp_path):
     cols = rank_thought_columns()
     assert any(a != b for a, b in cols), cols                           # the case that used to hang
     model_dir = tmp_path / "tiny_hf"
@@ -229,23 +242,27 @@ def test_one_process_equals_ddp_equals_fsdp_stopped_and_resumed_with_uneven_thou
     ddp = torchrun(args, tmp_path / "ddp")
     assert "ddp: parameters identical on 2 ranks: True" in ddp
     assert "global batch 8 = 4 per micro-step x 1 accumulation x 2 ranks" in ddp
-    # FSDP in two invocations: epoch 0, then a resume at the epoch boundary (a gathered full checkpoint)
+    # FSDP in two invocations: epoch 0, then a resume at the epoch boundary (a gathered full
+    # checkpoint)
     half = torchrun(args + ["--fsdp=True", "--num_epochs=1"], tmp_path / "fsdp")
     rest = torchrun(args + ["--fsdp=True", "--init_from=resume"], tmp_path / "fsdp")
     fsdp = half + rest
     assert "memory plan:" in fsdp and "fsdp on 2 GPU(s)" in fsdp
     # stages 1 and 2 of max_latent_stage=2: no epoch is all-latent, so no best.pt is chosen
-    assert "no epoch reaches the final stage 3" in ddp and not (tmp_path / "ddp" / "best.pt").exists()
+    assert ("no epoch reaches the final stage 3" in ddp
+            and not (tmp_path / "ddp" / "best.pt").exists())
     # the logged losses and the weights: FSDP pads every rank's batch to one layout and reduces in
-    # another order, so they agree within fp32 round-off that Adam (lr 1e-2, 4 steps) amplifies to 1e-4;
-    # a resume that lost the weights, the stage or the data order would differ by far more
+    # another order, so they agree within fp32 round-off that Adam (lr 1e-2, 4 steps) amplifies to
+    # 1e-4; a resume that lost the weights, the stage or the data order would differ by far more
     l_one, l_ddp, l_fsdp = steps(one), steps(ddp), steps(fsdp)
-    assert sorted(l_ddp) == [1, 2, 3, 4] and sorted(steps(half)) == [1, 2] and sorted(steps(rest)) == [3, 4]
+    assert (sorted(l_ddp) == [1, 2, 3, 4] and sorted(steps(half)) == [1, 2]
+            and sorted(steps(rest)) == [3, 4])
     assert max(abs(l_ddp[k] - l_fsdp[k]) for k in l_ddp) <= 2e-4
     a, b = ckpt(tmp_path / "ddp")["model"], ckpt(tmp_path / "fsdp")["model"]
     assert sorted(a) == sorted(b) and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
-    # one process with 2 micro-steps of 4 == 2 DDP ranks with one micro-step of 4 each: rank r's block of
-    # the global batch is micro-step r of the single process (a rank taking another's block: far off)
+    # one process with 2 micro-steps of 4 == 2 DDP ranks with one micro-step of 4 each: rank r's
+    # block of the global batch is micro-step r of the single process (a rank taking another's
+    # block: far off)
     assert sorted(l_one) == [1, 2, 3, 4] and max(abs(l_one[k] - l_ddp[k]) for k in l_ddp) <= 1e-4
     w = ckpt(tmp_path / "one")["model"]
     assert max((w[k] - a[k]).abs().max().item() for k in a) < 1e-4

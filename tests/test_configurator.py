@@ -1,4 +1,5 @@
-"""configurator.configure: overrides, type rules and error messages (each a fault of nanoGPT's original)."""
+"""configurator.configure: overrides, type rules and error messages (each a fault of nanoGPT's
+original)."""
 import os
 import subprocess
 import sys
@@ -10,8 +11,8 @@ from configurator import ConfigError, UserError, configure
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def scope():
-    return {"lr": 1e-4, "batch_size": 32, "compile": False, "out_dir": "out", "init_from": "scratch",
-            "wandb_run_name": None, "__name__": "__main__", "_private": 1}
+    return {"lr": 1e-4, "batch_size": 32, "compile": False, "out_dir": "out",
+            "init_from": "scratch", "wandb_run_name": None, "__name__": "__main__", "_private": 1}
 
 def test_overrides_and_returned_config():
     g = scope()
@@ -120,12 +121,14 @@ def test_user_error_is_one_line_and_a_bug_keeps_its_traceback(rank, prefix):
     assert r.stderr.startswith("Traceback") and r.stderr.endswith("ZeroDivisionError: a bug\n")
 
 def test_renamed_key_is_refused_with_its_new_name(tmp_path):
-    """An old key name (from before both scripts shared one vocabulary) is an error that gives the new
-    name, from a config file and from the command line."""
+    """An old key name (from before both scripts shared one vocabulary) is an error that gives the
+    new name, from a config file and from the command line."""
     with pytest.raises(ConfigError, match="'lr' is now called 'learning_rate'"):
-        configure({"learning_rate": 1.0}, ["--lr=0.1"], verbose=False, renamed={"lr": "learning_rate"})
+        configure({"learning_rate": 1.0}, ["--lr=0.1"], verbose=False,
+                  renamed={"lr": "learning_rate"})
     (tmp_path / "old.py").write_text("lr = 0.1\n")
     with pytest.raises(ConfigError, match="'lr' is now called 'learning_rate'"):
-        configure({"learning_rate": 1.0}, [str(tmp_path / "old.py")], verbose=False, renamed={"lr": "learning_rate"})
+        configure({"learning_rate": 1.0}, [str(tmp_path / "old.py")], verbose=False,
+                  renamed={"lr": "learning_rate"})
     with pytest.raises(ConfigError, match="unknown config key 'lr'"):
         configure({"learning_rate": 1.0}, ["--lr=0.1"], verbose=False)

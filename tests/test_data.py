@@ -1,4 +1,5 @@
-"""Tests for data.py: generators (ProsQA statistics, arithmetic, determinism, disjoint splits), tokenizers, loaders."""
+"""Tests for data.py: generators (ProsQA statistics, arithmetic, determinism, disjoint splits),
+tokenizers, loaders."""
 
 import json
 import re
@@ -22,7 +23,8 @@ def parse_fact(sentence):
 
 
 def parse_prosqa(ex):
-    """The graph and the query as the text states them (not the metadata), so the text itself is checked."""
+    """The graph and the query as the text states them (not the metadata), so the text itself is
+    checked."""
     sentences = re.split(r"(?<=[.?])\s+", ex["question"])
     *facts, query = sentences
     m = re.fullmatch(r"Is (\w+) a (\w+) or (\w+)\?|(\w+) > (\w+) or (\w+)\?", query)
@@ -45,7 +47,8 @@ def reachable(edges, src):
 
 
 def check_prosqa_example(ex):
-    """Every invariant one example must satisfy; returns (nodes, edges, hops, persons) for the statistics."""
+    """Every invariant one example must satisfy; returns (nodes, edges, hops, persons) for the
+    statistics."""
     edges, entity, pair = parse_prosqa(ex)
     assert len(set(edges)) == len(edges), "a fact is stated twice"
     # the metadata describes the same graph as the text
@@ -53,7 +56,8 @@ def check_prosqa_example(ex):
     assert sorted((name[u], name[v]) for u, v in ex["edges"]) == sorted(edges)
     target, neg = name[ex["target"]], name[ex["neg_target"]]
     assert name[ex["root"]] == entity and pair == {target, neg}
-    # the gold path: a chain of stated facts from the entity to A, one step per hop, and it is a shortest one
+    # the gold path: a chain of stated facts from the entity to A, one step per hop, and it is a
+    # shortest one
     path = [parse_fact(s) for s in ex["steps"]]
     assert path[0][0] == entity and path[-1][1] == target
     assert all(a[1] == b[0] for a, b in zip(path, path[1:])), "steps do not form a path"
@@ -72,8 +76,9 @@ def check_prosqa_example(ex):
 
 
 def test_prosqa_matches_released_statistics():
-    # Released (spec/tasks.md): 14-28 nodes, mean 23.0; 16-54 edges, mean 36.0; 3-6 hops with test counts
-    # 3:202 4:217 5:69 6:12; 2-6 persons. 300 examples: the means' standard errors are ~0.2 nodes, ~0.4 edges.
+    # Released (spec/tasks.md): 14-28 nodes, mean 23.0; 16-54 edges, mean 36.0; 3-6 hops with test
+    # counts 3:202 4:217 5:69 6:12; 2-6 persons. 300 examples: the means' standard errors are ~0.2
+    # nodes, ~0.4 edges.
     examples = data.load_task("prosqa", "train", n=300)
     stats = [check_prosqa_example(ex) for ex in examples]
     nodes, edges, hops, persons = zip(*stats)
@@ -82,7 +87,8 @@ def test_prosqa_matches_released_statistics():
     assert set(hops) == {3, 4, 5, 6}
     released = {3: 202, 4: 217, 5: 69, 6: 12}
     counts = Counter(hops)
-    for h, c in released.items():  # within ~3.5 standard errors of the released shares (40%, 43%, 14%, 2%)
+    # within ~3.5 standard errors of the released shares (40%, 43%, 14%, 2%)
+    for h, c in released.items():
         assert abs(counts[h] / len(hops) - c / 500) < 0.1, (h, counts)
     assert min(persons) >= 2 and max(persons) <= 6
     assert max(nodes) <= 28
@@ -91,7 +97,8 @@ def test_prosqa_matches_released_statistics():
     assert json.loads(json.dumps(examples[0])) == examples[0]
 
 
-@pytest.mark.parametrize("kwargs", [{}, {"symbolic": True}, {"min_nodes": 8, "max_nodes": 9, "max_hops": 3}])
+@pytest.mark.parametrize("kwargs", [{}, {"symbolic": True},
+                                    {"min_nodes": 8, "max_nodes": 9, "max_hops": 3}])
 def test_prosqa_small_knobs(kwargs):
     examples = data.load_task("prosqa_small", "train", n=60, **kwargs)
     hops = Counter(check_prosqa_example(ex)[2] for ex in examples)
@@ -132,7 +139,8 @@ def test_multiplication_arithmetic(k):
     for ex in data.load_task("multiplication", "train", n=50, digits=k):
         a_text, b_text = ex["question"].split(" * ")
         a, b = from_reversed(a_text), from_reversed(b_text)
-        assert len(a_text.split()) == len(b_text.split()) == k and a >= 10 ** (k - 1) and b >= 10 ** (k - 1)
+        assert (len(a_text.split()) == len(b_text.split()) == k and a >= 10 ** (k - 1)
+                and b >= 10 ** (k - 1))
         partials = [from_reversed(re.sub(r"\(.*\)|\+", "", s)) for s in ex["steps"]]
         assert partials == [a * int(d) * 10**i for i, d in enumerate(str(b)[::-1])]
         assert from_reversed(ex["answer"]) == a * b and len(ex["answer"].split()) == 2 * k
@@ -161,7 +169,8 @@ def test_prontoqa_proof_is_consistent():
         assert len(steps) == 6
         entity = steps[0].split()[0]
         proof = [s for step in steps for s in re.split(r"(?<=\.)\s+", step)]
-        # rules used by the proof are stated in the question; "X is a C" sentences are derived (except the first)
+        # rules used by the proof are stated in the question; "X is a C" sentences are derived
+        # (except the first)
         assert proof[0] in facts and all(s in facts for s in proof[1::2])
         m = re.fullmatch(rf"{entity} is (not )?(\w+)\.", query)
         assert m and proof[-1] in (f"{entity} is {m[2]}.", f"{entity} is not {m[2]}.")
@@ -178,7 +187,8 @@ def test_prontoqa_answers_balanced():
 # -----------------------------------------------------------------------------
 # determinism and splits
 
-GENERATED = [("prosqa", {}), ("prosqa_small", {}), ("prontoqa", {}), ("multiplication", {"digits": 3}), ("modsum", {})]
+GENERATED = [("prosqa", {}), ("prosqa_small", {}), ("prontoqa", {}),
+             ("multiplication", {"digits": 3}), ("modsum", {})]
 
 
 @pytest.mark.parametrize("task,kwargs", GENERATED)
@@ -206,7 +216,8 @@ def test_splits_are_disjoint_and_deduplicated(task, kwargs):
 
 
 def test_reordered_facts_are_the_same_question():
-    assert data.canonical_question("B is c. A is b. Is A c?") == data.canonical_question("A is b. B is c. Is A c?")
+    assert (data.canonical_question("B is c. A is b. Is A c?")
+            == data.canonical_question("A is b. B is c. Is A c?"))
 
 
 def test_too_small_task_space_is_a_clear_error():
@@ -220,14 +231,18 @@ def test_too_small_task_space_is_a_clear_error():
 
 def test_coconut_and_latro_text_formats():
     ex = {"question": "Q?", "steps": ["s1", "s2"], "answer": "Tom is a lempus."}
-    text = data.question_text(ex) + "".join(data.step_text(s) for s in ex["steps"]) + data.answer_text(ex)
+    text = (data.question_text(ex) + "".join(data.step_text(s) for s in ex["steps"])
+            + data.answer_text(ex))
     assert text == "Q?\ns1\ns2\n### Tom is a lempus."
     assert data.latro_prompt(ex, "gsm8k") == "Q? Let's think step by step."
     assert data.latro_answer("18") == "The answer is 18."
-    assert data.latro_answer("Tom is a lempus.") == "The answer is Tom is a lempus."  # one period, not two
-    arc = {"question": "Which?", "steps": [], "answer": "wind", "options": [("A", "heat"), ("B", "wind")]}
-    assert data.latro_prompt(arc, "arc") == ("Question: Which?\nOptions: ['heat', 'wind']\nLet's think step by step "
-                                             "first then print your answer like 'The answer is (one of the options)'.")
+    # one period, not two
+    assert data.latro_answer("Tom is a lempus.") == "The answer is Tom is a lempus."
+    arc = {"question": "Which?", "steps": [], "answer": "wind",
+           "options": [("A", "heat"), ("B", "wind")]}
+    assert data.latro_prompt(arc, "arc") == ("Question: Which?\nOptions: ['heat', 'wind']\n"
+                                             "Let's think step by step first then print your "
+                                             "answer like 'The answer is (one of the options)'.")
     assert "Options: (A) heat (B) wind\n" in data.latro_prompt(arc, "arc", arc_options="lettered")
 
 # -----------------------------------------------------------------------------
@@ -239,7 +254,8 @@ def test_word_tokenizer_round_trip(task, kwargs):
     examples = data.load_task(task, "train", n=50, **kwargs)
     tok = data.build_tokenizer("words", examples)
     for ex in examples:
-        coconut = data.question_text(ex) + "".join(map(data.step_text, ex["steps"])) + data.answer_text(ex)
+        coconut = (data.question_text(ex) + "".join(map(data.step_text, ex["steps"]))
+                   + data.answer_text(ex))
         latro = data.latro_prompt(ex, task) + " " + data.latro_answer(ex["answer"])
         for text in [coconut, latro, data.latro_rationale(ex)]:
             assert tok.decode(tok.encode(text)) == text
@@ -247,8 +263,8 @@ def test_word_tokenizer_round_trip(task, kwargs):
 
 def test_word_pieces():
     # a word-final period is its own token, an inner one is not; "\n" is a token
-    assert data.split_words("Tom is a terpus.\nLet's 3.5 x?") == ["Tom", "is", "a", "terpus", ".", "\n", "Let's",
-                                                                 "3.5", "x", "?"]
+    assert data.split_words("Tom is a terpus.\nLet's 3.5 x?") == ["Tom", "is", "a", "terpus", ".",
+                                                                 "\n", "Let's", "3.5", "x", "?"]
     assert data.join_words(["a", "b", ".", "\n", "c", "?"]) == "a b.\nc?"
 
 
@@ -267,7 +283,8 @@ def test_word_tokenizer_special_tokens_and_save_load(tmp_path):
     assert "<|latent|>" in tok.decode(enc, skip_special_tokens=False)
     assert tok.chat_prompt("Tom is a terpus.") == [tok.bos_id] + tok.encode("Tom is a terpus.")
     with pytest.raises(ValueError, match="Wren"):
-        tok.encode("Wren is a terpus.")  # a closed vocabulary does not map unknown words to <unk> silently
+        # a closed vocabulary does not map unknown words to <unk> silently
+        tok.encode("Wren is a terpus.")
     with pytest.raises(KeyError):
         tok.token_id("<nope>")
     tok.save_pretrained(tmp_path)
@@ -276,19 +293,22 @@ def test_word_tokenizer_special_tokens_and_save_load(tmp_path):
     assert back.encode(text) == enc and back.decode(enc) == "Tom is a terpus."
 
 
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}"
+                 "<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
 def make_hf_tokenizer(tmp_path, template):
-    """A small HF tokenizer that is not word-level (WordPiece model), with a chat template we set ourselves,
-    built offline and saved with save_pretrained: the path users take with a hub tokenizer."""
+    """A small HF tokenizer that is not word-level (WordPiece model), with a chat template we set
+    ourselves, built offline and saved with save_pretrained: the path users take with a hub
+    tokenizer."""
     from tokenizers import Tokenizer as RustTokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     words = "<s> </s> <unk> hello world 2 + 3 ? user assistant".split()
     rust = RustTokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     rust.pre_tokenizer = pre_tokenizers.Whitespace()
-    hf = PreTrainedTokenizerFast(tokenizer_object=rust, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    hf = PreTrainedTokenizerFast(tokenizer_object=rust, bos_token="<s>", eos_token="</s>",
+                                 unk_token="<unk>")
     hf.add_tokens(["<|user|>", "<|assistant|>", "<|end|>"], special_tokens=True)
     hf.chat_template = template
     hf.save_pretrained(tmp_path)
@@ -297,14 +317,15 @@ def make_hf_tokenizer(tmp_path, template):
 
 @pytest.mark.parametrize("template", [CHAT_TEMPLATE, CHAT_TEMPLATE.replace("{{ bos_token }}", "")])
 def test_pretrained_tokenizer_chat_prompt(tmp_path, template):
-    # this tokenizer adds no BOS itself: the prompt has the template's BOS or none (tests/test_tokenizers.py has
-    # the layouts of the paper's models)
+    # this tokenizer adds no BOS itself: the prompt has the template's BOS or none
+    # (tests/test_tokenizers.py has the layouts of the paper's models)
     tok = make_hf_tokenizer(tmp_path, template)
     assert not tok.is_words
     ids = tok.chat_prompt("hello world")
     bos = "<s>" if "bos_token" in template else ""
     assert ids.count(tok.bos_id) == len(bos) // 3
-    assert tok.decode(ids, skip_special_tokens=False).replace(" ", "") == bos + "<|user|>helloworld<|end|><|assistant|>"
+    assert (tok.decode(ids, skip_special_tokens=False).replace(" ", "")
+            == bos + "<|user|>helloworld<|end|><|assistant|>")
     assert tok.end_of_turn_id == tok.token_id("<|end|>") != tok.eos_id
     assert tok.pad_id == tok.eos_id  # no pad token: pad with eos
     ids = tok.add_special_tokens(data.COCONUT_SPECIAL_TOKENS)
@@ -327,7 +348,8 @@ def write(path, text):
 
 def test_json_list_and_jsonl_load_with_extra_keys(tmp_path):
     rows = [{"question": "Is Tom a a or b?", "steps": ["Tom is a a."], "answer": "Tom is a a.",
-             "idx_to_symbol": ["Tom", "a", "b"], "edges": [[0, 1]], "root": 0, "target": 1, "neg_target": 2},
+             "idx_to_symbol": ["Tom", "a", "b"], "edges": [[0, 1]], "root": 0, "target": 1,
+             "neg_target": 2},
             {"question": "q2", "answer": "4"}]  # steps may be absent (no-CoT data)
     p1 = write(tmp_path / "d_train.json", json.dumps(rows))
     p2 = write(tmp_path / "d_train.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n\n")
@@ -348,7 +370,8 @@ def test_json_list_and_jsonl_load_with_extra_keys(tmp_path):
     ({"question": "q", "steps": [], "answer": 4}, "field 'answer' must be a string, got int"),
     ({"question": "  ", "steps": [], "answer": "4"}, "empty question"),
     ({"question": "q", "steps": "s1", "answer": "4"}, "field 'steps' must be a list of strings"),
-    ({"question": "q", "steps": ["s1", 2], "answer": "4"}, "field 'steps' must be a list of strings"),
+    ({"question": "q", "steps": ["s1", 2], "answer": "4"},
+     "field 'steps' must be a list of strings"),
     (["q", "a"], "expected an object"),
 ])
 @pytest.mark.parametrize("ext", ["json", "jsonl"])
@@ -367,7 +390,8 @@ def test_bad_json_syntax_and_missing_file(tmp_path):
     with pytest.raises(UserError, match=r"bad_train.jsonl: row 2: invalid JSON"):
         data.load_task("json", "train", path=path)
     with pytest.raises(UserError, match="expected a JSON list"):
-        data.load_task("json", "train", path=write(tmp_path / "obj_train.json", '{"question": "q"}'))
+        data.load_task("json", "train",
+                       path=write(tmp_path / "obj_train.json", '{"question": "q"}'))
     with pytest.raises(FileNotFoundError, match="nope_train.json"):
         data.load_task("json", "train", path=str(tmp_path / "nope_train.json"))
     with pytest.raises(UserError, match="needs path"):
@@ -375,13 +399,18 @@ def test_bad_json_syntax_and_missing_file(tmp_path):
 
 
 def test_gsm8k_local_jsonl(tmp_path):
-    rows = [{"question": "Tom has 3 apples and buys 4. How many?", "answer": "He has 3+4=<<3+4=7>>7.\n#### 7"},
-            {"question": "Big?", "answer": "Total 1000*2=<<1000*2=2000>>2,000.\nThen add.\n#### 2,000"}]
+    rows = [{"question": "Tom has 3 apples and buys 4. How many?",
+             "answer": "He has 3+4=<<3+4=7>>7.\n#### 7"},
+            {"question": "Big?",
+             "answer": "Total 1000*2=<<1000*2=2000>>2,000.\nThen add.\n#### 2,000"}]
     path = write(tmp_path / "gsm8k_test.jsonl", "\n".join(json.dumps(r) for r in rows))
     exs = data.load_task("gsm8k", "test", path=path)
-    assert exs[0] == {"question": rows[0]["question"], "steps": ["He has 3+4=<<3+4=7>>7."], "answer": "7"}
-    assert exs[1]["steps"] == ["Total 1000*2=<<1000*2=2000>>2,000.", "Then add."] and exs[1]["answer"] == "2000"
-    bad = write(tmp_path / "g2_test.jsonl", json.dumps(rows[0]) + "\n" + json.dumps({"question": "q", "answer": "7"}))
+    assert exs[0] == {"question": rows[0]["question"], "steps": ["He has 3+4=<<3+4=7>>7."],
+                      "answer": "7"}
+    assert (exs[1]["steps"] == ["Total 1000*2=<<1000*2=2000>>2,000.", "Then add."]
+            and exs[1]["answer"] == "2000")
+    bad = write(tmp_path / "g2_test.jsonl",
+                json.dumps(rows[0]) + "\n" + json.dumps({"question": "q", "answer": "7"}))
     with pytest.raises(UserError, match=r"g2_test.jsonl: row 2: answer has no '#### <number>'"):
         data.load_task("gsm8k", "test", path=bad)
 
@@ -393,7 +422,8 @@ def test_gsm8k_aug_lines(tmp_path):
              "Q with spaces? || <<1+1=2>> ####  2 "]
     path = write(tmp_path / "train.txt", "\n".join(lines) + "\n")
     exs = data.load_task("gsm8k_aug", "train", path=path)
-    assert exs[0] == {"question": "Tom has 4 and gives 2 ... ?", "steps": ["<<4-2=2>>", "<<2/.5=4>>"], "answer": "300"}
+    assert exs[0] == {"question": "Tom has 4 and gives 2 ... ?",
+                      "steps": ["<<4-2=2>>", "<<2/.5=4>>"], "answer": "300"}
     assert exs[1] == {"question": "No equations here?", "steps": [], "answer": "1200"}
     assert exs[2] == {"question": "Q with spaces?", "steps": ["<<1+1=2>>"], "answer": "2"}
     bad = write(tmp_path / "bad_train.txt", lines[0] + "\nno separator #### 3\n")
@@ -403,16 +433,22 @@ def test_gsm8k_aug_lines(tmp_path):
 
 def test_arc_local_jsonl(tmp_path):
     row = {"id": "x1", "question": "Which form of energy does a fire give off?",
-           "choices": {"text": ["heat", "heat and light", "sound", "wind"], "label": ["A", "B", "C", "D"]},
+           "choices": {"text": ["heat", "heat and light", "sound", "wind"],
+                       "label": ["A", "B", "C", "D"]},
            "answerKey": "B"}
-    path = write(tmp_path / "arc_test.jsonl", json.dumps(row) + "\n" + json.dumps({**row, "answerKey": "3",
-                 "choices": {"text": ["x", "y", "z"], "label": ["1", "2", "3"]}}))
+    path = write(tmp_path / "arc_test.jsonl",
+                 json.dumps(row) + "\n"
+                 + json.dumps({**row, "answerKey": "3",
+                               "choices": {"text": ["x", "y", "z"], "label": ["1", "2", "3"]}}))
     exs = data.load_task("arc", "test", path=path)
-    assert exs[0]["answer"] == "heat and light" and exs[0]["answer_label"] == "B" and exs[0]["steps"] == []
-    assert exs[0]["options"] == [("A", "heat"), ("B", "heat and light"), ("C", "sound"), ("D", "wind")]
+    assert (exs[0]["answer"] == "heat and light" and exs[0]["answer_label"] == "B"
+            and exs[0]["steps"] == [])
+    assert exs[0]["options"] == [("A", "heat"), ("B", "heat and light"), ("C", "sound"),
+                                 ("D", "wind")]
     assert exs[1]["answer"] == "z"
     bad = write(tmp_path / "arc_bad_test.jsonl", json.dumps({**row, "answerKey": "E"}))
-    with pytest.raises(UserError, match=r"arc_bad_test.jsonl: row 1: answerKey 'E' is not one of the labels"):
+    with pytest.raises(UserError, match=r"arc_bad_test.jsonl: row 1: answerKey 'E' is not "
+                                        r"one of the labels"):
         data.load_task("arc", "test", path=bad)
 
 
@@ -432,8 +468,9 @@ def test_load_task_argument_errors():
 
 
 def test_hub_loaders_through_a_fake_datasets_module(monkeypatch, capsys):
-    # `datasets` is imported lazily inside the loaders (the GPU machine has none); a stand-in module checks the
-    # hub code path here: split names, GSM8K's val carved from the end of train, ARC's validation split.
+    # `datasets` is imported lazily inside the loaders (the GPU machine has none); a stand-in module
+    # checks the hub code path here: split names, GSM8K's val carved from the end of train, ARC's
+    # validation split.
     import types
     calls = []
 
@@ -441,13 +478,16 @@ def test_hub_loaders_through_a_fake_datasets_module(monkeypatch, capsys):
         calls.append((name, config, split))
         if name == "openai/gsm8k":
             n = 600 if split == "train" else 3
-            return [{"question": f"q{i}?", "answer": f"{i}+1=<<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"} for i in range(n)]
-        return [{"question": "Which?", "choices": {"text": ["x", "y"], "label": ["A", "B"]}, "answerKey": "B"}]
+            return [{"question": f"q{i}?",
+                     "answer": f"{i}+1=<<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"} for i in range(n)]
+        return [{"question": "Which?", "choices": {"text": ["x", "y"], "label": ["A", "B"]},
+                 "answerKey": "B"}]
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     train, val, test = (data.load_task("gsm8k", s) for s in data.SPLITS)
     assert (len(train), len(val), len(test)) == (100, 500, 3)
-    assert train[-1]["question"] == "q99?" and val[0]["question"] == "q100?" and test[0]["answer"] == "1"
+    assert (train[-1]["question"] == "q99?" and val[0]["question"] == "q100?"
+            and test[0]["answer"] == "1")
     assert "no val split" in capsys.readouterr().out  # the carve-out is announced, not silent
     assert data.load_task("arc", "val")[0]["answer"] == "y"
     assert calls[-1] == ("allenai/ai2_arc", "ARC-Challenge", "validation")

@@ -1,4 +1,5 @@
-"""Tests for evaluate.py: the hard strings of answer extraction, ARC lenient vs strict, majority vote, the CLI."""
+"""Tests for evaluate.py: the hard strings of answer extraction, ARC lenient vs strict, majority
+vote, the CLI."""
 
 import json
 import os
@@ -14,21 +15,22 @@ import evaluate
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("The answer is 18.", "18"),                                   # trailing period is not a decimal point
-    ("The answer is 18.0", "18"),                                  # canonical form: numeric equality by string
-    ("So she pays $1,000. The answer is $1,000.", "1000"),         # $ and thousands commas dropped
-    ("The answer is -3.5 degrees.", "-3.5"),                       # negative decimal
-    ("It drops by 7 so the answer is -7", "-7"),                   # case-insensitive prefix
-    ("The answer is 3. Wait, no. The answer is 4 apples, not 5.", "4"),  # last prefix, first number after it
-    ("She has 12 and buys 5 more, 17 in total.", "17"),            # no prefix: the last number
-    ("First 3-4 pieces", "4"),                                     # a hyphen between numbers is not a minus sign
+    ("The answer is 18.", "18"),                      # trailing period is not a decimal point
+    ("The answer is 18.0", "18"),                     # canonical form: numeric equality by string
+    ("So she pays $1,000. The answer is $1,000.", "1000"),  # $ and thousands commas dropped
+    ("The answer is -3.5 degrees.", "-3.5"),          # negative decimal
+    ("It drops by 7 so the answer is -7", "-7"),      # case-insensitive prefix
+    # last prefix, first number after it
+    ("The answer is 3. Wait, no. The answer is 4 apples, not 5.", "4"),
+    ("She has 12 and buys 5 more, 17 in total.", "17"),  # no prefix: the last number
+    ("First 3-4 pieces", "4"),                        # a hyphen between numbers is not a minus sign
     ("The answer is 1,234,567.", "1234567"),
     ("The answer is .5", "0.5"),
     ("The answer is 0.50", "0.5"),
-    ("I computed 12. The answer is unknown.", None),               # prefix without a number: no answer
+    ("I computed 12. The answer is unknown.", None),  # prefix without a number: no answer
     ("no number at all", None),
     ("", None),
-    ("The answer is 100", "100"),                                  # not 1E+2
+    ("The answer is 100", "100"),                     # not 1E+2
 ])
 def test_extract_number(text, expected):
     assert evaluate.extract_number(text) == expected
@@ -54,12 +56,14 @@ def test_latro_text_answers():
     assert evaluate.latro_correct("prosqa", "Tom is a terpus. The answer is Tom is a lempus.", ex)
     assert evaluate.latro_correct("prosqa", "The answer is Tom is a lempus", ex)
     assert not evaluate.latro_correct("prosqa", "The answer is Tom is a scrompus.", ex)
-    assert not evaluate.latro_correct("prosqa", "Tom is a lempus.", ex)  # no answer template: no answer
+    # no answer template: no answer
+    assert not evaluate.latro_correct("prosqa", "Tom is a lempus.", ex)
     assert evaluate.latro_correct("prontoqa", "The answer is True.", {"answer": "True"})
     assert not evaluate.latro_correct("prontoqa", "The answer is True.", {"answer": "False"})
     # multiplication answers are digit strings, compared as text (not as the single number "1")
     assert evaluate.latro_correct("multiplication", "The answer is 1 3 9 4.", {"answer": "1 3 9 4"})
-    assert not evaluate.latro_correct("multiplication", "The answer is 1 3 9.", {"answer": "1 3 9 4"})
+    assert not evaluate.latro_correct("multiplication", "The answer is 1 3 9.",
+                                      {"answer": "1 3 9 4"})
 
 # -----------------------------------------------------------------------------
 # Coconut
@@ -94,12 +98,14 @@ def arc(gold_label):
 @pytest.mark.parametrize("output,gold,lenient,strict", [
     ("The answer is heat and light.", "B", True, True),
     ("the answer is HEAT AND LIGHT", "B", True, True),     # case-insensitive
-    ("The answer is heat and light.", "A", True, False),   # released: "heat" is a substring -> lenient accepts
+    # released: "heat" is a substring -> lenient accepts
+    ("The answer is heat and light.", "A", True, False),
     ("The answer is heat.", "A", True, True),
-    ("The answer is (C).", "C", False, True),              # a letter: strict only (released matches texts)
+    ("The answer is (C).", "C", False, True),  # a letter: strict only (released matches texts)
     ("The answer is C", "C", False, True),
     ("The answer is sound or wind.", "C", True, False),    # two options named: strict refuses
-    ("Sound is made by wind. I think sound.", "C", False, False),  # no "the answer is": no answer (fixed)
+    # no "the answer is": no answer (fixed)
+    ("Sound is made by wind. I think sound.", "C", False, False),
     ("The answer is wind. No wait, the answer is sound.", "C", True, True),  # the last one counts
     ("The answer is wind. No wait, the answer is sound.", "D", False, False),
 ])
@@ -109,7 +115,8 @@ def test_arc_lenient_and_strict(output, gold, lenient, strict):
 
 
 def test_arc_extract_and_coconut_check():
-    assert evaluate.arc_extract("The answer is wind and heat", OPTIONS) == "wind"   # first named, for votes
+    # first named, for votes
+    assert evaluate.arc_extract("The answer is wind and heat", OPTIONS) == "wind"
     assert evaluate.arc_extract("The answer is (B)", OPTIONS, strict=True) == "heat and light"
     assert evaluate.arc_extract("The answer is (B) or (C)", OPTIONS, strict=True) is None
     assert evaluate.check_answer("arc", "Q\n### heat and light", arc("B"))
@@ -132,13 +139,14 @@ def test_majority_vote(answers, winner):
 
 
 def test_majority_at_k_votes_on_canonical_numbers():
-    outputs = ["The answer is 18.0", "The answer is 17", "The answer is 18", "no idea", "The answer is 17."]
+    outputs = ["The answer is 18.0", "The answer is 17", "The answer is 18", "no idea",
+               "The answer is 17."]
     # 18.0 and 18 are one answer: 18 (2 votes, seen first) beats 17 (2 votes, seen later)
     assert evaluate.majority_correct("gsm8k", outputs, {"answer": "18"})
     assert not evaluate.majority_correct("gsm8k", outputs, {"answer": "17"})
     assert not evaluate.majority_correct("gsm8k", ["x", "y"], {"answer": "1"})
-    assert evaluate.majority_correct("arc", ["The answer is wind", "The answer is sound", "the answer is wind."],
-                                     arc("D"))
+    assert evaluate.majority_correct("arc", ["The answer is wind", "The answer is sound",
+                                             "the answer is wind."], arc("D"))
 
 # -----------------------------------------------------------------------------
 # accuracy over a generate function, and the CLI
@@ -150,41 +158,50 @@ def test_accuracy_counts_each_example_once():
 
     def generate(batch):  # right on even gold answers
         calls.append(len(batch))
-        return [f"The answer is {ex['answer'] if int(ex['answer']) % 2 == 0 else 99}." for ex in batch]
+        return [f"The answer is {ex['answer'] if int(ex['answer']) % 2 == 0 else 99}."
+                for ex in batch]
 
     acc, outputs = evaluate.accuracy(generate, "gsm8k", examples, batch_size=4)
     assert calls == [4, 4, 2] and len(outputs) == 10 and acc == 0.5
-    assert evaluate.score("gsm8k", examples[:2], ["### 0", "### 2"], style="coconut") == [True, False]
+    assert evaluate.score("gsm8k", examples[:2], ["### 0", "### 2"],
+                          style="coconut") == [True, False]
 
 
 def test_cli_scores_a_predictions_file(tmp_path):
     preds = tmp_path / "preds.jsonl"
-    rows = [{"answer": "7", "output": "The answer is 7."}, {"answer": "8", "output": "The answer is 9."},
+    rows = [{"answer": "7", "output": "The answer is 7."},
+            {"answer": "8", "output": "The answer is 9."},
             {"answer": "9", "outputs": ["The answer is 9", "The answer is 8", "The answer is 9"]}]
     preds.write_text("\n".join(json.dumps(r) for r in rows))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, os.path.join(root, "evaluate.py"), "--task", "gsm8k",
                              "--preds", str(preds)], capture_output=True, text=True, check=True)
     assert "gsm8k: 2/3 correct = 0.6667" in result.stdout
-    # --checker: a lowercase delimiter is an answer for the fixed checker only (released reads the last number)
+    # --checker: a lowercase delimiter is an answer for the fixed checker only (released reads the
+    # last number)
     preds.write_text(json.dumps({"answer": "7", "output": "the answer is 7, not 8"}))
-    for checker, want in [("released", "gsm8k: 0/1 correct = 0.0000"), ("fixed", "gsm8k: 1/1 correct = 1.0000")]:
-        result = subprocess.run([sys.executable, os.path.join(root, "evaluate.py"), "--task", "gsm8k",
-                                 "--preds", str(preds), "--checker", checker], capture_output=True, text=True,
-                                check=True)
+    for checker, want in [("released", "gsm8k: 0/1 correct = 0.0000"),
+                          ("fixed", "gsm8k: 1/1 correct = 1.0000")]:
+        result = subprocess.run([sys.executable, os.path.join(root, "evaluate.py"), "--task",
+                                 "gsm8k", "--preds", str(preds), "--checker", checker],
+                                capture_output=True, text=True, check=True)
         assert want in result.stdout
 
 # -----------------------------------------------------------------------------
-# the released checker against the fixed one: verdicts derived by hand from the released rules (evaluate.py's
-# docstring), every quirk with at least one row; the last field says why the two differ where they do
+# the released checker against the fixed one: verdicts derived by hand from the released rules
+# (evaluate.py's docstring), every quirk with at least one row; the last field says why the two
+# differ where they do
 
 GSM8K_TABLE = [  # (output, gold, released, fixed, why)
     ("The answer is 18.", "18", True, True, ""),
-    ("the answer is 18. I first thought 20", "18", False, True, "released delimiter is case-sensitive: last number"),
+    ("the answer is 18. I first thought 20", "18", False, True,
+     "released delimiter is case-sensitive: last number"),
     ("the answer is 18", "18", True, True, "lowercase, but 18 is also the last number"),
-    ("The answer is 3. Wait, no. The answer is 4 apples, not 5.", "4", True, True, "last delimiter, first number"),
+    ("The answer is 3. Wait, no. The answer is 4 apples, not 5.", "4", True, True,
+     "last delimiter, first number"),
     ("The answer is 3. Wait, no. The answer is 4 apples, not 5.", "3", False, False, ""),
-    ("I computed 12. The answer is unknown.", "12", True, False, "no number after it: released takes the last one"),
+    ("I computed 12. The answer is unknown.", "12", True, False,
+     "no number after it: released takes the last one"),
     ("In 2023 she had 5 apples. The answer is five.", "5", True, False, "the same fallback"),
     ("She has 12 and buys 5 more, 17 in total.", "17", True, True, "no delimiter: the last number"),
     ("The answer is 1,234,567.", "1234567", True, True, ""),
@@ -206,35 +223,46 @@ GSM8K_TABLE = [  # (output, gold, released, fixed, why)
     ("The total is 42", "42", True, True, ""),
     ("THE ANSWER IS 7", "7", True, True, "released: no delimiter, but 7 is the last number"),
     ("The answer is: 7 or 8", "7", True, True, ""),
-    ("the answer is 7, not 8", "7", False, True, "lowercase delimiter: released takes the last number, 8"),
-    ("So 5 + 3 = 8. Therefore, the answer is 8 cookies, 2 left", "8", False, True, "the same: released reads 2"),
+    ("the answer is 7, not 8", "7", False, True,
+     "lowercase delimiter: released takes the last number, 8"),
+    ("So 5 + 3 = 8. Therefore, the answer is 8 cookies, 2 left", "8", False, True,
+     "the same: released reads 2"),
     ("The answer is 10,000", "10000", True, True, ""),
     ("The answer is 5,600 and change 3", "5600", True, True, ""),
     ("The answer is 1e3", "1000", False, False, "no exponents: the first number is 1"),
-    ("The answer is 1.0000000000000001", "1", True, False, "float equality rounds; fixed compares decimals"),
+    ("The answer is 1.0000000000000001", "1", True, False,
+     "float equality rounds; fixed compares decimals"),
 ]
 
-ARC_OPTIONS = [("A", "heat"), ("B", "heat and light"), ("C", "sound"), ("D", "wind"), ("E", "2.5 m"),
-               ("F", "It rains.")]
+ARC_OPTIONS = [("A", "heat"), ("B", "heat and light"), ("C", "sound"), ("D", "wind"),
+               ("E", "2.5 m"), ("F", "It rains.")]
 ARC_TABLE = [  # (output, gold option text, released, fixed, why)
     ("The answer is heat and light.", "heat and light", True, True, ""),
     ("the answer is HEAT AND LIGHT", "heat and light", True, True, "lower-cased"),
     ("The answer is heat and light.", "heat", True, True, "a substring test: 'heat' is inside"),
     ("The answer is sound, not heat.", "heat", True, True, "the same"),
     ("The answer is (C).", "sound", False, False, "letters are not option texts"),
-    ("The answer is wind. No wait, the answer is sound.", "sound", False, True, "released: the FIRST sentence"),
-    ("The answer is wind. No wait, the answer is sound.", "wind", True, False, "fixed: the LAST delimiter"),
+    ("The answer is wind. No wait, the answer is sound.", "sound", False, True,
+     "released: the FIRST sentence"),
+    ("The answer is wind. No wait, the answer is sound.", "wind", True, False,
+     "fixed: the LAST delimiter"),
     ("the answer is heat. the answer is sound.", "sound", False, True, "the same"),
-    ("The answer is sound. Actually heat.", "heat", False, True, "fixed reads to the end, released one sentence"),
-    ("Sound is made by wind. I think sound.", "sound", True, False, "no delimiter: released, last segment"),
-    ("Sound is made by wind. I think sound.", "wind", False, False, "wind is not in the last segment"),
-    ("I pick heat", "heat", True, False, "no delimiter: released searches the whole (one-segment) output"),
-    ("The answer is 2.5 m", "2.5 m", False, True, "an option with a '.' never matches after the delimiter"),
+    ("The answer is sound. Actually heat.", "heat", False, True,
+     "fixed reads to the end, released one sentence"),
+    ("Sound is made by wind. I think sound.", "sound", True, False,
+     "no delimiter: released, last segment"),
+    ("Sound is made by wind. I think sound.", "wind", False, False,
+     "wind is not in the last segment"),
+    ("I pick heat", "heat", True, False,
+     "no delimiter: released searches the whole (one-segment) output"),
+    ("The answer is 2.5 m", "2.5 m", False, True,
+     "an option with a '.' never matches after the delimiter"),
     ("The answer is e.g. wind", "wind", False, True, "the sentence ends at 'e.'"),
     ("The answer is it rains", "It rains.", True, False, "released drops the gold's final period"),
     ("The answer is It rains.", "It rains.", True, True, ""),
     ("", "heat", False, False, "empty output"),
-    ("Options are heat and sound. The answer is sound", "heat", False, False, "heat is before the delimiter"),
+    ("Options are heat and sound. The answer is sound", "heat", False, False,
+     "heat is before the delimiter"),
     ("Heat rises, so the answer is heat", "heat", True, True, ""),
     ("The answer is: [heat]", "heat", True, True, ""),
     ("THE ANSWER IS WIND", "wind", True, True, ""),
@@ -255,8 +283,8 @@ def test_released_and_fixed_gsm8k(output, gold, released, fixed, why):
     assert evaluate.latro_correct("gsm8k", output, ex, checker="fixed") is fixed
     # maj@1 is the greedy verdict: the vote extracts exactly what the greedy check extracts
     for checker in evaluate.CHECKERS:
-        assert evaluate.majority_correct("gsm8k", [output], ex, checker) is (released if checker == "released"
-                                                                             else fixed)
+        assert (evaluate.majority_correct("gsm8k", [output], ex, checker)
+                is (released if checker == "released" else fixed))
 
 
 @pytest.mark.parametrize("output,gold,released,fixed,why", ARC_TABLE)
@@ -274,8 +302,11 @@ def test_majority_votes_with_the_greedy_extraction():
     assert evaluate.majority_correct("gsm8k", outs, {"answer": "8"}, "released")
     assert evaluate.majority_correct("gsm8k", outs, {"answer": "7"}, "fixed")
     # released ARC votes on the searched sentence: two outputs say 'wind' first, one 'sound'
-    outs = ["The answer is wind. No, the answer is sound.", "The answer is wind", "The answer is sound"]
-    assert evaluate.majority_correct("arc", outs, {"answer": "wind", "options": ARC_OPTIONS}, "released")
-    assert not evaluate.majority_correct("arc", outs, {"answer": "sound", "options": ARC_OPTIONS}, "released")
+    outs = ["The answer is wind. No, the answer is sound.", "The answer is wind",
+            "The answer is sound"]
+    assert evaluate.majority_correct("arc", outs, {"answer": "wind", "options": ARC_OPTIONS},
+                                     "released")
+    assert not evaluate.majority_correct("arc", outs, {"answer": "sound", "options": ARC_OPTIONS},
+                                         "released")
     with pytest.raises(ValueError, match="checker='paper'"):
         evaluate.latro_correct("gsm8k", "The answer is 1", {"answer": "1"}, checker="paper")

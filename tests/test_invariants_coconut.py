@@ -61,9 +61,11 @@ def test_generated_token_count_includes_the_eos_of_rows_that_stop_and_the_though
     assert tokens[:, 0].tolist() == [EOS, EOS] and n_gen.tolist() == [1, 1]
     tokens, n_gen = generate_answers(tiny(emit=9), prompts, LAT, EOS, PAD, 6, "cpu")
     assert tokens.tolist() == [[9] * 6] * 2 and n_gen.tolist() == [6, 6]
-    got = evaluate_rank(tiny(emit=EOS), prompts, ["a", "b"], Decoding(IdTokenizer(), LAT, 1, 6, None, "cpu"))
+    got = evaluate_rank(tiny(emit=EOS), prompts, ["a", "b"],
+                        Decoding(IdTokenizer(), LAT, 1, 6, None, "cpu"))
     assert got == (0, 2 * (1 + 2), [str(EOS)] * 2)
-    got = evaluate_rank(tiny(emit=9), prompts, ["9", "b"], Decoding(IdTokenizer(), LAT, 2, 5, None, "cpu"))
+    got = evaluate_rank(tiny(emit=9), prompts, ["9", "b"],
+                        Decoding(IdTokenizer(), LAT, 2, 5, None, "cpu"))
     assert got == (0, 2 * (5 + 2), ["9 9 9 9 9"] * 2)
 
 

@@ -11,7 +11,8 @@ import sys
 import torch
 
 from inprocess import run_main
-from latro import Sampler, SequenceScorer, latro_rewards, rollout_seed, sample, score_rows, step_indices
+from latro import (Sampler, SequenceScorer, latro_rewards, rollout_seed, sample, score_rows,
+                   step_indices)
 from model import load_model
 from run import load_checkpoint
 

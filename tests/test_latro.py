@@ -1,5 +1,5 @@
-"""latro.py: RLOO, truncation at stops, one-pass scoring, rewards, the loss, sampling, and the script end to end
-(resume, 2-process DDP, batch arithmetic). CPU, tiny models, no network."""
+"""latro.py: RLOO, truncation at stops, one-pass scoring, rewards, the loss, sampling, and the
+script end to end (resume, 2-process DDP, batch arithmetic). CPU, tiny models, no network."""
 import copy
 import os
 
@@ -10,9 +10,9 @@ from data import Tokenizer
 import latro
 from configurator import ConfigError, UserError, configure
 from inprocess import run_main
-from latro import (RELEASED_STOP_STRINGS, Sampler, SequenceScorer, batch_layout, build_batch, longest_sequences,
-                   latro_loss, latro_rewards, lr_at, parse_stop_strings, rank_prompts, resume_keys,
-                   rloo_advantages, sample, score_rows, step_indices)
+from latro import (RELEASED_STOP_STRINGS, Sampler, SequenceScorer, batch_layout, build_batch,
+                   longest_sequences, latro_loss, latro_rewards, lr_at, parse_stop_strings,
+                   rank_prompts, resume_keys, rloo_advantages, sample, score_rows, step_indices)
 from inprocess import check_rules_of
 from model import cut_at_stop, disable_dropout, load_model
 from run import check_same_run, load_run, save_checkpoint
@@ -22,26 +22,30 @@ V, PAD, EOS = 40, 0, 1
 
 def tiny(seed=0):
     torch.manual_seed(seed)
-    m = load_model("scratch", V, arch="gpt2", n_layer=2, n_head=2, n_embd=32, block_size=64, eos_id=EOS, pad_id=PAD)
-    with torch.no_grad():  # a random model with small weights repeats one token; sharpen it so sampling varies
+    m = load_model("scratch", V, arch="gpt2", n_layer=2, n_head=2, n_embd=32, block_size=64,
+                   eos_id=EOS, pad_id=PAD)
+    # a random model with small weights repeats one token; sharpen it so sampling varies
+    with torch.no_grad():
         for p in m.parameters():
             p.mul_(8.0 if p.dim() > 1 else 1.0)
     return m.eval()
 
 def rows():
-    """Three [x, z, y] rows of different lengths (so the batch has padding), one with an empty rationale."""
+    """Three [x, z, y] rows of different lengths (so the batch has padding), one with an empty
+    rationale."""
     xs = [[5, 6, 7], [8, 9], [10, 11, 12, 13]]
     zs = [[14, 15, 16], [], [17, 18]]
     ys = [[20, 21, EOS], [22, EOS], [23, 24, 25, EOS]]
     return xs, zs, ys
 
 def seq_logprob(m, prefix, target):
-    """Σ log p(target | prefix) from one batch-1, unpadded, full-vocabulary forward over prefix + target."""
+    """Σ log p(target | prefix) from one batch-1, unpadded, full-vocabulary forward over prefix +
+    target."""
     ids = torch.tensor([prefix + target])
     logp = m(ids).logits[0, :-1].log_softmax(-1)
     return sum(logp[len(prefix) - 1 + t, tok].item() for t, tok in enumerate(target))
 
-# ---- RLOO -------------------------------------------------------------------------------------------------
+# ---- RLOO ----------------------------------------------------------------------------------------
 
 def test_rloo_equals_brute_force_leave_one_out():
     torch.manual_seed(0)
@@ -58,17 +62,19 @@ def test_rloo_identical_rewards_give_zero_advantages():
     r = torch.tensor([-3.5] * 4 + [-0.25] * 4)
     assert (rloo_advantages(r, 4) == 0).all()
 
-# ---- truncation at the first stop -------------------------------------------------------------------------
+# ---- truncation at the first stop ----------------------------------------------------------------
 
-# A word-level tokenizer with exactly V ids (4 specials + 36 pieces: ":" and "," are pieces), so tiny() samples text it can decode
-WORDS = ("The answer is so the final Answer: Therefore, bar far x y z a b c d e f g h i j k l m n o p q r s t u"
-         ).split()
+# A word-level tokenizer with exactly V ids (4 specials + 36 pieces: ":" and "," are pieces), so
+# tiny() samples text it can decode
+WORDS = ("The answer is so the final Answer: Therefore, bar far x y z a b c d e f g h i j k l "
+         "m n o p q r s t u").split()
 TOK = Tokenizer.from_words([" ".join(WORDS)])
 assert len(TOK) == V
 
 def test_released_stop_strings():
     assert len(RELEASED_STOP_STRINGS) == 18 and len(set(RELEASED_STOP_STRINGS)) == 18
-    assert {" the answer is", "So, the answer is", "Therefore, the answer is", "Answer:"} <= set(RELEASED_STOP_STRINGS)
+    assert ({" the answer is", "So, the answer is", "Therefore, the answer is", "Answer:"}
+            <= set(RELEASED_STOP_STRINGS))
     assert parse_stop_strings("released") == RELEASED_STOP_STRINGS
     assert parse_stop_strings("A|B c|") == ["A", "B c"] and parse_stop_strings("") == []
 
@@ -77,7 +83,8 @@ def test_cut_before_the_first_stop_in_the_text():
     cases = [  # (text, kept text, stopped)
         ("a b The answer is c", "a b", True),
         ("a b so the answer is c", "a b so", True),           # lowercase phrasing: " the answer is"
-        ("a Therefore, the answer is b", "a", True),          # the whole phrase goes, not only " the answer is"
+        # the whole phrase goes, not only " the answer is"
+        ("a Therefore, the answer is b", "a", True),
         ("a Answer: b The answer is c", "a", True),           # the first stop wins
         ("The answer is a", "", True),                        # stop at once: empty rationale
         ("a b c", "a b c", False),                            # no stop: non-stopped
@@ -92,10 +99,11 @@ def test_cut_before_the_first_stop_in_the_text():
     assert cut_at_stop(TOK, TOK.encode("a bar b"), ids, ["ar"]) == (1, True)
     assert cut_at_stop(TOK, TOK.encode("a far b"), ids, []) == (3, False)  # stop ids only
 
-# ---- scoring, rewards, KL -----------------------------------------------------------------------------------
+# ---- scoring, rewards, KL ------------------------------------------------------------------------
 
 def test_one_pass_scoring_equals_separate_passes():
-    """One padded pass over [x, z, y] == log π(z|x) from a pass over [x, z] and log π(y|x,z) from another."""
+    """One padded pass over [x, z, y] == log π(z|x) from a pass over [x, z] and log π(y|x,z) from
+    another."""
     m = tiny()
     xs, zs, ys = rows()
     with torch.no_grad():
@@ -106,18 +114,21 @@ def test_one_pass_scoring_equals_separate_passes():
     assert logp_z.dtype == torch.float32
 
 def test_reward_covers_exactly_the_answer_tokens():
-    """The released code also summed the last rationale token into log π(y|x,z); here it changes the sum a lot."""
+    """The released code also summed the last rationale token into log π(y|x,z); here it changes the
+    sum a lot."""
     m = tiny()
     x, z, y = [5, 6, 7], [14, 15, 16], [20, 21, EOS]
     with torch.no_grad():
         _, logp_y = SequenceScorer(m)(*build_batch([x], [z], [y], PAD))
         exact = seq_logprob(m, x + z, y)
-        off_by_one = seq_logprob(m, x + z[:-1], z[-1:] + y)  # answer sum plus log π(z_last | x, z_<last)
+        # answer sum plus log π(z_last | x, z_<last)
+        off_by_one = seq_logprob(m, x + z[:-1], z[-1:] + y)
     assert abs(logp_y.item() - exact) < 1e-4
     assert abs(off_by_one - exact) > 0.1
 
 def test_kl_is_exactly_zero_at_step_0():
-    """π0 is a copy of the initial policy scored on the same rows: the same computation, bit for bit."""
+    """π0 is a copy of the initial policy scored on the same rows: the same computation, bit for
+    bit."""
     m = tiny()
     ref = copy.deepcopy(m).requires_grad_(False)
     xs = [x for x in rows()[0] for _ in range(4)]
@@ -137,14 +148,17 @@ def test_non_stopped_penalty_per_group_and_rank_mean():
     r, _ = latro_rewards(raw, zero, zero, stopped, 2, 0.05, 2.0, "group")
     assert r.tolist() == [-1.0, 2.0 * -2.0, -2.0, -6.0]  # γ × the mean raw reward of its own group
     r, _ = latro_rewards(raw, zero, zero, stopped, 2, 0.05, 2.0, "rank_mean")
-    assert r.tolist() == [-1.0, 2.0 * -3.0, -2.0, -6.0]  # γ × the mean over the whole batch (released)
-    r, kl = latro_rewards(raw, torch.tensor([1.0, 0, 0, 0]), zero, stopped.fill_(True), 2, 0.5, 2.0, "none")
+    # γ × the mean over the whole batch (released)
+    assert r.tolist() == [-1.0, 2.0 * -3.0, -2.0, -6.0]
+    r, kl = latro_rewards(raw, torch.tensor([1.0, 0, 0, 0]), zero, stopped.fill_(True), 2, 0.5,
+                          2.0, "none")
     assert r.tolist() == [-1.5, -3.0, -2.0, -6.0] and kl.tolist() == [1.0, 0, 0, 0]
 
-# ---- the loss and its gradient ------------------------------------------------------------------------------
+# ---- the loss and its gradient -------------------------------------------------------------------
 
 def test_loss_gradient_by_hand_on_sequence_logprobs():
-    """d/dlogp_z mean(−A·logp_z) = −A/n ; d/dlogp_y sft_coef·mean(−logp_y) = −sft_coef/n ; A gets no gradient."""
+    """d/dlogp_z mean(−A·logp_z) = −A/n ; d/dlogp_y sft_coef·mean(−logp_y) = −sft_coef/n ; A gets no
+    gradient."""
     logp_z = torch.tensor([-2.0, -1.0, -4.0], requires_grad=True)
     logp_y = torch.tensor([-0.5, -3.0, -1.0], requires_grad=True)
     adv = torch.tensor([0.5, -1.0, 0.5], requires_grad=True)
@@ -154,7 +168,8 @@ def test_loss_gradient_by_hand_on_sequence_logprobs():
     assert adv.grad is None
 
 def test_loss_gradient_through_the_model_equals_per_row_sum():
-    """The batched one-pass loss gives ∇ = 1/n Σ_i [−A_i ∇log π(z_i|x_i) − c ∇log π(y_i|x_i,z_i)], row by row."""
+    """The batched one-pass loss gives ∇ = 1/n Σ_i [−A_i ∇log π(z_i|x_i) − c ∇log π(y_i|x_i,z_i)],
+    row by row."""
     m = tiny()
     xs, zs, ys = rows()
     adv, c = torch.tensor([0.7, -0.2, -0.5]), 0.5
@@ -168,36 +183,40 @@ def test_loss_gradient_through_the_model_equals_per_row_sum():
     for a, b in zip(batched, (p.grad for p in m.parameters())):
         assert torch.allclose(a, b, atol=1e-5)
 
-# ---- sampling ---------------------------------------------------------------------------------------------
+# ---- sampling ------------------------------------------------------------------------------------
 
 def test_early_stopped_sampling_equals_full_sampling_cut_at_first_stop():
-    """A row stops as soon as its decoded tail holds a stop; cutting the full-length samples with cut_at_stop
-    gives the same rationales and flags. Stops: an id, one-token and two-token strings, one inside a token."""
+    """A row stops as soon as its decoded tail holds a stop; cutting the full-length samples with
+    cut_at_stop gives the same rationales and flags. Stops: an id, one-token and two-token strings,
+    one inside a token."""
     m = tiny()
     xs = [x for x in rows()[0] for _ in range(8)]
     how = Sampler(TOK, {TOK.eos_id, PAD}, ["x y", "c", "ar", "so the"], PAD, 4, torch.no_grad())
-    early, stopped, n_early = sample(m, xs, 20, how, torch.Generator().manual_seed(0), temperature=1.0)
-    full, stopped_full, n_full = sample(m, xs, 20, how, torch.Generator().manual_seed(0), early_stop=False,
-                                        temperature=1.0)
+    early, stopped, n_early = sample(m, xs, 20, how, torch.Generator().manual_seed(0),
+                                     temperature=1.0)
+    full, stopped_full, n_full = sample(m, xs, 20, how, torch.Generator().manual_seed(0),
+                                        early_stop=False, temperature=1.0)
     assert early == full and torch.equal(stopped, stopped_full)
     assert n_early < n_full  # batches did stop early
     assert stopped.any() and not stopped.all() and any(len(z) > 0 for z in early)  # not vacuous
 
 def test_dropout_off_for_pretrained_models():
-    # GPT-2 dropout modules and Llama's attention dropout (a float handed to the kernel) are both switched off:
-    # two train-mode forwards are then the same function
+    # GPT-2 dropout modules and Llama's attention dropout (a float handed to the kernel) are both
+    # switched off: two train-mode forwards are then the same function
     for arch in ("gpt2", "llama"):
-        m = load_model("scratch", V, arch=arch, n_layer=1, n_head=2, n_embd=32, block_size=32, dropout=0.5)
+        m = load_model("scratch", V, arch=arch, n_layer=1, n_head=2, n_embd=32, block_size=32,
+                       dropout=0.5)
         ids = torch.randint(4, V, (2, 12))
         m.train()
         assert not torch.equal(m(ids).logits, m(ids).logits)  # dropout is on before
         disable_dropout(m)
         assert torch.equal(m(ids).logits, m(ids).logits)
 
-# ---- batch arithmetic -------------------------------------------------------------------------------------
+# ---- batch arithmetic ----------------------------------------------------------------------------
 
 def test_batch_layout_and_its_errors():
-    assert batch_layout(24, 16, 4, 8) == (3, 48, 12)  # the released setup: 8 GPUs x 3 prompts x 16, accumulation 12
+    # the released setup: 8 GPUs x 3 prompts x 16, accumulation 12
+    assert batch_layout(24, 16, 4, 8) == (3, 48, 12)
     with pytest.raises(ValueError, match="batch_size=6 .* 4 ranks"):
         check_rules_of(latro, cfg("--batch_size=6", "--rloo_k=8", "--micro_batch_size=4"), 4)
     with pytest.raises(ValueError, match="micro_batch_size=5"):
@@ -205,12 +224,12 @@ def test_batch_layout_and_its_errors():
     with pytest.raises(ValueError, match="rloo_k=1"):
         check_rules_of(latro, cfg("--batch_size=8", "--rloo_k=1", "--micro_batch_size=4"), 1)
 
-# ---- the script end to end ------------------------------------------------------------------------------
+# ---- the script end to end -----------------------------------------------------------------------
 
-TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=64", "--n_val=8", "--n_test=8", "--sft_steps=3",
-        "--sft_batch_size=8", "--sft_target_acc=0", "--latro_steps=4", "--batch_size=2", "--rloo_k=4",
-        "--micro_batch_size=4", "--max_rationale_tokens=12", "--max_new_tokens=16", "--maj_k=2",
-        "--eval_interval=2", "--export_hf=False"]
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=64", "--n_val=8", "--n_test=8",
+        "--sft_steps=3", "--sft_batch_size=8", "--sft_target_acc=0", "--latro_steps=4",
+        "--batch_size=2", "--rloo_k=4", "--micro_batch_size=4", "--max_rationale_tokens=12",
+        "--max_new_tokens=16", "--maj_k=2", "--eval_interval=2", "--export_hf=False"]
 
 def run(args):
     """latro.py with args in this process (tests/inprocess.py); the result reads as a finished
@@ -221,51 +240,61 @@ def test_bad_batch_arithmetic_fails_before_any_work(tmp_path):
     p = run(TINY + [f"--out_dir={tmp_path}", "--micro_batch_size=3"])
     assert p.returncode != 0
     assert "micro_batch_size=3" in p.stderr and "2 prompts x rloo_k=4 = 8 rollouts" in p.stderr
-    assert "data:" not in p.stdout and not os.listdir(tmp_path)  # failed before loading data or a model
+    # failed before loading data or a model
+    assert "data:" not in p.stdout and not os.listdir(tmp_path)
 
 # (resume, kills, NaN guards, 2-process DDP and FSDP runs: tests/test_latro_script.py)
 
-@pytest.mark.parametrize("preset", ["config/latro_gsm8k.py", "config/latro_arc.py", "config/latro_sft_gsm8k.py",
-                                    "config/latro_sft_arc.py"])
+@pytest.mark.parametrize("preset", ["config/latro_gsm8k.py", "config/latro_arc.py",
+                                    "config/latro_sft_gsm8k.py", "config/latro_sft_arc.py"])
 def test_presets_parse_and_divide_on_8_gpus(preset):
-    # a preset must only name real keys with the right types, and its batch must split over the 8 GPUs it names
+    # a preset must only name real keys with the right types, and its batch must split over the 8
+    # GPUs it names
     import latro
     from configurator import configure
     cfg = configure(dict(vars(latro)), [preset], verbose=False)
     check_rules_of(latro, cfg, 8)
-    prompts, rollouts, accum = latro.batch_layout(cfg["batch_size"], cfg["rloo_k"], cfg["micro_batch_size"], 8)
-    assert (prompts, rollouts, accum) == (3, 48, 12)  # the released 8 x 3 prompts, 48 rollouts in 12 micro-steps of 4
+    prompts, rollouts, accum = latro.batch_layout(cfg["batch_size"], cfg["rloo_k"],
+                                                  cfg["micro_batch_size"], 8)
+    # the released 8 x 3 prompts, 48 rollouts in 12 micro-steps of 4
+    assert (prompts, rollouts, accum) == (3, 48, 12)
 
 
 def test_sft_baseline_prompts_and_targets():
-    # the released SFT baseline: GSM8K trains on the bare question -> solution + 'The answer is N' (no period),
-    # and is evaluated with the CoT prompt; ARC trains on the direct-answer prompt, evaluated with the format block
+    # the released SFT baseline: GSM8K trains on the bare question -> solution + 'The answer is N'
+    # (no period), and is evaluated with the CoT prompt; ARC trains on the direct-answer prompt,
+    # evaluated with the format block
     from data import ARC_SFT_EVAL_FORMAT, latro_prompt, sft_target
     gsm = {"question": "Q?", "steps": ["2 + 3 = <<2+3=5>>5", "5 x 2 = 10"], "answer": "10"}
     assert latro_prompt(gsm, "gsm8k", style="sft") == "Q?"
-    assert latro_prompt(gsm, "gsm8k", style="sft_eval") == latro_prompt(gsm, "gsm8k") == "Q? Let's think step by step."
+    assert (latro_prompt(gsm, "gsm8k", style="sft_eval") == latro_prompt(gsm, "gsm8k")
+            == "Q? Let's think step by step.")
     assert sft_target(gsm, "gsm8k") == "2 + 3 = <<2+3=5>>5\n5 x 2 = 10\nThe answer is 10"
-    arc = {"question": "Which?", "steps": [], "answer": "wind", "options": [("A", "heat"), ("B", "wind")]}
-    assert latro_prompt(arc, "arc", style="sft") == ("Which?\nOptions: ['heat', 'wind']\nChoose one from available "
-                                                     "options and return your answer like `The answer is "
+    arc = {"question": "Which?", "steps": [], "answer": "wind",
+           "options": [("A", "heat"), ("B", "wind")]}
+    assert latro_prompt(arc, "arc", style="sft") == ("Which?\nOptions: ['heat', 'wind']\n"
+                                                     "Choose one from available options and "
+                                                     "return your answer like `The answer is "
                                                      "{final_answer}`.")
-    assert latro_prompt(arc, "arc", style="sft_eval") == ARC_SFT_EVAL_FORMAT + "\nQuestion: Which?\nOptions: " \
-                                                                              "['heat', 'wind']\n"
+    assert (latro_prompt(arc, "arc", style="sft_eval")
+            == ARC_SFT_EVAL_FORMAT + "\nQuestion: Which?\nOptions: ['heat', 'wind']\n")
     assert sft_target(arc, "arc") == "The answer is wind."
     with pytest.raises(ValueError, match="prompt style 'zero'"):
         latro_prompt(gsm, "gsm8k", style="zero")
 
 
 def test_sft_baseline_run_and_bad_names(tmp_path):
-    # the SFT-baseline path end to end: one target text per question, epochs -> steps, linear decay, no LaTRO
-    p = run(TINY + [f"--out_dir={tmp_path}", "--prompt=sft", "--eval_prompt=sft_eval", "--sft_share=1.0",
-                    "--sft_epochs=0.25", "--sft_batch_size=8", "--sft_decay=True", "--latro_steps=0", "--maj_k=0"])
+    # the SFT-baseline path end to end: one target text per question, epochs -> steps, linear decay,
+    # no LaTRO
+    p = run(TINY + [f"--out_dir={tmp_path}", "--prompt=sft", "--eval_prompt=sft_eval",
+                    "--sft_share=1.0", "--sft_epochs=0.25", "--sft_batch_size=8",
+                    "--sft_decay=True", "--latro_steps=0", "--maj_k=0"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert "up to 2 steps of 8 (0.25 epochs)" in p.stdout and "SFT baseline | test acc" in p.stdout
     # (a bad checker name: CONFIG_ERRORS below)
 
 
-# ---- the up-front check, resume refusal, the per-rank prompts and the lr schedule -------------------------
+# ---- the up-front check, resume refusal, the per-rank prompts and the lr schedule ----------------
 
 def cfg(*args):
     """latro.py's effective configuration for these --key=value arguments (defaults otherwise)."""
@@ -281,7 +310,8 @@ def test_a_renamed_key_is_refused_with_its_new_name():
             configure(dict(vars(latro)), [f"--{old}=1"], verbose=False, renamed=latro.RENAMED)
 
 CONFIG_ERRORS = [  # (arguments, world size, message): each names the key and what to do
-    (["--task=gsm9k", "--arc_options=x"], 1, "task='gsm9k' is unknown; did you mean gsm8k?"),  # the task first
+    # the task first
+    (["--task=gsm9k", "--arc_options=x"], 1, "task='gsm9k' is unknown; did you mean gsm8k?"),
     (["--arc_options=letters"], 1, "arc_options='letters': use one of 'released', 'lettered'"),
     (["--penalty=grp"], 1, "penalty='grp': use one of 'group', 'rank_mean', 'none'"),
     (["--checker=paper"], 1, "checker='paper': use one of"),
@@ -330,7 +360,8 @@ def check_config(config, world=1):
     check_rules_of(latro, config, world, torch=NoCuda)
     return batch_layout(config["batch_size"], config["rloo_k"], config["micro_batch_size"], world)
 
-@pytest.mark.parametrize("args, world, message", CONFIG_ERRORS, ids=[c[0][0] for c in CONFIG_ERRORS])
+@pytest.mark.parametrize("args, world, message", CONFIG_ERRORS,
+                         ids=[c[0][0] for c in CONFIG_ERRORS])
 def test_check_config_refuses_with_a_message_naming_the_key(args, world, message):
     with pytest.raises(UserError) as e:
         check_config(cfg(*args), world)
@@ -338,7 +369,8 @@ def test_check_config_refuses_with_a_message_naming_the_key(args, world, message
 
 def test_check_config_accepts_the_defaults_presets_and_documented_zeros():
     assert check_config(cfg()) == (8, 64, 1)
-    assert check_config(cfg("--n_train=0", "--n_val=0", "--maj_k=0", "--beta=0", "--latro_steps=0")) == (8, 64, 1)
+    assert check_config(cfg("--n_train=0", "--n_val=0", "--maj_k=0", "--beta=0",
+                            "--latro_steps=0")) == (8, 64, 1)
     assert check_config(cfg("--stop_strings=", "--penalty=none")) == (8, 64, 1)  # stop ids only
     for preset in ("latro_gsm8k", "latro_arc", "latro_sft_gsm8k", "latro_gsm8k_8b"):
         assert check_config(cfg(f"config/{preset}.py"), 8) == (3, 48, 12)
@@ -350,11 +382,14 @@ def test_longest_sequences_count_prompt_rationale_and_answer():
     # the longest rollout: 4 + 9 answer tokens + max(12, 8) = 25; the gold row 28
     assert longest_sequences(prompts, answers, gold, 12, 8) == (25, 28)
     assert longest_sequences(prompts, answers, [], 12, 8) == (25, 0)
-    assert longest_sequences(prompts, answers, [], 8, 12) == (25, 0)  # the evaluation's length counts too
-    longest = [(25, "the longest rollout", "lower it"), (28, "the longest gold warm-up row", "raise it")]
+    # the evaluation's length counts too
+    assert longest_sequences(prompts, answers, [], 8, 12) == (25, 0)
+    longest = [(25, "the longest rollout", "lower it"),
+               (28, "the longest gold warm-up row", "raise it")]
     with pytest.raises(UserError, match="gold warm-up row needs 28 positions but the model has 27"):
         preflight(GPT2Config(n_positions=27), "cpu", longest, {})
-    with pytest.raises(UserError, match="rollout needs 25 positions but the model has 24: lower it"):
+    with pytest.raises(UserError,
+                       match="rollout needs 25 positions but the model has 24: lower it"):
         preflight(GPT2Config(n_positions=24), "cpu", longest, {})
 
 def check_resume(ckpt, config, tmp_path):
@@ -367,14 +402,19 @@ def test_resume_refuses_another_scripts_or_another_runs_checkpoint(tmp_path):
     mine = cfg("--task=modsum", "--n_layer=3")
     ok = {"script": "latro", "ref_model": None, "source": "scratch", "config": dict(mine)}
     check_resume(ok, mine, tmp_path)
-    with pytest.raises(UserError, match="ckpt.pt is not a latro.py checkpoint .written by coconut.py"):
+    with pytest.raises(UserError,
+                       match="ckpt.pt is not a latro.py checkpoint .written by coconut.py"):
         check_resume({**ok, "script": "coconut"}, mine, tmp_path)
-    with pytest.raises(UserError, match="not a latro.py checkpoint"):  # no script entry, no slot for π0
-        check_resume({k: v for k, v in ok.items() if k not in ("script", "ref_model")}, mine, tmp_path)
+    # no script entry, no slot for π0
+    with pytest.raises(UserError, match="not a latro.py checkpoint"):
+        check_resume({k: v for k, v in ok.items() if k not in ("script", "ref_model")}, mine,
+                     tmp_path)
     other = cfg("--task=modsum", "--n_layer=2", "--seed=1")
-    with pytest.raises(UserError, match="n_layer: checkpoint 3, now 2; seed: checkpoint 1337, now 1"):
+    with pytest.raises(UserError,
+                       match="n_layer: checkpoint 3, now 2; seed: checkpoint 1337, now 1"):
         check_resume(ok, other, tmp_path)
-    # a pretrained model's shape comes from the checkpoint's source: the scratch shape keys do not apply
+    # a pretrained model's shape comes from the checkpoint's source: the scratch shape keys do not
+    # apply
     check_resume({**ok, "source": "gpt2"}, cfg("--task=modsum", "--n_layer=2"), tmp_path)
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -386,6 +426,8 @@ def test_rank_prompts_are_disjoint_and_cover_the_single_process_step(world):
         assert len(set(sum(shares, []))) == 8  # disjoint
 
 def test_lr_follows_the_linear_schedule_exactly():
-    # step 0 uses the peak, each step 1/total less, the last step peak/total (never 0: every step learns)
-    assert [lr_at(s, 1e-4, 4) for s in range(4)] == pytest.approx([1e-4, 7.5e-5, 5e-5, 2.5e-5], rel=1e-12)
+    # step 0 uses the peak, each step 1/total less, the last step peak/total (never 0: every step
+    # learns)
+    assert [lr_at(s, 1e-4, 4) for s in range(4)] == pytest.approx([1e-4, 7.5e-5, 5e-5, 2.5e-5],
+                                                                   rel=1e-12)
     assert lr_at(0, 3.0, 117) == 3.0 and lr_at(116, 3.0, 117) == pytest.approx(3.0 / 117, rel=1e-12)

@@ -6,15 +6,17 @@ import warnings
 import pytest
 import torch
 
-from model import (generate, left_pad, load_model, position_ids_from_mask, sample_next, token_logprobs,
-                   backbone, cache_kwargs, output_cache)
+from model import (generate, left_pad, load_model, position_ids_from_mask, sample_next,
+                   token_logprobs, backbone, cache_kwargs, output_cache)
 
 V = 40
 
 def tiny(arch):
     torch.manual_seed(0)
-    m = load_model("scratch", V, arch=arch, n_layer=2, n_head=2, n_embd=32, block_size=64, eos_id=1, pad_id=0)
-    with torch.no_grad():  # a random model with small weights repeats one token; sharpen it so decoding varies
+    m = load_model("scratch", V, arch=arch, n_layer=2, n_head=2, n_embd=32, block_size=64, eos_id=1,
+                   pad_id=0)
+    # a random model with small weights repeats one token; sharpen it so decoding varies
+    with torch.no_grad():
         for p in m.parameters():
             p.mul_(8.0 if p.dim() > 1 else 1.0)
     return m.eval()
@@ -81,7 +83,8 @@ def test_early_stop_equals_no_early_stop_cut_at_first_stop():
     ids, mask = left_padded()
     stops = [[3], [5, 7]]  # a single token and a two-token stop sequence
     g = torch.Generator().manual_seed(0)
-    early, stopped = generate(m, ids, mask, 20, stop_sequences=stops, pad_id=0, temperature=1.0, generator=g)
+    early, stopped = generate(m, ids, mask, 20, stop_sequences=stops, pad_id=0, temperature=1.0,
+                              generator=g)
     g = torch.Generator().manual_seed(0)
     full, _ = generate(m, ids, mask, 20, stop_sequences=[], pad_id=0, temperature=1.0, generator=g)
     for b in range(ids.shape[0]):
@@ -105,7 +108,8 @@ def test_save_pretrained_roundtrip(tmp_path):
     m.save_pretrained(tmp_path / "hf")
     m2 = load_model(str(tmp_path / "hf"), V).eval()  # the path users take for a local directory
     ids, mask = left_padded()
-    assert torch.equal(m(input_ids=ids, attention_mask=mask).logits, m2(input_ids=ids, attention_mask=mask).logits)
+    assert torch.equal(m(input_ids=ids, attention_mask=mask).logits,
+                       m2(input_ids=ids, attention_mask=mask).logits)
     assert m2.config._attn_implementation == "sdpa"
     m3 = load_model(str(tmp_path / "hf"), V + 3)  # new special tokens get embedding rows
     assert m3.get_input_embeddings().weight.shape[0] == V + 3

@@ -161,9 +161,9 @@ def test_stop_request_sets_a_flag_and_a_second_signal_acts_at_once():
     stop = StopRequest()
     try:
         assert not stop.requested()
-        # Python runs a signal's handler in the main thread at its next check, which may come a moment after
-        # os.kill returns (the kernel can deliver the signal to another of torch's threads): sleep, which
-        # the signal interrupts, until it has run
+        # Python runs a signal's handler in the main thread at its next check, which may come a
+        # moment after os.kill returns (the kernel can deliver the signal to another of torch's
+        # threads): sleep, which the signal interrupts, until it has run
         os.kill(os.getpid(), signal.SIGTERM)  # preemption: the run goes on to the end of its step
         for _ in range(500):
             if stop.requested():
@@ -195,7 +195,8 @@ for step in range(1000):
         break
     steps += 1
 print(f"rank {rank}: {steps} steps, own signal {stop.signum}", flush=True)
-# the cross-rank helpers: a sum over ranks; the same weights on both ranks, then one weight 1e-6 apart
+# the cross-rank helpers: a sum over ranks; the same weights on both ranks, then one weight 1e-6
+# apart
 torch.manual_seed(0)
 layer = torch.nn.Linear(3, 2)
 same = ranks_identical(layer)
@@ -215,11 +216,13 @@ def test_stop_request_stops_every_rank_at_the_same_step_and_the_cross_rank_helpe
                         "--nproc_per_node=2", str(driver)], env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    # the two ranks share one stdout pipe, so their lines can interleave: find the reports, not lines
+    # the two ranks share one stdout pipe, so their lines can interleave: find the reports, not
+    # lines
     reports = sorted(re.findall(r"rank (\d): (\d+) steps, own signal (None|\d+)", r.stdout))
     assert reports == [("0", "3", "None"), ("1", "3", "15")], r.stdout
     # run.all_sum and run.ranks_identical, as both scripts use them, then end_distributed
-    helpers = sorted(re.findall(r"rank (\d): sum (\d+\.\d+), identical (True|False) (True|False)", r.stdout))
+    helpers = sorted(re.findall(r"rank (\d): sum (\d+\.\d+), identical (True|False) (True|False)",
+                                r.stdout))
     assert helpers == [("0", "3.0", "True", "False"), ("1", "3.0", "True", "False")], r.stdout
 
 def test_check_same_run_names_every_differing_key():
