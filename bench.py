@@ -21,7 +21,7 @@ Rows:
                  two grad forwards); growth with K and L.
   mfu            model FLOPs/s over the peak: on CPU the peak matmul throughput measured in this
                  run, on CUDA the device's bf16 peak (H100 SXM: 989 TFLOP/s).
-  memory         model.py's per-GPU memory plan for the papers' models on 8 x 80 GiB, DDP vs FSDP:
+  memory         run.py's per-GPU memory plan for the papers' models on 8 x 80 GiB, DDP vs FSDP:
                  estimated from the published shapes, no GPU, no download (--sections=memory).
 """
 
@@ -400,7 +400,7 @@ def bench_memory(rows):
         method = "latro" if name in LATRO_MODELS else "coconut"
         rows.append(plan_row(name, method, "ddp", n, cfg))
         rows.append(plan_row(name, method, "fsdp", n, cfg))
-        # activation checkpointing would drop the KV cache Coconut's thought passes share (model.py)
+        # activation checkpointing would drop the KV cache Coconut's thought passes share (run.py)
         if method == "latro":
             rows.append(plan_row(name, method, "fsdp", n, cfg, checkpointing=True))
 

@@ -54,8 +54,9 @@ from data import (COCONUT_SPECIAL_TOKENS, TASKS, answer_text, build_tokenizer, l
                   marker_ids, question_text, step_text, tokenizer_name)
 from evaluate import coconut_correct
 from model import (autocast_ctx, backbone, cache_kwargs, copy_token_rows, decode, left_pad,
-                   lm_head, load_model, model_config, position_ids_from_mask, token_logprobs)
-from run import (StopRequest, all_sum, check_same_run, distribute, end_distributed,
+                   lm_head, load_model, model_config, position_ids_from_mask, scratch_config,
+                   token_logprobs)
+from run import (StopRequest, all_sum, check_same_run, check_whole, distribute, end_distributed,
                  enable_activation_checkpointing, exit_on_signal, gathered, grad_norm,
                  load_checkpoint, load_full_state_dicts, load_run, preflight, print0,
                  ranks_identical, require_finite, save_hf_export, save_run, set_grad_sync, start,
@@ -145,6 +146,9 @@ RULES = [
     ("arch in ('gpt2', 'llama')", "arch={arch!r}: use one of 'gpt2', 'llama'"),
     ("device in ('auto', 'cpu') or device.split(':')[0] == 'cuda'",
      "device={device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+    ("not device.startswith('cuda') or torch.cuda.is_available()",
+     "device={device!r} but this torch sees no CUDA GPU: use --device=cpu or 'auto'"),
+    ("0 <= seed < 2**32", "seed={seed}: give a seed in [0, 2**32)"),
     *each("c_thought epochs_per_stage batch_size micro_batch_size eval_batch_size max_new_tokens "
           "probe_topk n_layer n_head n_embd block_size ddp_timeout", "{key} > 0",
           "{key}={value} must be > 0"),
@@ -456,7 +460,8 @@ def probe_thoughts(model, prompt, latent_id, k, device):
     input_ids = torch.tensor([prompt], device=device)
     hidden, _ = latent_forward(model, input_ids, torch.ones_like(input_ids), latent_id)
     cols = [i - 1 for i, t in enumerate(prompt) if t == latent_id]
-    return lm_head(model)(hidden[0, cols]).float().softmax(-1).topk(k)
+    probs = lm_head(model)(hidden[0, cols]).float().softmax(-1)        # (n, V)
+    return probs.topk(min(k, probs.shape[-1]))
 
 def probe_lines(tok, probs, ids):
     """probe_thoughts' answer as log lines, one per thought: its top-k tokens and probabilities."""
@@ -602,9 +607,12 @@ if __name__ == "__main__":
     ckpt_path = os.path.join(out_dir, "ckpt.pt") if resume else init_from
     ckpt = None
     if resume or init_from.endswith(".pt"):
-        ckpt = load_run(ckpt_path, "coconut")
+        ckpt = load_run(ckpt_path, "coconut", resume)
     if resume:  # a resumed run takes the checkpoint's values: a different one is refused
         check_same_run(ckpt["config"], config, RESUME_KEYS)
+    if resume and ckpt["best_val_acc"] >= 0:  # the final test loads the run's best.pt
+        check_whole(os.path.join(out_dir, "best.pt"), f"this run chose its best weights there "
+                    f"(val acc {ckpt['best_val_acc']:.4f}) and tests them at the end")
     base = ckpt["base"] if ckpt else init_from                         # 'scratch' or an HF model
     base_cfg = model_config(base) if base != "scratch" else None       # a wrong name fails here
     tok_name = tokenizer_name(tokenizer, base, ckpt.get("tokenizer", "") if ckpt else "")
@@ -653,12 +661,10 @@ if __name__ == "__main__":
                f"{shape['block_size']} (the config's values do not apply)")
     shape_kw = {k: shape[k] for k in ("arch", "n_layer", "n_head", "n_embd", "block_size",
                                       "dropout")}
-    shape_kw.update(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                    device_type=torch.device(device).type)
+    shape_kw.update(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     hf_cfg = base_cfg
     if base == "scratch":
-        with torch.device("meta"):  # the shape only: no memory used, no weights read
-            hf_cfg = load_model("scratch", n_rows, **shape_kw).config
+        hf_cfg = scratch_config(n_rows, **shape_kw)
     stages_run = [] if eval_only else scheduled
     (train_len, idx, idx_stage), eval_len = longest_rows(encoded, stages_run, uniform_prob, cur,
                                                          [n_test_thoughts] + sweep_counts)
@@ -671,11 +677,11 @@ if __name__ == "__main__":
                   kv_cache=(eval_batch_size, eval_len + max_new_tokens),
                   activations=(micro_batch_size * train_len, micro_batch_size * train_len,
                                gradient_checkpointing))
-    preflight(hf_cfg, device, longest, memory)
+    preflight(hf_cfg, device, longest, memory, None if eval_only else out_dir)
 
     # ---- model: scratch, an HF model, a checkpoint of this script (e.g. the CoT stage), or resume
     torch.manual_seed(seed)
-    model = load_model(base, n_rows, **shape_kw)
+    model = load_model(base, n_rows, device_type=torch.device(device).type, **shape_kw)
     if ckpt:
         model.load_state_dict(ckpt["model"])
     if new_markers:

@@ -135,9 +135,17 @@ def literal(text):
         return None
 
 def launch():
-    """The names a rule may use about the launch: torchrun sets RANK and WORLD_SIZE."""
-    return {"world_size": int(os.environ.get("WORLD_SIZE", 1)),
-            "distributed": int(os.environ.get("RANK", -1)) != -1}
+    """The names a rule may use about the launch: torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT together; one without the others (a stale RANK in the shell) is an error here, not
+    a hang or a traceback in init_process_group."""
+    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    set_ = [k for k, v in env.items() if v is not None]
+    if set_ and len(set_) < len(env):
+        missing = [k for k, v in env.items() if v is None]
+        raise ConfigError(f"{', '.join(set_)} set but {', '.join(missing)} not: launch with "
+                          f"torchrun (it sets them all), or unset {', '.join(set_)} for one "
+                          f"process")
+    return {"world_size": int(env["WORLD_SIZE"] or 1), "distributed": env["RANK"] is not None}
 
 def check_rules(rules, names):
     """Raise a ConfigError with the message of the first rule whose condition is false. names: the
@@ -151,12 +159,18 @@ def check_rules(rules, names):
 
 def read_config_file(path, defaults, renamed):
     """The key updates of one config file (a Python file of assignments)."""
+    if os.path.isdir(path):
+        raise ConfigError(f"config file {path!r} is a directory: give a .py file of assignments")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} not found (positional arguments are config "
                           f"files; options are written --key=value)")
     namespace = {}
-    with open(path) as f:
-        source = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {e.start}: "
+                          f"{e.object[e.start:e.start + 1]!r}): save it as UTF-8") from None
     try:
         exec(compile(source, path, "exec"), namespace)
     except Exception as e:
@@ -165,7 +179,8 @@ def read_config_file(path, defaults, renamed):
         raise ConfigError(f"config file {path!r}{where} failed: {type(e).__name__}: {e}") from e
     updates = {}
     for key, value in namespace.items():
-        if key.startswith("_") or type(value).__name__ == "module":
+        # the file's own helpers: private names, imported modules, functions and classes
+        if key.startswith("_") or type(value).__name__ == "module" or callable(value):
             continue
         if key not in defaults:
             raise unknown_key_error(key, defaults, renamed)

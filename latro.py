@@ -45,10 +45,11 @@ from data import (PROMPT_STYLES, TASKS, build_tokenizer, latro_answer, latro_pro
                   latro_rationale, load_splits, sft_target, tokenizer_name)
 from evaluate import CHECKERS, latro_correct, majority_correct
 from model import (TailStopCheck, autocast_ctx, backbone, cut_at_stop, disable_dropout, generate,
-                   left_pad, load_model, model_config, position_ids_from_mask, token_logprobs)
-from run import (StopRequest, all_sum, check_same_run, distribute, end_distributed,
-                 enable_activation_checkpointing, exit_on_signal, gather_full, gathered, grad_norm,
-                 load_checkpoint, load_full_state_dicts, load_run, preflight, print0,
+                   left_pad, load_model, model_config, position_ids_from_mask, scratch_config,
+                   token_logprobs)
+from run import (StopRequest, all_sum, check_same_run, check_whole, distribute, end_distributed,
+                 enable_activation_checkpointing, exit_on_signal, gather_full, gathered,
+                 grad_norm, load_checkpoint, load_full_state_dicts, load_run, preflight, print0,
                  ranks_identical, require_finite, save_hf_export, save_run, set_grad_sync, start,
                  wandb_logger)
 
@@ -151,6 +152,7 @@ RULES = [
      "device={device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'"),
     ("not device.startswith('cuda') or torch.cuda.is_available()",
      "device={device!r} but this torch sees no CUDA GPU: use --device=cpu or 'auto'"),
+    ("0 <= seed < 2**32", "seed={seed}: give a seed in [0, 2**32)"),
     ("stop_strings == 'released' or not difflib.get_close_matches(stop_strings, ['released'], "
      "cutoff=0.75)", "stop_strings={stop_strings!r}: did you mean 'released'? (to stop at that "
      "text, write it as '{stop_strings}|' )"),
@@ -210,8 +212,11 @@ RULES = [
      "change batch_size / rloo_k"),
 ]
 MODEL_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size")  # a scratch model's shape
+# what a resumed run must share with its checkpoint (+ MODEL_KEYS): the data, and what defines the
+# objective and the update (latro_steps, intervals and evaluation settings may change)
 RESUME_KEYS = ("task", "data_path", "split_layout", "n_train", "tokenizer", "seed", "prompt",
-               "arc_options")  # what a resumed run must share with its checkpoint (+ MODEL_KEYS)
+               "arc_options", "batch_size", "rloo_k", "learning_rate", "beta", "gamma", "penalty",
+               "sft_coef", "sft_learning_rate", "sft_batch_size")
 # the keys' former names: an old name is refused with its new one
 RENAMED = {"lr": "learning_rate", "sft_lr": "sft_learning_rate", "n_dev": "n_val",
            "ddp_timeout_s": "ddp_timeout", "eval_max_tokens": "max_new_tokens"}
@@ -340,6 +345,28 @@ def latro_loss(logp_z, logp_y, advantages, sft_coef):
     if sft_coef:
         loss = loss - sft_coef * logp_y.mean()
     return loss
+
+def latro_backward(scorer, rows, advantages, sft_coef, micro_batch_size, pad_id, ctx, device):
+    """Back-propagate latro_loss over this rank's rollouts rows = (xs, zs, ys), one forward with
+    gradients per micro-batch giving log π(z) (and log π(y|x⊕z) when sft_coef > 0); each
+    micro-batch's loss is divided by their count, so the gradients add up to the mean's, and DDP
+    all-reduces them on the last micro-step only. Returns the loss."""
+    xs, zs, ys = rows
+    n_micro = len(xs) // micro_batch_size
+    total = 0.0
+    for j in range(n_micro):
+        part = slice(j * micro_batch_size, (j + 1) * micro_batch_size)
+        ids, attn, z_mask, y_mask = build_batch(xs[part], zs[part], ys[part], pad_id, device)
+        # at sft_coef 0 (the released recipe) the answer needs no LM head and no backward
+        if not sft_coef:
+            y_mask = torch.zeros_like(y_mask)
+        set_grad_sync(scorer, j == n_micro - 1)
+        with ctx:
+            lz, ly = scorer(ids, attn, z_mask, y_mask)
+        loss = latro_loss(lz, ly, advantages[part], sft_coef) / n_micro
+        loss.backward()
+        total += loss.item()
+    return total
 
 def sft_loss_backward(scorer, rows, micro_batch_size, pad_id, ctx, device):
     """The warm-up's supervised step on this rank's gold rows (xs, zs, ys) = [x, z*, y]: the NLL of
@@ -520,8 +547,11 @@ if __name__ == "__main__":
     # ---- resume: the checkpoint must be this script's, of this run
     ckpt = None
     if init_from == "resume":
-        ckpt = load_run(ckpt_path, "latro")
-        check_same_run(ckpt["config"], config, resume_keys(ckpt))
+        ckpt = load_run(ckpt_path, "latro", resume=True)
+        check_same_run(ckpt["config"], config, resume_keys(ckpt), RENAMED)
+        if ckpt.get("best_val_acc", -1) >= 0:  # the final test loads the run's best.pt
+            check_whole(os.path.join(out_dir, "best.pt"), "this run chose its best weights there "
+                        "and tests them at the end")
     # what the weights were first loaded from, and the phase a checkpoint was written in
     source, phase = init_from, "sft"
     if ckpt:
@@ -548,11 +578,10 @@ if __name__ == "__main__":
 
     # ---- the model's shape without its weights: positions for the longest sequence, memory plan
     shape = dict(arch=arch, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
-                 dropout=dropout, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                 attn_implementation=attn_implementation, device_type=device_type)
+                 dropout=dropout, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     if source == "scratch":
-        with torch.device("meta"):
-            model_cfg = load_model("scratch", len(tok), **shape).config
+        model_cfg = scratch_config(len(tok), **shape)
+    shape.update(attn_implementation=attn_implementation, device_type=device_type)
     eval_ex = val_ex + test_ex
     rollout, gold_row = longest_sequences(
         train_x + encode_prompts(tok, eval_ex, task, arc_options, eval_prompt or prompt),
@@ -568,7 +597,7 @@ if __name__ == "__main__":
                   activations=(micro_batch_size * max(rollout, gold_row),
                                micro_batch_size * (max_rationale_tokens + 16),
                                gradient_checkpointing))
-    n_params = preflight(model_cfg, device, longest, memory)
+    n_params = preflight(model_cfg, device, longest, memory, out_dir)
 
     # ---- model: the same seed on every rank (DDP also broadcasts rank 0's weights)
     model = initial_model(source, len(tok), shape, seed)
@@ -726,22 +755,10 @@ if __name__ == "__main__":
         advantages = rloo_advantages(rewards, rloo_k)
         t2 = time.time()
 
-        # update: one forward with gradients per micro-batch gives log π(z) (and log π(y|x⊕z) when
-        # sft_coef > 0); DDP all-reduces the gradients on the last micro-step only
+        # update: the gradient of the surrogate latro_loss, micro-batch by micro-batch
         model.train()
-        loss_sum = 0.0
-        for j in range(grad_accum):
-            s = slice(j * micro_batch_size, (j + 1) * micro_batch_size)
-            ids, attn, z_mask, y_mask = build_batch(xs[s], zs[s], ys[s], tok.pad_id, device)
-            # at sft_coef 0 (the released recipe) the answer needs no LM head and no backward
-            if not sft_coef:
-                y_mask = torch.zeros_like(y_mask)
-            set_grad_sync(train_scorer, j == grad_accum - 1)
-            with ctx:
-                lz, ly = train_scorer(ids, attn, z_mask, y_mask)
-            loss = latro_loss(lz, ly, advantages[s], sft_coef) / grad_accum
-            loss.backward()
-            loss_sum += loss.item()
+        loss_sum = latro_backward(train_scorer, (xs, zs, ys), advantages, sft_coef,
+                                  micro_batch_size, tok.pad_id, ctx, device)
         # means over all ranks' rollouts, for the log and the non-finite guard (every rank agrees)
         n = rollouts_per_rank * ddp_world_size
         sums = [rewards.sum().item(), kl.sum().item(), advantages.sum().item(),
@@ -779,6 +796,7 @@ if __name__ == "__main__":
         load_full_state_dicts(model, None, best["model"])
         after = before  # step 0's weights are π0's: measured already
         if best["iter_num"] > 0:
+            print0(f"testing the weights of step {best['iter_num']} on {len(test_ex)} questions")
             after = evaluate(model, train_scorer, test_ex, maj_k, ev)
         if latro_steps:
             print0(f"before LaTRO | test {format_metrics(before)}")

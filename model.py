@@ -8,6 +8,7 @@ Everything here works with any `transformers` causal LM that accepts `inputs_emb
 The run's life (processes, checkpoints, signals, FSDP, the memory plan) is in run.py.
 """
 
+import copy
 import dataclasses
 import functools
 import inspect
@@ -35,29 +36,31 @@ def pick_attention(attn_implementation, device_type):
             pass
     return "sdpa"
 
-def load_model(init_from, vocab_size, *, arch="gpt2", n_layer=2, n_head=4, n_embd=128,
-               block_size=512, dropout=0.0, bos_id=None, eos_id=None, pad_id=None,
-               attn_implementation="auto", device_type="cpu"):
+def scratch_config(vocab_size, arch="gpt2", n_layer=2, n_head=4, n_embd=128, block_size=512,
+                   dropout=0.0, bos_id=None, eos_id=None, pad_id=None):
+    """The transformers config of a tiny model from scratch (GPT-2 or Llama layout; the parameters
+    are its shape, one each)."""
+    if arch == "gpt2":
+        return AutoConfig.for_model(
+            "gpt2", vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd,
+            n_layer=n_layer, n_head=n_head, resid_pdrop=dropout, embd_pdrop=dropout,
+            attn_pdrop=dropout, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
+    if arch == "llama":
+        return AutoConfig.for_model(
+            "llama", vocab_size=vocab_size, max_position_embeddings=block_size,
+            hidden_size=n_embd, intermediate_size=4 * n_embd, num_hidden_layers=n_layer,
+            num_attention_heads=n_head, num_key_value_heads=n_head, attention_dropout=dropout,
+            tie_word_embeddings=True, bos_token_id=bos_id, eos_token_id=eos_id,
+            pad_token_id=pad_id)
+    raise ValueError(f"arch={arch!r} is not known for init_from='scratch': use 'gpt2' or 'llama'")
+
+def load_model(init_from, vocab_size, attn_implementation="auto", device_type="cpu", **shape):
     """A causal LM in fp32 on the CPU (the caller moves it). init_from='scratch' builds a tiny model
-    of the given shape and vocabulary; anything else is a hub name or a local directory for
-    from_pretrained. (The keywords are the shape of a scratch model, one each.)"""
+    of the given shape (scratch_config's keywords) and vocabulary; anything else is a hub name or a
+    local directory for from_pretrained."""
     attn = pick_attention(attn_implementation, device_type)
     if init_from == "scratch":
-        if arch == "gpt2":
-            cfg = AutoConfig.for_model(
-                "gpt2", vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd,
-                n_layer=n_layer, n_head=n_head, resid_pdrop=dropout, embd_pdrop=dropout,
-                attn_pdrop=dropout, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id)
-        elif arch == "llama":
-            cfg = AutoConfig.for_model(
-                "llama", vocab_size=vocab_size, max_position_embeddings=block_size,
-                hidden_size=n_embd, intermediate_size=4 * n_embd, num_hidden_layers=n_layer,
-                num_attention_heads=n_head, num_key_value_heads=n_head, attention_dropout=dropout,
-                tie_word_embeddings=True, bos_token_id=bos_id, eos_token_id=eos_id,
-                pad_token_id=pad_id)
-        else:
-            raise ValueError(f"arch={arch!r} is not known for init_from='scratch': use 'gpt2' or "
-                             f"'llama'")
+        cfg = scratch_config(vocab_size, **shape)
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
     else:
         if not os.path.isdir(init_from) and os.path.exists(init_from):
@@ -73,6 +76,11 @@ def load_model(init_from, vocab_size, *, arch="gpt2", n_layer=2, n_head=4, n_emb
 def model_config(name):
     """The config.json of a Hugging Face model (a local directory, or the hub), read before any
     weights; a UserError in one line when there is no model there."""
+    ours = [f for f in ("ckpt.pt", "best.pt") if os.path.isfile(os.path.join(name, f))]
+    if ours and not os.path.isfile(os.path.join(name, "config.json")):
+        raise UserError(f"init_from={name!r} is an out_dir of this project, not a Hugging Face "
+                        f"model: give its {ours[-1]} file (coconut.py), its hf/ export, or "
+                        f"--init_from=resume --out_dir={name} to continue it")
     try:
         return AutoConfig.from_pretrained(name)
     except OSError as e:  # no such directory, and not on the hub (or offline, not cached)
@@ -89,10 +97,16 @@ def max_positions(hf_config):
 
 def n_params_of_config(cfg):
     """Exact parameter count of the causal LM a transformers config describes, tied weights counted
-    once, by building it on the meta device (no memory, no download beyond config.json)."""
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    return sum(p.numel() for p in model.parameters())
+    once: the model built on the meta device (no memory, no download beyond config.json) with one
+    and with two layers, the difference being one layer's (every layer has the same shape), so
+    that a config of thousands of layers is counted at once."""
+    counts = []
+    for n_layer in (1, 2):
+        one = copy.deepcopy(cfg)
+        one.num_hidden_layers = n_layer
+        with torch.device("meta"):
+            counts.append(sum(p.numel() for p in AutoModelForCausalLM.from_config(one).parameters()))
+    return counts[0] + (cfg.num_hidden_layers - 1) * (counts[1] - counts[0])
 
 def disable_dropout(model):
     """Dropout off everywhere, as the released trainer does for policy and reference: trl's

@@ -20,9 +20,11 @@ import datetime
 import gc
 import math
 import os
+import shutil
 import signal
 import socket
 import sys
+import zipfile
 from contextlib import contextmanager
 
 import torch
@@ -294,14 +296,34 @@ def save_checkpoint(path, obj):
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
         os.replace(tmp, path)     # atomic on POSIX: readers see the old file or the new one
-    except BaseException:
+    except BaseException as e:
         # an error or Ctrl-C mid-write: keep the old checkpoint, drop the partial one
         try:
             os.remove(tmp)
         except OSError:
             pass
+        free, need = shutil.disk_usage(directory).free, tensor_bytes(obj)
+        full = isinstance(e, RuntimeError) and free < need  # (torch reports a full disk so)
+        if isinstance(e, OSError) or full:
+            reason = f"the disk is full: {free / 2**20:.0f} MiB free, the checkpoint needs about "
+            reason += f"{need / 2**20:.0f} MiB"
+            if not full:
+                reason = e.strerror or str(e).splitlines()[0]
+            raise UserError(f"writing {path} failed ({reason}); the previous "
+                            f"{os.path.basename(path)} is kept: make room or fix {directory}, "
+                            f"then continue with --init_from=resume") from None
         raise
     _fsync_dir(directory)
+
+def tensor_bytes(obj):
+    """The bytes of every tensor in a nested dict/list (a checkpoint's size, about)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 def _fsync_dir(directory):
     """Make a rename durable (a power cut after os.replace keeps the new name), where the OS can."""
@@ -355,11 +377,19 @@ def load_checkpoint(path, map_location="cpu"):
                         f"{str(e).splitlines()[0]}); delete it and restart, or point init_from "
                         f"at another checkpoint") from None
 
-def load_run(path, script):
+def load_run(path, script, resume=False):
     """A checkpoint written by `script` ('coconut' or 'latro'), refused by name when another script
-    (or anything else) wrote it. Checkpoints from before the 'script' entry are recognised by their
-    contents (latro.py's slot for π0, coconut.py's `method` key)."""
+    (or anything else) wrote it; resume=True: one that holds where to continue (a ckpt.pt, not a
+    best.pt). Checkpoints from before the 'script' entry are recognised by their contents
+    (latro.py's slot for π0, coconut.py's `method` key)."""
     ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint of this project "
+                        f"(a dict with the model's weights): give a ckpt.pt or best.pt of "
+                        f"{script}.py")
+    if resume and "optimizer" not in ckpt:
+        raise UserError(f"{path} holds weights only (a best.pt?): resuming needs the ckpt.pt the "
+                        f"run wrote; to go on from these weights, start a new run from them")
     maker = ckpt.get("script")
     if maker is None and "ref_model" in ckpt:
         maker = "latro"
@@ -371,11 +401,24 @@ def load_run(path, script):
                         f"checkpoint of {script}.py, start with --init_from=scratch or an HF model")
     return ckpt
 
-def check_same_run(saved, config, keys):
+def check_whole(path, why):
+    """A cheap check that a checkpoint file this run will need is there and whole: torch.save writes
+    a zip archive whose directory sits at its end, so a truncated file has none. why: what needs
+    it (for the message)."""
+    try:
+        zipfile.ZipFile(path).close()
+    except (OSError, zipfile.BadZipFile) as e:
+        problem = "missing" if isinstance(e, FileNotFoundError) else "truncated or not a checkpoint"
+        raise UserError(f"{path} is {problem}, but {why}: restore it, or start a new run in "
+                        f"another --out_dir") from None
+
+def check_same_run(saved, config, keys, renamed=None):
     """Resume tells the truth: a UserError naming each of `keys` whose value in the checkpoint's
     config (`saved`) differs from this run's `config`, e.g. check_same_run(ckpt["config"], config,
     ("task", "n_layer", "seed")). A key the checkpoint lacks counts as different (another script's
-    or an older checkpoint)."""
+    or an older checkpoint); renamed: {old key: new key}, for checkpoints written before a
+    rename."""
+    saved = {(renamed or {}).get(k, k): v for k, v in saved.items()}
     missing = object()
     diffs = []
     for key in keys:
@@ -624,10 +667,11 @@ def memory_plan(n_params, *, mode, world_size, precision, reference="none", opti
     return plan
 
 def device_memory_bytes(device):
-    """Total memory of a CUDA device; None on the CPU (no check: processes share the host's
-    memory)."""
+    """Total memory of a CUDA device; on the CPU the host's memory shared by this host's ranks
+    (torchrun's LOCAL_WORLD_SIZE)."""
     if not str(device).startswith("cuda"):
-        return None
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return host // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return torch.cuda.get_device_properties(torch.device(device)).total_memory
 
 def format_memory_plan(plan):
@@ -641,7 +685,8 @@ def format_memory_plan(plan):
     if plan["device"] is None:
         lines.append(f"  {'device':<12}  not checked (CPU)")
     else:
-        lines.append(f"  {'device':<12}{plan['device'] / GiB:7.2f} GiB")
+        host = " (the host's memory per process)" if plan.get("host") else ""
+        lines.append(f"  {'device':<12}{plan['device'] / GiB:7.2f} GiB{host}")
     return "\n".join(lines)
 
 def check_memory_plan(plan):
@@ -655,21 +700,39 @@ def check_memory_plan(plan):
     fixes += ["more GPUs (under --fsdp=True each holds 1/world_size of the sharded state)",
               "--gradient_checkpointing=True (activations)",
               "a smaller micro-batch (micro_batch_size; gen_batch_size for the rollouts' KV cache)"]
-    raise ConfigError(f"estimated {plan['total'] / GiB:.1f} GiB per GPU exceeds the device's "
+    unit, where = "GPU", "device's"
+    if plan.get("host"):
+        unit, where = "process", "host memory per process"
+    raise ConfigError(f"estimated {plan['total'] / GiB:.1f} GiB per {unit} exceeds the {where} "
                       f"{plan['device'] / GiB:.1f} GiB:\n{format_memory_plan(plan)}\n"
                       f"fixes (any of):\n  " + "\n  ".join(fixes))
 
-def preflight(hf_cfg, device, longest, memory):
+def preflight(hf_cfg, device, longest, memory, out_dir=None):
     """What both scripts check once the data is tokenized, before any weight is loaded: each kind
     of sequence against the model's positions (longest: (tokens, what it is, how to shorten it)
-    triples), then the memory plan (memory: plan_memory's keywords), printed, and refused when it
-    cannot fit the device. Returns the model's parameter count."""
+    triples), the memory plan (memory: plan_memory's keywords), printed, and refused when it
+    cannot fit the device, and (out_dir given) the free disk space for the checkpoints. Returns
+    the model's parameter count."""
     positions = max_positions(hf_cfg)
     for tokens, what, fix in longest:
         if positions and tokens > positions:
             raise UserError(f"{what} needs {tokens} positions but the model has {positions}: "
                             f"{fix}")
-    return plan_memory(hf_cfg, device, **memory)
+    n_params = plan_memory(hf_cfg, device, **memory)
+    if out_dir is not None and int(os.environ.get("RANK", 0)) == 0:
+        check_disk(out_dir, n_params, memory.get("reference", "none") != "none")
+    return n_params
+
+def check_disk(out_dir, n_params, with_reference):
+    """Refuse a run whose checkpoints cannot fit out_dir's disk, before any work: ckpt.pt (fp32
+    weights, AdamW's two moments, a reference model's weights) twice while it is replaced, plus
+    best.pt's weights."""
+    ckpt = n_params * (4 + 8 + (4 if with_reference else 0))
+    need, free = 2 * ckpt + 4 * n_params, shutil.disk_usage(out_dir).free
+    if free < need:
+        raise UserError(f"out_dir {out_dir!r} has {free / GiB:.2f} GiB free, but this run's "
+                        f"checkpoints need about {need / GiB:.2f} GiB (ckpt.pt twice while it "
+                        f"is replaced, and best.pt): free space or choose another --out_dir")
 
 def plan_memory(hf_cfg, device, *, fsdp, precision, grad_accum, reference="none", kv_cache,
                 activations):
@@ -687,6 +750,7 @@ def plan_memory(hf_cfg, device, *, fsdp, precision, grad_accum, reference="none"
                        precision=precision, reference=reference, grad_accum=grad_accum,
                        kv_cache_bytes=kv, activations_bytes=acts,
                        device_bytes=device_memory_bytes(device))
+    plan["host"] = not str(device).startswith("cuda")
     print0(format_memory_plan(plan))
     check_memory_plan(plan)
     return n_params

@@ -68,6 +68,8 @@ def test_config_file_then_args(tmp_path):
         configure(scope(), [str(f)], verbose=False)
 
 def test_prints_only_on_rank0(capsys, monkeypatch):
+    for var, value in (("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "1")):
+        monkeypatch.setenv(var, value)                                 # as torchrun sets them
     monkeypatch.setenv("RANK", "1")
     configure(scope(), ["--lr=1"])
     assert capsys.readouterr().out == ""

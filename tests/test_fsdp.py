@@ -1,4 +1,4 @@
-"""model.py's FSDP2 section: sharded training equals DDP, gathered checkpoints resume either way,
+"""run.py's FSDP2 section: sharded training equals DDP, gathered checkpoints resume either way,
 gathered generation equals the unsharded model's, activation checkpointing, and the memory plan
 (arithmetic, refusal, measured peak).
 

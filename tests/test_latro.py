@@ -400,7 +400,8 @@ def check_resume(ckpt, config, tmp_path):
 
 def test_resume_refuses_another_scripts_or_another_runs_checkpoint(tmp_path):
     mine = cfg("--task=modsum", "--n_layer=3")
-    ok = {"script": "latro", "ref_model": None, "source": "scratch", "config": dict(mine)}
+    ok = {"script": "latro", "ref_model": None, "source": "scratch", "config": dict(mine),
+          "model": {}, "optimizer": {}}
     check_resume(ok, mine, tmp_path)
     with pytest.raises(UserError,
                        match="ckpt.pt is not a latro.py checkpoint .written by coconut.py"):
