@@ -28,6 +28,7 @@ configurator.UserError (one line, no traceback, in the scripts).
 import difflib
 import hashlib
 import inspect
+import itertools
 import json
 import math
 import os
@@ -676,6 +677,75 @@ def make_modsum(rng, terms=5, modulus=5):
         value = new
     return {"question": " ".join(parts) + f" mod {modulus}?", "steps": steps, "answer": str(value)}
 
+
+# -----------------------------------------------------------------------------
+# kgraph: multi-hop composition over facts held in the weights (a fixed random knowledge graph).
+# Small transformers answer two-hop questions over held-out combinations badly in one pass (Wang et
+# al. 2024, arXiv 2405.15071); writing (CoT) or thinking (Coconut) the bridge entity first lets the
+# same layers answer each hop as a one-hop query.
+
+def kgraph_graph(entities=200, relations=4, held_out=40, graph_seed=0):
+    """The fixed graph: f[r][e] = the entity relation r leads to from entity e (a random function,
+    never e itself), and the held-out head entities (no multi-hop question starts at one in
+    training). Depends on these arguments only, never on a run's seed or on the split."""
+    if not (2 <= entities and 1 <= relations and 1 <= held_out < entities):
+        raise UserError(f"kgraph: needs entities >= 2, relations >= 1 and 1 <= held_out < "
+                        f"entities, got {entities}, {relations}, {held_out}")
+    rng = random.Random(f"kgraph/graph/{graph_seed}/{entities}/{relations}")
+    f = [[rng.choice([b for b in range(entities) if b != e]) for e in range(entities)]
+         for _ in range(relations)]
+    held = sorted(rng.sample(range(entities), held_out))
+    return f, held
+
+
+def kgraph_example(f, head, rels, fact_steps=False):
+    """One question `e17 r2 r0 ?` (r2 first, then r0): steps = the bridge entities, one per step
+    (none for a one-hop fact, or with fact_steps its answer as its one step), answer = the last
+    entity."""
+    path = [head]
+    for r in rels:
+        path.append(f[r][path[-1]])
+    steps = path[1:-1] if len(rels) > 1 or not fact_steps else path[1:]
+    return {"question": " ".join([f"e{head}"] + [f"r{r}" for r in rels] + ["?"]),
+            "steps": [f"e{b}" for b in steps], "answer": f"e{path[-1]}",
+            "head": head, "relations": list(rels)}
+
+
+def kgraph_split(split, entities=200, relations=4, held_out=40, hops=(2,), fact_repeat=1,
+                 fact_steps=False, val_share=0.2, graph_seed=0):
+    """Every example of one split of the fixed graph (kgraph_graph). train = every one-hop fact
+    `e r ?` (each fact_repeat times: its share of the batches) + every multi-hop question of each
+    hop count in `hops` whose head is a seen entity; val / test = the multi-hop questions whose head
+    is held out, cut once in a fixed order (val_share of them to val), the hop counts interleaved so
+    that any first n of a split mixes them evenly. Every fact of a held-out question was trained as a
+    one-hop fact; no multi-hop question with a held-out head is ever trained. Independent of the
+    run's seed: every seed trains and tests on the same questions."""
+    hops = (hops,) if isinstance(hops, int) else tuple(hops)
+    if not hops or min(hops) < 2 or not 0 < val_share < 1 or fact_repeat < 1:
+        raise UserError(f"kgraph: hops must be counts >= 2, 0 < val_share < 1 and fact_repeat >= 1, "
+                        f"got hops={hops}, val_share={val_share}, fact_repeat={fact_repeat}")
+    f, held = kgraph_graph(entities, relations, held_out, graph_seed)
+    held_set = set(held)
+    rng = random.Random(f"kgraph/split/{graph_seed}/{entities}/{relations}/{held_out}/{hops}")
+    if split == "train":
+        out = [kgraph_example(f, e, (r,), fact_steps) for e in range(entities)
+               for r in range(relations)]
+        out *= fact_repeat
+        for h in hops:
+            out += [kgraph_example(f, e, rels) for e in range(entities) if e not in held_set
+                    for rels in itertools.product(range(relations), repeat=h)]
+        rng.shuffle(out)
+        return out
+    per_hop = []
+    for h in hops:
+        qs = [kgraph_example(f, e, rels) for e in held
+              for rels in itertools.product(range(relations), repeat=h)]
+        rng.shuffle(qs)
+        n_val = round(val_share * len(qs))
+        per_hop.append(qs[:n_val] if split == "val" else qs[n_val:])
+    # round-robin over the hop counts
+    return [ex for group in itertools.zip_longest(*per_hop) for ex in group if ex is not None]
+
 # -----------------------------------------------------------------------------
 # loaders for real data
 
@@ -874,7 +944,10 @@ GENERATORS = {
     "prontoqa": make_prontoqa,
     "multiplication": make_multiplication,
     "modsum": make_modsum,
+    "kgraph": kgraph_split,
 }
+# the generators that build a whole split at once (their own split rule), not one example per call
+SPLIT_GENERATORS = {"kgraph"}
 
 # default sizes (train, val, test): ProsQA / ProntoQA as released; multiplication and modsum sized
 # for a CPU demo
@@ -884,6 +957,7 @@ DEFAULT_SIZES = {
     "prontoqa": (9000, 200, 800),
     "multiplication": (20000, 1000, 1000),
     "modsum": (10000, 500, 500),
+    "kgraph": (0, 0, 0),  # 0: every example of the split (the graph fixes the sizes)
 }
 TASKS = tuple(GENERATORS) + ("gsm8k", "gsm8k_aug", "arc", "json")
 
@@ -1011,7 +1085,7 @@ def check_split_overlap(splits, allow_overlap=False):
 def task_options(task):
     """The option names a generated task accepts (prosqa_small passes make_prosqa's through)."""
     params = inspect.signature(GENERATORS[task]).parameters
-    names = {p for p in params if p != "rng" and params[p].kind != inspect.Parameter.VAR_KEYWORD}
+    names = {p for p in params if p not in ("rng", "split") and params[p].kind != inspect.Parameter.VAR_KEYWORD}
     if task == "prosqa_small":
         names |= task_options("prosqa")
     return names
@@ -1045,6 +1119,8 @@ def load_task(task, split, *, path="", n=0, seed=0, split_layout="", **task_kwar
         return _first(load_split_file(task, split, path, split_layout), n, split)
     if split_layout:
         raise UserError(f"split_layout={split_layout!r} cuts one local file: give it with path=")
+    if task in SPLIT_GENERATORS:
+        return _first(GENERATORS[task](split, **task_kwargs), n or DEFAULT_SIZES[task][SPLITS.index(split)], split)
     if task in GENERATORS:
         size = n or DEFAULT_SIZES[task][SPLITS.index(split)]
         return generate_split(GENERATORS[task], task, split, size, seed, **task_kwargs)

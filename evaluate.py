@@ -325,8 +325,8 @@ def accuracy(generate, task, examples, style="latro", strict=False, batch_size=6
 
 # data.TASKS, written out so that scoring a file does not import torch and transformers
 # (test_bad_inputs keeps the two equal)
-TASKS = ("prosqa", "prosqa_small", "prontoqa", "multiplication", "modsum", "gsm8k", "gsm8k_aug",
-         "arc", "json")
+TASKS = ("prosqa", "prosqa_small", "prontoqa", "multiplication", "modsum", "kgraph", "gsm8k",
+         "gsm8k_aug", "arc", "json")
 
 
 def _row_error(path, row, problem):
