@@ -2,6 +2,7 @@
 vote, the CLI."""
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -310,3 +311,61 @@ def test_majority_votes_with_the_greedy_extraction():
                                          "released")
     with pytest.raises(ValueError, match="checker='paper'"):
         evaluate.latro_correct("gsm8k", "The answer is 1", {"answer": "1"}, checker="paper")
+
+
+# ---- the released GSM8K checker on every gold, and answers reached in linear time ------------
+
+@pytest.mark.parametrize("gold, output, released", [
+    ("3/4", "so it is 4", True),          # the gold runs through the number finder too: 4
+    ("3/4", "The answer is 0.75.", False),
+    ("no number", "I do not know", True),  # '' == '': no number on either side
+    ("no number", "The answer is 7.", False),
+    ("1,080", "The answer is 1080.", True),
+    ("18", "no number here", False),
+])
+def test_the_released_checker_reads_every_gsm8k_gold_the_released_way(gold, output, released):
+    # is_equiv_gsm8k, written out: find_number on both sides, commas dropped, float equality,
+    # else the two strings
+    def find_number(x):
+        if "The answer is" in x:
+            numbers = re.findall(r"-?[\d,]*\.?\d+", x.split("The answer is")[-1])
+            if numbers:
+                return numbers[0]
+        numbers = re.findall(r"-?[\d,]*\.?\d+", x)
+        return numbers[-1] if numbers else ""
+    attempted = find_number(output).replace(",", "")
+    try:
+        want = float(find_number(gold).replace(",", "")) == float(attempted)
+    except ValueError:
+        want = find_number(gold).replace(",", "") == find_number(attempted).replace(",", "")
+    assert want is released
+    ex = {"answer": gold}
+    assert evaluate.latro_correct("gsm8k", output, ex, checker="released") is released
+    assert evaluate.majority_correct("gsm8k", [output], ex, "released") is released
+
+
+def test_the_released_number_finder_is_the_regex_in_linear_time():
+    import random
+    rng = random.Random(0)
+    for _ in range(20000):  # random strings of the characters the pattern cares about
+        text = "".join(rng.choice("0123456789,.-a ,,..--١²") for _ in range(rng.randint(0, 14)))
+        assert evaluate.released_numbers(text) == evaluate._RELEASED_NUMBER_RE.findall(text)
+    # the regex itself backtracks for ~30 s on this; the finder gives the same answer at once
+    assert evaluate.released_find_number("," * 40000 + " The answer is 7.") == "7"
+    assert evaluate.released_numbers("1" + "," * 40000 + "x") == ["1"]
+
+
+def test_the_fixed_checker_compares_decimals_exactly():
+    # Decimal.normalize in the default context rounds to 28 digits: these would compare equal
+    ex = {"answer": "1"}
+    assert not evaluate.latro_correct("gsm8k", "The answer is 1.00000000000000000000000000001",
+                                      ex, checker="fixed")
+    assert evaluate.latro_correct("gsm8k", "The answer is 1.000", ex, checker="fixed")
+
+
+def test_the_strict_arc_check_reads_a_long_output():
+    # ~1 MB, 210k matches: one sweep over them (comparing every pair took minutes)
+    options = [("A", "heat"), ("B", "heat and light"), ("C", "light")]
+    big = "The answer is " + "heat and light " * 70000
+    assert evaluate.arc_extract(big, options, strict=True) == "heat and light"
+    assert evaluate.arc_extract(big + " light", options, strict=True) is None  # B and C named
