@@ -68,7 +68,54 @@ Question: (question here)
 Options: [option1, option2, option3]
 The answer is: (one of the options).
 """
-PROMPT_STYLES = ("cot", "sft", "sft_eval")
+PROMPT_STYLES = ("cot", "sft", "sft_eval", "8shot")
+# GSM8K's 8-shot evaluation prompt, in the released framing (its own eight examples are not ours):
+# "Q: <question>" / "A: <rationale> The answer is <N>." blocks, a blank line between them, then the
+# question and the CoT cue
+GSM8K_SHOTS = [  # (question, rationale, answer): GSM8K training problems (rows of the first
+    # 6,973, never the held-out val tail), the annotations <<...>> removed, one line each
+    ('Sally sews 4 shirts on Monday, 3 shirts on Tuesday, and 2 shirts on Wednesday. Each shirt '
+     'has 5 buttons. How many buttons does Sally need to sew all the shirts?',
+     'Total number of shirts Sally sews is 4 + 3 + 2 = 9 shirts. The total number of buttons she '
+     'needs is 9 x 5 = 45 buttons.',
+     '45'),
+    ('If 3 crows eat 30 worms in one hour, how many worms will 5 crows eat in 2 hours?',
+     'If 3 crows eat 30 worms in one hour, then each crow eats 30/3=10 worms per hour. 5 crows '
+     'will eat 5*10=50 worms per hour. Over two hours, 5 crows will eat 2*50=100 worms.',
+     '100'),
+    ('Bill is trying to count the toddlers at his daycare, but they keep running around. He '
+     'double-counts 8 toddlers and misses 3 who are hiding. If Bill thinks he counted 26 '
+     'toddlers, how many are there really?',
+     'First subtract the 8 toddlers Bill double-counted from his count: 26 toddlers - 8 toddlers '
+     '= 18 toddlers. Then add the 3 toddlers he missed to find the real count: 18 toddlers + 3 '
+     'toddlers = 21 toddlers.',
+     '21'),
+    ('James buys 6 t-shirts for 50% off. They each cost $20. How much did he pay?',
+     'Each shirt cost 20*.5=$10 with the sale. So he paid 10*6=$60.',
+     '60'),
+    ('Arthur has 3 dogs. They eat an average of 15 pounds of food a week. One dog eats 13 pounds '
+     'a week. The second eats double this. How much does the third dog eat a week?',
+     'The second dog eats 26 pounds a week because 13 x 2 = 26. In total they eat 45 pounds '
+     'because 3 x 15 = 45. The third dog eats 6 pounds a week because 45 - 13 - 26 = 6.',
+     '6'),
+    ('How many portions of 200 ml milk can Jasmine pour from a full 2-liter container of milk?',
+     'Since there are 1000 ml in 1 liter, then 2 liters is equal to 1000 x 2 = 2000 ml. Thus, '
+     'Jasmine can pour 2000/200 = 10 portions of 200 ml milk.',
+     '10'),
+    ('The perimeter of a triangle is 160 cm. If two of the sides are 40 cm and 50 cm, calculate '
+     'the length of the third side?',
+     'To get the perimeter, you add all the sides o the triangles, so the first two sides add up '
+     'to 40+50 = 90 cm. If the perimeter of the triangle is 160, the remaining side is 160-90 = '
+     '70 cm.',
+     '70'),
+    ('An unusual bicycle has 20 spokes on the front wheel and twice as many spokes on the back '
+     'wheel. How many spokes does the bicycle have?',
+     'The back wheel has double the spokes the front wheel has, which means the back wheel has '
+     '20*2=40 spokes. In total, the bicycle has 20+40=60 spokes.',
+     '60'),
+]
+GSM8K_FEW_SHOT = "\n" + "\n\n".join(f"Q: {q}\nA: {r} The answer is {a}."
+                                     for q, r, a in GSM8K_SHOTS) + "\n"
 SPLITS = ("train", "val", "test")
 
 # -----------------------------------------------------------------------------
@@ -101,14 +148,18 @@ def arc_options_text(options, style="released"):
     raise ValueError(f"arc_options={style!r}: use 'released' or 'lettered'")
 
 
-def latro_prompt(ex, task, arc_options="released", style="cot"):
+def latro_prompt(ex, task, arc_options="released", style="cot", chat=True):
     """LaTRO: the user turn. style cot: the CoT prompt (ARC: the released multiple-choice template;
     every other task: question + the CoT suffix). sft: the released SFT baseline's training prompt
     (GSM8K: the bare question; ARC: the direct-answer instruction). sft_eval: the prompt the
     released evaluation gives an SFT checkpoint (GSM8K: the CoT prompt; ARC: the output-format
-    block, then question and options)."""
+    block, then question and options). 8shot (GSM8K evaluation): eight worked examples first, as
+    the released gsm8k_8shot lays them out in a chat turn (chat) or as plain text."""
     if style not in PROMPT_STYLES:
         raise ValueError(f"prompt style {style!r}: use one of {PROMPT_STYLES}")
+    if style == "8shot":
+        cue = STEP_BY_STEP if chat else "\n" + STEP_BY_STEP.strip()
+        return GSM8K_FEW_SHOT + "\n" + ex["question"] + cue
     if task == "arc":
         options = arc_options_text(ex["options"], arc_options)
         if style == "sft":
@@ -126,16 +177,36 @@ def sft_target(ex, task):
     the solution with '####' read as 'The answer is' (no final period); ARC: the direct answer;
     other tasks: the gold steps, then the LaTRO answer sentence."""
     if task == "arc":
-        return latro_answer(ex["answer"])
+        return latro_answer(ex["answer"], task)
     if task == "gsm8k":
         return "\n".join(ex["steps"] + [f"The answer is {ex['answer']}"])
     return "\n".join(ex["steps"] + [latro_answer(ex["answer"])])
 
 
-def latro_answer(gold):
+def latro_answer(gold, task="", text="released"):
     """LaTRO: the answer y whose likelihood is the reward (the script appends the end-of-turn token
-    id). A gold answer that is a sentence ("Tom is a lempus.") keeps one final period."""
+    id). As released for GSM8K and ARC: the gold as written (GSM8K's thousands commas kept, an ARC
+    option ending in '.' followed by a second one); text='clean' drops those commas and periods.
+    Other tasks: a gold answer that is a sentence ("Tom is a lempus.") keeps one final period."""
+    if task in ("gsm8k", "arc") and text == "released":
+        return f"The answer is {gold}."
+    if task == "gsm8k":
+        gold = gold.replace(",", "")
     return f"The answer is {gold.rstrip('.')}."
+
+
+def check_shots_unseen(splits):
+    """The 8-shot prompt's examples are training problems: refuse data whose val or test split holds
+    one (it would be scored on a question answered in its own prompt)."""
+    shots = {canonical_question(q) for q, _, _ in GSM8K_SHOTS}
+    for split in ("val", "test"):
+        seen = [ex["question"] for ex in splits[split]
+                if canonical_question(ex["question"]) in shots]
+        if seen:
+            raise UserError(f"the {split} split holds {len(seen)} question(s) of the 8-shot "
+                            f"prompt, "
+                            f"e.g. {seen[0][:60]!r}: use the 0-shot prompt (eval_prompt='') or "
+                            f"data whose {split} split is GSM8K's own")
 
 
 def latro_rationale(ex):
@@ -167,6 +238,11 @@ def join_words(words):
         glue = not out or out[-1] == "\n" or w == "\n" or all(c in _WORD_PUNCT for c in w)
         out.append(w if glue else " " + w)
     return "".join(out)
+
+
+# transformers' clean_up_tokenization, in its order
+CLEANUP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
 
 
 class Tokenizer:
@@ -214,10 +290,17 @@ class Tokenizer:
             raise ValueError(f"words not in the word-level vocabulary: {missing[:10]}")
         return ids
 
-    def decode(self, ids, skip_special_tokens=True):
+    def decode(self, ids, skip_special_tokens=True, cleanup=False):
+        """The text of ids. cleanup=True (the text an answer checker reads): the clean-up of spaces
+        before punctuation that transformers 4.x applied when the tokenizer's config asks for it
+        (Llama-3.x's does) and 5.x skips for BPE tokenizers."""
         ids = [int(i) for i in ids]
         if not self.is_words:
-            return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+            text = self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+            if cleanup and self.hf.init_kwargs.get("clean_up_tokenization_spaces"):
+                for before, after in CLEANUP:
+                    text = text.replace(before, after)
+            return text
         special = self.special_ids()
         tokens = self.hf.convert_ids_to_tokens([i for i in ids
                                                 if not (skip_special_tokens and i in special)])
@@ -233,9 +316,18 @@ class Tokenizer:
     def eos_id(self):
         return self.hf.eos_token_id
 
-    @property
+    @cached_property
     def pad_id(self):
-        return self.hf.pad_token_id if self.hf.pad_token_id is not None else self.hf.eos_token_id
+        """The tokenizer's pad; without one, what the released LaTRO code set: Llama-3.x's
+        <|end_of_text|>, else the unknown token (Mistral's <unk>), else eos."""
+        if self.hf.pad_token_id is not None:
+            return self.hf.pad_token_id
+        end_of_text = self.hf.get_vocab().get("<|end_of_text|>")
+        if end_of_text is not None:
+            return end_of_text
+        if self.hf.unk_token_id is not None:
+            return self.hf.unk_token_id
+        return self.hf.eos_token_id
 
     @property
     def bos_id(self):
@@ -717,12 +809,13 @@ def kgraph_split(split, entities=200, relations=4, held_out=40, hops=(2,), fact_
     `e r ?` (each fact_repeat times: its share of the batches) + every multi-hop question of each
     hop count in `hops` whose head is a seen entity; val / test = the multi-hop questions whose head
     is held out, cut once in a fixed order (val_share of them to val), the hop counts interleaved so
-    that any first n of a split mixes them evenly. Every fact of a held-out question was trained as a
-    one-hop fact; no multi-hop question with a held-out head is ever trained. Independent of the
+    that any first n of a split mixes them evenly. Every fact of a held-out question was trained as
+    a one-hop fact; no multi-hop question with a held-out head is ever trained. Independent of the
     run's seed: every seed trains and tests on the same questions."""
     hops = (hops,) if isinstance(hops, int) else tuple(hops)
     if not hops or min(hops) < 2 or not 0 < val_share < 1 or fact_repeat < 1:
-        raise UserError(f"kgraph: hops must be counts >= 2, 0 < val_share < 1 and fact_repeat >= 1, "
+        raise UserError(f"kgraph: hops must be counts >= 2, 0 < val_share < 1 and fact_repeat "
+                        f">= 1, "
                         f"got hops={hops}, val_share={val_share}, fact_repeat={fact_repeat}")
     f, held = kgraph_graph(entities, relations, held_out, graph_seed)
     held_set = set(held)
@@ -815,12 +908,12 @@ def load_json(path):
 
 
 def gsm8k_example(question, solution, where="", row=0):
-    """Original GSM8K: the solution lines before '#### N' are the steps, N (commas removed) is the
-    answer."""
+    """Original GSM8K: the solution lines before '#### N' are the steps, N (as written: '1,080') is
+    the answer."""
     if "####" not in solution:
         _fail(where, row, "answer has no '#### <number>' line")
     body, answer = solution.rsplit("####", 1)
-    answer = answer.strip().replace(",", "")
+    answer = answer.strip()  # as written: the released answer text keeps thousands commas
     if not question.strip() or not answer:
         _fail(where, row, "empty question" if not question.strip() else "empty answer after '####'")
     steps = [line.strip() for line in body.strip().split("\n") if line.strip()]
@@ -1085,7 +1178,8 @@ def check_split_overlap(splits, allow_overlap=False):
 def task_options(task):
     """The option names a generated task accepts (prosqa_small passes make_prosqa's through)."""
     params = inspect.signature(GENERATORS[task]).parameters
-    names = {p for p in params if p not in ("rng", "split") and params[p].kind != inspect.Parameter.VAR_KEYWORD}
+    names = {p for p in params
+             if p not in ("rng", "split") and params[p].kind != inspect.Parameter.VAR_KEYWORD}
     if task == "prosqa_small":
         names |= task_options("prosqa")
     return names
@@ -1120,7 +1214,8 @@ def load_task(task, split, *, path="", n=0, seed=0, split_layout="", **task_kwar
     if split_layout:
         raise UserError(f"split_layout={split_layout!r} cuts one local file: give it with path=")
     if task in SPLIT_GENERATORS:
-        return _first(GENERATORS[task](split, **task_kwargs), n or DEFAULT_SIZES[task][SPLITS.index(split)], split)
+        size = n or DEFAULT_SIZES[task][SPLITS.index(split)]
+        return _first(GENERATORS[task](split, **task_kwargs), size, split)
     if task in GENERATORS:
         size = n or DEFAULT_SIZES[task][SPLITS.index(split)]
         return generate_split(GENERATORS[task], task, split, size, seed, **task_kwargs)

@@ -41,8 +41,8 @@ from importlib.util import find_spec
 import torch
 
 from configurator import configure, each, exit_cleanly_on_user_error, UserError
-from data import (PROMPT_STYLES, TASKS, build_tokenizer, latro_answer, latro_prompt,
-                  latro_rationale, load_splits, sft_target, tokenizer_name)
+from data import (PROMPT_STYLES, TASKS, build_tokenizer, check_shots_unseen, latro_answer,
+                  latro_prompt, latro_rationale, load_splits, sft_target, tokenizer_name)
 from evaluate import CHECKERS, latro_correct, majority_correct
 from model import (TailStopCheck, autocast_ctx, backbone, cut_at_stop, disable_dropout, generate,
                    left_pad, load_model, model_config, position_ids_from_mask, scratch_config,
@@ -50,8 +50,8 @@ from model import (TailStopCheck, autocast_ctx, backbone, cut_at_stop, disable_d
 from run import (StopRequest, all_sum, check_same_run, check_whole, distribute, end_distributed,
                  enable_activation_checkpointing, exit_on_signal, gather_full, gathered,
                  grad_norm, load_checkpoint, load_full_state_dicts, load_run, preflight, print0,
-                 ranks_identical, require_finite, save_hf_export, save_run, set_grad_sync, start,
-                 wandb_logger)
+                 progress_bar, ranks_identical, require_finite, save_hf_export, save_run,
+                 set_grad_sync, start, wandb_logger)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults are the embedded CPU demo (a few minutes on 2 cores); paper values in
@@ -73,10 +73,12 @@ split_layout = ""              # one local file for all splits: 'tail:VAL,TEST' 
 n_train = 0                    # training questions (0 = the task's default size)
 n_val = 200                    # val questions: evaluation during training and model selection
 n_test = 500                   # test questions: scored before LaTRO and at the end, never to select
+val_split = "heldout"          # select on: heldout (val) | test (released; GSM8K trains on 7,473)
 tokenizer = ""                 # '' = word-level vocabulary for scratch models, else the model's own
 prompt = "cot"                 # cot (LaTRO) | sft (the released SFT baseline's training prompt)
 eval_prompt = ""               # '' = prompt | cot | sft_eval (released eval prompt of SFT models)
 arc_options = "released"       # ARC options: released (a plain list of texts) | lettered ((A) text)
+answer_y = "released"          # y's text: released (GSM8K's commas, ARC's '..' kept) | clean
 # model (init_from='scratch')
 arch = "gpt2"                  # gpt2 | llama
 n_layer = 3                    # 3 x 128 dims, 4 heads: 0.63M parameters with the modsum vocabulary
@@ -115,6 +117,8 @@ weight_decay = 0.0             # (paper: 0)
 checker = "released"           # released (as the paper's code: comparable numbers) | fixed
 max_new_tokens = 64            # greedy / maj@k generation length: rationale + answer (paper: 500)
 maj_k = 8                      # samples per question for maj@k (self-consistency), T=1; 0 = greedy
+pre_experiment = False         # only score log π(y|x) and log π(y|x⊕z*) on gold rows (paper Fig. 2)
+progress = True                # progress bars with an ETA for evaluations (rank 0, terminals only)
 # system
 device = "auto"                # auto | cpu | cuda
 seed = 1337                    # data order, initial weights, rollouts (seeded by seed, step, rank)
@@ -141,7 +145,8 @@ def parse_stop_strings(spec):
 
 CHOICES = {"arch": ("gpt2", "llama"), "penalty": ("group", "rank_mean", "none"),
            "checker": CHECKERS, "prompt": ("cot", "sft"), "eval_prompt": ("",) + PROMPT_STYLES,
-           "arc_options": ("released", "lettered")}
+           "arc_options": ("released", "lettered"), "answer_y": ("released", "clean"),
+           "val_split": ("heldout", "test")}
 # what a configuration must hold, checked by configurator.py before any work, in this order (names
 # before numbers, the task before its options, so that a typo is reported as a typo)
 RULES = [
@@ -159,6 +164,10 @@ RULES = [
     ("all(s.strip() for s in parse_stop_strings(stop_strings))", "stop_strings={stop_strings!r} "
      "holds a blank stop string: it would cut every rationale at the first space; separate real "
      "strings with '|'"),
+    ("not (pre_experiment and init_from in ('scratch', 'resume'))", "pre_experiment=True "
+     "scores a trained model: give --init_from=<a save_pretrained directory, e.g. out/latro/hf>"),
+    ("'8shot' not in (prompt, eval_prompt) or (task == 'gsm8k' and prompt != '8shot')",
+     "the 8-shot prompt is GSM8K's, for evaluation: use --eval_prompt=8shot with --task=gsm8k"),
     ("init_from in ('scratch', 'resume') or not os.path.isfile(init_from)",
      "init_from={init_from!r} is a file; give a directory written by save_pretrained, a hub name, "
      "'scratch' or 'resume'"),
@@ -215,8 +224,8 @@ MODEL_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size")  # a scratch 
 # what a resumed run must share with its checkpoint (+ MODEL_KEYS): the data, and what defines the
 # objective and the update (latro_steps, intervals and evaluation settings may change)
 RESUME_KEYS = ("task", "data_path", "split_layout", "n_train", "tokenizer", "seed", "prompt",
-               "arc_options", "batch_size", "rloo_k", "learning_rate", "beta", "gamma", "penalty",
-               "sft_coef", "sft_learning_rate", "sft_batch_size")
+               "arc_options", "answer_y", "val_split", "batch_size", "rloo_k", "learning_rate",
+               "beta", "gamma", "penalty", "sft_coef", "sft_learning_rate", "sft_batch_size")
 # the keys' former names: an old name is refused with its new one
 RENAMED = {"lr": "learning_rate", "sft_lr": "sft_learning_rate", "n_dev": "n_val",
            "ddp_timeout_s": "ddp_timeout", "eval_max_tokens": "max_new_tokens"}
@@ -237,6 +246,7 @@ class Sampler:
     pad_id: int
     chunk: int               # rows per generate call
     ctx: object              # autocast (or nullcontext)
+    progress: bool = False   # a progress bar over the generate calls (rank 0, terminals only)
 
 @torch.no_grad()
 def sample(model, prompts, max_new_tokens, how, generator=None, early_stop=True, **decode_kw):
@@ -255,7 +265,7 @@ def sample(model, prompts, max_new_tokens, how, generator=None, early_stop=True,
     if early_stop and how.stop_strings:
         check = TailStopCheck(how.tok, how.stop_strings)
     outs, flags, n_tok = [], [], 0
-    for c, i in enumerate(starts):
+    for c, i in enumerate(progress_bar(starts, how.progress, "generating")):
         ids, mask = left_pad(prompts[i:i + how.chunk], how.pad_id, device)
         g = torch.Generator(device=device).manual_seed(seeds[c]) if generator else None
         with how.ctx:
@@ -399,17 +409,21 @@ class Evaluation:
     stop_strings: list       # where the answer log-likelihood cuts the output
     max_new_tokens: int
     seed: int                # maj@k samples: seed + rank, the same at every evaluation
-    sampler: Sampler         # outputs end at eos / end-of-turn only, as released
+    sampler: Sampler         # outputs end at eos, pad or end-of-turn (no stop strings), as released
+    answer_y: str = "released"  # the text of y (data.latro_answer)
 
 def encode_prompts(tok, examples, task, arc_options, style):
-    """The prompts x of examples, as token lists in the chat template."""
-    return [tok.chat_prompt(latro_prompt(ex, task, arc_options, style)) for ex in examples]
+    """The prompts x of examples, as token lists in the chat template (if the tokenizer has one)."""
+    chat = bool(tok.hf.chat_template)
+    return [tok.chat_prompt(latro_prompt(ex, task, arc_options, style, chat)) for ex in examples]
 
-def encode_answers(tok, examples):
-    """The answers y of examples: the tokens of "The answer is {gold}." then end-of-turn."""
-    return [tok.encode(latro_answer(ex["answer"])) + [tok.end_of_turn_id] for ex in examples]
+def encode_answers(tok, examples, task="", text="released"):
+    """The answers y of examples: the tokens of "The answer is {gold}." (data.latro_answer) then
+    end-of-turn."""
+    return [tok.encode(latro_answer(ex["answer"], task, text)) + [tok.end_of_turn_id]
+            for ex in examples]
 
-def gold_rows(tok, examples, task, arc_options, style):
+def gold_rows(tok, examples, task, arc_options, style, answer_y="released"):
     """The warm-up's rows [x, z*, y] as token lists (xs, zs, ys): the prompt, the gold rationale
     (one step per line) and the answer y. The released SFT baseline (style 'sft') trains one target
     text, then end-of-turn."""
@@ -417,7 +431,8 @@ def gold_rows(tok, examples, task, arc_options, style):
     if style == "sft":
         return xs, [tok.encode(sft_target(ex, task)) for ex in examples], [[tok.end_of_turn_id]
                                                                            for _ in examples]
-    return xs, [tok.encode(latro_rationale(ex)) for ex in examples], encode_answers(tok, examples)
+    zs = [tok.encode(latro_rationale(ex)) for ex in examples]
+    return xs, zs, encode_answers(tok, examples, task, answer_y)
 
 @torch.no_grad()
 def evaluate(model, wrapper, examples, maj_k, ev):
@@ -431,20 +446,20 @@ def evaluate(model, wrapper, examples, maj_k, ev):
     model.eval()
     with gathered(wrapper):  # FSDP: weights gathered once for the whole split
         outs, _, _ = sample(model, xs, ev.max_new_tokens, how)
-        texts = [tok.decode(o) for o in outs]
+        texts = [tok.decode(o, cleanup=True) for o in outs]
         correct = sum(latro_correct(ev.task, t, ex, checker=ev.checker)
                       for t, ex in zip(texts, mine))
         cut = [o[:cut_at_stop(tok, o, how.stop_ids | {tok.pad_id}, ev.stop_strings)[0]]
                for o in outs]
-        _, logp_y = score_rows(SequenceScorer(model), xs, cut, encode_answers(tok, mine),
-                               tok.pad_id, how.chunk, how.ctx)
+        ys = encode_answers(tok, mine, ev.task, ev.answer_y)
+        _, logp_y = score_rows(SequenceScorer(model), xs, cut, ys, tok.pad_id, how.chunk, how.ctx)
         maj = 0
         if maj_k:
             # a fixed seed: evaluations do not disturb training's random state
             g = torch.Generator(device=device).manual_seed(ev.seed + rank)
             many = [p for p in xs for _ in range(maj_k)]
             outs, _, _ = sample(model, many, ev.max_new_tokens, how, g, temperature=1.0)
-            texts = [tok.decode(o) for o in outs]
+            texts = [tok.decode(o, cleanup=True) for o in outs]
             maj = sum(majority_correct(ev.task, texts[i * maj_k:(i + 1) * maj_k], ex, ev.checker)
                       for i, ex in enumerate(mine))
     sums = torch.tensor([correct, maj, logp_y.sum().item(), len(mine)], dtype=torch.float64)
@@ -455,6 +470,20 @@ def evaluate(model, wrapper, examples, maj_k, ev):
         metrics[f"maj@{maj_k}"] = maj
     metrics["answer_logp"] = answer_logp
     return metrics
+
+@torch.no_grad()
+def answer_likelihoods(model, wrapper, rows, pad_id, chunk, ctx):
+    """The paper's motivation (its Figure 2): does a good rationale raise the model's likelihood
+    of the answer? The mean Σ log π(y | x) with no rationale, and Σ log π(y | x ⊕ z*) after the
+    gold one, over this rank's gold rows (xs, zs, ys) and summed over the ranks."""
+    xs, zs, ys = rows
+    model.eval()
+    with gathered(wrapper):
+        _, without = score_rows(SequenceScorer(model), xs, [[] for _ in xs], ys, pad_id, chunk, ctx)
+        _, with_z = score_rows(SequenceScorer(model), xs, zs, ys, pad_id, chunk, ctx)
+    sums = torch.tensor([without.sum().item(), with_z.sum().item(), len(xs)], dtype=torch.float64)
+    sums = all_sum(sums, next(model.parameters()).device)
+    return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
 
 def format_metrics(metrics):
     """'acc 0.5000 maj@8 0.6250 answer_logp -1.2345' for a log line."""
@@ -534,7 +563,8 @@ def longest_sequences(prompts, answers, gold, max_rationale_tokens, max_new_toke
 if __name__ == "__main__":
     # ---- processes and device; rank 0 claims out_dir (a lock, no silent overwrite)
     ddp, ddp_rank, ddp_world_size, device = start(out_dir, device, ddp_timeout,
-                                                  resume=init_from == "resume", overwrite=overwrite)
+                                                  resume=init_from == "resume", overwrite=overwrite,
+                                                  claim=not pre_experiment)
     master_process = ddp_rank == 0
     # each rank owns whole groups of K and runs the same number of micro-steps
     prompts_per_rank, rollouts_per_rank, grad_accum = batch_layout(batch_size, rloo_k,
@@ -561,17 +591,25 @@ if __name__ == "__main__":
     splits = load_splits(task, (n_train, n_val, n_test), path=data_path, seed=seed,
                          split_layout=split_layout)
     train_ex, val_ex, test_ex = splits["train"], splits["val"], splits["test"]
+    if val_split == "test":  # the released protocol: GSM8K's val tail trains too, test selects
+        if task == "gsm8k":
+            train_ex = train_ex + val_ex
+        val_ex = test_ex
+        print0(f"val_split='test': model selection on the test split, as released (its accuracy "
+               f"is then optimistic); {len(train_ex)} training questions")
     model_cfg = model_config(source) if source != "scratch" else None  # a wrong name fails here
     tok = build_tokenizer(tokenizer_name(tokenizer, source), train_ex + val_ex + test_ex)
     train_x = encode_prompts(tok, train_ex, task, arc_options, prompt)
-    train_y = encode_answers(tok, train_ex)
+    train_y = encode_answers(tok, train_ex, task, answer_y)
+    if eval_prompt == "8shot":  # its eight worked examples must not be scored
+        check_shots_unseen(splits)
     stops = parse_stop_strings(stop_strings)
     print0(f"data: {task} train {len(train_ex)} val {len(val_ex)} test {len(test_ex)}, vocab "
            f"{len(tok)}, {len(stops)} stop strings, checker {checker}")
     # the warm-up's gold rows [x, z*, y]: a share of the training questions with their rationales;
     # the released SFT baseline (prompt=sft) trains one target text, then end-of-turn
     gold = train_ex[:max(1, int(sft_share * len(train_ex)))]
-    gold_x, gold_z, gold_y = gold_rows(tok, gold, task, arc_options, prompt)
+    gold_x, gold_z, gold_y = gold_rows(tok, gold, task, arc_options, prompt, answer_y)
     sft_total = sft_steps
     if sft_epochs > 0:
         sft_total = math.ceil(sft_epochs * len(gold) / sft_batch_size)
@@ -585,7 +623,7 @@ if __name__ == "__main__":
     eval_ex = val_ex + test_ex
     rollout, gold_row = longest_sequences(
         train_x + encode_prompts(tok, eval_ex, task, arc_options, eval_prompt or prompt),
-        train_y + encode_answers(tok, eval_ex), list(zip(gold_x, gold_z, gold_y)),
+        train_y + encode_answers(tok, eval_ex, task, answer_y), list(zip(gold_x, gold_z, gold_y)),
         max_rationale_tokens, max_new_tokens)
     fix = "raise block_size (scratch) or lower max_rationale_tokens / max_new_tokens"
     longest = [(rollout, "the longest rollout or evaluation (prompt + answer + "
@@ -597,7 +635,7 @@ if __name__ == "__main__":
                   activations=(micro_batch_size * max(rollout, gold_row),
                                micro_batch_size * (max_rationale_tokens + 16),
                                gradient_checkpointing))
-    n_params = preflight(model_cfg, device, longest, memory, out_dir)
+    n_params = preflight(model_cfg, device, longest, memory, None if pre_experiment else out_dir)
 
     # ---- model: the same seed on every rank (DDP also broadcasts rank 0's weights)
     model = initial_model(source, len(tok), shape, seed)
@@ -612,10 +650,20 @@ if __name__ == "__main__":
         torch.manual_seed(seed + ddp_rank)
     print0(f"model: {source}, {n_params / 1e6:.2f}M parameters, on {device}"
            f"{' (FSDP)' if fsdp else ''}")
+    ends = {tok.eos_id, tok.pad_id, tok.end_of_turn_id}  # where outputs end, as released
     ev = Evaluation(task, eval_prompt or prompt, arc_options, checker, stops, max_new_tokens, seed,
-                    Sampler(tok, {tok.eos_id, tok.end_of_turn_id}, [], tok.pad_id, gen_batch_size,
-                            ctx))
+                    Sampler(tok, ends, [], tok.pad_id, gen_batch_size, ctx, progress), answer_y)
     run_info = {"script": "latro", "config": config, "source": source}
+    if pre_experiment:  # the paper's Figure 2 on this model, then exit
+        mine = [ex for ex in train_ex if ex["steps"]][ddp_rank::ddp_world_size]
+        rows = gold_rows(tok, mine, task, arc_options, "cot", answer_y)
+        without, with_z = answer_likelihoods(model, train_scorer, rows, tok.pad_id,
+                                             gen_batch_size, ctx)
+        print0(f"answer log-likelihood on {task} train gold rows: without a rationale {without:.4f}"
+               f" | after the gold rationale {with_z:.4f} | difference {with_z - without:+.4f}")
+        train_scorer = None                                            # (the wrapper goes first)
+        end_distributed()
+        sys.exit(0)
 
     # ---- the SFT warm-up on gold rows [x, z*, y], until val accuracy reaches sft_target_acc: a
     # scratch model learns the answer format here, so that LaTRO's rollouts can reach an answer at
@@ -690,8 +738,7 @@ if __name__ == "__main__":
            f"{n_prompts * rloo_k} rollouts; per rank {prompts_per_rank} prompts, "
            f"{rollouts_per_rank} rollouts, {grad_accum} micro-steps of {micro_batch_size}")
     log_wandb = wandb_logger(wandb_log, wandb_project, wandb_run_name, config)
-    rollouts = Sampler(tok, {tok.eos_id, tok.pad_id, tok.end_of_turn_id}, stops, tok.pad_id,
-                       gen_batch_size, ctx)
+    rollouts = Sampler(tok, ends, stops, tok.pad_id, gen_batch_size, ctx)
     generator = torch.Generator(device=device)
     last_step = latro_steps  # stop_at_step ends this invocation early (resume continues it)
     if stop_at_step:

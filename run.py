@@ -67,6 +67,14 @@ def start(out_dir, device, timeout, *, resume, overwrite, claim=True):
             torch.cuda.set_device(device)
     return ddp, ddp_rank, ddp_world_size, device
 
+def progress_bar(iterable, enabled=True, desc=""):
+    """A progress bar with an ETA over `iterable` (tqdm) on rank 0, when enabled and stderr is a
+    terminal, so that logs stay one line a step; else the iterable itself."""
+    if not enabled or int(os.environ.get("RANK", 0)) != 0 or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, leave=False)
+
 def distributed():
     """True inside a torchrun launch once init_process_group has run."""
     return dist.is_available() and dist.is_initialized()

@@ -1,10 +1,12 @@
-# LaTRO on GSM8K with a 7-8B model (the paper's Llama-3.1-8B and Mistral-7B rows): config/latro_gsm8k.py's recipe
-# with FSDP2 sharding, which these models need on 80 GB GPUs (plain DDP would hold ~24 bytes/parameter per GPU):
+# LaTRO on GSM8K with a 7-8B model (the paper's Llama-3.1-8B and Mistral-7B rows):
+# config/latro_gsm8k.py's recipe with FSDP2 sharding, which these models need on 80 GB GPUs (plain
+# DDP would hold ~24 bytes/parameter per GPU):
 #     torchrun --standalone --nproc_per_node=8 latro.py config/latro_gsm8k_8b.py
 #     torchrun --standalone --nproc_per_node=8 latro.py config/latro_gsm8k_8b.py \
 #         --init_from=mistralai/Mistral-7B-Instruct-v0.3 --out_dir=out/gsm8k_latro_mistral
-# The start-up memory plan prints the per-GPU estimate (weights, gradients, AdamW state and the frozen
-# reference sharded over the 8 GPUs, plus the rollouts' KV cache) and stops before loading if it does not fit.
+# The start-up memory plan prints the per-GPU estimate (weights, gradients, AdamW state and the
+# frozen reference sharded over the 8 GPUs, plus the rollouts' KV cache) and stops before loading
+# if it does not fit.
 out_dir = "out/gsm8k_latro_llama31"
 init_from = "meta-llama/Llama-3.1-8B-Instruct"
 fsdp = True               # shard the policy and the frozen reference over the GPUs
@@ -21,7 +23,7 @@ rloo_k = 16
 micro_batch_size = 4
 gen_batch_size = 48
 max_rationale_tokens = 500
-max_new_tokens = 512
+max_new_tokens = 500
 temperature = 1.0
 top_p = 1.0
 gamma = 2.0
