@@ -59,8 +59,8 @@ from model import (autocast_ctx, backbone, cache_kwargs, copy_token_rows, decode
 from run import (StopRequest, all_sum, check_same_run, check_whole, distribute, end_distributed,
                  enable_activation_checkpointing, exit_on_signal, gathered, grad_norm,
                  load_checkpoint, load_full_state_dicts, load_run, preflight, print0,
-                 ranks_identical, require_finite, save_hf_export, save_run, set_grad_sync, start,
-                 wandb_logger)
+                 progress_bar, ranks_identical, require_finite, save_hf_export, save_run,
+                 set_grad_sync, start, wandb_logger)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults are the CPU demo; config/coconut_*.py hold the paper's runs
@@ -115,6 +115,7 @@ eval_batch_size = 64            # prompts per generate call, per rank
 max_new_tokens = 48             # paper: 64 GSM8k, 128 others
 probe = 2                       # decode the thoughts of this many test examples (0 = off)
 probe_topk = 3                  # top-k tokens shown per thought
+progress = True                 # progress bars with an ETA for evaluations (rank 0, terminals only)
 # system
 device = "auto"                 # auto | cpu | cuda | cuda:1 ...
 seed = 0
@@ -400,13 +401,14 @@ class Decoding:
     max_new_tokens: int
     ctx: object              # autocast (or nullcontext)
     device: str
+    progress: bool = False   # a progress bar over the generate calls (rank 0, terminals only)
 
 def evaluate_rank(model, prompts, golds, dec):
     """Greedy accuracy on this rank's share of the prompts: (n_correct, n_tokens incl. thoughts,
     texts)."""
     n_correct, n_tokens, texts = 0, 0, []
     tok = dec.tok
-    for i in range(0, len(prompts), dec.batch_size):
+    for i in progress_bar(range(0, len(prompts), dec.batch_size), dec.progress, "evaluating"):
         batch, answers = prompts[i:i + dec.batch_size], golds[i:i + dec.batch_size]
         tokens, n_gen = generate_answers(model, batch, dec.latent_id, tok.eos_id, tok.pad_id,
                                          dec.max_new_tokens, dec.device)
@@ -718,7 +720,7 @@ if __name__ == "__main__":
     mine = slice(ddp_rank, None, ddp_world_size)
     val_golds = [ex["answer"] for ex in splits["val"][mine]]
     test_golds = [ex["answer"] for ex in splits["test"][mine]]
-    dec = Decoding(tok, feedback_id, eval_batch_size, max_new_tokens, ctx, device)
+    dec = Decoding(tok, feedback_id, eval_batch_size, max_new_tokens, ctx, device, progress)
 
     # ---- training: each epoch has one stage; every rank draws the same global batches and takes
     # its own block of each
