@@ -195,6 +195,52 @@ def latro_answer(gold, task="", text="released"):
     return f"The answer is {gold.rstrip('.')}."
 
 
+# LaTRO: the released stop strings (trainer_config.stop_seqs), lowercase and tool-call phrasings.
+# They are found in the decoded text: SentencePiece spells "The" after a newline as another piece
+# than at the start of an encoded string, so matching the ids of encode(stop) misses it.
+RELEASED_STOP_STRINGS = [
+    "Answer:", " Answer:", "\nAnswer:",
+    "The answer is", " The answer is", "\nThe answer is",
+    "The answer is:", " The answer is:", "\nThe answer is:",
+    " the answer is", "so the final answer is", "So, the answer is", "Therefore, the answer is",
+    "The function call is:", "\nThe function call is:", "The function call is",
+    "\nThe function call is", "the function call is",
+]
+
+
+def parse_stop_strings(spec):
+    """'released' -> RELEASED_STOP_STRINGS; otherwise '|'-separated strings ('' = stop ids only)."""
+    if spec == "released":
+        return list(RELEASED_STOP_STRINGS)
+    return [s for s in spec.split("|") if s]
+
+
+def encode_prompts(tok, examples, task, arc_options, style):
+    """LaTRO: the prompts x of examples, as token lists in the chat template (if the tokenizer
+    has one)."""
+    chat = bool(tok.hf.chat_template)
+    return [tok.chat_prompt(latro_prompt(ex, task, arc_options, style, chat)) for ex in examples]
+
+
+def encode_answers(tok, examples, task="", text="released"):
+    """The answers y of examples: the tokens of "The answer is {gold}." (data.latro_answer) then
+    end-of-turn."""
+    return [tok.encode(latro_answer(ex["answer"], task, text)) + [tok.end_of_turn_id]
+            for ex in examples]
+
+
+def gold_rows(tok, examples, task, arc_options, style, answer_y="released"):
+    """The warm-up's rows [x, z*, y] as token lists (xs, zs, ys): the prompt, the gold rationale
+    (one step per line) and the answer y. The released SFT baseline (style 'sft') trains one target
+    text, then end-of-turn."""
+    xs = encode_prompts(tok, examples, task, arc_options, style)
+    if style == "sft":
+        return xs, [tok.encode(sft_target(ex, task)) for ex in examples], [[tok.end_of_turn_id]
+                                                                           for _ in examples]
+    zs = [tok.encode(latro_rationale(ex)) for ex in examples]
+    return xs, zs, encode_answers(tok, examples, task, answer_y)
+
+
 def check_shots_unseen(splits):
     """The 8-shot prompt's examples are training problems: refuse data whose val or test split holds
     one (it would be scored on a question answered in its own prompt)."""

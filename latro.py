@@ -30,7 +30,7 @@ Launch:
 """
 
 import dataclasses
-import difflib
+import difflib  # (difflib, re, find_spec, TASKS: what the RULES read)
 import math
 import os
 import re
@@ -40,9 +40,10 @@ from importlib.util import find_spec
 
 import torch
 
-from configurator import configure, each, exit_cleanly_on_user_error, UserError
-from data import (PROMPT_STYLES, TASKS, build_tokenizer, check_shots_unseen, latro_answer,
-                  latro_prompt, latro_rationale, load_splits, sft_target, tokenizer_name)
+from configurator import configure, each, exit_cleanly_on_user_error
+from data import (PROMPT_STYLES, RELEASED_STOP_STRINGS, TASKS, build_tokenizer,
+                  check_shots_unseen, encode_answers, encode_prompts, gold_rows, load_splits,
+                  parse_stop_strings, tokenizer_name)
 from evaluate import CHECKERS, latro_correct, majority_correct
 from model import (TailStopCheck, autocast_ctx, backbone, cut_at_stop, disable_dropout, generate,
                    left_pad, load_model, model_config, position_ids_from_mask, scratch_config,
@@ -124,24 +125,6 @@ device = "auto"                # auto | cpu | cuda
 seed = 1337                    # data order, initial weights, rollouts (seeded by seed, step, rank)
 fsdp = False                   # FSDP2: shard weights, gradients, optimizer state and π0
 ddp_timeout = 1800             # seconds a rank waits in a collective (a dead peer) before it ends
-
-# The released stop strings (trainer_config.stop_seqs), lowercase and tool-call phrasings included.
-# They are found in the decoded text: SentencePiece spells "The" after a newline as another piece
-# than at the start of an encoded string, so matching the ids of encode(stop) misses it.
-RELEASED_STOP_STRINGS = [
-    "Answer:", " Answer:", "\nAnswer:",
-    "The answer is", " The answer is", "\nThe answer is",
-    "The answer is:", " The answer is:", "\nThe answer is:",
-    " the answer is", "so the final answer is", "So, the answer is", "Therefore, the answer is",
-    "The function call is:", "\nThe function call is:", "The function call is",
-    "\nThe function call is", "the function call is",
-]
-
-def parse_stop_strings(spec):
-    """'released' -> RELEASED_STOP_STRINGS; otherwise '|'-separated strings ('' = stop ids only)."""
-    if spec == "released":
-        return list(RELEASED_STOP_STRINGS)
-    return [s for s in spec.split("|") if s]
 
 CHOICES = {"arch": ("gpt2", "llama"), "penalty": ("group", "rank_mean", "none"),
            "checker": CHECKERS, "prompt": ("cot", "sft"), "eval_prompt": ("",) + PROMPT_STYLES,
@@ -411,28 +394,6 @@ class Evaluation:
     seed: int                # maj@k samples: seed + rank, the same at every evaluation
     sampler: Sampler         # outputs end at eos, pad or end-of-turn (no stop strings), as released
     answer_y: str = "released"  # the text of y (data.latro_answer)
-
-def encode_prompts(tok, examples, task, arc_options, style):
-    """The prompts x of examples, as token lists in the chat template (if the tokenizer has one)."""
-    chat = bool(tok.hf.chat_template)
-    return [tok.chat_prompt(latro_prompt(ex, task, arc_options, style, chat)) for ex in examples]
-
-def encode_answers(tok, examples, task="", text="released"):
-    """The answers y of examples: the tokens of "The answer is {gold}." (data.latro_answer) then
-    end-of-turn."""
-    return [tok.encode(latro_answer(ex["answer"], task, text)) + [tok.end_of_turn_id]
-            for ex in examples]
-
-def gold_rows(tok, examples, task, arc_options, style, answer_y="released"):
-    """The warm-up's rows [x, z*, y] as token lists (xs, zs, ys): the prompt, the gold rationale
-    (one step per line) and the answer y. The released SFT baseline (style 'sft') trains one target
-    text, then end-of-turn."""
-    xs = encode_prompts(tok, examples, task, arc_options, style)
-    if style == "sft":
-        return xs, [tok.encode(sft_target(ex, task)) for ex in examples], [[tok.end_of_turn_id]
-                                                                           for _ in examples]
-    zs = [tok.encode(latro_rationale(ex)) for ex in examples]
-    return xs, zs, encode_answers(tok, examples, task, answer_y)
 
 @torch.no_grad()
 def evaluate(model, wrapper, examples, maj_k, ev):
