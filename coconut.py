@@ -77,6 +77,7 @@ wandb_run_name = "coconut"
 task = "prosqa_small"           # a data.py task: prosqa_small, prosqa, prontoqa, gsm8k_aug, json
 data_path = ""                  # local files, '{split}' -> train/valid/test (prosqa_{split}.json)
 split_layout = ""               # one data file without {split}: 'tail:VAL,TEST' holds out its tail
+allow_split_overlap = False     # True: a question in two splits is a warning, not an error
 n_train = 0                     # examples per split, 0 = the task's default size
 n_val = 0
 n_test = 0
@@ -597,7 +598,8 @@ if __name__ == "__main__":
 
     # ---- data: every split, identical on every rank, no question in two splits
     splits = load_splits(task, (n_train, n_val, n_test), path=data_path, seed=seed,
-                         split_layout=split_layout, **ast.literal_eval(task_options))
+                         split_layout=split_layout, allow_overlap=allow_split_overlap,
+                         **ast.literal_eval(task_options))
     steps_per_epoch = len(splits["train"]) // batch_size               # the last partial batch: no
     if steps_per_epoch == 0 and not eval_only:
         raise UserError(f"{len(splits['train'])} training examples < batch_size={batch_size}: "

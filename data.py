@@ -21,8 +21,9 @@ the requested sizes.
 Local files never leak one split into another: a path serves a split when it contains `{split}`
 (filled in here) or its file name names that split (`gsm8k_test.jsonl`, `valid.txt`); one file for
 every split needs an explicit split_layout (a held-out tail, printed). check_split_overlap(splits)
-then refuses any question found in two splits. Every mistake in the data or the arguments is a
-configurator.UserError (one line, no traceback, in the scripts).
+then refuses any question found in two splits (the scripts' allow_split_overlap=True: a warning).
+Every mistake in the data or the arguments is a configurator.UserError (one line, no traceback, in
+the scripts).
 """
 
 import difflib
@@ -1072,10 +1073,11 @@ def check_split_overlap(splits, allow_overlap=False):
     if counts:
         pairs = ", ".join(f"{a}/{b} {n}" for (a, b), n in counts.items())
         message = (f"questions found in two splits ({pairs}), e.g. {sample[:80]!r}: a model would "
-                   f"be scored on what it trained on; use disjoint files or another split_layout")
+                   f"be scored on what it trained on")
         if not allow_overlap:
-            raise UserError(message)
-        print(f"warning: {message}")
+            raise UserError(f"{message}; use disjoint files or another split_layout, or "
+                            f"allow_split_overlap=True to go on with a warning")
+        print(f"warning: {message} (allow_split_overlap=True)")
     return counts
 
 # -----------------------------------------------------------------------------
@@ -1132,13 +1134,15 @@ def load_task(task, split, *, path="", n=0, seed=0, split_layout="", **task_kwar
     return _first(load_arc(split), n, split)
 
 
-def load_splits(task, sizes, *, path="", seed=0, split_layout="", **task_kwargs):
+def load_splits(task, sizes, *, path="", seed=0, split_layout="", allow_overlap=False,
+                **task_kwargs):
     """{split: examples} of train, val and test (sizes: their counts, 0 = the task's default),
-    refused when a question is in two of them (check_split_overlap)."""
+    refused when a question is in two of them, or with allow_overlap=True printed as a warning
+    (check_split_overlap)."""
     splits = {split: load_task(task, split, path=path, n=n, seed=seed, split_layout=split_layout,
                                **task_kwargs)
               for split, n in zip(SPLITS, sizes)}
-    check_split_overlap(splits)
+    check_split_overlap(splits, allow_overlap)
     return splits
 
 

@@ -494,6 +494,25 @@ def test_cot_checkpoint_gets_markers_added_and_initialised(tmp_path):
     assert any(torch.equal(rows[0], old[key][i]) for i in range(n_real))
     assert torch.load(tmp_path / "coco" / "ckpt.pt", weights_only=True)["markers"] is True
 
+def overlapping_json(tmp_path):
+    """tmp_path/d_{split}.json (modsum examples) whose val split holds a training question."""
+    import data
+    splits = {s: data.load_task("modsum", s, n=16 if s == "train" else 4) for s in data.SPLITS}
+    splits["val"][0] = splits["train"][3]
+    for split, name in (("train", "train"), ("val", "valid"), ("test", "test")):
+        (tmp_path / f"d_{name}.json").write_text(json.dumps(splits[split]))
+    return str(tmp_path / "d_{split}.json")
+
+def test_split_overlap_refused_unless_allowed(tmp_path):
+    data_args = ["--task=json", "--task_options={}", f"--data_path={overlapping_json(tmp_path)}"]
+    r = run_script(data_args + ["--num_epochs=1"], tmp_path / "refused")
+    assert r.returncode == 1 and "questions found in two splits (train/val 1)" in r.stderr
+    assert "allow_split_overlap=True" in r.stderr and "\nstep " not in r.stdout
+    r = run_script(data_args + ["--num_epochs=1", "--allow_split_overlap=True"], tmp_path / "ok")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "warning: questions found in two splits (train/val 1)" in r.stdout
+    assert "test acc" in r.stdout
+
 def test_thought_sweep_table_and_final_stage_row_equals_test_eval(trained, tmp_path):
     # a tiny model trained to the final stage (stages 0, 1, 2 with max_latent_stage=1), then one
     # evaluation run at 0..3 thoughts; the row for the final-stage count (1 x c_thought=1) is the
