@@ -403,6 +403,16 @@ def test_batched_cached_generation_equals_batch1_uncached(arch):
         seen |= set(ref)
     assert len(seen) > 2                                                # not a vacuous comparison
 
+def test_an_empty_step_is_one_newline_as_released():
+    # a GSM8k-Aug line without an equation has steps [''] (the released conversion): the released
+    # dataset.py encodes it as s + "\n", one line of the CoT text Q\n\n### A
+    ex = {"question": "How many?", "steps": [""], "answer": "5,000"}
+    tok = build_tokenizer("words", [ex])
+    q, steps, answer = encode_example(tok, ex)
+    assert steps == [tok.encode("\n")] and len(steps[0]) == 1
+    released = ex["question"] + "\n" + "\n".join(ex["steps"]) + "\n### " + ex["answer"]
+    assert q + steps[0] + answer[:-1] == tok.encode(released)
+
 # ---- configuration checks (pure) and the script end to end
 
 def test_bad_config_fails_with_clear_message():
