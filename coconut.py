@@ -57,7 +57,7 @@ from model import (autocast_ctx, backbone, cache_kwargs, copy_token_rows, decode
                    lm_head, load_model, model_config, position_ids_from_mask, scratch_config,
                    token_logprobs)
 from run import (StopRequest, all_sum, check_same_run, check_whole, distribute, end_distributed,
-                 enable_activation_checkpointing, exit_on_signal, gathered, grad_norm,
+                 enable_activation_checkpointing, epoch_path, exit_on_signal, gathered, grad_norm,
                  load_checkpoint, load_full_state_dicts, load_run, preflight, print0,
                  progress_bar, ranks_identical, require_finite, save_hf_export, save_run,
                  set_grad_sync, start, wandb_logger)
@@ -68,6 +68,7 @@ from run import (StopRequest, all_sum, check_same_run, check_whole, distribute, 
 out_dir = "out/coconut"         # ckpt.pt (last, for resume), best.pt (best by val), hf/ (HF export)
 overwrite = False               # True: a scratch run may delete out_dir's ckpt.pt / best.pt
 ckpt_interval = 200             # also save ckpt.pt every this many optimizer steps (0: epoch ends)
+keep_epoch_checkpoints = False  # also epoch_N.pt: the weights after N epochs (log epoch N-1)
 init_from = "scratch"           # scratch | resume (out_dir/ckpt.pt) | a .pt of coconut.py | HF
 eval_only = False               # evaluate init_from on the test split (and probe), then exit
 wandb_log = False               # log to Weights & Biases (imported only when True)
@@ -77,6 +78,7 @@ wandb_run_name = "coconut"
 task = "prosqa_small"           # a data.py task: prosqa_small, prosqa, prontoqa, gsm8k_aug, json
 data_path = ""                  # local files, '{split}' -> train/valid/test (prosqa_{split}.json)
 split_layout = ""               # one data file without {split}: 'tail:VAL,TEST' holds out its tail
+allow_split_overlap = False     # True: a question in two splits is a warning, not an error
 n_train = 0                     # examples per split, 0 = the task's default size
 n_val = 0
 n_test = 0
@@ -599,7 +601,8 @@ if __name__ == "__main__":
 
     # ---- data: every split, identical on every rank, no question in two splits
     splits = load_splits(task, (n_train, n_val, n_test), path=data_path, seed=seed,
-                         split_layout=split_layout, **ast.literal_eval(task_options))
+                         split_layout=split_layout, allow_overlap=allow_split_overlap,
+                         **ast.literal_eval(task_options))
     steps_per_epoch = len(splits["train"]) // batch_size               # the last partial batch: no
     if steps_per_epoch == 0 and not eval_only:
         raise UserError(f"{len(splits['train'])} training examples < batch_size={batch_size}: "
@@ -679,7 +682,8 @@ if __name__ == "__main__":
                   kv_cache=(eval_batch_size, eval_len + max_new_tokens),
                   activations=(micro_batch_size * train_len, micro_batch_size * train_len,
                                gradient_checkpointing))
-    preflight(hf_cfg, device, longest, memory, None if eval_only else out_dir)
+    preflight(hf_cfg, device, longest, memory, None if eval_only else out_dir,
+              extra_weights=num_epochs if keep_epoch_checkpoints else 0)
 
     # ---- model: scratch, an HF model, a checkpoint of this script (e.g. the CoT stage), or resume
     torch.manual_seed(seed)
@@ -801,6 +805,11 @@ if __name__ == "__main__":
             best_val_acc = val_acc
             best = {**run_info, "epoch": epoch, "stage": stage, "val_acc": val_acc}
             save_run(os.path.join(out_dir, "best.pt"), {**best, "iter_num": iter_num}, model)
+        # epoch_N.pt: the weights after N epochs (this is log epoch N-1), as the released
+        # checkpoint_N; a starting point for another run (init_from), like best.pt
+        if keep_epoch_checkpoints:
+            done = {**run_info, "epoch": epoch, "stage": stage, "val_acc": val_acc}
+            save_run(epoch_path(out_dir, epoch + 1), {**done, "iter_num": iter_num}, model)
         where = dict(epoch=epoch + 1, step_in_epoch=0, stage=stage_at[epoch + 1],
                      iter_num=iter_num, best_val_acc=best_val_acc)
         save_run(ckpt_path, {**run_info, **where}, model, optimizer)

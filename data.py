@@ -21,8 +21,13 @@ the requested sizes.
 Local files never leak one split into another: a path serves a split when it contains `{split}`
 (filled in here) or its file name names that split (`gsm8k_test.jsonl`, `valid.txt`); one file for
 every split needs an explicit split_layout (a held-out tail, printed). check_split_overlap(splits)
-then refuses any question found in two splits. Every mistake in the data or the arguments is a
-configurator.UserError (one line, no traceback, in the scripts).
+then refuses any question found in two splits (the scripts' allow_split_overlap=True: a warning).
+Every mistake in the data or the arguments is a configurator.UserError (one line, no traceback, in
+the scripts).
+
+The released Coconut conversions of raw files, so that nothing is needed from that repository:
+    python data.py prepare prontoqa 5hop_0shot_random.json data   # data/prontoqa_{split}.json
+    python data.py prepare gsm8k_aug valid.txt data/gsm_valid.json  # iCoT GSM8k-Aug, per split
 """
 
 import difflib
@@ -1017,32 +1022,34 @@ def load_gsm8k(split, path=""):
     return [gsm8k_example(r["question"], r["answer"], "openai/gsm8k", row) for row, r in rows]
 
 
+def gsm8k_aug_example(line, path, row):
+    """One iCoT GSM8k-Aug line `question||<<eq1>> <<eq2>> #### answer` read as the released
+    conversion (`preprocessing/gsm_icot.py`) reads it: the question is the text before the first
+    '||', unstripped; the steps are the text between '||' and the first '##', stripped and split
+    on single spaces (a line with no equation gives one empty step, ['']); the answer is the text
+    after the last '##', stripped, commas kept."""
+    if "||" not in line:
+        _fail(path, row, "no '||' between question and rationale")
+    if "####" not in line.split("||", 1)[1]:
+        _fail(path, row, "no '#### <answer>' after the rationale")
+    question = line.split("||")[0]
+    if not question.strip():
+        _fail(path, row, "empty question")
+    return {"question": question, "steps": line.split("||")[1].split("##")[0].strip().split(" "),
+            "answer": line.split("##")[-1].strip()}
+
+
 def load_gsm8k_aug(path):
-    """GSM8K-Aug (iCoT) text lines `question||<<eq1>> <<eq2>> #### answer`; steps = the <<...>>
-    equations."""
+    """GSM8k-Aug (iCoT) text lines, one example per line (gsm8k_aug_example); blank lines are
+    skipped."""
     if not path:
         raise UserError("gsm8k_aug needs path= a local iCoT text file "
                         "(train.txt / valid.txt / test.txt)")
     _require_file(path)
-    out = []
     with open(path, encoding="utf-8") as f:
-        for row, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            if "||" not in line:
-                _fail(path, row, "no '||' between question and rationale")
-            question, rest = line.split("||", 1)
-            if "####" not in rest:
-                _fail(path, row, "no '#### <answer>' after the rationale")
-            rationale, answer = rest.rsplit("####", 1)
-            if not question.strip():
-                _fail(path, row, "empty question")
-            # some lines have no equation at all: steps = []
-            steps = re.findall(r"<<[^<>]*>>", rationale)
-            out.append({"question": question.strip(), "steps": steps,
-                        "answer": answer.strip().replace(",", "")})
-    return out
+        # each line keeps its "\n", as the released f.readlines()
+        return [gsm8k_aug_example(line, path, row) for row, line in enumerate(f, 1)
+                if line.strip()]
 
 
 def arc_example(r, where, row):
@@ -1211,10 +1218,11 @@ def check_split_overlap(splits, allow_overlap=False):
     if counts:
         pairs = ", ".join(f"{a}/{b} {n}" for (a, b), n in counts.items())
         message = (f"questions found in two splits ({pairs}), e.g. {sample[:80]!r}: a model would "
-                   f"be scored on what it trained on; use disjoint files or another split_layout")
+                   f"be scored on what it trained on")
         if not allow_overlap:
-            raise UserError(message)
-        print(f"warning: {message}")
+            raise UserError(f"{message}; use disjoint files or another split_layout, or "
+                            f"allow_split_overlap=True to go on with a warning")
+        print(f"warning: {message} (allow_split_overlap=True)")
     return counts
 
 # -----------------------------------------------------------------------------
@@ -1273,13 +1281,15 @@ def load_task(task, split, *, path="", n=0, seed=0, split_layout="", **task_kwar
     return _first(load_arc(split), n, split)
 
 
-def load_splits(task, sizes, *, path="", seed=0, split_layout="", **task_kwargs):
+def load_splits(task, sizes, *, path="", seed=0, split_layout="", allow_overlap=False,
+                **task_kwargs):
     """{split: examples} of train, val and test (sizes: their counts, 0 = the task's default),
-    refused when a question is in two of them (check_split_overlap)."""
+    refused when a question is in two of them, or with allow_overlap=True printed as a warning
+    (check_split_overlap)."""
     splits = {split: load_task(task, split, path=path, n=n, seed=seed, split_layout=split_layout,
                                **task_kwargs)
               for split, n in zip(SPLITS, sizes)}
-    check_split_overlap(splits)
+    check_split_overlap(splits, allow_overlap)
     return splits
 
 
@@ -1288,12 +1298,143 @@ def _first(examples, n, split):
         print(f"note: asked for {n} {split} examples, the data has {len(examples)}")
     return examples[:n] if n else examples
 
+# -----------------------------------------------------------------------------
+# the released conversions: raw files -> the unified JSON files the presets read
+#     python data.py prepare prontoqa 5hop_0shot_random.json data   (prontoqa_{train,valid,test})
+#     python data.py prepare gsm8k_aug valid.txt data/gsm_valid.json (one split per call)
+
+PRONTOQA_SIZES = (9000, 200)  # released prontoqa.py: train = the first 9000, valid the next 200
+
+
+def prontoqa_from_raw(path):
+    """ProntoQA's raw file (`5hop_0shot_random.json` of asaparov/prontoqa's run_experiment.py: an
+    object {"example1": {"test_example": {"question", "query", "chain_of_thought", "answer"}},
+    ...}) read as the released `preprocessing/prontoqa.py` reads it, in file order: question =
+    question + " " + query; steps = the chain_of_thought sentences joined two at a time with one
+    space (an odd last one alone); answer as written. In-context examples are ignored."""
+    _require_file(path)
+    with open(path, encoding="utf-8") as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected ProntoQA's raw JSON object {{\"example1\": "
+                        f"{{\"test_example\": ...}}, ...}}, got a {type(raw).__name__}")
+    out = []
+    for key, value in raw.items():
+        example = value.get("test_example") if isinstance(value, dict) else None
+        if not isinstance(example, dict):
+            raise UserError(f"{path}: {key}: no 'test_example' object")
+        for field in ("question", "query", "answer"):
+            if not isinstance(example.get(field), str):
+                raise UserError(f"{path}: {key}: test_example needs '{field}' (a string)")
+        cot = example.get("chain_of_thought")
+        if not isinstance(cot, list) or not all(isinstance(s, str) for s in cot):
+            raise UserError(f"{path}: {key}: test_example needs 'chain_of_thought' (a list of "
+                            f"strings)")
+        out.append({"question": example["question"] + " " + example["query"],
+                    "steps": [" ".join(cot[i:i + 2]) for i in range(0, len(cot), 2)],
+                    "answer": example["answer"]})
+    return out
+
+
+def write_json(examples, path):
+    """A list of examples as the released conversions write it (json.dump, its default format)."""
+    try:
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(examples, f)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror})") from None
+
+
+def prepare_prontoqa(raw_path, out_dir, sizes=PRONTOQA_SIZES):
+    """The released ProntoQA conversion: out_dir/prontoqa_train.json = the first sizes[0]
+    examples of the raw file, prontoqa_valid.json the next sizes[1], prontoqa_test.json the rest
+    (file order, no shuffle, no dedup). A question in two splits is printed (the runs refuse such
+    files unless allow_split_overlap=True). Returns {path: examples written}."""
+    n_train, n_val = sizes
+    examples = prontoqa_from_raw(raw_path)
+    if len(examples) <= n_train + n_val:
+        raise UserError(f"{raw_path}: {len(examples)} examples, too few for {n_train} train + "
+                        f"{n_val} valid and a test split (the rest): give --sizes=TRAIN,VALID "
+                        f"that leave some")
+    parts = {"train": examples[:n_train], "valid": examples[n_train:n_train + n_val],
+             "test": examples[n_train + n_val:]}
+    if check_split_overlap(parts, allow_overlap=True):
+        print("note: runs on these files stop at the overlap unless --allow_split_overlap=True")
+    written = {}
+    for split, part in parts.items():
+        path = os.path.join(out_dir, f"prontoqa_{split}.json")
+        write_json(part, path)
+        written[path] = len(part)
+    return written
+
+
+def prepare_gsm8k_aug(raw_path, out_path):
+    """The released iCoT conversion (`preprocessing/gsm_icot.py`) of one split's text file to the
+    unified JSON the GSM8k presets read (data/gsm_{split}.json). Returns {path: examples}."""
+    examples = load_gsm8k_aug(raw_path)
+    write_json(examples, out_path)
+    return {out_path: len(examples)}
+
+
+USAGE = ("usage: python data.py TASK [SPLIT] [N] (a look at N examples) | python data.py prepare "
+         "prontoqa RAW.json OUT_DIR [--sizes=TRAIN,VALID] | python data.py prepare gsm8k_aug "
+         "RAW.txt OUT.json")
+
+
+def parse_sizes(text):
+    """'9000,200' -> (9000, 200): the train and valid sizes of prepare_prontoqa."""
+    m = re.fullmatch(r"(\d+),(\d+)", (text or "").replace(" ", ""))
+    if not m or int(m[1]) == 0 or int(m[2]) == 0:
+        raise UserError(f"--sizes={text!r}: give TRAIN,VALID counts > 0 (released: 9000,200; "
+                        f"test = the rest)")
+    return int(m[1]), int(m[2])
+
+
+def prepare_main(args):
+    """python data.py prepare KIND RAW OUT [--sizes=TRAIN,VALID]: write the files, say what."""
+    sizes, rest, args = None, [], list(args)
+    while args:
+        arg = args.pop(0)
+        if arg == "--sizes":
+            sizes = parse_sizes(args.pop(0) if args else "")
+        elif arg.startswith("--sizes="):
+            sizes = parse_sizes(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    if len(rest) != 3 or rest[0] not in ("prontoqa", "gsm8k_aug"):
+        raise UserError(USAGE)
+    kind, raw_path, out = rest
+    if kind == "prontoqa":
+        written = prepare_prontoqa(raw_path, out, sizes or PRONTOQA_SIZES)
+    elif sizes:
+        raise UserError("--sizes is for prontoqa: gsm8k_aug converts one split's file per call")
+    else:
+        written = prepare_gsm8k_aug(raw_path, out)
+    for path, n in written.items():
+        print(f"wrote {path}: {n} examples")
+
+
+def main(argv):
+    """The command line: a quick look at a task (python data.py prosqa_small train 3), or
+    prepare (prepare_main)."""
+    if argv[:1] == ["prepare"]:
+        return prepare_main(argv[1:])
+    if not 1 <= len(argv) <= 3 or argv[0].startswith("-"):
+        raise UserError(USAGE)
+    split = argv[1] if len(argv) > 1 else "train"
+    if len(argv) > 2 and not argv[2].isdigit():
+        raise UserError(f"N={argv[2]!r} is not a count; {USAGE}")
+    n = int(argv[2]) if len(argv) > 2 else 3
+    for ex in load_task(argv[0], split, n=n):
+        print(json.dumps({k: ex[k] for k in ("question", "steps", "answer")}, indent=1))
+
+
 if __name__ == "__main__":
-    # a quick look at a task: python data.py prosqa_small train 3
     from configurator import exit_cleanly_on_user_error
     exit_cleanly_on_user_error()
-    task = sys.argv[1]
-    split = sys.argv[2] if len(sys.argv) > 2 else "train"
-    n = int(sys.argv[3]) if len(sys.argv) > 3 else 3
-    for ex in load_task(task, split, n=n):
-        print(json.dumps({k: ex[k] for k in ("question", "steps", "answer")}, indent=1))
+    main(sys.argv[1:])

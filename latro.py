@@ -71,6 +71,7 @@ wandb_run_name = "latro"       # wandb run name
 task = "modsum"                # modsum (CPU demo) | gsm8k | arc | a data.py task with an answer
 data_path = ""                 # local file for gsm8k / arc / json; '' = generate or download
 split_layout = ""              # one local file for all splits: 'tail:VAL,TEST' (data.load_task)
+allow_split_overlap = False    # True: a question in two splits is a warning, not an error
 n_train = 0                    # training questions (0 = the task's default size)
 n_val = 200                    # val questions: evaluation during training and model selection
 n_test = 500                   # test questions: scored before LaTRO and at the end, never to select
@@ -550,7 +551,7 @@ if __name__ == "__main__":
 
     # ---- data: prompts x in the model's chat template, answers y = "The answer is {gold}." + eot
     splits = load_splits(task, (n_train, n_val, n_test), path=data_path, seed=seed,
-                         split_layout=split_layout)
+                         split_layout=split_layout, allow_overlap=allow_split_overlap)
     train_ex, val_ex, test_ex = splits["train"], splits["val"], splits["test"]
     if val_split == "test":  # the released protocol: GSM8K's val tail trains too, test selects
         if task == "gsm8k":

@@ -203,6 +203,7 @@ def require_finite(what, loss, gnorm, ckpt_path):
 
 CKPT_NAME = "ckpt.pt"    # the resumable checkpoint of a run in out_dir
 BEST_NAME = "best.pt"    # the best weights so far of that run (model selection)
+EPOCH_NAME = "epoch_{}.pt"  # coconut.py keep_epoch_checkpoints: the weights after that many epochs
 LOCK_NAME = "run.lock"   # flock-ed by the process that writes out_dir; holds its pid and host
 
 class OutDirLock:
@@ -250,8 +251,9 @@ def prepare_out_dir(out_dir, *, resume, overwrite=False):
     - takes out_dir's lock (released at exit); a second live run is a UserError naming its pid;
     - removes temporary files left by killed checkpoint writes (`*.pt.tmp.<pid>`);
     - resume=True: requires out_dir/ckpt.pt (else UserError); the run's best.pt is kept;
-    - resume=False: refuses an out_dir holding ckpt.pt or best.pt of an earlier run, unless
-      overwrite=True, which deletes both now (printed): no stale best.pt beside a new ckpt.pt.
+    - resume=False: refuses an out_dir holding ckpt.pt, best.pt or epoch_N.pt of an earlier run,
+      unless overwrite=True, which deletes them now (printed): no stale best.pt beside a new
+      ckpt.pt.
     Returns the OutDirLock (release() it to end early; tests do)."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"out_dir {out_dir!r} is a file, not a directory: choose another --out_dir")
@@ -277,16 +279,30 @@ def prepare_out_dir(out_dir, *, resume, overwrite=False):
                             f"point --out_dir at the run to continue, or use --init_from=scratch")
         return lock
     earlier = [p for p in (ckpt, best) if os.path.isfile(p)]
-    if earlier and not overwrite:
+    epochs = [os.path.join(out_dir, n) for n in sorted(os.listdir(out_dir)) if is_epoch_file(n)]
+    if (earlier or epochs) and not overwrite:
         lock.release()
-        names = " and ".join(os.path.basename(p) for p in earlier)
+        names = [os.path.basename(p) for p in earlier]
+        names += [f"{len(epochs)} epoch_N.pt"] if epochs else []
+        names = " and ".join(names)
         hint = "continue it with --init_from=resume, " if ckpt in earlier else ""
         raise UserError(f"out_dir {out_dir!r} holds {names} of an earlier run: {hint}start over "
                         f"with --overwrite=True (deletes them), or choose another --out_dir")
-    for path in earlier:
+    for path in earlier + epochs:
         os.remove(path)
         print(f"out_dir: --overwrite=True: removed {path} of an earlier run")
     return lock
+
+def epoch_path(out_dir, n):
+    """out_dir/epoch_N.pt: coconut.py's keep_epoch_checkpoints file of the weights after n
+    epochs."""
+    return os.path.join(out_dir, EPOCH_NAME.format(n))
+
+def is_epoch_file(name):
+    """Is a file name one of keep_epoch_checkpoints' epoch_N.pt?"""
+    head, tail = EPOCH_NAME.split("{}")
+    number = name[len(head):-len(tail)]
+    return name.startswith(head) and name.endswith(tail) and number.isdigit()
 
 # -----------------------------------------------------------------------------
 # checkpoints: plain tensors and Python values only, so torch.load(weights_only=True) reads them
@@ -715,12 +731,13 @@ def check_memory_plan(plan):
                       f"{plan['device'] / GiB:.1f} GiB:\n{format_memory_plan(plan)}\n"
                       f"fixes (any of):\n  " + "\n  ".join(fixes))
 
-def preflight(hf_cfg, device, longest, memory, out_dir=None):
+def preflight(hf_cfg, device, longest, memory, out_dir=None, extra_weights=0):
     """What both scripts check once the data is tokenized, before any weight is loaded: each kind
     of sequence against the model's positions (longest: (tokens, what it is, how to shorten it)
     triples), the memory plan (memory: plan_memory's keywords), printed, and refused when it
-    cannot fit the device, and (out_dir given) the free disk space for the checkpoints. Returns
-    the model's parameter count."""
+    cannot fit the device, and (out_dir given) the free disk space for the checkpoints
+    (extra_weights: how many more weight files, epoch_N.pt, the run keeps). Returns the model's
+    parameter count."""
     positions = max_positions(hf_cfg)
     for tokens, what, fix in longest:
         if positions and tokens > positions:
@@ -728,19 +745,20 @@ def preflight(hf_cfg, device, longest, memory, out_dir=None):
                             f"{fix}")
     n_params = plan_memory(hf_cfg, device, **memory)
     if out_dir is not None and int(os.environ.get("RANK", 0)) == 0:
-        check_disk(out_dir, n_params, memory.get("reference", "none") != "none")
+        check_disk(out_dir, n_params, memory.get("reference", "none") != "none", extra_weights)
     return n_params
 
-def check_disk(out_dir, n_params, with_reference):
+def check_disk(out_dir, n_params, with_reference, extra_weights=0):
     """Refuse a run whose checkpoints cannot fit out_dir's disk, before any work: ckpt.pt (fp32
     weights, AdamW's two moments, a reference model's weights) twice while it is replaced, plus
-    best.pt's weights."""
+    best.pt's weights and extra_weights more weight files (epoch_N.pt)."""
     ckpt = n_params * (4 + 8 + (4 if with_reference else 0))
-    need, free = 2 * ckpt + 4 * n_params, shutil.disk_usage(out_dir).free
+    need, free = 2 * ckpt + 4 * n_params * (1 + extra_weights), shutil.disk_usage(out_dir).free
     if free < need:
+        kept = f", and {extra_weights} epoch_N.pt" if extra_weights else ""
         raise UserError(f"out_dir {out_dir!r} has {free / GiB:.2f} GiB free, but this run's "
                         f"checkpoints need about {need / GiB:.2f} GiB (ckpt.pt twice while it "
-                        f"is replaced, and best.pt): free space or choose another --out_dir")
+                        f"is replaced, best.pt{kept}): free space or choose another --out_dir")
 
 def plan_memory(hf_cfg, device, *, fsdp, precision, grad_accum, reference="none", kv_cache,
                 activations):

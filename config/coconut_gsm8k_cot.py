@@ -1,9 +1,14 @@
 # GSM8k, stage 1 of 2: CoT fine-tuning of GPT-2 (the paper's "CoT" row, and the start of Coconut).
 # 4 GPUs as released (any count that divides 128/32 works, the global batch stays 128):
 #   torchrun --standalone --nproc_per_node=4 coconut.py config/coconut_gsm8k_cot.py
-# Data: the released conversion of GSM8k-Aug (gsm_train.json / gsm_valid.json / gsm_test.json).
-# best.pt (by val accuracy, ~40% around epoch 6) is what config/coconut_gsm8k.py starts from.
+# Data: the released conversion of iCoT's GSM8k-Aug text files (data/gsm8k/{train,valid,test}.txt of
+# da03/Internalize_CoT_Step_by_Step), one split per call:
+#   python data.py prepare gsm8k_aug train.txt data/gsm_train.json   (valid.txt, test.txt alike)
+# Every epoch's weights are kept: epoch_N.pt = after N epochs (log epochs 0..N-1), as the released
+# checkpoint_N. config/coconut_gsm8k.py starts from epoch_6.pt (paper: 6 epochs of stage 0; no
+# schedule, so the weights a 6-epoch run ends with); best.pt is the best val epoch of the 25.
 out_dir = "out/gsm8k_cot"
+keep_epoch_checkpoints = True    # epoch_N.pt each epoch (GPT-2: 0.5 GB each, 12 GB for 25 epochs)
 task = "json"
 data_path = "data/gsm_{split}.json"
 task_options = "{}"

@@ -2,7 +2,10 @@
 # 50 epochs, 6 thoughts at inference. Paper: Coconut 99.8%, CoT 98.8%.
 #   torchrun --standalone --nproc_per_node=4 coconut.py config/coconut_prontoqa.py     (4 GPUs as released; 1 works)
 # Baselines/ablations: add config/coconut_{cot,no_cot,pause,pause_as_thought,no_thoughts,no_curriculum}.py
-# data_path="" generates a release-sized ProntoQA locally instead of reading the released files.
+# data/prontoqa_{split}.json: the released conversion of ProntoQA's raw 5hop_0shot_random.json
+# (asaparov/prontoqa's run_experiment.py, the command in docs/data.md):
+#   python data.py prepare prontoqa 5hop_0shot_random.json data
+# data_path="" generates a release-sized ProntoQA-style set locally instead of reading these files.
 out_dir = "out/prontoqa_coconut"
 task = "prontoqa"
 data_path = "data/prontoqa_{split}.json"

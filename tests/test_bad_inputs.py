@@ -59,6 +59,9 @@ FILES = {
     "gsm_test.jsonl": jsonl({"question": "q?", "answer": "7"}),
     "arc_test.jsonl": jsonl({**ARC_ROW, "answerKey": "E"}),
     "aug_train.txt": "q1||<<1+1=2>> #### 2\nno separator #### 3\n",
+    "pq_list.json": json.dumps([{"question": "q", "answer": "True"}]),
+    "pq_nocot.json": json.dumps({"example1": {"test_example": {
+        "question": "Rex is hot.", "query": "True or false: Rex is hot.", "answer": "True"}}}),
 }
 
 EVAL = ["evaluate.py", "--task", "gsm8k", "--preds"]
@@ -84,6 +87,19 @@ CLI_CASES = [
     # data.py's quick look
     (["data.py", "prosqa_smal", "train", "3"],
      "task 'prosqa_smal' is unknown; did you mean prosqa_small?"),
+    # data.py prepare: the released conversions of raw files
+    (["data.py", "prepare", "prontoqa", "{tmp}/nope.json", "{tmp}/pq"],
+     "data file not found: {tmp}/nope.json"),
+    (["data.py", "prepare", "prontoqa", "{tmp}/pq_list.json", "{tmp}/pq"],
+     "pq_list.json: expected ProntoQA's raw JSON object"),
+    (["data.py", "prepare", "prontoqa", "{tmp}/pq_nocot.json", "{tmp}/pq", "--sizes=5"],
+     "--sizes='5': give TRAIN,VALID counts > 0"),
+    (["data.py", "prepare", "prontoqa", "{tmp}/pq_nocot.json", "{tmp}/pq"],
+     "pq_nocot.json: example1: test_example needs 'chain_of_thought' (a list of strings)"),
+    (["data.py", "prepare", "gsm8k_aug", "{tmp}/aug_train.txt", "{tmp}/gsm_train.json"],
+     "aug_train.txt: row 2: no '||' between"),
+    (["data.py", "prepare", "gsm8k", "{tmp}/mydata.jsonl", "{tmp}/x.json"],
+     "usage: python data.py TASK [SPLIT] [N]"),
     # coconut.py / latro.py cases go here: (["latro.py", "--n_train=-5"], "n_train"), ...
     # latro.py: all found by the up-front check, before data, model or out_dir (more in
     # test_latro.py's CONFIG_ERRORS, which call the check directly)

@@ -403,6 +403,16 @@ def test_batched_cached_generation_equals_batch1_uncached(arch):
         seen |= set(ref)
     assert len(seen) > 2                                                # not a vacuous comparison
 
+def test_an_empty_step_is_one_newline_as_released():
+    # a GSM8k-Aug line without an equation has steps [''] (the released conversion): the released
+    # dataset.py encodes it as s + "\n", one line of the CoT text Q\n\n### A
+    ex = {"question": "How many?", "steps": [""], "answer": "5,000"}
+    tok = build_tokenizer("words", [ex])
+    q, steps, answer = encode_example(tok, ex)
+    assert steps == [tok.encode("\n")] and len(steps[0]) == 1
+    released = ex["question"] + "\n" + "\n".join(ex["steps"]) + "\n### " + ex["answer"]
+    assert q + steps[0] + answer[:-1] == tok.encode(released)
+
 # ---- configuration checks (pure) and the script end to end
 
 def test_bad_config_fails_with_clear_message():
@@ -494,6 +504,55 @@ def test_cot_checkpoint_gets_markers_added_and_initialised(tmp_path):
     assert any(torch.equal(rows[0], old[key][i]) for i in range(n_real))
     assert torch.load(tmp_path / "coco" / "ckpt.pt", weights_only=True)["markers"] is True
 
+def test_epoch_checkpoints_hold_each_epoch_and_start_another_run(tmp_path):
+    # keep_epoch_checkpoints: epoch_N.pt = the weights after N epochs (log epoch N-1), weights
+    # only; epoch_1.pt of a 2-epoch run is what a 1-epoch run ends with (the order is seeded by
+    # (seed, epoch), no schedule), and it starts a coconut run as init_from
+    cot = ["--method=cot", "--keep_epoch_checkpoints=True"]
+    r = run_script(cot + ["--num_epochs=2"], tmp_path / "two")
+    assert r.returncode == 0, r.stderr[-2000:]
+    files = sorted(f for f in os.listdir(tmp_path / "two") if f.startswith("epoch_"))
+    assert files == ["epoch_1.pt", "epoch_2.pt"]
+    first = torch.load(tmp_path / "two" / "epoch_1.pt", weights_only=True)
+    last = torch.load(tmp_path / "two" / "epoch_2.pt", weights_only=True)
+    assert (first["epoch"], last["epoch"]) == (0, 1) and "optimizer" not in first
+    assert first["script"] == "coconut" and first["markers"] is False
+    assert all(torch.equal(v, weights(tmp_path / "two")[k]) for k, v in last["model"].items())
+    one = run_script(["--method=cot", "--num_epochs=1"], tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert all(torch.equal(v, weights(tmp_path / "one")[k]) for k, v in first["model"].items())
+    assert not any(torch.equal(v, last["model"][k]) for k, v in first["model"].items()
+                   if k.endswith("wte.weight"))
+    # the GSM8k path: coconut from a CoT epoch checkpoint (lr 0: the weights as loaded)
+    r = run_script(["--init_from=" + str(tmp_path / "two" / "epoch_1.pt"), "--num_epochs=1",
+                    "--start_stage=1", "--learning_rate=0"], tmp_path / "coco")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "markers: added" in r.stdout
+    key = "transformer.wte.weight"
+    n_real = first["model"][key].shape[0]
+    assert torch.equal(weights(tmp_path / "coco")[key][:n_real], first["model"][key])
+    # no epoch files by default
+    assert not [f for f in os.listdir(tmp_path / "one") if f.startswith("epoch_")]
+
+def overlapping_json(tmp_path):
+    """tmp_path/d_{split}.json (modsum examples) whose val split holds a training question."""
+    import data
+    splits = {s: data.load_task("modsum", s, n=16 if s == "train" else 4) for s in data.SPLITS}
+    splits["val"][0] = splits["train"][3]
+    for split, name in (("train", "train"), ("val", "valid"), ("test", "test")):
+        (tmp_path / f"d_{name}.json").write_text(json.dumps(splits[split]))
+    return str(tmp_path / "d_{split}.json")
+
+def test_split_overlap_refused_unless_allowed(tmp_path):
+    data_args = ["--task=json", "--task_options={}", f"--data_path={overlapping_json(tmp_path)}"]
+    r = run_script(data_args + ["--num_epochs=1"], tmp_path / "refused")
+    assert r.returncode == 1 and "questions found in two splits (train/val 1)" in r.stderr
+    assert "allow_split_overlap=True" in r.stderr and "\nstep " not in r.stdout
+    r = run_script(data_args + ["--num_epochs=1", "--allow_split_overlap=True"], tmp_path / "ok")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "warning: questions found in two splits (train/val 1)" in r.stdout
+    assert "test acc" in r.stdout
+
 def test_thought_sweep_table_and_final_stage_row_equals_test_eval(trained, tmp_path):
     # a tiny model trained to the final stage (stages 0, 1, 2 with max_latent_stage=1), then one
     # evaluation run at 0..3 thoughts; the row for the final-stage count (1 x c_thought=1) is the
@@ -539,11 +598,13 @@ PRESETS = [  # files, released values, thoughts (or pauses) at inference, marker
                                     max_latent_stage=6, num_epochs=50, start_stage=0,
                                     reset_optimizer="epoch", max_new_tokens=128), 6, True),
     (("coconut_gsm8k_cot.py",), dict(method="cot", num_epochs=25, reset_optimizer="never",
-                                     max_new_tokens=64, init_from="openai-community/gpt2"),
-     0, False),
+                                     max_new_tokens=64, init_from="openai-community/gpt2",
+                                     keep_epoch_checkpoints=True), 0, False),
+    # the start: the CoT weights after 6 epochs (paper), which the CoT preset keeps
     (("coconut_gsm8k.py",), dict(method="coconut", c_thought=2, epochs_per_stage=3,
                                  max_latent_stage=3, start_stage=1, num_epochs=22,
-                                 reset_optimizer="epoch", max_new_tokens=64), 6, True),
+                                 reset_optimizer="epoch", max_new_tokens=64,
+                                 init_from="out/gsm8k_cot/epoch_6.pt"), 6, True),
     (("coconut_gsm8k_cot.py", "coconut_pause.py"),
      dict(method="pause", max_new_tokens=64), 6, True),
 ]

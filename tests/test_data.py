@@ -416,20 +416,109 @@ def test_gsm8k_local_jsonl(tmp_path):
         data.load_task("gsm8k", "test", path=bad)
 
 
-def test_gsm8k_aug_lines(tmp_path):
-    lines = ["Tom has 4 and gives 2 ... ?||<<4-2=2>> <<2/.5=4>> #### 300",
+# iCoT GSM8k-Aug lines, and what the released preprocessing/gsm_icot.py makes of each: question =
+# the text before '||' as it is, steps = the text between '||' and the first '##' split on single
+# spaces ([''] without an equation), answer = the text after the last '##', commas kept
+AUG_LINES = ["Tom has 4 and gives 2 ... ?||<<4-2=2>> <<2/.5=4>> #### 300",
              "No equations here?||#### 1,200",
              "",
-             "Q with spaces? || <<1+1=2>> ####  2 "]
-    path = write(tmp_path / "train.txt", "\n".join(lines) + "\n")
-    exs = data.load_task("gsm8k_aug", "train", path=path)
-    assert exs[0] == {"question": "Tom has 4 and gives 2 ... ?",
-                      "steps": ["<<4-2=2>>", "<<2/.5=4>>"], "answer": "300"}
-    assert exs[1] == {"question": "No equations here?", "steps": [], "answer": "1200"}
-    assert exs[2] == {"question": "Q with spaces?", "steps": ["<<1+1=2>>"], "answer": "2"}
-    bad = write(tmp_path / "bad_train.txt", lines[0] + "\nno separator #### 3\n")
+             "Q with spaces? || <<1+1=2>> ####  2 ",
+             " Lead space.||<<5*1000=5000>> #### 5,000"]
+AUG_EXAMPLES = [
+    {"question": "Tom has 4 and gives 2 ... ?", "steps": ["<<4-2=2>>", "<<2/.5=4>>"],
+     "answer": "300"},
+    {"question": "No equations here?", "steps": [""], "answer": "1,200"},
+    {"question": "Q with spaces? ", "steps": ["<<1+1=2>>"], "answer": "2"},
+    {"question": " Lead space.", "steps": ["<<5*1000=5000>>"], "answer": "5,000"}]
+
+
+def test_gsm8k_aug_lines_as_the_released_conversion(tmp_path):
+    path = write(tmp_path / "train.txt", "\n".join(AUG_LINES) + "\n")
+    assert data.load_task("gsm8k_aug", "train", path=path) == AUG_EXAMPLES
+    # an empty step is one line of Coconut text, "\n", as the released dataset.py encodes it
+    assert data.step_text("") == "\n"
+    bad = write(tmp_path / "bad_train.txt", AUG_LINES[0] + "\nno separator #### 3\n")
     with pytest.raises(UserError, match=r"bad_train.txt: row 2: no '\|\|'"):
         data.load_task("gsm8k_aug", "train", path=bad)
+    bad = write(tmp_path / "noanswer_train.txt", "q?||<<1+1=2>>\n")
+    with pytest.raises(UserError, match=r"noanswer_train.txt: row 1: no '#### <answer>'"):
+        data.load_task("gsm8k_aug", "train", path=bad)
+
+
+def test_prepare_gsm8k_aug_writes_the_unified_json_the_presets_read(tmp_path, capsys):
+    raw = write(tmp_path / "valid.txt", "\n".join(AUG_LINES) + "\n")
+    out = tmp_path / "data" / "gsm_valid.json"
+    data.main(["prepare", "gsm8k_aug", raw, str(out)])
+    assert f"wrote {out}: 4 examples" in capsys.readouterr().out
+    # the released json.dump format, and what the GSM8k presets (task=json) load from it
+    assert out.read_text() == json.dumps(AUG_EXAMPLES)
+    loaded = data.load_task("json", "val", path=str(tmp_path / "data" / "gsm_{split}.json"))
+    assert loaded == AUG_EXAMPLES
+    with pytest.raises(UserError, match=r"--sizes is for prontoqa"):
+        data.main(["prepare", "gsm8k_aug", raw, str(out), "--sizes=2,1"])
+
+
+def prontoqa_raw(n):
+    """A raw ProntoQA file's object (asaparov/prontoqa run_experiment.py, 0-shot): example1 ..
+    exampleN in order, each a test_example with 1 to 5 proof sentences."""
+    raw = {}
+    for i in range(1, n + 1):
+        cot = [f"S{i}.{j} is a wumpus." for j in range(1 + i % 5)]
+        raw[f"example{i}"] = {"test_example": {
+            "question": f"Rex{i} is a wumpus. Wumpuses are hot.",
+            "query": f"True or false: Rex{i} is hot.", "chain_of_thought": cot,
+            "answer": "True" if i % 2 else "False"}}
+    return raw
+
+
+def test_prepare_prontoqa_as_the_released_conversion(tmp_path, capsys):
+    raw = prontoqa_raw(12)
+    raw["example3"]["test_example"]["chain_of_thought"][1] += "\n"   # kept as written
+    raw_path = write(tmp_path / "5hop_0shot_random.json", json.dumps(raw, indent=1))
+    data.main(["prepare", "prontoqa", raw_path, str(tmp_path / "data"), "--sizes", "6,3"])
+    assert capsys.readouterr().out.count("wrote ") == 3
+    # example 3 by hand: question + " " + query; sentences two at a time, an odd last one alone
+    assert data.prontoqa_from_raw(raw_path)[2] == {
+        "question": "Rex3 is a wumpus. Wumpuses are hot. True or false: Rex3 is hot.",
+        "steps": ["S3.0 is a wumpus. S3.1 is a wumpus.\n", "S3.2 is a wumpus. S3.3 is a wumpus."],
+        "answer": "True"}
+    expected = []
+    for value in raw.values():
+        ex = value["test_example"]
+        cot = ex["chain_of_thought"]
+        expected.append({"question": ex["question"] + " " + ex["query"],
+                         "steps": [" ".join(cot[i:i + 2]) for i in range(0, len(cot), 2)],
+                         "answer": ex["answer"]})
+    # file order, no shuffle: train = the first 6, valid the next 3, test the rest
+    for split, part in (("train", expected[:6]), ("valid", expected[6:9]), ("test", expected[9:])):
+        text = (tmp_path / "data" / f"prontoqa_{split}.json").read_text()
+        assert text == json.dumps(part)                            # the released json.dump format
+    # what config/coconut_prontoqa.py reads (data_path=data/prontoqa_{split}.json)
+    template = str(tmp_path / "data" / "prontoqa_{split}.json")
+    assert data.load_splits("prontoqa", (0, 0, 0), path=template)["test"] == expected[9:]
+    assert data.PRONTOQA_SIZES == (9000, 200)                      # released: [:9000], [9000:9200]
+    with pytest.raises(UserError, match=r"12 examples, too few for 10 train \+ 2 valid"):
+        data.prepare_prontoqa(raw_path, str(tmp_path / "x"), (10, 2))
+    with pytest.raises(UserError, match=r"example2: test_example needs 'chain_of_thought'"):
+        del raw["example2"]["test_example"]["chain_of_thought"]
+        data.prontoqa_from_raw(write(tmp_path / "bad.json", json.dumps(raw)))
+
+
+def test_prepare_prontoqa_prints_a_question_in_two_splits(tmp_path, capsys):
+    raw = prontoqa_raw(12)
+    raw["example12"] = raw["example1"]                             # a test question in train
+    raw_path = write(tmp_path / "raw.json", json.dumps(raw))
+    data.prepare_prontoqa(raw_path, str(tmp_path), (6, 3))
+    out = capsys.readouterr().out
+    assert "warning: questions found in two splits (train/test 1)" in out
+    assert "unless --allow_split_overlap=True" in out
+
+
+def test_the_quick_look_still_prints_examples(capsys):
+    data.main(["modsum", "val", "2"])
+    assert capsys.readouterr().out.count('"question"') == 2
+    with pytest.raises(UserError, match=r"^usage: python data.py TASK"):
+        data.main([])
 
 
 def test_arc_local_jsonl(tmp_path):

@@ -243,6 +243,22 @@ def test_bad_batch_arithmetic_fails_before_any_work(tmp_path):
     # failed before loading data or a model
     assert "data:" not in p.stdout and not os.listdir(tmp_path)
 
+def test_split_overlap_refused_unless_allowed(tmp_path):
+    # a val question that is also a training question: refused; allow_split_overlap=True goes on
+    # with a warning (here up to the next check: a block_size too small, after the data)
+    import json
+    import data
+    splits = {s: data.load_task("modsum", s, n=16 if s == "train" else 4) for s in data.SPLITS}
+    splits["val"][0] = splits["train"][3]
+    for split, name in (("train", "train"), ("val", "valid"), ("test", "test")):
+        (tmp_path / f"d_{name}.json").write_text(json.dumps(splits[split]))
+    args = TINY + ["--task=json", f"--data_path={tmp_path / 'd_{split}.json'}", "--block_size=16"]
+    p = run(args + [f"--out_dir={tmp_path / 'refused'}"])
+    assert p.returncode == 1 and "questions found in two splits (train/val 1)" in p.stderr
+    p = run(args + [f"--out_dir={tmp_path / 'allowed'}", "--allow_split_overlap=True"])
+    assert "warning: questions found in two splits (train/val 1)" in p.stdout
+    assert p.returncode == 1 and "but the model has 16" in p.stderr
+
 # (resume, kills, NaN guards, 2-process DDP and FSDP runs: tests/test_latro_script.py)
 
 @pytest.mark.parametrize("preset", ["config/latro_gsm8k.py", "config/latro_arc.py",

@@ -125,6 +125,27 @@ def test_a_scratch_run_refuses_an_out_dir_with_an_earlier_run(tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["run.lock"]
     assert "removed" in capsys.readouterr().out
 
+def test_epoch_checkpoints_of_an_earlier_run_are_refused_or_removed(tmp_path, capsys,
+                                                                     monkeypatch):
+    # coconut.py's keep_epoch_checkpoints files belong to their run: a new run in the same
+    # out_dir refuses them (a stale epoch_6.pt could start the next stage), --overwrite deletes
+    # them; resuming keeps them; the disk check counts them
+    import run
+    out = str(tmp_path)
+    for n in (1, 2):
+        save_checkpoint(run.epoch_path(out, n), {"epoch": n - 1})
+    (tmp_path / "epoch_notes.pt").write_text("x")                   # not one of them
+    with pytest.raises(UserError, match=r"holds 2 epoch_N.pt of an earlier run: start over"):
+        prepare_out_dir(out, resume=False)
+    prepare_out_dir(out, resume=False, overwrite=True).release()
+    assert sorted(os.listdir(out)) == ["epoch_notes.pt", "run.lock"]
+    assert "removed" in capsys.readouterr().out
+    free = 2 * 12 * 1000 + 4 * 1000 * 3                  # ckpt.pt twice, best.pt, 2 epoch files
+    monkeypatch.setattr(run.shutil, "disk_usage", lambda _: type("U", (), {"free": free}))
+    run.check_disk(out, 1000, False, extra_weights=2)
+    with pytest.raises(UserError, match=r"best.pt, and 3 epoch_N.pt\): free space"):
+        run.check_disk(out, 1000, False, extra_weights=3)
+
 HOLDER = """
 import sys, time
 from run import prepare_out_dir
