@@ -105,7 +105,8 @@ def n_params_of_config(cfg):
         one = copy.deepcopy(cfg)
         one.num_hidden_layers = n_layer
         with torch.device("meta"):
-            counts.append(sum(p.numel() for p in AutoModelForCausalLM.from_config(one).parameters()))
+            model = AutoModelForCausalLM.from_config(one)
+        counts.append(sum(p.numel() for p in model.parameters()))
     return counts[0] + (cfg.num_hidden_layers - 1) * (counts[1] - counts[0])
 
 def disable_dropout(model):

@@ -14,7 +14,8 @@ data_path = "data/gsm_{split}.json"
 task_options = "{}"
 init_from = "openai-community/gpt2"
 method = "cot"
-# Coconut's GSM8k curriculum (unused by cot): overlays on this preset (pause: 2 x 3 = 6 pause tokens, as many as
+# Coconut's GSM8k curriculum (unused by cot): overlays on this preset (pause: 2 x 3 = 6 pause
+# tokens, as many as
 # Coconut's thoughts at inference) get the GSM8k numbers
 c_thought = 2
 epochs_per_stage = 3

@@ -1,7 +1,8 @@
-# ProsQA: Coconut from GPT-2, 1 thought per step, 6 stages of 5 epochs (stage 0 keeps the markers, 0 thoughts),
-# 50 epochs, 6 thoughts at inference. Paper: Coconut 97.0%, CoT 77.5%.
-#   torchrun --standalone --nproc_per_node=4 coconut.py config/coconut_prosqa.py     (4 GPUs as released; 1 works)
-# Baselines/ablations: add config/coconut_{cot,no_cot,pause,pause_as_thought,no_thoughts,no_curriculum}.py
+# ProsQA: Coconut from GPT-2, 1 thought per step, 6 stages of 5 epochs (stage 0 keeps
+# the markers, 0 thoughts), 50 epochs, 6 thoughts at inference. Paper: Coconut 97.0%, CoT 77.5%.
+#   torchrun --standalone --nproc_per_node=4 coconut.py config/coconut_prosqa.py
+# (4 GPUs as released; 1 works). Baselines and ablations: add
+# config/coconut_{cot,no_cot,pause,pause_as_thought,no_thoughts,no_curriculum}.py
 # data_path="" generates a release-sized ProsQA locally instead of reading the released files.
 out_dir = "out/prosqa_coconut"
 task = "prosqa"
@@ -16,7 +17,7 @@ num_epochs = 50
 batch_size = 128
 micro_batch_size = 32
 learning_rate = 1e-4
-reset_optimizer = "epoch"        # released: a new AdamW every epoch (the paper text says: at stage switches)
+reset_optimizer = "epoch"        # released: a new AdamW every epoch (paper: at stage switches)
 precision = "fp32"               # released: bf16 False
 marker_init = "<<"               # released: markers start as copies of '<<'
 max_new_tokens = 128

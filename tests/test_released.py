@@ -90,7 +90,8 @@ def test_the_8_shot_prompt_in_a_chat_turn_and_as_plain_text():
     assert chat == GSM8K_FEW_SHOT + "\nHow many? Let's think step by step."
     assert plain == GSM8K_FEW_SHOT + "\nHow many?\nLet's think step by step."
     blocks = GSM8K_FEW_SHOT.strip("\n").split("\n\n")
-    assert len(blocks) == 8 and GSM8K_FEW_SHOT.startswith("\nQ: ") and GSM8K_FEW_SHOT.endswith(".\n")
+    assert len(blocks) == 8
+    assert GSM8K_FEW_SHOT.startswith("\nQ: ") and GSM8K_FEW_SHOT.endswith(".\n")
     for block, (q, r, a) in zip(blocks, GSM8K_SHOTS):
         assert block == f"Q: {q}\nA: {r} The answer is {a}." and "<<" not in r
     # in a chat template: one user turn holding it all, then the assistant's turn
