@@ -50,8 +50,8 @@ import torch.nn as nn
 from transformers import DynamicCache
 
 from configurator import UserError, configure, each, exit_cleanly_on_user_error
-from data import (COCONUT_SPECIAL_TOKENS, TASKS, answer_text, build_tokenizer, load_splits,
-                  marker_ids, question_text, step_text, tokenizer_name)
+from data import (TASKS, build_tokenizer, encode_example, load_splits, marker_ids, marker_source,
+                  markers_present, tokenizer_name)
 from evaluate import coconut_correct
 from model import (autocast_ctx, backbone, cache_kwargs, copy_token_rows, decode, left_pad,
                    lm_head, load_model, model_config, position_ids_from_mask, scratch_config,
@@ -254,14 +254,6 @@ def thoughts_at_stage(stage, cur):
     what the schedule and the step log report."""
     prompt, _ = layout([], [[0]] * 99, [], stage, cur)
     return prompt.count(cur.special[1])
-
-def encode_example(tok, ex):
-    """(question, steps, answer + eos) token lists. The question is encoded as the tokenizer encodes
-    a text on its own (add_special_tokens=True), as released: GPT-2 and the word vocabulary add no
-    BOS, Llama adds one."""
-    q = tok.encode(question_text(ex), add_special_tokens=True)
-    steps = [tok.encode(step_text(st)) for st in ex["steps"]]
-    return q, steps, tok.encode(answer_text(ex)) + [tok.eos_id]
 
 def collate(rows, latent_id, pad_id, c0=None, width=None):
     """rows: list of (prompt, target). Left-pad so every row's first thought (the end of a prompt
@@ -485,40 +477,6 @@ def report_sweep(rows, info, path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             json.dump({**info, "rows": rows}, f, indent=1)
-
-# -----------------------------------------------------------------------------
-# the markers: three new tokens, with rows that do not disturb a pretrained model
-
-def markers_present(tok, ckpt):
-    """Do the weights to load already have marker rows? A checkpoint of this script says so (older
-    ones always had them); a save_pretrained export of this script (init_from=out/.../hf) has them
-    when its tokenizer does."""
-    if ckpt is not None:
-        return ckpt.get("markers", True)
-    vocab = tok.hf.get_vocab()
-    return all(t in vocab for t in COCONUT_SPECIAL_TOKENS)
-
-def marker_source(tok, marker_init, base):
-    """The id of the token whose embedding the new markers copy, or None for fresh random rows.
-    'auto': '<<' as released (one token in GPT-2's vocabulary), else '<', for pretrained weights;
-    None for a model from scratch, whose rows are all random anyway. Fails, naming the key, unless
-    the text is one token."""
-    texts = [marker_init] if marker_init else []
-    if marker_init == "auto":
-        texts = [] if base == "scratch" else ["<<", "<"]
-    for text in texts:
-        try:
-            ids = tok.encode(text)
-        except ValueError:  # the word vocabulary refuses words it does not have
-            ids = []
-        if len(ids) == 1:
-            return ids[0]
-    if texts:
-        tried = " / ".join(map(repr, texts))
-        raise UserError(f"marker_init={marker_init!r}: {tried} is not exactly one token in this "
-                        f"vocabulary; set --marker_init to a text that is one token, or '' for "
-                        f"fresh rows")
-    return None
 
 # -----------------------------------------------------------------------------
 # the training loop's decisions, as small functions the loop calls and the tests import

@@ -452,6 +452,50 @@ def marker_ids(tok):
     return tuple(tok.token_id(COCONUT_MARKERS[role]) for role in ("bot", "latent", "eot"))
 
 
+# Coconut: the examples as token pieces, and the three markers' embedding rows
+
+def encode_example(tok, ex):
+    """(question, steps, answer + eos) token lists. The question is encoded as the tokenizer encodes
+    a text on its own (add_special_tokens=True), as released: GPT-2 and the word vocabulary add no
+    BOS, Llama adds one."""
+    q = tok.encode(question_text(ex), add_special_tokens=True)
+    steps = [tok.encode(step_text(st)) for st in ex["steps"]]
+    return q, steps, tok.encode(answer_text(ex)) + [tok.eos_id]
+
+
+def markers_present(tok, ckpt):
+    """Do the weights to load already have marker rows? A checkpoint of coconut.py says so (older
+    ones always had them); a save_pretrained export of coconut.py (init_from=out/.../hf) has them
+    when its tokenizer does."""
+    if ckpt is not None:
+        return ckpt.get("markers", True)
+    vocab = tok.hf.get_vocab()
+    return all(t in vocab for t in COCONUT_SPECIAL_TOKENS)
+
+
+def marker_source(tok, marker_init, base):
+    """The id of the token whose embedding the new markers copy, or None for fresh random rows.
+    'auto': '<<' as released (one token in GPT-2's vocabulary), else '<', for pretrained weights;
+    None for a model from scratch, whose rows are all random anyway. Fails, naming the key, unless
+    the text is one token."""
+    texts = [marker_init] if marker_init else []
+    if marker_init == "auto":
+        texts = [] if base == "scratch" else ["<<", "<"]
+    for text in texts:
+        try:
+            ids = tok.encode(text)
+        except ValueError:  # the word vocabulary refuses words it does not have
+            ids = []
+        if len(ids) == 1:
+            return ids[0]
+    if texts:
+        tried = " / ".join(map(repr, texts))
+        raise UserError(f"marker_init={marker_init!r}: {tried} is not exactly one token in this "
+                        f"vocabulary; set --marker_init to a text that is one token, or '' for "
+                        f"fresh rows")
+    return None
+
+
 def tokenizer_name(name, model, saved=""):
     """The tokenizer a run uses: `name` when set, else the one its checkpoint saved, else the word
     vocabulary for a model from scratch, else the Hugging Face model's own (a hub name or a local
