@@ -50,8 +50,8 @@ import torch.nn as nn
 from transformers import DynamicCache
 
 from configurator import UserError, configure, each, exit_cleanly_on_user_error
-from data import (TASKS, build_tokenizer, encode_example, load_splits, marker_ids, marker_source,
-                  markers_present, tokenizer_name)
+from data import (TASKS, build_tokenizer, check_coconut_answers, encode_example, load_splits,
+                  marker_ids, marker_source, markers_present, tokenizer_name)
 from evaluate import coconut_correct
 from model import (autocast_ctx, backbone, cache_kwargs, copy_token_rows, decode, left_pad,
                    lm_head, load_model, model_config, position_ids_from_mask, scratch_config,
@@ -561,6 +561,7 @@ if __name__ == "__main__":
     splits = load_splits(task, (n_train, n_val, n_test), path=data_path, seed=seed,
                          split_layout=split_layout, allow_overlap=allow_split_overlap,
                          **ast.literal_eval(task_options))
+    check_coconut_answers(splits)                                      # the '#' scoring rule
     steps_per_epoch = len(splits["train"]) // batch_size               # the last partial batch: no
     if steps_per_epoch == 0 and not eval_only:
         raise UserError(f"{len(splits['train'])} training examples < batch_size={batch_size}: "

@@ -41,6 +41,7 @@ import random
 import re
 import sys
 import time
+import unicodedata
 from functools import cached_property
 
 from tokenizers import Regex, models, pre_tokenizers
@@ -246,13 +247,23 @@ def gold_rows(tok, examples, task, arc_options, style, answer_y="released"):
     return xs, zs, encode_answers(tok, examples, task, answer_y)
 
 
+def check_coconut_answers(splits):
+    """Coconut-style scoring reads the text after an output's last '#': an answer holding a '#'
+    could never be scored right, so such data is refused."""
+    for split, examples in splits.items():
+        bad = next((ex for ex in examples if "#" in ex["answer"]), None)
+        if bad is not None:
+            raise UserError(f"a {split} answer holds '#' ({bad['answer'][:40]!r}): Coconut reads "
+                            f"the answer after the last '#', so it could never score; remove it")
+
+
 def check_shots_unseen(splits):
     """The 8-shot prompt's examples are training problems: refuse data whose val or test split holds
     one (it would be scored on a question answered in its own prompt)."""
-    shots = {canonical_question(q) for q, _, _ in GSM8K_SHOTS}
+    shots = {same_question(q) for q, _, _ in GSM8K_SHOTS}
     for split in ("val", "test"):
         seen = [ex["question"] for ex in splits[split]
-                if canonical_question(ex["question"]) in shots]
+                if same_question(ex["question"]) in shots]
         if seen:
             raise UserError(f"the {split} split holds {len(seen)} question(s) of the 8-shot "
                             f"prompt, "
@@ -507,7 +518,12 @@ def build_tokenizer(name, examples):
     """'words': a closed word-level vocabulary over the examples and the fixed templates; else a HF
     tokenizer."""
     if name != "words":
-        return Tokenizer.from_pretrained(name)
+        try:
+            return Tokenizer.from_pretrained(name)
+        except OSError as e:  # no such directory, not on the hub, or offline and not cached
+            raise UserError(f"tokenizer {name!r} cannot be loaded ({str(e).splitlines()[0]}): give "
+                            f"a directory with its files, a hub name (offline: one in the cache) "
+                            f"or 'words'") from None
     texts = [t for ex in examples for t in example_texts(ex)]
     # the templates the scripts wrap around examples must be in the vocabulary too
     # (LaTRO also stops rationales at "Answer:", so it must be encodable)
@@ -521,6 +537,13 @@ def build_tokenizer(name, examples):
 # disjoint splits for generated tasks
 
 _SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
+
+
+def same_question(question):
+    """What two questions have in common when a model sees the same question: the text in Unicode
+    NFKC form, case-folded, its white space collapsed, its sentences sorted (canonical_question)."""
+    text = unicodedata.normalize("NFKC", question).casefold()
+    return canonical_question(" ".join(text.split()))
 
 
 def canonical_question(question):
@@ -543,7 +566,7 @@ def generate_split(make_example, task, split, n, seed, **task_kwargs):
     None (rejected)."""
     # str seeds are hashed with sha512: stable across runs
     rng = random.Random(f"{task}/{split}/{seed}")
-    out, seen, tries = [], set(), 0
+    out, seen, tries, failed = [], set(), 0, 0
     max_tries = 200 * n + 10_000
     t0 = last_print = time.time()
     while len(out) < n:
@@ -558,6 +581,13 @@ def generate_split(make_example, task, split, n, seed, **task_kwargs):
                             f"{max_tries} tries; the task is too small for this size "
                             f"({task_kwargs}), ask for fewer")
         ex = make_example(rng, **task_kwargs)
+        # a generator gives up after many tries (ProsQA: 1,000 graphs); the default and preset
+        # tasks never fail twice in a row, so 50 failures in a row mean impossible options
+        failed = failed + 1 if ex is None else 0
+        if failed == 50:
+            raise UserError(f"{task}: 50 examples in a row could not be generated with "
+                            f"{task_kwargs or 'the default options'} (e.g. more hops than the "
+                            f"graphs allow): change the task options")
         if ex is None:
             continue
         key = canonical_question(ex["question"])
@@ -951,24 +981,42 @@ def _require_file(path):
         raise DataFileNotFound(f"data file {what}: {path}")
 
 
+def read_text(path):
+    """A data file's text, refused in one line unless it is UTF-8 text (a gzipped file, UTF-16)."""
+    _require_file(path)
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        raise UserError(f"{path} is gzip-compressed: decompress it (gunzip) and give the text file")
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise UserError(f"{path} is UTF-16 text: save it as UTF-8")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+
+
 def read_rows(path):
     """Rows of a .json list or a .jsonl file, each with its 1-based row number (line number for
     jsonl)."""
-    _require_file(path)
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            rows = []
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append((i, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        _fail(path, i, f"invalid JSON ({e.msg})")
-            return rows
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    text = read_text(path)
+    if path.endswith(".jsonl"):
+        rows = []
+        for i, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    rows.append((i, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    _fail(path, i, f"invalid JSON ({e.msg})")
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        lines = [l for l in text.split("\n") if l.strip()]
+        if e.msg == "Extra data" and all(l.lstrip().startswith("{") for l in lines):
+            raise UserError(f"{path} holds JSON Lines (one object per line), not a JSON list: "
+                            f"rename it to .jsonl") from None
+        raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
     if not isinstance(data, list):
         raise UserError(f"{path}: expected a JSON list of examples, got {type(data).__name__}")
     return list(enumerate(data, 1))
@@ -989,7 +1037,25 @@ def validate_example(ex, path, row):
     steps = ex.get("steps", [])
     if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
         _fail(path, row, "field 'steps' must be a list of strings")
+    check_texts(ex, path, row)
     return ex
+
+
+def check_texts(ex, where, row):
+    """What no loader may pass on: an empty answer (every output would end with it and score), the
+    text of Coconut's markers (it would become a thought), a lone surrogate (no tokenizer encodes
+    it)."""
+    if not ex["answer"].strip():
+        _fail(where, row, "empty answer: every output would match it")
+    for text in [ex["question"], ex["answer"], *ex.get("steps", [])]:
+        marker = next((m for m in COCONUT_SPECIAL_TOKENS if m in text), None)
+        if marker:
+            _fail(where, row, f"holds {marker!r}, the text of a Coconut marker: remove it")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            _fail(where, row, "holds a lone surrogate (\\ud800-\\udfff), not valid text: fix "
+                              "the file's escapes")
 
 
 def load_json(path):
@@ -1011,8 +1077,13 @@ def gsm8k_example(question, solution, where="", row=0):
     answer = answer.strip()  # as written: the released answer text keeps thousands commas
     if not question.strip() or not answer:
         _fail(where, row, "empty question" if not question.strip() else "empty answer after '####'")
+    if not re.fullmatch(r"-?[\d,]*\.?\d+", answer):
+        _fail(where, row, f"answer {answer!r} after '####' is not a number, as every GSM8K answer "
+                          f"is: fix the row, or load other answers with task=json")
     steps = [line.strip() for line in body.strip().split("\n") if line.strip()]
-    return {"question": question.strip(), "steps": steps, "answer": answer}
+    ex = {"question": question.strip(), "steps": steps, "answer": answer}
+    check_texts(ex, where, row)
+    return ex
 
 
 def _check_fields(row_dict, fields, path, row):
@@ -1079,8 +1150,10 @@ def gsm8k_aug_example(line, path, row):
     question = line.split("||")[0]
     if not question.strip():
         _fail(path, row, "empty question")
-    return {"question": question, "steps": line.split("||")[1].split("##")[0].strip().split(" "),
-            "answer": line.split("##")[-1].strip()}
+    ex = {"question": question, "steps": line.split("||")[1].split("##")[0].strip().split(" "),
+          "answer": line.split("##")[-1].strip()}
+    check_texts(ex, path, row)
+    return ex
 
 
 def load_gsm8k_aug(path):
@@ -1089,11 +1162,10 @@ def load_gsm8k_aug(path):
     if not path:
         raise UserError("gsm8k_aug needs path= a local iCoT text file "
                         "(train.txt / valid.txt / test.txt)")
-    _require_file(path)
-    with open(path, encoding="utf-8") as f:
-        # each line keeps its "\n", as the released f.readlines()
-        return [gsm8k_aug_example(line, path, row) for row, line in enumerate(f, 1)
-                if line.strip()]
+    # each line keeps its "\n", as the released f.readlines()
+    lines = read_text(path).splitlines(keepends=True)
+    return [gsm8k_aug_example(line, path, row) for row, line in enumerate(lines, 1)
+            if line.strip()]
 
 
 def arc_example(r, where, row):
@@ -1112,8 +1184,10 @@ def arc_example(r, where, row):
               f"answerKey {r['answerKey']!r} is not one of the labels {choices['label']}")
     if not r["question"].strip():
         _fail(where, row, "empty question")
-    return {"question": r["question"].strip(), "steps": [], "answer": gold[0],
-            "options": options, "answer_label": r["answerKey"]}
+    ex = {"question": r["question"].strip(), "steps": [], "answer": gold[0], "options": options,
+          "answer_label": r["answerKey"]}
+    check_texts(ex, where, row)
+    return ex
 
 
 def load_arc(split, path=""):
@@ -1248,7 +1322,7 @@ def check_split_overlap(splits, allow_overlap=False):
     Returns {(a, b): count} of the pairs that overlap."""
 
     def key(ex):
-        return canonical_question(ex["question"]) + repr(ex.get("options", ""))
+        return same_question(ex["question"]) + repr(ex.get("options", ""))
 
     keys = {name: {key(ex): ex["question"] for ex in examples} for name, examples in splits.items()}
     names = list(splits)
@@ -1283,6 +1357,37 @@ def task_options(task):
     return names
 
 
+def check_task_options(task, options):
+    """A generator's options must have their defaults' types, and every min_X at most its max_X:
+    refused here, before a generator fails deep inside or tries for an hour."""
+    defaults = {}
+    for make in (GENERATORS[task], make_prosqa if task == "prosqa_small" else None):
+        if make is not None:
+            for name, p in inspect.signature(make).parameters.items():
+                defaults.setdefault(name, p.default)
+    for key, value in options.items():
+        default = defaults.get(key)
+        if default is None or isinstance(default, (tuple, list)):
+            ok = default is None or isinstance(value, (int, tuple, list))
+        elif isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = ok and (isinstance(value, int) or isinstance(default, float))
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise UserError(f"task_options {key}={value!r}: task {task!r} expects "
+                            f"{type(default).__name__} there (default {default!r})")
+    merged = {**defaults, **options}
+    for key in merged:
+        if key.startswith("min_") and "max_" + key[4:] in merged:
+            low, high = merged[key], merged["max_" + key[4:]]
+            if low > high:
+                raise UserError(f"task_options: {key}={low} is more than max_{key[4:]}={high}: "
+                                f"give min <= max")
+
+
 def load_task(task, split, *, path="", n=0, seed=0, split_layout="", **task_kwargs):
     """Examples of one task and split. n=0: the task's default size (all rows for loaded data);
     n>0: the first n. path: local files (load_split_file: `{split}` in the path, or a file name that
@@ -1301,6 +1406,7 @@ def load_task(task, split, *, path="", n=0, seed=0, split_layout="", **task_kwar
         if unknown:
             raise UserError(f"task {task!r} has no option {', '.join(unknown)}; its options: "
                             f"{', '.join(sorted(task_options(task)))}")
+        check_task_options(task, task_kwargs)
     elif task_kwargs:
         raise UserError(f"task {task!r} takes no task options, got {sorted(task_kwargs)}")
     if path:
@@ -1333,6 +1439,10 @@ def load_splits(task, sizes, *, path="", seed=0, split_layout="", allow_overlap=
     splits = {split: load_task(task, split, path=path, n=n, seed=seed, split_layout=split_layout,
                                **task_kwargs)
               for split, n in zip(SPLITS, sizes)}
+    for split, examples in splits.items():
+        if not examples:
+            source = path.replace("{split}", split) if path else f"task {task}"
+            raise UserError(f"the {split} split is empty ({source}): give it examples")
     check_split_overlap(splits, allow_overlap)
     return splits
 

@@ -430,17 +430,25 @@ def read_predictions(path, task):
     if not os.path.isfile(path):
         raise UserError(f"predictions file not found: {path}")
     examples, outputs = [], []
-    with open(path, encoding="utf-8") as f:
-        for row, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise _row_error(path, row, f"invalid JSON ({e.msg} at column {e.colno})") from None
-            example, output = read_prediction(r, path, row, task)
-            examples.append(example)
-            outputs.append(output)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().split("\n")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text (a binary file?): give a JSON Lines file, "
+                        f"one object per line") from None
+    if next((l.strip() for l in lines if l.strip()), "") == "[":
+        raise UserError(f"{path} holds a JSON array over several lines, not JSON Lines: write "
+                        f"one object per line (e.g. jq -c '.[]' {path})")
+    for row, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _row_error(path, row, f"invalid JSON ({e.msg} at column {e.colno})") from None
+        example, output = read_prediction(r, path, row, task)
+        examples.append(example)
+        outputs.append(output)
     if not examples:
         raise UserError(f"{path} holds no predictions (one JSON object per line)")
     return examples, outputs

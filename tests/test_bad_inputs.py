@@ -10,6 +10,7 @@ ONE_LINE_CASES, run as real subprocesses: those must exit with status 1 and prin
 LOADER_CASES call the data loaders: each must raise a UserError with its message before any data is
 generated.
 """
+import gzip
 import json
 import os
 import re
@@ -60,8 +61,24 @@ FILES = {
     "arc_test.jsonl": jsonl({**ARC_ROW, "answerKey": "E"}),
     "aug_train.txt": "q1||<<1+1=2>> #### 2\nno separator #### 3\n",
     "pq_list.json": json.dumps([{"question": "q", "answer": "True"}]),
+    "lines_train.json": jsonl({"question": "q?", "answer": "1"}, {"question": "r?", "answer": "2"}),
+    "surrogate_train.json": '[{"question": "q \\ud800?", "answer": "1"}]',
+    "emptyans_train.jsonl": jsonl({"question": "q?", "answer": " "}),
+    "marker_train.jsonl": jsonl({"question": "q <|latent|> ?", "answer": "1"}),
+    "pens_test.jsonl": jsonl({"question": "q?", "answer": "2 + 16 = 18\n#### 18 pens"}),
+    "e_train.jsonl": jsonl({"question": "q?", "answer": "1"}),
+    "e_val.jsonl": "",
+    "e_test.jsonl": jsonl({"question": "r?", "answer": "2"}),
+    "array.jsonl": json.dumps([GOOD], indent=1) + "\n",
     "pq_nocot.json": json.dumps({"example1": {"test_example": {
         "question": "Rex is hot.", "query": "True or false: Rex is hot.", "answer": "True"}}}),
+}
+
+# files that are not UTF-8 text
+BYTES = {
+    "utf16_train.json": '[{"question": "q?", "answer": "1"}]'.encode("utf-16"),
+    "gz_train.json": gzip.compress(b'[{"question": "q?", "answer": "1"}]'),
+    "binary.jsonl": bytes(range(256)) * 4,
 }
 
 EVAL = ["evaluate.py", "--task", "gsm8k", "--preds"]
@@ -76,6 +93,9 @@ CLI_CASES = [
     (EVAL + ["{tmp}/blank.jsonl"], "{tmp}/blank.jsonl holds no predictions"),
     (EVAL + ["{tmp}/badjson.jsonl"], "{tmp}/badjson.jsonl: row 2: invalid JSON (Expecting value"),
     (EVAL + ["{tmp}/listrow.jsonl"], "listrow.jsonl: row 1: expected a JSON object, got list"),
+    (EVAL + ["{tmp}/binary.jsonl"], "binary.jsonl is not UTF-8 text (a binary file?)"),
+    (EVAL + ["{tmp}/array.jsonl"], "array.jsonl holds a JSON array over several lines, not JSON "
+                                   "Lines"),
     (EVAL + ["{tmp}/noanswer.jsonl"], "noanswer.jsonl: row 1: needs 'answer' and 'output'"),
     (EVAL + ["{tmp}/intoutput.jsonl"], "row 2: 'output' must be a string, got int"),
     (EVAL + ["{tmp}/emptyoutputs.jsonl"], "row 1: 'outputs' must be a non-empty list of strings"),
@@ -172,6 +192,25 @@ def no_datasets(tmp):
     return data.load_task("gsm8k", "train")
 
 
+def empty_val(tmp):
+    return data.load_splits("json", (0, 0, 0), path=f"{tmp}/e_{{split}}.jsonl")
+
+
+def nearly_the_same(tmp):
+    # the same question to a model: other white space, letter case, a compatibility character
+    rows = [{"question": "Tom is a cat. Is Tom a pet?", "steps": [], "answer": "yes"}]
+    other = [{"question": "TOM  is a cat.  Is Tom a\u00a0pet?", "steps": [], "answer": "yes"}]
+    return data.check_split_overlap({"train": rows, "val": other, "test": []})
+
+
+def hashed(tmp):
+    return data.check_coconut_answers({"train": [{"question": "q", "answer": "a#b"}]})
+
+
+def no_tokenizer(tmp):
+    return data.build_tokenizer(f"{tmp}/no_tokenizer_here", [])
+
+
 def overlapping(tmp):
     rows = [{"question": f"q{i}?", "steps": [], "answer": str(i)} for i in range(5)]
     return data.check_split_overlap({"train": rows, "val": rows[4:], "test": rows[:2]})
@@ -219,6 +258,26 @@ LOADER_CASES = [
      "gsm_test.jsonl: row 1: answer has no '#### <number>' line"),
     (load("arc", "test", path="{tmp}/arc_test.jsonl"), "arc_test.jsonl: row 1: answerKey 'E'"),
     (load("gsm8k_aug", path="{tmp}/aug_train.txt"), "aug_train.txt: row 2: no '||' between"),
+    # files that are not what their name says, and rows no method can use
+    (load("json", path="{tmp}/utf16_train.json"), "utf16_train.json is UTF-16 text: save it as"),
+    (load("json", path="{tmp}/gz_train.json"), "gz_train.json is gzip-compressed: decompress it"),
+    (load("json", path="{tmp}/lines_train.json"), "lines_train.json holds JSON Lines (one object "
+                                                  "per line), not a JSON list: rename it to .jsonl"),
+    (load("json", path="{tmp}/surrogate_train.json"), "row 1: holds a lone surrogate"),
+    (load("json", path="{tmp}/emptyans_train.jsonl"), "row 1: empty answer: every output would"),
+    (load("json", path="{tmp}/marker_train.jsonl"),
+     "row 1: holds '<|latent|>', the text of a Coconut marker"),
+    (load("gsm8k", "test", path="{tmp}/pens_test.jsonl"),
+     "row 1: answer '18 pens' after '####' is not a number"),
+    (empty_val, "the val split is empty ({tmp}/e_val.jsonl)"),
+    (nearly_the_same, "questions found in two splits (train/val 1)"),
+    (hashed, "a train answer holds '#' ('a#b'): Coconut reads the answer after the last '#'"),
+    (no_tokenizer, "tokenizer '{tmp}/no_tokenizer_here' cannot be loaded"),
+    # generator options: checked before any example is drawn
+    (load("prosqa_small", min_hops=4, max_hops=2), "task_options: min_hops=4 is more than "
+                                                   "max_hops=2: give min <= max"),
+    (load("prosqa_small", min_hops="two"), "task_options min_hops='two': task 'prosqa_small' "
+                                           "expects int"),
 ]
 
 
@@ -227,6 +286,8 @@ def tmp(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad_inputs")
     for name, text in FILES.items():
         (d / name).write_text(text, encoding="utf-8")
+    for name, raw in BYTES.items():
+        (d / name).write_bytes(raw)
     (d / "train").mkdir()
     return str(d)
 

@@ -216,3 +216,12 @@ def test_the_probe_shows_at_most_the_whole_vocabulary():
     m = load_model("scratch", 12, n_layer=1, n_head=2, n_embd=16, block_size=32).eval()
     probs, ids = probe_thoughts(m, [3, 4, 11, 11, 5], 11, 50, "cpu")  # k = 50 > 12 tokens
     assert probs.shape == ids.shape == (2, 12) and sorted(ids[0].tolist()) == list(range(12))
+
+
+def test_impossible_generator_options_fail_fast_instead_of_for_an_hour():
+    # 3-node graphs cannot hold a 4-hop answer path: every draw fails, and 50 failures in a row
+    # (50,000 graphs here) end it with the options to change, where it used to try for an hour
+    import data
+    with pytest.raises(UserError, match="50 examples in a row could not be generated with"):
+        data.load_task("prosqa_small", "train", n=8, min_nodes=3, max_nodes=3, min_hops=4,
+                       max_hops=4)
