@@ -2,7 +2,7 @@
 Speed, memory and MFU of both methods, each measured against the naive way of doing the same work.
 
     python bench.py                 # CPU preset: minutes on 2 cores
-    python bench.py --preset=gpu    # one GPU: GPT-2-small shape at the paper's batch, bf16
+    python bench.py --preset=gpu    # one CUDA GPU: GPT-2-small shapes, bf16 (about a minute)
     python bench.py --sections=coconut_train --sizes=tiny --repeats=5
 
 Every comparison runs both sides in the same process, alternating, after warm-up, and reports the
@@ -14,15 +14,18 @@ Rows:
                  thought pass (what the KV cache saves); saved-for-backward activation memory (and
                  CUDA peak memory on a GPU); MFU.
   coconut_eval   examples/s of batched KV-cached latent generation vs batch-1 generation that
-                 re-encodes the whole sequence for every new token (the released approach); the
-                 answers must be token-identical.
-  latro_step     step time split into rollout / scoring / update and rollout tokens/s, vs the
-                 released pipeline's shape (fixed-length rollouts, three separate scoring passes,
-                 two grad forwards); growth with K and L.
+                 re-encodes the whole sequence for every new token (the released approach), on
+                 the first `eval_naive_n` examples; how many answers are token-identical (all in
+                 fp32; bf16 may flip a near-tie of a random model's logits).
+  latro_step     step time split into rollout / scoring / update, rollout tokens/s, step tokens/s
+                 and MFU, vs the released pipeline's shape (fixed-length rollouts, three separate
+                 scoring passes, two grad forwards); growth with K and L.
   mfu            model FLOPs/s over the peak: on CPU the peak matmul throughput measured in this
-                 run, on CUDA the device's bf16 peak (H100 SXM: 989 TFLOP/s).
+                 run, on CUDA the device's dense bf16 peak (H100 / H200 SXM: 989 TFLOP/s; other
+                 GPUs: a matmul measured in this run).
   memory         run.py's per-GPU memory plan for the papers' models on 8 x 80 GiB, DDP vs FSDP:
                  estimated from the published shapes, no GPU, no download (--sections=memory).
+The gpu preset needs CUDA; without it the run stops with one line `error: ...` and status 1.
 """
 
 import json
@@ -53,23 +56,42 @@ repeats = 3     # timed repetitions per side (median reported)
 warmup = 1      # untimed repetitions per side first
 seed = 0
 out_json = "bench.json"
-if __name__ == "__main__":
-    from configurator import configure
-    config = configure(globals(), sys.argv[1:])
 
 SHAPES = {"tiny": dict(n_layer=2, n_head=4, n_embd=128, vocab=128),
           "gpt2": dict(n_layer=12, n_head=12, n_embd=768, vocab=50257)}
-# batch, question length, rest (steps+answer) length, thought counts, LaTRO K / L / prompts
+# batch, question length, rest (steps+answer) length, thought counts, examples of the evaluation
+# (batched, and batch-1: its first eval_naive_n), LaTRO prompts / K / L
 PRESETS = {
     "cpu": dict(sizes="tiny,gpt2", batch={"tiny": 32, "gpt2": 2}, prefix=48, rest=32,
-                thoughts=(0, 2, 4, 6), eval_n={"tiny": 16, "gpt2": 4}, eval_new=16,
+                thoughts=(0, 2, 4, 6), eval_n={"tiny": 16, "gpt2": 4},
+                eval_naive_n={"tiny": 16, "gpt2": 4}, eval_new=16,
                 latro_prompts=4, latro_k=(2, 4, 8), latro_len=(16, 32, 64),
                 latro_sizes=("tiny",)),  # a 50k-vocabulary LaTRO step is minutes on a CPU
+    # one GPU in about a minute: the batch-1 side of the evaluation re-encodes every token, so it
+    # runs on 8 of the 128 examples; one LaTRO step shape (8 prompts x K=16, L=256)
     "gpu": dict(sizes="gpt2", batch={"tiny": 128, "gpt2": 32}, prefix=128, rest=64,
-                thoughts=(0, 2, 4, 6), eval_n={"tiny": 128, "gpt2": 128}, eval_new=64,
-                latro_prompts=8, latro_k=(4, 8, 16), latro_len=(64, 128, 256),
-                latro_sizes=("tiny", "gpt2")),
+                thoughts=(0, 6), eval_n={"tiny": 128, "gpt2": 128},
+                eval_naive_n={"tiny": 8, "gpt2": 8}, eval_new=64,
+                latro_prompts=8, latro_k=(16,), latro_len=(256,), latro_sizes=("gpt2",)),
 }
+# dense bf16 peaks from the spec sheets (the first name contained in the device's name); other
+# GPUs: a matmul measured in this run
+GPU_PEAKS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+             "A100": 312e12}
+RULES = [
+    ("preset in PRESETS", "preset={preset!r}: use one of {', '.join(PRESETS)}"),
+    ("preset != 'gpu' or torch.cuda.is_available()",
+     "preset=gpu needs a CUDA GPU and this torch sees none; run `python bench.py` (the CPU "
+     "preset) here"),
+    ("preset != 'gpu' or device in ('auto', 'cuda') or device.startswith('cuda:')",
+     "preset=gpu runs on a CUDA GPU: drop --device={device}"),
+    ("not device.startswith('cuda') or torch.cuda.is_available()",
+     "device={device!r} but this torch sees no CUDA GPU: use --device=cpu or 'auto'"),
+]
+if __name__ == "__main__":
+    from configurator import configure, exit_cleanly_on_user_error
+    exit_cleanly_on_user_error()  # a wrong key or value: one line `error: ...`, exit 1
+    config = configure(globals(), sys.argv[1:], verbose=False, rules=RULES)
 
 # -----------------------------------------------------------------------------
 # timing and counting
@@ -117,17 +139,21 @@ def peak_matmul_flops(dev, dtype, n=2048, iters=10):
     sync(dev)
     return 2 * n ** 3 * iters / (time.perf_counter() - t0)
 
-def train_flops(model, n_tokens, n_labelled, ctx_len):
-    """FLOPs of forward+backward (3x forward): 2 per non-embedding weight per token, the LM head
-    only at labelled positions (we never compute the others), and attention scores/values at context
-    length ctx_len."""
+def forward_flops(model, n_tokens, n_head, ctx_len):
+    """FLOPs of a forward over n_tokens: 2 per non-embedding weight per token, the LM head only at
+    the n_head positions where it is applied, and attention scores/values at context length
+    ctx_len."""
     cfg = model.config
     d, L, V = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
     emb = sum(p.numel() for n, p in model.named_parameters()
               if "wte" in n or "wpe" in n or "embed_tokens" in n)
     non_emb = sum(p.numel() for p in model.parameters()) - emb
-    fwd = 2 * non_emb * n_tokens + 2 * V * d * n_labelled + 2 * 2 * L * d * ctx_len * n_tokens
-    return 3 * fwd
+    return 2 * non_emb * n_tokens + 2 * V * d * n_head + 2 * 2 * L * d * ctx_len * n_tokens
+
+def train_flops(model, n_tokens, n_labelled, ctx_len):
+    """FLOPs of forward+backward (3x forward), the LM head only at labelled positions (we never
+    compute the others)."""
+    return 3 * forward_flops(model, n_tokens, n_labelled, ctx_len)
 
 # -----------------------------------------------------------------------------
 # the naive ways, for comparison
@@ -217,6 +243,7 @@ def bench_coconut_eval(shape, P, dev, ctx, rows):
     prompts = [torch.randint(3, vocab - 1, (int(L),), generator=g).tolist() + [latent_id] * n
                for L in torch.randint(P["prefix"] // 2, P["prefix"], (P["eval_n"][shape],),
                                       generator=g)]
+    n_naive = min(P["eval_naive_n"][shape], len(prompts))  # batch 1 on the first n_naive
     out = {}
     def batched():
         with ctx:
@@ -224,13 +251,15 @@ def bench_coconut_eval(shape, P, dev, ctx, rows):
     def batch1():
         with ctx:
             out["1"] = [naive_latent_generate(model, p, latent_id, 1, P["eval_new"])
-                        for p in prompts]
+                        for p in prompts[:n_naive]]
     t = alternate([batched, batch1], dev, repeats, warmup)
     tokens, n_gen = out["b"]
-    same = all(tokens[i, :n_gen[i]].tolist() == out["1"][i] for i in range(len(prompts)))
+    same = sum(tokens[i, :n_gen[i]].tolist() == out["1"][i] for i in range(n_naive))
+    batched_ex_s, batch1_ex_s = len(prompts) / t[0], n_naive / t[1]
     rows.append(dict(section="coconut_eval", model=shape, examples=len(prompts), thoughts=n,
-                     new_tokens=P["eval_new"], batched_ex_s=len(prompts) / t[0],
-                     batch1_ex_s=len(prompts) / t[1], speedup=t[1] / t[0], identical_answers=same))
+                     new_tokens=P["eval_new"], batched_ex_s=batched_ex_s,
+                     batch1_examples=n_naive, batch1_ex_s=batch1_ex_s,
+                     speedup=batched_ex_s / batch1_ex_s, identical_answers=f"{same}/{n_naive}"))
 
 def released_step(model, ref, prompts, K, L, dev, ctx, g):
     """The released pipeline's shape: L tokens always (no early stop), three full-vocabulary scoring
@@ -259,12 +288,13 @@ def released_step(model, ref, prompts, K, L, dev, ctx, g):
 def our_step(model, ref, prompts, K, L, dev, ctx, g):
     """latro.py's step: early-stopped rollouts, one policy + one reference no-grad pass, one grad
     forward. A random model has no eos habit, so a stop set of vocab/L tokens gives each token a
-    ~1/L stop chance."""
+    ~1/L stop chance. Returns the three times, the decoded positions, the tokens of the scored
+    rows and the step's model FLOPs."""
     x = [p for p in prompts for _ in range(K)]
     stops = set(range(2, 2 + max(1, SHAPES_VOCAB[0] // L)))  # stop ids only: no tokenizer needed
     t0 = time.perf_counter()
     z, stopped, n_tok = sample(model, x, L, Sampler(None, stops, [], 0, len(x), ctx), g,
-                               temperature=1.0)
+                               temperature=1.0)  # n_tok: decoded positions
     sync(dev); t1 = time.perf_counter()
     y = [[7, 8, 9, 1]] * len(x)
     logp_z, logp_y = score_rows(SequenceScorer(model), x, z, y, 0, len(x), ctx)
@@ -277,11 +307,22 @@ def our_step(model, ref, prompts, K, L, dev, ctx, g):
         latro_loss(lz, ly, adv, 0.0).backward()
     model.zero_grad(set_to_none=True)
     sync(dev)
-    return t1 - t0, t2 - t1, time.perf_counter() - t2, sum(map(len, z))
+    t3 = time.perf_counter()
+    # FLOPs: the prefill (the head at each row's last position), every decoded position (the
+    # finished rows' included: the batch decodes until all stop), two scoring forwards and one
+    # forward + backward over [x, z, y], the head at the z and y positions
+    n_x = sum(map(len, x))
+    n_seq = n_x + sum(map(len, z)) + sum(map(len, y))
+    n_scored = n_seq - n_x
+    steps = n_tok // len(x)
+    flops = (forward_flops(model, n_x, len(x), n_x / len(x))
+             + forward_flops(model, n_tok, n_tok, n_x / len(x) + steps)
+             + 5 * forward_flops(model, n_seq, n_scored, n_seq / len(x)))
+    return t1 - t0, t2 - t1, t3 - t2, sum(map(len, z)), n_seq, flops
 
 SHAPES_VOCAB = [0]  # the benched model's vocabulary size, for our_step's stop set
 
-def bench_latro(shape, P, dev, ctx, rows):
+def bench_latro(shape, P, dev, ctx, rows, peak):
     model = make_model(shape, dev)
     ref = make_model(shape, dev).eval()
     vocab = SHAPES_VOCAB[0] = SHAPES[shape]["vocab"]
@@ -299,9 +340,11 @@ def bench_latro(shape, P, dev, ctx, rows):
                         res[name].append(out)
             med = {k: [statistics.median(x) for x in zip(*v)] for k, v in res.items()}
             ours, rel = med["ours"], med["released"]
+            step_s = sum(ours[:3])
             rows.append(dict(section="latro_step", model=shape, prompts=len(prompts), K=K, L=L,
                              rollout_s=ours[0], scoring_s=ours[1], update_s=ours[2],
-                             step_s=sum(ours[:3]), rollout_tok_s=ours[3] / ours[0],
+                             step_s=step_s, rollout_tok_s=ours[3] / ours[0],
+                             step_tok_s=ours[4] / step_s, mfu=ours[5] / step_s / peak,
                              mean_rationale=ours[3] / (len(prompts) * K),
                              released_step_s=sum(rel[:3]), released_rollout_s=rel[0],
                              released_scoring_s=rel[1], released_update_s=rel[2],
@@ -429,10 +472,14 @@ if __name__ == "__main__":
     P = PRESETS[preset]
     shapes = (sizes or P["sizes"]).split(",")
     todo = sections.split(",")
+    print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
+    spec = False
     if device_type == "cuda":
         name = torch.cuda.get_device_name()
-        # H100 SXM dense bf16
-        peak = 989e12 if "H100" in name else peak_matmul_flops(device, torch.bfloat16)
+        peak = next((v for k, v in GPU_PEAKS.items() if k in name), None)
+        spec = peak is not None
+        if not spec:
+            peak = peak_matmul_flops(device, torch.bfloat16)
     else:
         name = platform.processor() or platform.machine()
         with open("/proc/cpuinfo") as f:
@@ -442,7 +489,7 @@ if __name__ == "__main__":
               f"torch {torch.__version__} | transformers {transformers.__version__} | {device} "
               f"{'bf16 autocast' if device_type == 'cuda' else 'fp32'} | "
               f"peak {peak / 1e9:,.0f} GFLOP/s ("
-              f"{'bf16 spec' if device_type == 'cuda' and 'H100' in name else 'measured matmul'})")
+              f"{'bf16 spec' if spec else 'measured matmul'})")
     print(header)
     rows = []
     t0 = time.time()
@@ -455,7 +502,7 @@ if __name__ == "__main__":
             bench_coconut_eval(shape, P, device, ctx, rows)
             print(f"coconut_eval {shape} done ({time.time() - t0:.0f}s)", flush=True)
         if "latro_step" in todo and shape in P["latro_sizes"]:
-            bench_latro(shape, P, device, ctx, rows)
+            bench_latro(shape, P, device, ctx, rows, peak)
             print(f"latro_step {shape} done ({time.time() - t0:.0f}s)", flush=True)
     if "memory" in todo:
         bench_memory(rows)

@@ -240,9 +240,14 @@ def sample_next(logits, temperature, top_p, generator):
 def ends_with_stop(tokens, stop_sequences):
     """(B,) bool: does each row of tokens (B, t) currently end with one of the stop sequences?"""
     hit = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    # the one-token stops in one comparison: a tensor per stop id would copy to the GPU, and wait
+    # for it, once per id at every decoding step
+    singles = [seq[0] for seq in stop_sequences if len(seq) == 1]
+    if singles and tokens.shape[1]:
+        hit |= torch.isin(tokens[:, -1], torch.tensor(singles, device=tokens.device))
     for seq in stop_sequences:
         n = len(seq)
-        if 0 < n <= tokens.shape[1]:
+        if 1 < n <= tokens.shape[1]:
             hit |= (tokens[:, -n:] == torch.tensor(seq, device=tokens.device)).all(-1)
     return hit
 

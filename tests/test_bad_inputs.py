@@ -18,6 +18,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import data
 import evaluate
@@ -334,6 +335,13 @@ ONE_LINE_CASES = [
                          ids=[" ".join(c[0][:2]) + f" #{i}" for i, c in enumerate(ONE_LINE_CASES)])
 def test_script_error_is_one_line_on_stderr_and_status_1(argv, message, tmp):
     assert_one_clear_line(run(argv, tmp), message, tmp)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the preset runs")
+def test_bench_gpu_preset_without_cuda_is_one_line_and_status_1(tmp):
+    r = run(["bench.py", "--preset=gpu"], tmp)
+    assert_one_clear_line(r, "preset=gpu needs a CUDA GPU and this torch sees none", tmp)
+    assert r.stdout == "" and not os.path.exists(os.path.join(tmp, "bench.json"))
 
 
 @pytest.mark.parametrize("call, message", LOADER_CASES,

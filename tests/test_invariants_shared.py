@@ -58,3 +58,5 @@ def test_a_multi_token_stop_matches_only_the_whole_sequence_at_the_end():
     assert ends_with_stop(tokens, [[4, 5]]).tolist() == [True, False, False, False, False]
     assert ends_with_stop(tokens, [[4, 5], [8]]).tolist() == [True, False, False, False, True]
     assert ends_with_stop(tokens, [[1, 2, 3, 4]]).tolist() == [False] * 5  # longer than the rows
+    # several one-token stops (compared at once): only the last token counts
+    assert ends_with_stop(tokens, [[8], [7], [4]]).tolist() == [False, False, True, True, True]
