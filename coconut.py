@@ -13,9 +13,10 @@ once. A staged curriculum trains it: stage 0 is plain chain of thought `Q\\n S1\
 at stage k the first k steps are replaced by k*c_thought thoughts between <bot> and <eot>; past
 max_latent_stage every step is gone.
 
-Launch (the defaults: a small generated ProsQA-style task, a tiny GPT-2 from scratch, minutes on a
-CPU):
-    python coconut.py                                        # CPU demo
+Launch (the defaults: two-hop questions over a random knowledge graph whose facts are learned in
+the weights, a tiny GPT-2 from scratch, minutes on a CPU; the one thought learns the bridge entity):
+    python coconut.py                                        # CPU demo (data.py: kgraph)
+    python coconut.py config/coconut_prosqa_small.py         # the mechanics on ProsQA-style data
     python coconut.py config/coconut_prosqa.py               # 1 GPU (batch 128 by accumulation)
     torchrun --standalone --nproc_per_node=8 coconut.py config/coconut_gsm8k.py \
         --micro_batch_size=16
@@ -75,20 +76,20 @@ wandb_log = False               # log to Weights & Biases (imported only when Tr
 wandb_project = "nanolatent"
 wandb_run_name = "coconut"
 # data
-task = "prosqa_small"           # a data.py task: prosqa_small, prosqa, prontoqa, gsm8k_aug, json
+task = "kgraph"                 # a data.py task: kgraph, prosqa_small, prosqa, gsm8k_aug, json...
 data_path = ""                  # local files, '{split}' -> train/valid/test (prosqa_{split}.json)
 split_layout = ""               # one data file without {split}: 'tail:VAL,TEST' holds out its tail
 allow_split_overlap = False     # True: a question in two splits is a warning, not an error
 n_train = 0                     # examples per split, 0 = the task's default size
 n_val = 0
 n_test = 0
-task_options = "{'min_nodes': 6, 'max_nodes': 8, 'min_hops': 2, 'max_hops': 3}"  # "{}" for files
+task_options = "{}"             # generator options, e.g. "{'hops': (2, 3)}"; "{}" for files
 tokenizer = ""                  # '' = the model's own (words for scratch) | 'words' | HF name/dir
 # method
 method = "coconut"              # coconut | cot | no_cot | no_thoughts | pause_as_thought | pause
 c_thought = 1                   # thoughts per replaced step (paper: 2 GSM8k, 1 ProsQA/ProntoQA)
-epochs_per_stage = 3            # curriculum: epochs per stage (paper: 3 GSM8k, 5 ProsQA/ProntoQA)
-max_latent_stage = 3            # last stage with steps left; past it every step is latent
+epochs_per_stage = 10           # curriculum: epochs per stage (paper: 3 GSM8k, 5 ProsQA/ProntoQA)
+max_latent_stage = 1            # last stage with steps left; past it every step is latent
 start_stage = 0                 # first stage: 1 after a CoT run; 99 (capped) = "w/o curriculum"
 pad_latent_to_max = True        # released: k*c thoughts at stage k even with fewer than k steps
 uniform_prob = 0.0              # chance an example trains at a random stage 0..#steps (released 0)
@@ -103,9 +104,9 @@ n_embd = 128
 block_size = 512                # maximum positions
 dropout = 0.0
 # optimization (paper: AdamW lr 1e-4, wd 0.01, global batch 128, fp32, no schedule or clipping)
-num_epochs = 15                 # total epochs (paper: 25 GSM8k after the CoT run, 50 ProsQA)
-batch_size = 32                 # GLOBAL batch in examples, all ranks and micro-steps (paper: 128)
-micro_batch_size = 32           # examples per rank per forward; accumulation = batch / (micro x W)
+num_epochs = 70                 # total epochs (paper: 25 GSM8k after the CoT run, 50 ProsQA)
+batch_size = 128                # GLOBAL batch in examples, all ranks and micro-steps (paper: 128)
+micro_batch_size = 128          # examples per rank per forward; accumulation = batch / (micro x W)
 learning_rate = 1e-3            # AdamW lr (paper: 1e-4 for pretrained GPT-2; 1e-3 from scratch)
 weight_decay = 0.01
 reset_optimizer = "stage"       # new AdamW at: stage switches (paper) | epoch (released) | never
@@ -114,8 +115,8 @@ fsdp = False                    # torchrun only: shard weights, gradients and Ad
 gradient_checkpointing = False  # recompute activations in the backward; not for method=coconut
 # evaluation
 eval_batch_size = 64            # prompts per generate call, per rank
-max_new_tokens = 48             # paper: 64 GSM8k, 128 others
-probe = 2                       # decode the thoughts of this many test examples (0 = off)
+max_new_tokens = 8              # paper: 64 GSM8k, 128 others
+probe = 4                       # decode the thoughts of this many test examples (0 = off)
 probe_topk = 3                  # top-k tokens shown per thought
 progress = True                 # progress bars with an ETA for evaluations (rank 0, terminals only)
 # system

@@ -928,20 +928,22 @@ def kgraph_example(f, head, rels, fact_steps=False):
             "head": head, "relations": list(rels)}
 
 
-def kgraph_split(split, entities=200, relations=4, held_out=40, hops=(2,), fact_repeat=1,
-                 fact_steps=False, val_share=0.2, graph_seed=0):
+def kgraph_split(split, entities=200, relations=4, held_out=40, hops=(2,), fact_repeat=3,
+                 fact_steps=True, val_share=0.2, graph_seed=0):
     """Every example of one split of the fixed graph (kgraph_graph). train = every one-hop fact
     `e r ?` (each fact_repeat times: its share of the batches) + every multi-hop question of each
     hop count in `hops` whose head is a seen entity; val / test = the multi-hop questions whose head
     is held out, cut once in a fixed order (val_share of them to val), the hop counts interleaved so
     that any first n of a split mixes them evenly. Every fact of a held-out question was trained as
-    a one-hop fact; no multi-hop question with a held-out head is ever trained. Independent of the
-    run's seed: every seed trains and tests on the same questions."""
+    a one-hop fact; no multi-hop question with a held-out head is ever trained. fact_steps: a fact
+    is a one-step chain (`e r ?` -> step `b` -> `### b`), so that from Coconut's stage 1 on every
+    fact, held-out heads' included, passes its answer through a thought: that trains the thought
+    to hold the first hop, which a held-out question needs (docs/coconut_default_search.md).
+    Independent of the run's seed: every seed trains and tests on the same questions."""
     hops = (hops,) if isinstance(hops, int) else tuple(hops)
     if not hops or min(hops) < 2 or not 0 < val_share < 1 or fact_repeat < 1:
         raise UserError(f"kgraph: hops must be counts >= 2, 0 < val_share < 1 and fact_repeat "
-                        f">= 1, "
-                        f"got hops={hops}, val_share={val_share}, fact_repeat={fact_repeat}")
+                        f">= 1, got hops={hops}, val_share={val_share}, fact_repeat={fact_repeat}")
     f, held = kgraph_graph(entities, relations, held_out, graph_seed)
     held_set = set(held)
     rng = random.Random(f"kgraph/split/{graph_seed}/{entities}/{relations}/{held_out}/{hops}")

@@ -28,3 +28,4 @@ reset_optimizer = "epoch"        # released: a new AdamW every epoch (paper: at 
 precision = "fp32"               # released: bf16 False
 marker_init = "<<"               # released: copies of '<<' of the CoT model, added when loading it
 max_new_tokens = 64
+probe = 2

@@ -27,3 +27,4 @@ learning_rate = 1e-4
 reset_optimizer = "never"        # released gsm_cot: reset_optimizer False, one AdamW throughout
 precision = "fp32"               # released: bf16 False
 max_new_tokens = 64
+probe = 2

@@ -158,7 +158,7 @@ CLI_CASES = [
     (["coconut.py", "--ckpt_interval=-1"], "ckpt_interval=-1 must be >= 0"),
     (["coconut.py", "--thoughts_sweep=0,x"], "thoughts_sweep='0,x': give thought counts >= 0"),
     (["coconut.py", "--batch_size=10"],
-     "batch_size=10 (global) must be a multiple of micro_batch_size=32"),
+     "batch_size=10 (global) must be a multiple of micro_batch_size=128 x 1 ranks"),
     (["coconut.py", "--gradient_checkpointing=True"], "does not work with method=coconut"),
     (["coconut.py", "--fsdp=True"], "fsdp=True shards over the processes of a torchrun launch"),
     (["coconut.py", "--init_from={tmp}/nope.pt"],
@@ -171,8 +171,8 @@ CLI_CASES = [
     (["coconut.py", "--task=json", "--task_options={}", "--data_path={tmp}/mydata.jsonl"],
      "mydata.jsonl names no split, and one file for"),
     (["coconut.py", "--n_train=8", "--n_val=2", "--n_test=2", "--batch_size=8",
-      "--micro_batch_size=8", "--block_size=24"],
-     "needs 80 positions but the model has 24: raise --block_size"),
+      "--micro_batch_size=8", "--block_size=8"],
+     "needs 12 positions but the model has 8: raise --block_size"),
     (["coconut.py", "--n_train=4", "--n_val=2", "--n_test=2", "--batch_size=8",
       "--micro_batch_size=8"], "4 training examples < batch_size=8"),
 ]
@@ -262,8 +262,9 @@ LOADER_CASES = [
     # files that are not what their name says, and rows no method can use
     (load("json", path="{tmp}/utf16_train.json"), "utf16_train.json is UTF-16 text: save it as"),
     (load("json", path="{tmp}/gz_train.json"), "gz_train.json is gzip-compressed: decompress it"),
-    (load("json", path="{tmp}/lines_train.json"), "lines_train.json holds JSON Lines (one object "
-                                                  "per line), not a JSON list: rename it to .jsonl"),
+    (load("json", path="{tmp}/lines_train.json"),
+     "lines_train.json holds JSON Lines (one object per line), not a JSON list: rename it to "
+     ".jsonl"),
     (load("json", path="{tmp}/surrogate_train.json"), "row 1: holds a lone surrogate"),
     (load("json", path="{tmp}/emptyans_train.jsonl"), "row 1: empty answer: every output would"),
     (load("json", path="{tmp}/marker_train.jsonl"),
@@ -307,7 +308,7 @@ def assert_one_clear_line(r, message, tmp):
     assert not WORK.search(r.stdout), r.stdout
 
 
-IN_PROCESS = ("coconut.py", "latro.py")
+IN_PROCESS = ("coconut.py", "latro.py", "data.py")  # they import torch: seconds as a subprocess
 
 
 @pytest.mark.parametrize("argv, message", CLI_CASES, ids=[" ".join(c[0][:2]) + f" #{i}"
@@ -325,6 +326,7 @@ def test_cli_bad_input_is_a_clear_error_and_no_work(argv, message, tmp, tmp_path
 # what the user sees from each script: one line on stderr, status 1 (an error found before the data,
 # and one found after the data, when the model is looked up)
 ONE_LINE_CASES = [
+    (["data.py", "prosqa_smal", "train", "3"], "task 'prosqa_smal' is unknown"),
     (["latro.py", "--temperature=0"], "temperature=0.0: greedy rollouts make the K rationales"),
     (["coconut.py", "--init_from={tmp}/no_model_here", "--n_train=8", "--n_val=2", "--n_test=2",
       "--batch_size=8", "--micro_batch_size=8"], "init_from='{tmp}/no_model_here': no model there"),

@@ -433,7 +433,7 @@ def test_bad_config_fails_with_clear_message():
         with pytest.raises(ValueError, match=msg):
             check_rules_of(coconut, {**ok, **bad}, 2)
 
-TINY = ["--task=prosqa_small",
+TINY = ["config/coconut_prosqa_small.py", "--task=prosqa_small",
         "--task_options={'symbolic': True, 'min_nodes': 6, 'max_nodes': 8, 'min_hops': 1, "
         "'max_hops': 2}", "--n_train=16", "--n_val=4", "--n_test=4", "--n_layer=1", "--n_head=2",
         "--n_embd=32", "--batch_size=8", "--micro_batch_size=4", "--max_latent_stage=1",
@@ -632,7 +632,8 @@ def test_presets_resolve_to_released_values(files, values, n_infer, copies):
                 == [min((e + 3) // 3, 4) for e in range(22)])
 
 @pytest.mark.parametrize("preset", sorted(f for f in os.listdir(os.path.join(ROOT, "config"))
-                                          if f.startswith("coconut_")))
+                                          if f.startswith("coconut_")
+                                          and f != "coconut_prosqa_small.py"))   # CPU: below
 def test_presets_parse_and_divide(preset):
     # every key exists with the right type, and the global batch divides on 1 and on 4 GPUs (the
     # released count); overlays (method files) sit on a task preset, so every file is read after
@@ -645,3 +646,19 @@ def test_presets_parse_and_divide(preset):
     check_rules_of(coconut, cfg, 1)                                    # 4 micro-steps on 1 GPU
     check_rules_of(coconut, cfg, 4)                                    # 1 on each of 4
     assert cfg["batch_size"] == 4 * cfg["micro_batch_size"]
+
+
+def test_prosqa_small_preset_is_the_cpu_demo_on_prosqa_data():
+    # one process, on its own (not over coconut_prosqa.py): the ProsQA-style CPU demo's settings,
+    # and the kgraph default (python coconut.py) is what it replaces
+    import coconut
+    from configurator import configure
+    assert (coconut.task, coconut.max_latent_stage, coconut.num_epochs) == ("kgraph", 1, 70)
+    cfg = configure(dict(vars(coconut)), [os.path.join(ROOT, "config", "coconut_prosqa_small.py")],
+                    verbose=False)
+    check_rules_of(coconut, cfg, 1)
+    want = dict(task="prosqa_small", c_thought=1, epochs_per_stage=3, max_latent_stage=3,
+                num_epochs=15, batch_size=32, micro_batch_size=32, marker_init="auto",
+                max_new_tokens=48, probe=2, method="coconut", init_from="scratch")
+    assert {k: cfg[k] for k in want} == want
+    assert eval(cfg["task_options"]) == dict(min_nodes=6, max_nodes=8, min_hops=2, max_hops=3)

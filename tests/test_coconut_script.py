@@ -12,7 +12,8 @@ import torch
 from inprocess import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASK = ["--task=prosqa_small", "--task_options={'symbolic': True, 'min_nodes': 6, 'max_nodes': 8, "
+TASK = ["config/coconut_prosqa_small.py", "--task=prosqa_small",
+        "--task_options={'symbolic': True, 'min_nodes': 6, 'max_nodes': 8, "
         "'min_hops': 1, 'max_hops': 2}", "--n_val=4", "--n_test=4", "--max_new_tokens=4",
         "--probe=0"]
 TINY = TASK + ["--n_train=16", "--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=8",

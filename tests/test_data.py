@@ -667,3 +667,71 @@ def test_split_overlap_is_counted_per_pair_and_refused(tmp_path, capsys):
     # generated tasks are disjoint by construction
     gen = {s: data.load_task("modsum", s, n=50) for s in data.SPLITS}
     assert data.check_split_overlap(gen) == {}
+
+
+# -----------------------------------------------------------------------------
+# kgraph: the held-out heads never start a trained multi-hop question, answers follow the graph
+
+def kgraph_facts(train):
+    """(head, relation) -> tail, read from the one-hop facts of the train split only."""
+    facts = {}
+    for ex in train:
+        words = ex["question"].split()
+        if len(words) == 3:
+            key = (words[0], words[1])
+            assert facts.setdefault(key, ex["answer"]) == ex["answer"]  # a function: one tail
+    return facts
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"hops": (2, 3), "entities": 30, "relations": 3,
+                                         "held_out": 6, "fact_steps": False, "fact_repeat": 1}])
+def test_kgraph_held_out_heads_and_answers(kwargs):
+    splits = {s: data.load_task("kgraph", s, **kwargs) for s in data.SPLITS}
+    entities, relations = kwargs.get("entities", 200), kwargs.get("relations", 4)
+    held_out, hops = kwargs.get("held_out", 40), kwargs.get("hops", (2,))
+    facts = kgraph_facts(splits["train"])
+    assert len(facts) == entities * relations  # every fact is trained as a one-hop question
+    multi = [ex for ex in splits["train"] if len(ex["question"].split()) > 3]
+    seen = {ex["question"].split()[0] for ex in multi}
+    assert len(seen) == entities - held_out
+    held = set()
+    for split in ("val", "test"):
+        for ex in splits[split]:
+            words = ex["question"].split()
+            assert words[0] not in seen  # a held-out head
+            held.add(words[0])
+            # the answer and the steps, composed from the trained facts
+            path = [words[0]]
+            for r in words[1:-1]:
+                path.append(facts[(path[-1], r)])
+            assert ex["steps"] == path[1:-1] and ex["answer"] == path[-1]
+            assert len(words) - 2 in hops
+    assert len(held) == held_out
+    # every multi-hop relation sequence of every held-out head, each in exactly one of val / test
+    questions = [ex["question"] for s in ("val", "test") for ex in splits[s]]
+    assert len(questions) == len(set(questions)) == held_out * sum(relations ** h for h in hops)
+    assert not set(questions) & {ex["question"] for ex in splits["train"]}
+    for ex in multi:  # the trained multi-hop questions are composed from the same facts
+        words = ex["question"].split()
+        path = [words[0]]
+        for r in words[1:-1]:
+            path.append(facts[(path[-1], r)])
+        assert ex["steps"] == path[1:-1] and ex["answer"] == path[-1]
+    one_hop = [ex for ex in splits["train"] if len(ex["question"].split()) == 3]
+    assert len(one_hop) == entities * relations * kwargs.get("fact_repeat", 3)
+    fact_steps = kwargs.get("fact_steps", True)
+    assert all(ex["steps"] == ([ex["answer"]] if fact_steps else []) for ex in one_hop)
+    if len(hops) > 1:  # hop counts interleaved: the first questions of a split mix them
+        assert {len(ex["question"].split()) - 2 for ex in splits["test"][:4]} == set(hops)
+
+
+def test_kgraph_default_sizes_and_seed_independence():
+    train, val, test = (data.load_task("kgraph", s) for s in data.SPLITS)
+    # 200 entities x 4 relations x 3 repeats + 160 seen heads x 16 two-hop questions; 40 x 16 held
+    assert (len(train), len(val), len(test)) == (2400 + 2560, 128, 512)
+    assert data.load_task("kgraph", "test", seed=7) == test
+    assert data.load_task("kgraph", "test", n=10) == test[:10]
+    # no entity is its own neighbour, and the graph does not depend on the held-out count
+    f, held = data.kgraph_graph()
+    assert all(f[r][e] != e for r in range(4) for e in range(200)) and len(held) == 40
+    assert data.kgraph_graph(held_out=10)[0] == f
