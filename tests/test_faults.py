@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -61,6 +62,12 @@ def test_a_resume_whose_best_pt_is_missing_or_truncated_is_refused_before_traini
     r = run_main("coconut.py", COCONUT + [f"--out_dir={d}", "--num_epochs=4",
                                           "--init_from=resume"])
     assert r.code == 0 and "\nstep 7/8 " in r.out, r.out[-2000:]
+    # latro.py the same way: its best.pt is checked when the resumed run starts
+    d = tmp_path / "latro"
+    r = run_main("latro.py", LATRO + [f"--out_dir={d}", "--stop_at_step=1"])
+    assert r.code == 0 and (d / "best.pt").exists(), r.out[-2000:]
+    (d / "best.pt").unlink()
+    refused("latro.py", LATRO + [f"--out_dir={d}", "--init_from=resume"], "best.pt is missing")
 
 
 def test_a_full_disk_or_a_read_only_out_dir_is_one_line_and_keeps_the_last_checkpoint(
@@ -99,9 +106,10 @@ def test_a_disk_too_small_for_the_checkpoints_is_refused_before_work(tmp_path, m
 def test_a_plan_larger_than_the_host_memory_is_refused_on_the_cpu(tmp_path):
     # 2 layers of 65,536 dimensions: about 100B parameters, a plan of terabytes; it used to
     # allocate until the machine ran out
-    msg = refused("coconut.py", COCONUT + [f"--out_dir={tmp_path}", "--n_embd=65536"],
-                  "exceeds the host memory per process")
-    assert "GiB per process" in msg
+    for shape in (["--n_embd=65536"], ["--n_layer=10000", "--n_embd=128", "--n_head=4"]):  # 2B
+        msg = refused("coconut.py", COCONUT + [f"--out_dir={tmp_path}", *shape],
+                      "exceeds the host memory per process")
+        assert "GiB per process" in msg
 
 
 # ---- silent: a wrong result without an error ----------------------------------------------------
@@ -166,6 +174,11 @@ def test_init_from_that_is_not_a_checkpoint_or_a_model(tmp_path):
     (tmp_path / "notes.pt").write_text("not a checkpoint\nsecond line\n")
     msg = refused("coconut.py", COCONUT + [f"--init_from={tmp_path / 'notes.pt'}",
                                            f"--out_dir={tmp_path / 'o3'}"], "corrupt or truncated")
+    assert "\n" not in msg
+    with zipfile.ZipFile(tmp_path / "archive.pt", "w") as z:            # a zip renamed .pt
+        z.writestr("notes.txt", "not a checkpoint")
+    msg = refused("coconut.py", COCONUT + [f"--init_from={tmp_path / 'archive.pt'}",
+                                           f"--out_dir={tmp_path / 'o4'}"], "corrupt or truncated")
     assert "\n" not in msg
     # best.pt copied over ckpt.pt "to resume from the best epoch": say how to do that instead
     for script, args in (("coconut.py", COCONUT), ("latro.py", LATRO)):

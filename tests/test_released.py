@@ -36,6 +36,19 @@ def test_arc_trains_12_epochs_of_rollouts_and_selects_among_several_candidates()
         assert preset(name)["max_new_tokens"] == 500               # scripts/evaluation.sh
 
 
+def test_the_sft_presets_keep_the_one_released_command_and_the_hub_loaders_are_installed():
+    # lr 1e-7 and 256 sequences per step: the released Mistral-7B ARC command, for every model
+    for name in ("latro_sft_gsm8k.py", "latro_sft_arc.py"):
+        cfg = preset(name)
+        assert (cfg["sft_learning_rate"], cfg["sft_batch_size"]) == (1e-7, 256)
+        assert cfg["latro_steps"] == 0
+    # the GSM8K and ARC presets load the hub through `datasets`: a plain install must bring it
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        names = {line.split("#")[0].strip().split("=")[0].split("<")[0].split(">")[0]
+                 for line in f}
+    assert {"datasets", "torch", "transformers"} <= names
+
+
 @pytest.mark.parametrize("gold, task, text, y", [
     ("1,080", "gsm8k", "released", "The answer is 1,080."),        # as written after '####'
     ("1,080", "gsm8k", "clean", "The answer is 1080."),
