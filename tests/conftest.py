@@ -1,7 +1,8 @@
 """The suite's process layout. With pytest-xdist installed (requirements-test.txt),
-`python -m pytest` runs in two worker processes, each test module whole on one worker (so a module's fixtures are
-computed once), one CPU thread per worker (two multi-threaded workers on two cores slow each other
-down many times). `-n 0` (or a machine without pytest-xdist) runs everything in this process."""
+`python -m pytest` runs in two worker processes, each test module whole on one worker (so that a
+module's fixtures are computed once), one CPU thread per worker (two multi-threaded workers on two
+cores slow each other down many times). `-n 0` (or a machine without pytest-xdist) runs everything
+in this process."""
 import os
 
 WORKERS = 2
