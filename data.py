@@ -302,11 +302,6 @@ def join_words(words):
     return "".join(out)
 
 
-# transformers' clean_up_tokenization, in its order
-CLEANUP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-           (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]
-
-
 class Tokenizer:
     """One small interface over any Hugging Face tokenizer, the offline word-level one included.
 
@@ -360,8 +355,7 @@ class Tokenizer:
         if not self.is_words:
             text = self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
             if cleanup and self.hf.init_kwargs.get("clean_up_tokenization_spaces"):
-                for before, after in CLEANUP:
-                    text = text.replace(before, after)
+                text = self.hf.clean_up_tokenization(text)
             return text
         special = self.special_ids()
         tokens = self.hf.convert_ids_to_tokens([i for i in ids
@@ -531,6 +525,8 @@ def build_tokenizer(name, examples):
               "Question: Options: (A) (B) (C) (D) (E)"]
     # ARC prompts print the options as a Python list: its pieces ("['heat',") are words too
     texts += [latro_prompt(ex, "arc") for ex in examples if "options" in ex]
+    # LaTRO's answer_y='clean' writes GSM8K golds without their thousands commas
+    texts += [ex["answer"].replace(",", "") for ex in examples if "," in ex["answer"]]
     return Tokenizer.from_words(texts)
 
 # -----------------------------------------------------------------------------
@@ -1145,15 +1141,16 @@ def gsm8k_aug_example(line, path, row):
     '||', unstripped; the steps are the text between '||' and the first '##', stripped and split
     on single spaces (a line with no equation gives one empty step, ['']); the answer is the text
     after the last '##', stripped, commas kept."""
-    if "||" not in line:
+    parts = line.split("||")
+    if len(parts) == 1:
         _fail(path, row, "no '||' between question and rationale")
-    if "####" not in line.split("||", 1)[1]:
+    if "####" not in line[len(parts[0]) + 2:]:
         _fail(path, row, "no '#### <answer>' after the rationale")
-    question = line.split("||")[0]
+    question = parts[0]
     if not question.strip():
         _fail(path, row, "empty question")
-    ex = {"question": question, "steps": line.split("||")[1].split("##")[0].strip().split(" "),
-          "answer": line.split("##")[-1].strip()}
+    ex = {"question": question, "steps": parts[1].split("##")[0].strip().split(" "),
+          "answer": line.rsplit("##", 1)[-1].strip()}
     check_texts(ex, path, row)
     return ex
 
@@ -1164,8 +1161,8 @@ def load_gsm8k_aug(path):
     if not path:
         raise UserError("gsm8k_aug needs path= a local iCoT text file "
                         "(train.txt / valid.txt / test.txt)")
-    # each line keeps its "\n", as the released f.readlines()
-    lines = read_text(path).splitlines(keepends=True)
+    # lines as the released text-mode f.readlines() cuts them: at \n, \r\n and \r only
+    lines = read_text(path).replace("\r\n", "\n").replace("\r", "\n").split("\n")
     return [gsm8k_aug_example(line, path, row) for row, line in enumerate(lines, 1)
             if line.strip()]
 
@@ -1468,12 +1465,10 @@ def prontoqa_from_raw(path):
     ...}) read as the released `preprocessing/prontoqa.py` reads it, in file order: question =
     question + " " + query; steps = the chain_of_thought sentences joined two at a time with one
     space (an odd last one alone); answer as written. In-context examples are ignored."""
-    _require_file(path)
-    with open(path, encoding="utf-8") as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    try:
+        raw = json.loads(read_text(path))  # (read_text: UTF-8 text, not gzip or UTF-16)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected ProntoQA's raw JSON object {{\"example1\": "
                         f"{{\"test_example\": ...}}, ...}}, got a {type(raw).__name__}")

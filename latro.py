@@ -41,9 +41,8 @@ from importlib.util import find_spec
 import torch
 
 from configurator import configure, each, exit_cleanly_on_user_error
-from data import (PROMPT_STYLES, RELEASED_STOP_STRINGS, TASKS, build_tokenizer,
-                  check_shots_unseen, encode_answers, encode_prompts, gold_rows, load_splits,
-                  parse_stop_strings, tokenizer_name)
+from data import (PROMPT_STYLES, TASKS, build_tokenizer, check_shots_unseen, encode_answers,
+                  encode_prompts, gold_rows, load_splits, parse_stop_strings, tokenizer_name)
 from evaluate import CHECKERS, latro_correct, majority_correct
 from model import (TailStopCheck, autocast_ctx, backbone, cut_at_stop, disable_dropout, generate,
                    left_pad, load_model, model_config, position_ids_from_mask, scratch_config,
@@ -152,6 +151,9 @@ RULES = [
      "scores a trained model: give --init_from=<a save_pretrained directory, e.g. out/latro/hf>"),
     ("'8shot' not in (prompt, eval_prompt) or (task == 'gsm8k' and prompt != '8shot')",
      "the 8-shot prompt is GSM8K's, for evaluation: use --eval_prompt=8shot with --task=gsm8k"),
+    ("eval_prompt != '8shot' or tokenizer_name(tokenizer, init_from) != 'words'",
+     "eval_prompt=8shot needs a model's own tokenizer: the word vocabulary of a model from "
+     "scratch does not hold the words of its eight worked examples"),
     ("init_from in ('scratch', 'resume') or not os.path.isfile(init_from)",
      "init_from={init_from!r} is a file; give a directory written by save_pretrained, a hub name, "
      "'scratch' or 'resume'"),
@@ -440,9 +442,10 @@ def answer_likelihoods(model, wrapper, rows, pad_id, chunk, ctx):
     gold one, over this rank's gold rows (xs, zs, ys) and summed over the ranks."""
     xs, zs, ys = rows
     model.eval()
+    scorer = SequenceScorer(model)
     with gathered(wrapper):
-        _, without = score_rows(SequenceScorer(model), xs, [[] for _ in xs], ys, pad_id, chunk, ctx)
-        _, with_z = score_rows(SequenceScorer(model), xs, zs, ys, pad_id, chunk, ctx)
+        _, without = score_rows(scorer, xs, [[] for _ in xs], ys, pad_id, chunk, ctx)
+        _, with_z = score_rows(scorer, xs, zs, ys, pad_id, chunk, ctx)
     sums = torch.tensor([without.sum().item(), with_z.sum().item(), len(xs)], dtype=torch.float64)
     sums = all_sum(sums, next(model.parameters()).device)
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
@@ -553,6 +556,8 @@ if __name__ == "__main__":
     splits = load_splits(task, (n_train, n_val, n_test), path=data_path, seed=seed,
                          split_layout=split_layout, allow_overlap=allow_split_overlap)
     train_ex, val_ex, test_ex = splits["train"], splits["val"], splits["test"]
+    if eval_prompt == "8shot":  # its eight worked examples must not be scored
+        check_shots_unseen(splits)
     if val_split == "test":  # the released protocol: GSM8K's val tail trains too, test selects
         if task == "gsm8k":
             train_ex = train_ex + val_ex
@@ -563,8 +568,6 @@ if __name__ == "__main__":
     tok = build_tokenizer(tokenizer_name(tokenizer, source), train_ex + val_ex + test_ex)
     train_x = encode_prompts(tok, train_ex, task, arc_options, prompt)
     train_y = encode_answers(tok, train_ex, task, answer_y)
-    if eval_prompt == "8shot":  # its eight worked examples must not be scored
-        check_shots_unseen(splits)
     stops = parse_stop_strings(stop_strings)
     print0(f"data: {task} train {len(train_ex)} val {len(val_ex)} test {len(test_ex)}, vocab "
            f"{len(tok)}, {len(stops)} stop strings, checker {checker}")

@@ -111,6 +111,8 @@ CLI_CASES = [
     # data.py prepare: the released conversions of raw files
     (["data.py", "prepare", "prontoqa", "{tmp}/nope.json", "{tmp}/pq"],
      "data file not found: {tmp}/nope.json"),
+    (["data.py", "prepare", "prontoqa", "{tmp}/gz_train.json", "{tmp}/pq"],
+     "gz_train.json is gzip-compressed"),
     (["data.py", "prepare", "prontoqa", "{tmp}/pq_list.json", "{tmp}/pq"],
      "pq_list.json: expected ProntoQA's raw JSON object"),
     (["data.py", "prepare", "prontoqa", "{tmp}/pq_nocot.json", "{tmp}/pq", "--sizes=5"],
@@ -132,6 +134,8 @@ CLI_CASES = [
      "max_rationale_tokens=0: LaTRO optimises the rationale"),
     (["latro.py", "--eval_interval=0"], "eval_interval=0: give a value > 0"),
     (["latro.py", "--penalty=grp"], "penalty='grp': use one of 'group', 'rank_mean', 'none'"),
+    (["latro.py", "--task=gsm8k", "--eval_prompt=8shot"],
+     "eval_prompt=8shot needs a model's own tokenizer"),
     (["latro.py", "--task=gsm9k", "--arc_options=x"],
      "task='gsm9k' is unknown; did you mean gsm8k?"),
     (["latro.py", "--stop_strings=release"], "stop_strings='release': did you mean 'released'?"),

@@ -443,6 +443,13 @@ def test_gsm8k_aug_lines_as_the_released_conversion(tmp_path):
     bad = write(tmp_path / "noanswer_train.txt", "q?||<<1+1=2>>\n")
     with pytest.raises(UserError, match=r"noanswer_train.txt: row 1: no '#### <answer>'"):
         data.load_task("gsm8k_aug", "train", path=bad)
+    # lines end where the released text-mode readlines() ends them: \r\n and \r too, but not
+    # at the other characters str.splitlines() breaks on (here U+2028 inside a question)
+    crlf = write(tmp_path / "crlf_train.txt", "\r\n".join(AUG_LINES) + "\r\n")
+    assert data.load_task("gsm8k_aug", "train", path=crlf) == AUG_EXAMPLES
+    odd = write(tmp_path / "odd_train.txt", "a\u2028b?||<<1+1=2>> #### 2\n")
+    rows = data.load_task("gsm8k_aug", "train", path=odd)
+    assert [ex["question"] for ex in rows] == ["a\u2028b?"]
 
 
 def test_prepare_gsm8k_aug_writes_the_unified_json_the_presets_read(tmp_path, capsys):

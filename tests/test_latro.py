@@ -6,13 +6,13 @@ import os
 import pytest
 import torch
 
-from data import Tokenizer
 import latro
 from configurator import ConfigError, UserError, configure
+from data import RELEASED_STOP_STRINGS, Tokenizer, parse_stop_strings
 from inprocess import run_main
-from latro import (RELEASED_STOP_STRINGS, Sampler, SequenceScorer, batch_layout, build_batch,
-                   longest_sequences, latro_loss, latro_rewards, lr_at, parse_stop_strings,
-                   rank_prompts, resume_keys, rloo_advantages, sample, score_rows, step_indices)
+from latro import (Sampler, SequenceScorer, batch_layout, build_batch, longest_sequences,
+                   latro_loss, latro_rewards, lr_at, rank_prompts, resume_keys, rloo_advantages,
+                   sample, score_rows, step_indices)
 from inprocess import check_rules_of
 from model import cut_at_stop, disable_dropout, load_model
 from run import check_same_run, load_run, save_checkpoint

@@ -61,6 +61,14 @@ def test_the_answer_text_is_the_released_one(gold, task, text, y):
     assert latro_answer(gold, task, text) == y
 
 
+def test_the_word_vocabulary_holds_the_clean_answer_text():
+    # a model from scratch on GSM8K-style golds with commas: answer_y='clean' writes them without
+    tok = data.build_tokenizer("words", [{"question": "How many?", "steps": [], "answer": "1,080"}])
+    for text in ("released", "clean"):
+        y = latro_answer("1,080", "gsm8k", text)
+        assert tok.decode(tok.encode(y)) == y
+
+
 def test_the_pad_a_tokenizer_lacks_is_the_released_one(tmp_path):
     # Mistral's SentencePiece model has no pad: the released code pads (and stops) with <unk>
     name = "mistral_instruct_tokenizer_240323.model.v3"

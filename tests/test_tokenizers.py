@@ -17,8 +17,7 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from data import Tokenizer
-from latro import RELEASED_STOP_STRINGS
+from data import RELEASED_STOP_STRINGS, Tokenizer
 from model import TailStopCheck, cut_at_stop
 
 import torch
