@@ -19,23 +19,10 @@ the weights, a tiny GPT-2 from scratch, minutes on a CPU; the one thought learns
     python coconut.py config/coconut_prosqa_small.py         # the mechanics on ProsQA-style data
     python coconut.py config/coconut_prosqa.py               # 1 GPU (batch 128 by accumulation)
     torchrun --standalone --nproc_per_node=8 coconut.py config/coconut_gsm8k.py \
-        --micro_batch_size=16
-    torchrun --standalone --nproc_per_node=8 coconut.py config/coconut_gsm8k.py --fsdp=True  # FSDP2
+        --micro_batch_size=16                                # 8 GPUs; FSDP2: add --fsdp=True
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 \
-        --master_port=29500 coconut.py config/coconut_gsm8k.py --micro_batch_size=8
-                                                             # and --node_rank=1 on the second node
-Methods (--method=, or add an overlay such as config/coconut_pause.py after a task preset):
-    coconut           thoughts fed back, curriculum
-    pause_as_thought  same data, <latent> a learned token
-    no_thoughts       curriculum deletes steps, nothing instead
-    cot               Q S1..Sn A, stage 0 throughout
-    no_cot            Q A
-    pause             Q <latent>xN A, no curriculum
-"w/o curriculum" is coconut at the final stage from the first epoch: --start_stage=99 (capped).
-Accuracy against the number of inference thoughts (no retraining); bf16 autocast instead of fp32:
-    python coconut.py config/coconut_prosqa.py --eval_only=True \
-        --init_from=out/prosqa_coconut/best.pt --thoughts_sweep=0,1,2,3,4,5,6
-    torchrun --standalone --nproc_per_node=4 coconut.py config/coconut_prosqa.py --precision=bf16
+        --master_port=29500 coconut.py config/coconut_gsm8k.py --micro_batch_size=8  # 2 nodes
+The other node: --node_rank=1. Baselines (--method=), thought sweep, all options: docs/coconut.md.
 """
 
 import ast
@@ -50,18 +37,18 @@ import torch
 import torch.nn as nn
 from transformers import DynamicCache
 
-from configurator import UserError, configure, each, exit_cleanly_on_user_error
+from configurator import (UserError, configure, counts, each, exit_cleanly_on_user_error,
+                          system_rules)
 from data import (TASKS, build_tokenizer, check_coconut_answers, encode_example, load_splits,
                   marker_ids, marker_source, markers_present, tokenizer_name)
 from evaluate import coconut_correct
 from model import (autocast_ctx, backbone, cache_kwargs, copy_token_rows, decode, left_pad,
-                   lm_head, load_model, model_config, position_ids_from_mask, scratch_config,
-                   token_logprobs)
-from run import (StopRequest, all_sum, check_same_run, check_whole, distribute, end_distributed,
+                   lm_head, load_model, model_config, position_ids_from_mask, progress_bar,
+                   scratch_config, token_logprobs)
+from run import (StopRequest, all_sum, check_same_run, distribute, end_distributed, end_training,
                  enable_activation_checkpointing, epoch_path, exit_on_signal, gathered, grad_norm,
-                 load_checkpoint, load_full_state_dicts, load_run, preflight, print0,
-                 progress_bar, ranks_identical, require_finite, save_hf_export, save_run,
-                 set_grad_sync, start, wandb_logger)
+                 load_best, load_full_state_dicts, load_run, preflight, print0, require_finite,
+                 resume_run, save_hf_export, save_run, set_grad_sync, start, wandb_logger)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults are the CPU demo; config/coconut_*.py hold the paper's runs
@@ -73,16 +60,16 @@ keep_epoch_checkpoints = False  # also epoch_N.pt: the weights after N epochs (l
 init_from = "scratch"           # scratch | resume (out_dir/ckpt.pt) | a .pt of coconut.py | HF
 eval_only = False               # evaluate init_from on the test split (and probe), then exit
 wandb_log = False               # log to Weights & Biases (imported only when True)
-wandb_project = "nanolatent"
-wandb_run_name = "coconut"
+wandb_project = "nanolatent"    # wandb project
+wandb_run_name = "coconut"      # wandb run name
 # data
 task = "kgraph"                 # a data.py task: kgraph, prosqa_small, prosqa, gsm8k_aug, json...
 data_path = ""                  # local files, '{split}' -> train/valid/test (prosqa_{split}.json)
 split_layout = ""               # one data file without {split}: 'tail:VAL,TEST' holds out its tail
 allow_split_overlap = False     # True: a question in two splits is a warning, not an error
 n_train = 0                     # examples per split, 0 = the task's default size
-n_val = 0
-n_test = 0
+n_val = 0                       # val examples: model selection each epoch
+n_test = 0                      # test examples: scored once at the end
 task_options = "{}"             # generator options, e.g. "{'hops': (2, 3)}"; "{}" for files
 tokenizer = ""                  # '' = the model's own (words for scratch) | 'words' | HF name/dir
 # method
@@ -98,17 +85,17 @@ thoughts_sweep = ""             # '0,1,2,3': test accuracy at each thought count
 marker_init = "auto"            # token the marker rows copy ('<<' released); '' = fresh rows
 # model (init_from='scratch')
 arch = "gpt2"                   # gpt2 | llama
-n_layer = 2
-n_head = 4
-n_embd = 128
+n_layer = 2                     # transformer blocks
+n_head = 4                      # attention heads
+n_embd = 128                    # width (hidden size)
 block_size = 512                # maximum positions
-dropout = 0.0
+dropout = 0.0                   # dropout of a model from scratch
 # optimization (paper: AdamW lr 1e-4, wd 0.01, global batch 128, fp32, no schedule or clipping)
 num_epochs = 70                 # total epochs (paper: 25 GSM8k after the CoT run, 50 ProsQA)
 batch_size = 128                # GLOBAL batch in examples, all ranks and micro-steps (paper: 128)
 micro_batch_size = 128          # examples per rank per forward; accumulation = batch / (micro x W)
 learning_rate = 1e-3            # AdamW lr (paper: 1e-4 for pretrained GPT-2; 1e-3 from scratch)
-weight_decay = 0.01
+weight_decay = 0.01             # AdamW (paper: 0.01)
 reset_optimizer = "stage"       # new AdamW at: stage switches (paper) | epoch (released) | never
 precision = "fp32"              # fp32 (released) | bf16 autocast (weights and optimizer stay fp32)
 fsdp = False                    # torchrun only: shard weights, gradients and AdamW state (FSDP2)
@@ -121,22 +108,12 @@ probe_topk = 3                  # top-k tokens shown per thought
 progress = True                 # progress bars with an ETA for evaluations (rank 0, terminals only)
 # system
 device = "auto"                 # auto | cpu | cuda | cuda:1 ...
-seed = 0
+seed = 0                        # data, initial weights and batch order
 ddp_timeout = 1800              # seconds a collective (and init_process_group) waits for the others
 
 METHODS = ("coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought", "pause")
 MARKER_METHODS = ("coconut", "pause_as_thought", "pause")  # sequences hold the 3 new tokens
 CURRICULUM_METHODS = ("coconut", "no_thoughts", "pause_as_thought")
-
-def thought_counts(text):
-    """'0,1,2' -> [0, 1, 2] (thought counts for the sweep); None when that is not what it is."""
-    try:
-        counts = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        return None
-    if not counts or min(counts) < 0:
-        return None
-    return counts
 
 # what a configuration must hold, checked by configurator.py before any work, in this order
 RULES = [
@@ -148,11 +125,7 @@ RULES = [
      "reset_optimizer={reset_optimizer!r}: use one of 'stage', 'epoch', 'never'"),
     ("precision in ('fp32', 'bf16')", "precision={precision!r}: use one of 'fp32', 'bf16'"),
     ("arch in ('gpt2', 'llama')", "arch={arch!r}: use one of 'gpt2', 'llama'"),
-    ("device in ('auto', 'cpu') or device.split(':')[0] == 'cuda'",
-     "device={device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'"),
-    ("not device.startswith('cuda') or torch.cuda.is_available()",
-     "device={device!r} but this torch sees no CUDA GPU: use --device=cpu or 'auto'"),
-    ("0 <= seed < 2**32", "seed={seed}: give a seed in [0, 2**32)"),
+    *system_rules("coconut.py"),
     *each("c_thought epochs_per_stage batch_size micro_batch_size eval_batch_size max_new_tokens "
           "probe_topk n_layer n_head n_embd block_size ddp_timeout", "{key} > 0",
           "{key}={value} must be > 0"),
@@ -168,7 +141,7 @@ RULES = [
     ("not (eval_only and init_from == 'scratch')",
      "eval_only=True with init_from='scratch' would score an untrained model: give "
      "--init_from=resume, a .pt checkpoint or a trained model"),
-    ("not thoughts_sweep or thought_counts(thoughts_sweep)", "thoughts_sweep={thoughts_sweep!r}: "
+    ("not thoughts_sweep or counts(thoughts_sweep)", "thoughts_sweep={thoughts_sweep!r}: "
      "give thought counts >= 0 separated by commas, e.g. 0,1,2,3"),
     ("not thoughts_sweep or method in MARKER_METHODS", "thoughts_sweep needs thoughts or pauses; "
      "method={method!r} has none (use one of {', '.join(MARKER_METHODS)})"),
@@ -186,14 +159,13 @@ RULES = [
     ("init_from.endswith('.pt') or init_from in ('scratch', 'resume') or "
      "not os.path.isfile(init_from)", "init_from={init_from!r} is a file but not a .pt "
      "checkpoint: give a .pt file of coconut.py, a save_pretrained directory or a hub name"),
-    ("not fsdp or distributed", "fsdp=True shards over the processes of a torchrun launch: start "
-     "with torchrun --nproc_per_node=N coconut.py ..., or drop --fsdp=True"),
 ]
+SHAPE_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "dropout")  # a model's shape
 # what a resumed run must share with its checkpoint (num_epochs, out_dir, eval settings may change)
-RESUME_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "dropout", "task",
-               "task_options", "data_path", "split_layout", "n_train", "tokenizer", "seed",
-               "method", "c_thought", "epochs_per_stage", "max_latent_stage", "start_stage",
-               "pad_latent_to_max", "uniform_prob", "batch_size")
+RESUME_KEYS = SHAPE_KEYS + ("task", "task_options", "data_path", "split_layout", "n_train",
+                            "tokenizer", "seed", "method", "c_thought", "epochs_per_stage",
+                            "max_latent_stage", "start_stage", "pad_latent_to_max",
+                            "uniform_prob", "batch_size")
 if __name__ == "__main__":
     exit_cleanly_on_user_error()  # a UserError (a wrong key, file, value): one line, exit 1
     config = configure(globals(), sys.argv[1:], rules=RULES)
@@ -209,16 +181,11 @@ class Curriculum:
     max_latent_stage: int    # the last stage with language steps left
     pad_latent_to_max: bool  # the released rule for examples with fewer steps than the stage
     special: tuple           # (<bot>, <latent>, <eot>) ids, or Nones for the methods without them
-    n_pause: int = None      # pause tokens of method 'pause' (None: max_latent_stage * c_thought)
 
 def stage_of(epoch, start_stage, epochs_per_stage, max_latent_stage):
     """The scheduled stage of an epoch; stages past max_latent_stage are all the same, so cap at
     max + 1."""
     return min(start_stage + epoch // epochs_per_stage, max_latent_stage + 1)
-
-def flatten(pieces):
-    """[[1, 2], [3]] -> [1, 2, 3]: the tokens of the steps, in one list."""
-    return [t for piece in pieces for t in piece]
 
 def layout(q, steps, answer, stage, cur, n_thoughts=None, inference=False):
     """One example at curriculum `stage` as (prompt, target) token lists; the loss is on target
@@ -229,17 +196,17 @@ def layout(q, steps, answer, stage, cur, n_thoughts=None, inference=False):
     bot, latent, eot = cur.special
     # the methods without a curriculum: the stage plays no part
     if cur.method == "cot":                                            # Q S1 .. Sn ### A
-        return q, flatten(steps) + answer
+        return q, sum(steps, []) + answer
     if cur.method == "no_cot":
         return q, answer
     if cur.method == "pause":                                          # Q + N pause tokens + A
         if n_thoughts is None:
-            n_thoughts = cur.n_pause or cur.max_latent_stage * cur.c_thought
+            n_thoughts = cur.max_latent_stage * cur.c_thought
         return q + [latent] * n_thoughts, answer
     # stage k drops the first k steps; past the last stage, all of them
     kept = steps[stage:] if stage <= cur.max_latent_stage else []
     if cur.method == "no_thoughts":                                    # "w/o thought"
-        return q, flatten(kept) + answer
+        return q, sum(kept, []) + answer
     # coconut and pause_as_thought: c_thought thoughts per dropped step, up to the last stage
     k = min(stage, cur.max_latent_stage)
     # pad_latent_to_max=False, as released: a training stage k <= max_latent_stage still gives k*c
@@ -248,13 +215,12 @@ def layout(q, steps, answer, stage, cur, n_thoughts=None, inference=False):
     if not cur.pad_latent_to_max and (inference or stage > cur.max_latent_stage):
         k = min(k, len(steps))
     n = k * cur.c_thought if n_thoughts is None else n_thoughts
-    return q + [bot] + [latent] * n + [eot], flatten(kept) + answer
+    return q + [bot] + [latent] * n + [eot], sum(kept, []) + answer
 
 def thoughts_at_stage(stage, cur):
     """The thoughts (or pauses) at `stage` of an example with more steps than any stage replaces:
     what the schedule and the step log report."""
-    prompt, _ = layout([], [[0]] * 99, [], stage, cur)
-    return prompt.count(cur.special[1])
+    return layout([], [[0]] * 99, [], stage, cur)[0].count(cur.special[1])
 
 def collate(rows, latent_id, pad_id, c0=None, width=None):
     """rows: list of (prompt, target). Left-pad so every row's first thought (the end of a prompt
@@ -379,8 +345,7 @@ def generate_answers(model, prompts, latent_id, eos_id, pad_id, max_new_tokens, 
                              stop_sequences=[[eos_id]], pad_id=pad_id)
     # a row that stopped counts up to its first eos; the others, every token
     first_eos = (tokens == eos_id).float().argmax(1) + 1
-    every_token = torch.full_like(first_eos, tokens.shape[1])
-    return tokens, torch.where(stopped, first_eos, every_token)
+    return tokens, torch.where(stopped, first_eos, tokens.shape[1])
 
 def eval_prompts(rows, stage, cur, n_thoughts=None):
     """The prompts (question + markers + thoughts, as the released evaluation lays them out) of
@@ -398,30 +363,23 @@ class Decoding:
     device: str
     progress: bool = False   # a progress bar over the generate calls (rank 0, terminals only)
 
-def evaluate_rank(model, prompts, golds, dec):
-    """Greedy accuracy on this rank's share of the prompts: (n_correct, n_tokens incl. thoughts,
-    texts)."""
-    n_correct, n_tokens, texts = 0, 0, []
-    tok = dec.tok
-    for i in progress_bar(range(0, len(prompts), dec.batch_size), dec.progress, "evaluating"):
-        batch, answers = prompts[i:i + dec.batch_size], golds[i:i + dec.batch_size]
-        tokens, n_gen = generate_answers(model, batch, dec.latent_id, tok.eos_id, tok.pad_id,
-                                         dec.max_new_tokens, dec.device)
-        for row, n, prompt, gold in zip(tokens.tolist(), n_gen.tolist(), batch, answers):
-            texts.append(tok.decode(row[:n]))
-            n_correct += coconut_correct(texts[-1], gold)              # exact match after last '#'
-            # the paper's "# tokens" counts the thoughts too
-            n_tokens += n + prompt.count(dec.latent_id)
-    return n_correct, n_tokens, texts
-
 def greedy_accuracy(model, wrapper, prompts, golds, n_total, dec):
     """(accuracy, mean tokens generated with thoughts, this rank's texts) over all ranks: each rank
     brings its own prompts (examples r, r+W, ...: each counted exactly once, no sampler padding),
     and the counts are summed over the ranks. n_total: the examples of all ranks."""
+    n_correct, n_tokens, texts, tok, step = 0, 0, [], dec.tok, dec.batch_size
     model.eval()
     # FSDP: the weights are gathered once for the whole call, so ranks may run different counts
     with dec.ctx, gathered(wrapper):
-        n_correct, n_tokens, texts = evaluate_rank(model, prompts, golds, dec)
+        for i in progress_bar(range(0, len(prompts), step), dec.progress, "evaluating"):
+            tokens, n_gen = generate_answers(model, prompts[i:i + step], dec.latent_id, tok.eos_id,
+                                             tok.pad_id, dec.max_new_tokens, dec.device)
+            for row, n, prompt, gold in zip(tokens.tolist(), n_gen.tolist(), prompts[i:i + step],
+                                            golds[i:i + step]):
+                texts.append(tok.decode(row[:n]))
+                n_correct += coconut_correct(texts[-1], gold)          # exact match after last '#'
+                # the paper's "# tokens" counts the thoughts too
+                n_tokens += n + prompt.count(dec.latent_id)
     model.train()
     sums = all_sum(torch.tensor([n_correct, n_tokens], dtype=torch.float64), dec.device)
     return sums[0].item() / n_total, sums[1].item() / n_total, texts
@@ -435,8 +393,8 @@ def validation_loss(wrapper, coconut_model, rows, stage, cur, dec):
     with gathered(wrapper):
         for i in range(0, len(rows), dec.batch_size):
             batch = [layout(*ex, stage, cur) for ex in rows[i:i + dec.batch_size]]
-            ids, mask, labels = collate(batch, cur.special[1], dec.tok.pad_id)
-            ids, mask, labels = ids.to(dec.device), mask.to(dec.device), labels.to(dec.device)
+            ids, mask, labels = (t.to(dec.device) for t in collate(batch, cur.special[1],
+                                                                   dec.tok.pad_id))
             n = (labels[:, 1:] != -100).sum().item()
             with dec.ctx:
                 # the loss is the mean over this batch's n labelled tokens
@@ -460,20 +418,25 @@ def probe_thoughts(model, prompt, latent_id, k, device):
     probs = lm_head(model)(hidden[0, cols]).float().softmax(-1)        # (n, V)
     return probs.topk(min(k, probs.shape[-1]))
 
-def probe_lines(tok, probs, ids):
-    """probe_thoughts' answer as log lines, one per thought: its top-k tokens and probabilities."""
-    lines = []
-    for j, (top_p, top_ids) in enumerate(zip(probs.tolist(), ids.tolist())):
-        words = [f"{tok.decode([i], skip_special_tokens=False)!r} {q:.2f}"
-                 for i, q in zip(top_ids, top_p)]
-        lines.append(f"    thought {j + 1}: " + "  ".join(words))
-    return "\n".join(lines)
+def print_probe(model, wrapper, prompts, texts, k, dec):
+    """Rank 0 prints each prompt, its output and (coconut) the top-k tokens of each of its thoughts.
+    FSDP: every rank probes its own prompts inside gathered() (a collective)."""
+    with gathered(wrapper):
+        for prompt, text in zip(prompts, texts):
+            print0(f"--- {dec.tok.decode(prompt, skip_special_tokens=False)!r} -> {text!r}")
+            if dec.latent_id not in prompt:
+                continue
+            probs, ids = probe_thoughts(model, prompt, dec.latent_id, k, dec.device)
+            for j, (top_p, top_ids) in enumerate(zip(probs.tolist(), ids.tolist())):
+                words = [f"{dec.tok.decode([i], skip_special_tokens=False)!r} {q:.2f}"
+                         for i, q in zip(top_ids, top_p)]
+                print0(f"    thought {j + 1}: " + "  ".join(words))
 
 def report_sweep(rows, info, path):
     """The thought sweep as a Markdown table (rank 0 prints) and a json file (rank 0 writes)."""
-    print0("| thoughts | test acc | tokens generated (thoughts included) |\n|---|---|---|")
-    for r in rows:
-        print0(f"| {r['thoughts']} | {r['accuracy']:.4f} | {r['tokens']:.1f} |")
+    table = [f"| {r['thoughts']} | {r['accuracy']:.4f} | {r['tokens']:.1f} |" for r in rows]
+    print0("\n".join(["| thoughts | test acc | tokens generated (thoughts included) |",
+                      "|---|---|---|"] + table))
     if int(os.environ.get("RANK", 0)) == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
@@ -494,18 +457,14 @@ def schedule_lines(stage_at, cur):
                      f"{thoughts_at_stage(st, cur)} thoughts/pauses, {replaced} steps replaced")
     return "\n".join(lines)
 
-def draw_stages(rng, stage, uniform_prob, n_steps_list):
-    """Each training example's stage this epoch: the scheduled `stage`, or with probability
-    uniform_prob a random stage in 0..#steps of that example (released: uniform_prob=0). One
-    rng.random() per example, then a randint for the drawn ones, in order: the same draws on every
-    rank and on resume."""
-    return [stage if rng.random() >= uniform_prob else rng.randint(0, n) for n in n_steps_list]
-
 def epoch_order(seed, epoch, stage, uniform_prob, n_steps_list):
     """(stages, permutation) of an epoch, seeded by (seed, epoch) only: every rank and every resume
-    draws the same, so a run resumed mid-epoch continues with the same batches."""
+    draws the same, so a run resumed mid-epoch continues with the same batches. Each example's
+    stage is the scheduled `stage`, or with probability uniform_prob a random stage in 0..#steps of
+    that example (released: uniform_prob=0): one rng.random() per example, a randint for the drawn
+    ones, in order."""
     rng = random.Random(seed + epoch)
-    stages = draw_stages(rng, stage, uniform_prob, n_steps_list)
+    stages = [stage if rng.random() >= uniform_prob else rng.randint(0, n) for n in n_steps_list]
     return stages, rng.sample(range(len(n_steps_list)), len(n_steps_list))
 
 def rank_block(batch, rank, micro, grad_accum, micro_batch_size):
@@ -522,15 +481,11 @@ def resets_optimizer(epoch, stage_at, mode):
         return False
     return mode == "epoch" or stage_at[epoch] != stage_at[epoch - 1]
 
-def step_seed(seed, iter_num, rank):
-    """The torch seed of optimizer step iter_num on a rank (dropout): reseeding each step makes a
-    resume at any step exact without saving every rank's RNG state."""
-    return (seed * 1_000_003 + iter_num) * 1009 + rank
-
-def longest_rows(encoded, stages, uniform_prob, cur, test_counts):
-    """(length, index, stage) of the longest training sequence (prompt + target) at every stage a
-    row can be drawn at (with uniform_prob > 0 also any of 0..#steps of that row), and the longest
-    evaluation prompt (the test at each thought count, val at each stage run)."""
+def longest_rows(encoded, stages, uniform_prob, cur, test_counts, max_new_tokens):
+    """The longest sequences as preflight's (tokens, what, how to shorten) triples: training (prompt
+    + target at every stage a row can be drawn at; with uniform_prob > 0 also any of 0..#steps of
+    that row) and evaluation (a prompt + max_new_tokens: the test at each thought count, val at
+    each stage run)."""
     best = (0, None, None)
     for i, ex in enumerate(encoded["train"]):
         drawn = set(stages)
@@ -543,7 +498,11 @@ def longest_rows(encoded, stages, uniform_prob, cur, test_counts):
     final = cur.max_latent_stage + 1 if cur.method in CURRICULUM_METHODS else 0
     prompts = [p for n in test_counts for p in eval_prompts(encoded["test"], final, cur, n)]
     prompts += [p for st in stages for p in eval_prompts(encoded["val"], st, cur)]
-    return best, max(map(len, prompts), default=0)
+    return [(best[0], f"training example {best[1]} at stage {best[2]}", "raise --block_size "
+             "(scratch), lower max_latent_stage or c_thought, or drop long examples"),
+            (max(map(len, prompts), default=0) + max_new_tokens, f"the longest evaluation prompt "
+             f"+ max_new_tokens={max_new_tokens}", "lower --max_new_tokens or raise --block_size "
+             "(scratch)")]
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
@@ -551,11 +510,9 @@ if __name__ == "__main__":
     resume = init_from == "resume"
     ddp, ddp_rank, ddp_world_size, device = start(out_dir, device, ddp_timeout, resume=resume,
                                                   overwrite=overwrite, claim=not eval_only)
-    master_process = ddp_rank == 0                                     # logs and writes checkpoints
     grad_accum = batch_size // (micro_batch_size * ddp_world_size)
-    sharding = " (fsdp)" if fsdp else ""
     print0(f"global batch {batch_size} = {micro_batch_size} per micro-step x {grad_accum} "
-           f"accumulation x {ddp_world_size} ranks{sharding}")
+           f"accumulation x {ddp_world_size} ranks{' (fsdp)' if fsdp else ''}")
     ctx = autocast_ctx(torch.device(device).type, precision)          # fp32 as released, or bf16
 
     # ---- data: every split, identical on every rank, no question in two splits
@@ -569,15 +526,12 @@ if __name__ == "__main__":
                         f"lower batch_size or give more data (n_train)")
 
     # ---- the checkpoint to start from: of this script, and (resume) of this very run
-    ckpt_path = os.path.join(out_dir, "ckpt.pt") if resume else init_from
-    ckpt = None
-    if resume or init_from.endswith(".pt"):
-        ckpt = load_run(ckpt_path, "coconut", resume)
+    ckpt, ckpt_path = None, os.path.join(out_dir, "ckpt.pt")
     if resume:  # a resumed run takes the checkpoint's values: a different one is refused
+        ckpt = resume_run(out_dir, "coconut")
         check_same_run(ckpt["config"], config, RESUME_KEYS)
-    if resume and ckpt["best_val_acc"] >= 0:  # the final test loads the run's best.pt
-        check_whole(os.path.join(out_dir, "best.pt"), f"this run chose its best weights there "
-                    f"(val acc {ckpt['best_val_acc']:.4f}) and tests them at the end")
+    elif init_from.endswith(".pt"):
+        ckpt = load_run(init_from, "coconut")
     base = ckpt["base"] if ckpt else init_from                         # 'scratch' or an HF model
     base_cfg = model_config(base) if base != "scratch" else None       # a wrong name fails here
     tok_name = tokenizer_name(tokenizer, base, ckpt.get("tokenizer", "") if ckpt else "")
@@ -585,8 +539,8 @@ if __name__ == "__main__":
     encoded = {s: [encode_example(tok, ex) for ex in exs] for s, exs in splits.items()}
     whose = "" if tokenizer else " (the model's own)"
     print0(f"tokenizer: {tok_name}{whose}")
-    sizes = ", ".join(f"{s} {len(e)}" for s, e in splits.items())
-    print0(f"{task}: {sizes} examples, vocabulary {len(tok)}")
+    print0(f"{task}: {', '.join(f'{s} {len(e)}' for s, e in splits.items())} examples, "
+           f"vocabulary {len(tok)}")
 
     # ---- the markers, only for the methods that use them. A checkpoint of this script brings its
     # own (resume) or has none (the GSM8k CoT stage): then they are added and set after loading
@@ -594,11 +548,9 @@ if __name__ == "__main__":
     new_markers = method in MARKER_METHODS and not had_markers
     source_id = marker_source(tok, marker_init, base) if new_markers else None
     n_real = len(tok)                                                  # the vocabulary, no markers
-    special = (None, None, None)                                       # <bot>, <latent>, <eot>
-    if method in MARKER_METHODS or had_markers:
-        special = marker_ids(tok)
+    special = marker_ids(tok) if method in MARKER_METHODS or had_markers else (None, None, None)
     n_rows = n_real if ckpt and not had_markers else len(tok)          # the weights' own rows
-    latent_id = special[1]
+    latent_id = special[1]                                             # <bot>, <latent>, <eot>
     # pause_as_thought: <latent> stays a learned token; only coconut feeds hidden states back
     feedback_id = latent_id if method == "coconut" else None
 
@@ -615,33 +567,27 @@ if __name__ == "__main__":
         print0(f"note: no epoch reaches the final stage {final_stage}, so no best.pt: the last "
                f"weights are tested")
     n_test_thoughts = n_thoughts_eval if n_thoughts_eval >= 0 else None  # None: the final stage's
-    sweep_counts = thought_counts(thoughts_sweep) or []
+    sweep_counts = counts(thoughts_sweep) or []
 
-    # ---- the model's shape (no weights yet): its positions against the longest sequence, and the
-    # memory plan
+    # ---- the model's shape (no weights yet): positions against the longest sequences, memory plan
     shape = ckpt["config"] if ckpt else config                         # a checkpoint's own shape
     if ckpt and not resume:
-        print0(f"model shape from {ckpt_path}: arch {shape['arch']}, {shape['n_layer']} layers, "
+        print0(f"model shape from {init_from}: arch {shape['arch']}, {shape['n_layer']} layers, "
                f"{shape['n_head']} heads, n_embd {shape['n_embd']}, block_size "
                f"{shape['block_size']} (the config's values do not apply)")
-    shape_kw = {k: shape[k] for k in ("arch", "n_layer", "n_head", "n_embd", "block_size",
-                                      "dropout")}
-    shape_kw.update(bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
+    shape_kw = {**{k: shape[k] for k in SHAPE_KEYS}, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+                "pad_id": tok.pad_id}
+    longest = longest_rows(encoded, [] if eval_only else scheduled, uniform_prob, cur,
+                           [n_test_thoughts] + sweep_counts, max_new_tokens)
+    (train_len, *_), (eval_len, *_) = longest
+    # (FSDP keeps full gradients between the syncs of gradient accumulation; DDP does not)
+    memory = dict(fsdp=fsdp, precision=precision, grad_accum=grad_accum,
+                  kv_cache=(eval_batch_size, eval_len),
+                  activations=(micro_batch_size * train_len, micro_batch_size * train_len,
+                               gradient_checkpointing))
     hf_cfg = base_cfg
     if base == "scratch":
         hf_cfg = scratch_config(n_rows, **shape_kw)
-    stages_run = [] if eval_only else scheduled
-    (train_len, idx, idx_stage), eval_len = longest_rows(encoded, stages_run, uniform_prob, cur,
-                                                         [n_test_thoughts] + sweep_counts)
-    longest = [(train_len, f"training example {idx} at stage {idx_stage}", "raise --block_size "
-                "(scratch), lower max_latent_stage or c_thought, or drop long examples"),
-               (eval_len + max_new_tokens, f"the longest evaluation prompt + max_new_tokens="
-                f"{max_new_tokens}", "lower --max_new_tokens or raise --block_size (scratch)")]
-    # (FSDP keeps full gradients between the syncs of gradient accumulation; DDP does not)
-    memory = dict(fsdp=fsdp, precision=precision, grad_accum=grad_accum,
-                  kv_cache=(eval_batch_size, eval_len + max_new_tokens),
-                  activations=(micro_batch_size * train_len, micro_batch_size * train_len,
-                               gradient_checkpointing))
     preflight(hf_cfg, device, longest, memory, None if eval_only else out_dir,
               extra_weights=num_epochs if keep_epoch_checkpoints else 0)
 
@@ -679,11 +625,9 @@ if __name__ == "__main__":
     # its score)
     run_info = {"config": config, "script": "coconut", "base": base, "tokenizer": tok_name,
                 "markers": latent_id is not None}
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
     # evaluation: rank r takes examples r, r+W, ..., so that each is counted exactly once
     mine = slice(ddp_rank, None, ddp_world_size)
-    val_golds = [ex["answer"] for ex in splits["val"][mine]]
-    test_golds = [ex["answer"] for ex in splits["test"][mine]]
+    golds = {s: [ex["answer"] for ex in splits[s][mine]] for s in ("val", "test")}
     dec = Decoding(tok, feedback_id, eval_batch_size, max_new_tokens, ctx, device, progress)
 
     # ---- training: each epoch has one stage; every rank draws the same global batches and takes
@@ -701,8 +645,8 @@ if __name__ == "__main__":
         # seeded by (seed, epoch) only: the same on every rank, and on resume
         stages, perm = epoch_order(seed, epoch, stage, uniform_prob, n_steps_list)
         for step in range(first, steps_per_epoch):
-            # dropout reseeded every step, so that resuming at any step is exact
-            torch.manual_seed(step_seed(seed, iter_num, ddp_rank))
+            # dropout reseeded every step from (seed, step, rank): resuming at any step is exact
+            torch.manual_seed((seed * 1_000_003 + iter_num) * 1009 + ddp_rank)
             t0 = time.time()
             loss_sum, n_tok = 0.0, 0
             batch = perm[step * batch_size:(step + 1) * batch_size]
@@ -715,8 +659,8 @@ if __name__ == "__main__":
                 c0, width, cols = None, None, None
                 if fsdp:
                     c0, width, cols = aligned_columns(rows, latent_id, feedback_id, device)
-                input_ids, mask, labels = collate(rows, latent_id, tok.pad_id, c0, width)
-                input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
+                input_ids, mask, labels = (t.to(device) for t in
+                                           collate(rows, latent_id, tok.pad_id, c0, width))
                 # the gradients are all-reduced on the last micro-step only
                 set_grad_sync(train_model, micro == grad_accum - 1)
                 with ctx:
@@ -753,68 +697,54 @@ if __name__ == "__main__":
         val_loss = validation_loss(train_model, coconut_model, encoded["val"][mine], stage, cur,
                                    dec)
         prompts = eval_prompts(encoded["val"][mine], stage, cur)
-        val_acc, val_tok, _ = greedy_accuracy(model, train_model, prompts, val_golds,
+        val_acc, val_tok, _ = greedy_accuracy(model, train_model, prompts, golds["val"],
                                               len(encoded["val"]), dec)
         print0(f"epoch {epoch} stage {stage} | val loss {val_loss:.4f} | val acc {val_acc:.4f} | "
                f"tokens {val_tok:.1f}")
         log_wandb({"val_loss": val_loss, "val_acc": val_acc, "val_tokens": val_tok}, step=iter_num)
+        done = {**run_info, "epoch": epoch, "stage": stage, "val_acc": val_acc,
+                "iter_num": iter_num}
         # model selection only where every step is latent (stage > max_latent_stage for curriculum
         # methods): at the last stage with steps, long examples still reason in words and the model
         # is not yet a Coconut model
         if stage >= final_stage and val_acc > best_val_acc:
             best_val_acc = val_acc
-            best = {**run_info, "epoch": epoch, "stage": stage, "val_acc": val_acc}
-            save_run(os.path.join(out_dir, "best.pt"), {**best, "iter_num": iter_num}, model)
+            save_run(os.path.join(out_dir, "best.pt"), done, model)
         # epoch_N.pt: the weights after N epochs (this is log epoch N-1), as the released
         # checkpoint_N; a starting point for another run (init_from), like best.pt
         if keep_epoch_checkpoints:
-            done = {**run_info, "epoch": epoch, "stage": stage, "val_acc": val_acc}
-            save_run(epoch_path(out_dir, epoch + 1), {**done, "iter_num": iter_num}, model)
+            save_run(epoch_path(out_dir, epoch + 1), done, model)
         where = dict(epoch=epoch + 1, step_in_epoch=0, stage=stage_at[epoch + 1],
                      iter_num=iter_num, best_val_acc=best_val_acc)
         save_run(ckpt_path, {**run_info, **where}, model, optimizer)
-
-    # a cheap guard: DDP must leave every rank with the same weights
-    if ddp and not fsdp:
-        print0(f"ddp: parameters identical on {ddp_world_size} ranks: {ranks_identical(model)}")
-    stop.restore()
+    end_training(stop, model, fsdp)
 
     # ---- final: the best-by-val weights (else the last; never a stale best.pt of an earlier run)
     if not eval_only and best_val_acc >= 0:
-        if ddp:
-            torch.distributed.barrier()                                # rank 0 has written it
-        best = load_checkpoint(os.path.join(out_dir, "best.pt"), map_location=device)
-        load_full_state_dicts(model, None, best["model"])
-        best = None
+        load_best(model, out_dir, device)
     # a pretrained model's result as a save_pretrained directory, for the usual tools
     if base != "scratch" and not eval_only:
         save_hf_export(model, tok, os.path.join(out_dir, "hf"))
     # test accuracy at the final stage's layout (or n_thoughts_eval thoughts)
     test_prompts = eval_prompts(encoded["test"][mine], final_stage, cur, n_test_thoughts)
-    test_acc, test_tok, texts = greedy_accuracy(model, train_model, test_prompts, test_golds,
+    test_acc, test_tok, texts = greedy_accuracy(model, train_model, test_prompts, golds["test"],
                                                 len(encoded["test"]), dec)
     print0(f"test acc {test_acc:.4f} | tokens generated {test_tok:.1f} (thoughts included) | "
            f"{len(encoded['test'])} examples")
     log_wandb({"test_acc": test_acc, "test_tokens": test_tok})
 
-    # ---- the paper's analysis: the same model tested with other numbers of thoughts, no retraining
+    # ---- the paper's analyses: the same model tested with other numbers of thoughts (no
+    # retraining), and what each continuous thought encodes, read through the LM head
     sweep = []
     for n in sweep_counts:
         prompts = eval_prompts(encoded["test"][mine], final_stage, cur, n)
-        acc, n_tokens, _ = greedy_accuracy(model, train_model, prompts, test_golds,
+        acc, n_tokens, _ = greedy_accuracy(model, train_model, prompts, golds["test"],
                                            len(encoded["test"]), dec)
         sweep.append({"thoughts": n, "accuracy": acc, "tokens": n_tokens})
     if sweep:
         info = {"init_from": init_from, "method": method, "examples": len(encoded["test"])}
         report_sweep(sweep, info, os.path.join(out_dir, "thoughts_sweep.json"))
-
-    # ---- the probe: what each continuous thought encodes, read through the LM head. FSDP: every
-    # rank probes its own prompts inside gathered() (a collective); rank 0 prints
-    n_probe = probe if (master_process or fsdp) else 0
-    with gathered(train_model):
-        for p, text in list(zip(test_prompts, texts))[:n_probe]:
-            print0(f"--- {tok.decode(p, skip_special_tokens=False)!r} -> {text!r}")
-            if feedback_id in p:
-                print0(probe_lines(tok, *probe_thoughts(model, p, latent_id, probe_topk, device)))
+    n_probe = probe if (ddp_rank == 0 or fsdp) else 0
+    print_probe(model, train_model, test_prompts[:n_probe], texts[:n_probe], probe_topk, dec)
     train_model = None                                                 # (the wrapper goes first)
     end_distributed()

@@ -33,7 +33,9 @@ import ast
 import difflib
 import math
 import os
+import re
 import sys
+from importlib.util import find_spec
 
 TYPES = (bool, int, float, str, type(None))
 
@@ -134,6 +136,30 @@ def literal(text):
     except (ValueError, SyntaxError):
         return None
 
+def counts(text):
+    """'0,1,2' -> [0, 1, 2]: counts >= 0 separated by commas (coconut.py's thoughts_sweep); None
+    when the text is not that."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        return None
+    return values if values and min(values) >= 0 else None
+
+def system_rules(script):
+    """The rules on the launch and the machine that both scripts share (device, seed, FSDP,
+    wandb)."""
+    return [
+        ("device in ('auto', 'cpu') or re.fullmatch(r'cuda(:\\d+)?', device)",
+         "device={device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        ("not device.startswith('cuda') or torch.cuda.is_available()",
+         "device={device!r} but this torch sees no CUDA GPU: use --device=cpu or 'auto'"),
+        ("0 <= seed < 2**32", "seed={seed}: give a seed in [0, 2**32)"),
+        ("not fsdp or distributed", "fsdp=True shards over the processes of a torchrun launch: "
+         f"start with torchrun --nproc_per_node=N {script} ..., or drop --fsdp=True"),
+        ("not wandb_log or find_spec('wandb')",
+         "wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False"),
+    ]
+
 def launch():
     """The names a rule may use about the launch: torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and
     MASTER_PORT together; one without the others (a stale RANK in the shell) is an error here, not
@@ -150,7 +176,8 @@ def launch():
 def check_rules(rules, names):
     """Raise a ConfigError with the message of the first rule whose condition is false. names: the
     config and whatever else the conditions and messages use (a script's globals, launch())."""
-    scope = {"suggest": suggest, "literal": literal, **names}
+    scope = {"suggest": suggest, "literal": literal, "counts": counts, "re": re, "difflib": difflib,
+             "find_spec": find_spec, **names}
     for condition, message in rules:
         if not eval(condition, scope):
             raise ConfigError(eval("f" + repr(message), scope))

@@ -30,32 +30,26 @@ Launch:
 """
 
 import dataclasses
-import difflib  # (difflib, re, find_spec, TASKS: what the RULES read)
 import math
 import os
-import re
 import sys
 import time
-from importlib.util import find_spec
 
 import torch
 
-from configurator import configure, each, exit_cleanly_on_user_error
+from configurator import configure, each, exit_cleanly_on_user_error, system_rules
 from data import (PROMPT_STYLES, TASKS, build_tokenizer, check_shots_unseen, encode_answers,
                   encode_prompts, gold_rows, load_splits, parse_stop_strings, tokenizer_name)
 from evaluate import CHECKERS, latro_correct, majority_correct
-from model import (TailStopCheck, autocast_ctx, backbone, cut_at_stop, disable_dropout, generate,
-                   left_pad, load_model, model_config, position_ids_from_mask, scratch_config,
-                   token_logprobs)
-from run import (StopRequest, all_sum, check_same_run, check_whole, distribute, end_distributed,
-                 enable_activation_checkpointing, exit_on_signal, gather_full, gathered,
-                 grad_norm, load_checkpoint, load_full_state_dicts, load_run, preflight, print0,
-                 progress_bar, ranks_identical, require_finite, save_hf_export, save_run,
-                 set_grad_sync, start, wandb_logger)
+from model import (Sampler, autocast_ctx, backbone, cut_at_stop, disable_dropout, load_model,
+                   model_config, position_ids_from_mask, sample, scratch_config, token_logprobs)
+from run import (StopRequest, all_sum, check_same_run, distribute, end_distributed, end_training,
+                 enable_activation_checkpointing, exit_on_signal, gather_full, gathered, grad_norm,
+                 load_best, load_full_state_dicts, preflight, print0, require_finite, resume_run,
+                 save_hf_export, save_run, set_grad_sync, start, wandb_logger)
 
 # -----------------------------------------------------------------------------
-# configuration: the defaults are the embedded CPU demo (a few minutes on 2 cores); paper values in
-# comments
+# configuration: the defaults are the CPU demo (minutes on 2 cores); paper values in comments
 # I/O
 out_dir = "out/latro"          # ckpt.pt (resume), best.pt (best val weights), hf/ (save_pretrained)
 init_from = "scratch"          # 'scratch' (tiny model), 'resume' (out_dir/ckpt.pt), HF name or dir
@@ -83,8 +77,8 @@ answer_y = "released"          # y's text: released (GSM8K's commas, ARC's '..' 
 # model (init_from='scratch')
 arch = "gpt2"                  # gpt2 | llama
 n_layer = 3                    # 3 x 128 dims, 4 heads: 0.63M parameters with the modsum vocabulary
-n_head = 4
-n_embd = 128
+n_head = 4                     # attention heads
+n_embd = 128                   # width (hidden size)
 block_size = 256               # longest sequence (positions) of a scratch model
 dropout = 0.0                  # keep 0: the update must see the policy that made the rollouts
 attn_implementation = "auto"   # auto = flash_attention_2 on CUDA when installed, else sdpa
@@ -136,11 +130,7 @@ RULES = [
     ("task in TASKS", "task={task!r} is unknown; {suggest(task, TASKS)}"),
     *each(" ".join(CHOICES), "{key} in CHOICES['{key}']",
           "{key}={value!r}: use one of {', '.join(map(repr, CHOICES['{key}']))}"),
-    ("device in ('auto', 'cpu') or re.fullmatch(r'cuda(:\\d+)?', device)",
-     "device={device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'"),
-    ("not device.startswith('cuda') or torch.cuda.is_available()",
-     "device={device!r} but this torch sees no CUDA GPU: use --device=cpu or 'auto'"),
-    ("0 <= seed < 2**32", "seed={seed}: give a seed in [0, 2**32)"),
+    *system_rules("latro.py"),
     ("stop_strings == 'released' or not difflib.get_close_matches(stop_strings, ['released'], "
      "cutoff=0.75)", "stop_strings={stop_strings!r}: did you mean 'released'? (to stop at that "
      "text, write it as '{stop_strings}|' )"),
@@ -160,12 +150,10 @@ RULES = [
     *each("batch_size micro_batch_size gen_batch_size max_new_tokens eval_interval sft_batch_size "
           "sft_eval_interval learning_rate sft_learning_rate ddp_timeout gamma n_layer n_head "
           "n_embd block_size", "{key} > 0", "{key}={value}: give a value > 0"),
-    *each("latro_steps sft_steps sft_epochs stop_at_step", "{key} >= 0",
-          "{key}={value}: give a value >= 0"),
     *each("n_train n_val n_test", "{key} >= 0",
           "{key}={value}: give a value >= 0 (0 = the task's default size)"),
-    *each("maj_k beta sft_coef weight_decay sft_target_acc", "{key} >= 0",
-          "{key}={value}: give a value >= 0"),
+    *each("latro_steps sft_steps sft_epochs stop_at_step maj_k beta sft_coef weight_decay "
+          "sft_target_acc", "{key} >= 0", "{key}={value}: give a value >= 0"),
     # rollouts that cannot teach: K equal rationales get equal rewards, so every advantage is 0
     ("temperature > 0", "temperature={temperature}: greedy rollouts make the K rationales of a "
      "prompt identical, so every RLOO advantage is 0 and LaTRO learns nothing; use > 0 (paper: 1)"),
@@ -187,10 +175,6 @@ RULES = [
      "trained model with evaluate.py"),
     ("not (init_from == 'resume' and overwrite)", "init_from='resume' continues out_dir's "
      "checkpoint and overwrite=True deletes it: choose one"),
-    ("not fsdp or distributed", "fsdp=True shards over the processes of a torchrun launch: run "
-     "torchrun --nproc_per_node=N latro.py ... (N >= 2), or leave fsdp=False"),
-    ("not wandb_log or find_spec('wandb')",
-     "wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False"),
     ("sft_batch_size % world_size == 0", "sft_batch_size={sft_batch_size} does not split over "
      "{world_size} ranks: make it a multiple of {world_size}"),
     # each rank owns whole groups of K (the leave-one-out baseline needs no other rank's rewards),
@@ -222,47 +206,6 @@ if __name__ == "__main__":
 # -----------------------------------------------------------------------------
 # the method: rollouts cut at their first stop (model.cut_at_stop), one-pass scoring, rewards,
 # RLOO, the loss
-
-@dataclasses.dataclass
-class Sampler:
-    """How rationales (and evaluation outputs) are generated and cut."""
-    tok: object              # data.Tokenizer (decodes the text the stop strings are found in)
-    stop_ids: set            # token ids that end a rationale (eos, pad, end-of-turn)
-    stop_strings: list       # texts that end it, found in the decoded text
-    pad_id: int
-    chunk: int               # rows per generate call
-    ctx: object              # autocast (or nullcontext)
-    progress: bool = False   # a progress bar over the generate calls (rank 0, terminals only)
-
-@torch.no_grad()
-def sample(model, prompts, max_new_tokens, how, generator=None, early_stop=True, **decode_kw):
-    """Batched, KV-cached generation that stops each row at its first stop (a stop id, or a stop
-    string in its decoded text) and the batch once all rows stopped. early_stop=False runs all
-    max_new_tokens (tests: the cut outputs are the same). Returns the continuations cut before their
-    first stop (cut_at_stop), stopped flags (N,) and the number of decoded positions."""
-    device = next(model.parameters()).device
-    starts = range(0, len(prompts), how.chunk)
-    # one seed per chunk, drawn up front: a chunk that stops early must not shift the next one's
-    seeds = None
-    if generator:
-        seeds = torch.randint(2**62, (len(starts),), generator=generator, device=device).tolist()
-    id_stops = [[i] for i in sorted(how.stop_ids)] if early_stop else []
-    check = None
-    if early_stop and how.stop_strings:
-        check = TailStopCheck(how.tok, how.stop_strings)
-    outs, flags, n_tok = [], [], 0
-    for c, i in enumerate(progress_bar(starts, how.progress, "generating")):
-        ids, mask = left_pad(prompts[i:i + how.chunk], how.pad_id, device)
-        g = torch.Generator(device=device).manual_seed(seeds[c]) if generator else None
-        with how.ctx:
-            tokens, _ = generate(model, ids, mask, max_new_tokens, stop_sequences=id_stops,
-                                 pad_id=how.pad_id, generator=g, stop_check=check, **decode_kw)
-        for row in tokens.tolist():
-            n, stopped = cut_at_stop(how.tok, row, how.stop_ids, how.stop_strings)
-            outs.append(row[:n])
-            flags.append(stopped)
-        n_tok += tokens.numel()
-    return outs, torch.tensor(flags, dtype=torch.bool), n_tok
 
 def build_batch(prompts, rationales, answers, pad_id, device="cpu"):
     """Rows [x, z, y], right-padded. Returns input_ids, attention_mask (B, T) and the token masks
@@ -320,10 +263,8 @@ def latro_rewards(logp_y, logp_z, ref_logp_z, stopped, rloo_k, beta, gamma, pena
     if penalty == "group":
         group_mean = raw.view(-1, rloo_k).mean(1).repeat_interleave(rloo_k)
         raw = torch.where(stopped, raw, gamma * group_mean)
-    elif penalty == "rank_mean":
+    elif penalty == "rank_mean":                                       # ('none': raw as it is)
         raw = torch.where(stopped, raw, gamma * raw.mean())
-    elif penalty != "none":
-        raise ValueError(f"penalty={penalty!r}: use 'group', 'rank_mean' or 'none'")
     kl = logp_z - ref_logp_z  # sequence-level KL estimate on the sampled z
     return raw - beta * kl, kl
 
@@ -426,26 +367,27 @@ def evaluate(model, wrapper, examples, maj_k, ev):
             texts = [tok.decode(o, cleanup=True) for o in outs]
             maj = sum(majority_correct(ev.task, texts[i * maj_k:(i + 1) * maj_k], ex, ev.checker)
                       for i, ex in enumerate(mine))
-    sums = torch.tensor([correct, maj, logp_y.sum().item(), len(mine)], dtype=torch.float64)
-    sums = all_sum(sums, device)
+    sums = all_sum(torch.tensor([correct, maj, logp_y.sum().item(), len(mine)],
+                                dtype=torch.float64), device)
     correct, maj, answer_logp = (sums[:3] / sums[3]).tolist()
-    metrics = {"acc": correct}
-    if maj_k:
-        metrics[f"maj@{maj_k}"] = maj
-    metrics["answer_logp"] = answer_logp
-    return metrics
+    if not maj_k:
+        return {"acc": correct, "answer_logp": answer_logp}
+    return {"acc": correct, f"maj@{maj_k}": maj, "answer_logp": answer_logp}
 
 @torch.no_grad()
-def answer_likelihoods(model, wrapper, rows, pad_id, chunk, ctx):
+def answer_likelihoods(model, wrapper, examples, ev):
     """The paper's motivation (its Figure 2): does a good rationale raise the model's likelihood
     of the answer? The mean Σ log π(y | x) with no rationale, and Σ log π(y | x ⊕ z*) after the
-    gold one, over this rank's gold rows (xs, zs, ys) and summed over the ranks."""
-    xs, zs, ys = rows
+    gold one, over the gold rows of `examples` (rank r scores r, r+W, ...), summed over the
+    ranks."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    how, scorer = ev.sampler, SequenceScorer(model)
+    xs, zs, ys = gold_rows(how.tok, examples[rank::world], ev.task, ev.arc_options, "cot",
+                           ev.answer_y)
     model.eval()
-    scorer = SequenceScorer(model)
     with gathered(wrapper):
-        _, without = score_rows(scorer, xs, [[] for _ in xs], ys, pad_id, chunk, ctx)
-        _, with_z = score_rows(scorer, xs, zs, ys, pad_id, chunk, ctx)
+        _, without = score_rows(scorer, xs, [[] for _ in xs], ys, how.pad_id, how.chunk, how.ctx)
+        _, with_z = score_rows(scorer, xs, zs, ys, how.pad_id, how.chunk, how.ctx)
     sums = torch.tensor([without.sum().item(), with_z.sum().item(), len(xs)], dtype=torch.float64)
     sums = all_sum(sums, next(model.parameters()).device)
     return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
@@ -506,23 +448,29 @@ def initial_model(source, n_vocab, shape, seed):
         disable_dropout(model)
     return model
 
-def latro_state(run_info, iter_num, best_val_acc, before, ref_model):
-    """What ckpt.pt holds at a LaTRO step besides the weights and AdamW's state: where the run
-    stands, the RNG, and π0's weights, gathered whole (a collective under FSDP); ref_model None: π0
-    reloads from the pretrained source."""
+def save_latro(path, run_info, model, optimizer, ref_model, iter_num, best_val_acc, before):
+    """ckpt.pt at a LaTRO step: the weights and AdamW's state, where the run stands, the RNG, and
+    π0's weights, gathered whole (a collective under FSDP); ref_model None: π0 reloads from the
+    pretrained source."""
     ref_sd = None
     if ref_model is not None:
         ref_sd = gather_full(ref_model.state_dict())
-    return {**run_info, "phase": "latro", "iter_num": iter_num, "best_val_acc": best_val_acc,
-            "before": before, "rng": torch.get_rng_state(), "ref_model": ref_sd}
+    state = {**run_info, "phase": "latro", "iter_num": iter_num, "best_val_acc": best_val_acc,
+             "before": before, "rng": torch.get_rng_state(), "ref_model": ref_sd}
+    save_run(path, state, model, optimizer)
+    print0(f"saved {path} at step {iter_num}")
 
 def longest_sequences(prompts, answers, gold, max_rationale_tokens, max_new_tokens):
-    """(longest rollout or evaluation, longest gold warm-up row) in tokens: a prompt + its answer +
-    max(max_rationale_tokens, max_new_tokens), and the whole [x, z*, y] of a gold row (gold: token
-    lists of prompt, rationale, answer)."""
+    """The longest sequences as preflight's (tokens, what, how to shorten) triples: a rollout or
+    evaluation (a prompt + its answer + max(max_rationale_tokens, max_new_tokens)) and a gold
+    warm-up row (the whole [x, z*, y]; gold: token lists of prompt, rationale, answer)."""
     need = max(len(x) + len(y) for x, y in zip(prompts, answers))
     need += max(max_rationale_tokens, max_new_tokens)
-    return need, max((sum(map(len, row)) for row in gold), default=0)
+    return [(need, "the longest rollout or evaluation (prompt + answer + max(max_rationale_tokens, "
+             "max_new_tokens))", "raise block_size (scratch) or lower max_rationale_tokens / "
+             "max_new_tokens"),
+            (max((sum(map(len, row)) for row in gold), default=0), "the longest gold warm-up row",
+             "raise block_size (scratch)")]
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
@@ -530,7 +478,6 @@ if __name__ == "__main__":
     ddp, ddp_rank, ddp_world_size, device = start(out_dir, device, ddp_timeout,
                                                   resume=init_from == "resume", overwrite=overwrite,
                                                   claim=not pre_experiment)
-    master_process = ddp_rank == 0
     # each rank owns whole groups of K and runs the same number of micro-steps
     prompts_per_rank, rollouts_per_rank, grad_accum = batch_layout(batch_size, rloo_k,
                                                                    micro_batch_size, ddp_world_size)
@@ -539,17 +486,12 @@ if __name__ == "__main__":
     stop = StopRequest()  # Ctrl-C / SIGTERM: checkpoint at the next step boundary, then exit
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
 
-    # ---- resume: the checkpoint must be this script's, of this run
-    ckpt = None
+    # ---- resume: the checkpoint must be this script's, of this run; it says what the weights were
+    # first loaded from, and the phase it was written in
+    ckpt, source, phase = None, init_from, "sft"
     if init_from == "resume":
-        ckpt = load_run(ckpt_path, "latro", resume=True)
+        ckpt = resume_run(out_dir, "latro")
         check_same_run(ckpt["config"], config, resume_keys(ckpt), RENAMED)
-        if ckpt.get("best_val_acc", -1) >= 0:  # the final test loads the run's best.pt
-            check_whole(os.path.join(out_dir, "best.pt"), "this run chose its best weights there "
-                        "and tests them at the end")
-    # what the weights were first loaded from, and the phase a checkpoint was written in
-    source, phase = init_from, "sft"
-    if ckpt:
         source, phase = ckpt["source"], ckpt.get("phase", "latro")
 
     # ---- data: prompts x in the model's chat template, answers y = "The answer is {gold}." + eot
@@ -586,18 +528,15 @@ if __name__ == "__main__":
         model_cfg = scratch_config(len(tok), **shape)
     shape.update(attn_implementation=attn_implementation, device_type=device_type)
     eval_ex = val_ex + test_ex
-    rollout, gold_row = longest_sequences(
+    longest = longest_sequences(
         train_x + encode_prompts(tok, eval_ex, task, arc_options, eval_prompt or prompt),
         train_y + encode_answers(tok, eval_ex, task, answer_y), list(zip(gold_x, gold_z, gold_y)),
         max_rationale_tokens, max_new_tokens)
-    fix = "raise block_size (scratch) or lower max_rationale_tokens / max_new_tokens"
-    longest = [(rollout, "the longest rollout or evaluation (prompt + answer + "
-                "max(max_rationale_tokens, max_new_tokens))", fix),
-               (gold_row, "the longest gold warm-up row", "raise block_size (scratch)")]
+    tokens = max(n for n, _, _ in longest)
     memory = dict(fsdp=fsdp, precision="bf16" if device_type == "cuda" else "fp32",
                   grad_accum=grad_accum, reference="sharded" if fsdp else "full",
-                  kv_cache=(gen_batch_size, max(rollout, gold_row)),
-                  activations=(micro_batch_size * max(rollout, gold_row),
+                  kv_cache=(gen_batch_size, tokens),
+                  activations=(micro_batch_size * tokens,
                                micro_batch_size * (max_rationale_tokens + 16),
                                gradient_checkpointing))
     n_params = preflight(model_cfg, device, longest, memory, None if pre_experiment else out_dir)
@@ -620,10 +559,8 @@ if __name__ == "__main__":
                     Sampler(tok, ends, [], tok.pad_id, gen_batch_size, ctx, progress), answer_y)
     run_info = {"script": "latro", "config": config, "source": source}
     if pre_experiment:  # the paper's Figure 2 on this model, then exit
-        mine = [ex for ex in train_ex if ex["steps"]][ddp_rank::ddp_world_size]
-        rows = gold_rows(tok, mine, task, arc_options, "cot", answer_y)
-        without, with_z = answer_likelihoods(model, train_scorer, rows, tok.pad_id,
-                                             gen_batch_size, ctx)
+        gold_ex = [ex for ex in train_ex if ex["steps"]]
+        without, with_z = answer_likelihoods(model, train_scorer, gold_ex, ev)
         print0(f"answer log-likelihood on {task} train gold rows: without a rationale {without:.4f}"
                f" | after the gold rationale {with_z:.4f} | difference {with_z - without:+.4f}")
         train_scorer = None                                            # (the wrapper goes first)
@@ -663,9 +600,8 @@ if __name__ == "__main__":
             sft_optimizer.step()
             sft_optimizer.zero_grad(set_to_none=True)
             if stop.requested(device):  # Ctrl-C / SIGTERM on any rank: save this step, then exit
-                state = {**run_info, "rng": torch.get_rng_state(), "phase": "sft",
-                         "sft_iter": it + 1}
-                save_run(ckpt_path, state, model, sft_optimizer)
+                save_run(ckpt_path, {**run_info, "rng": torch.get_rng_state(), "phase": "sft",
+                                     "sft_iter": it + 1}, model, sft_optimizer)
                 train_scorer = None                                    # (the wrapper goes first)
                 exit_on_signal(stop, f"at sft step {it + 1}: {ckpt_path} saved")
 
@@ -679,10 +615,8 @@ if __name__ == "__main__":
     # the reference model π0: the policy as LaTRO starts (after the warm-up, if any), frozen, in the
     # policy's dtype and attention kernel, so the KL is exactly 0 at step 0. A pretrained model
     # without warm-up is its own π0: checkpoints leave it out (it reloads from `source`)
-    pi0_weights = None
-    if resumed:
-        pi0_weights = ckpt["ref_model"]
-    elif source == "scratch" or sft_total > 0:
+    pi0_weights = ckpt["ref_model"] if resumed else None
+    if not resumed and (source == "scratch" or sft_total > 0):
         pi0_weights = gather_full(model.state_dict())                  # a collective under FSDP
     ref_model = initial_model(source, len(tok), shape, seed)
     saved_ref = None                                                   # what checkpoints hold of π0
@@ -716,9 +650,8 @@ if __name__ == "__main__":
         # end; a checkpoint also when a signal or stop_at_step ends this run early
         if evaluating or stopping or iter_num == last_step:
             if before is None:
-                state = latro_state(run_info, iter_num, best_val_acc, None, saved_ref)
-                save_run(ckpt_path, state, model, optimizer)
-                print0(f"saved {ckpt_path} at step {iter_num}")
+                save_latro(ckpt_path, run_info, model, optimizer, saved_ref, iter_num,
+                           best_val_acc, None)
                 before = evaluate(model, train_scorer, test_ex, maj_k, ev)
                 print0(f"before LaTRO | test {format_metrics(before)}")
             if evaluating:
@@ -728,9 +661,8 @@ if __name__ == "__main__":
                     best_val_acc = metrics["acc"]
                     save_run(os.path.join(out_dir, "best.pt"), {"iter_num": iter_num}, model)
                 log_wandb({f"val/{k}": v for k, v in metrics.items()}, step=iter_num)
-            state = latro_state(run_info, iter_num, best_val_acc, before, saved_ref)
-            save_run(ckpt_path, state, model, optimizer)
-            print0(f"saved {ckpt_path} at step {iter_num}")
+            save_latro(ckpt_path, run_info, model, optimizer, saved_ref, iter_num, best_val_acc,
+                       before)
         if stopping:  # Ctrl-C / SIGTERM on any rank: saved just above
             train_scorer = None                                        # (the wrapper goes first)
             exit_on_signal(stop, f"at step {iter_num}: {ckpt_path} saved")
@@ -784,36 +716,30 @@ if __name__ == "__main__":
         optimizer.zero_grad(set_to_none=True)
         iter_num += 1
         t3 = time.time()
-        times = (f"{1000 * (t3 - t0):.0f}ms (rollout {1000 * (t1 - t0):.0f} / score "
-                 f"{1000 * (t2 - t1):.0f} / update {1000 * (t3 - t2):.0f})")
         print0(f"step {iter_num}/{latro_steps} | reward {reward_m:.4f} | kl {kl_m:.4f} | adv "
                f"{adv_m:.1e} | stopped {100 * stop_m:.0f}% | len {len_m:.1f} | loss {loss_m:.4f} | "
-               f"lr {lr:.2e} | tok/s {n_gen / (t1 - t0):.0f} | {times}")
+               f"lr {lr:.2e} | tok/s {n_gen / (t1 - t0):.0f} | {1000 * (t3 - t0):.0f}ms (rollout "
+               f"{1000 * (t1 - t0):.0f} / score {1000 * (t2 - t1):.0f} / update "
+               f"{1000 * (t3 - t2):.0f})")
         log_wandb({"reward": reward_m, "kl": kl_m, "stopped": stop_m, "len": len_m,
                    "loss": loss_m, "lr": lr}, step=iter_num)
         evaluating = iter_num % eval_interval == 0 or iter_num == latro_steps
         stopping = stop.requested(device) and iter_num < latro_steps
+    end_training(stop, model, fsdp)  # the rest ends by itself: a signal now acts at once
 
-    stop.restore()  # the rest ends by itself: a signal now acts at once
-    # a cheap check that DDP kept every rank's parameters identical
-    if ddp and not fsdp:
-        print0(f"ddp: parameters identical on {ddp_world_size} ranks: {ranks_identical(model)}")
+    # ---- final: test accuracy of the weights selected on val, the same checker as before
     if iter_num < latro_steps:
         print0(f"stopped at step {iter_num} (stop_at_step); continue with --init_from=resume")
     else:
-        # ---- final: test accuracy of the weights selected on val, the same checker as before
-        if ddp:
-            torch.distributed.barrier()  # rank 0 has written best.pt
-        best = load_checkpoint(os.path.join(out_dir, "best.pt"))
-        load_full_state_dicts(model, None, best["model"])
+        best_step = load_best(model, out_dir)["iter_num"]
         after = before  # step 0's weights are π0's: measured already
-        if best["iter_num"] > 0:
-            print0(f"testing the weights of step {best['iter_num']} on {len(test_ex)} questions")
+        if best_step > 0:
+            print0(f"testing the weights of step {best_step} on {len(test_ex)} questions")
             after = evaluate(model, train_scorer, test_ex, maj_k, ev)
         if latro_steps:
             print0(f"before LaTRO | test {format_metrics(before)}")
-            print0(f"after LaTRO  | test {format_metrics(after)} (weights of step "
-                   f"{best['iter_num']}, best val {best_val_acc:.4f})")
+            print0(f"after LaTRO  | test {format_metrics(after)} (weights of step {best_step}, "
+                   f"best val {best_val_acc:.4f})")
         else:  # latro_steps=0: the SFT baseline alone
             print0(f"SFT baseline | test {format_metrics(before)}")
         if export_hf:

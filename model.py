@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import inspect
 import os
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -341,3 +342,55 @@ def generate(model, input_ids, attention_mask, max_new_tokens, **decode_kwargs):
     """prefill + decode for a left-padded prompt batch."""
     last_logits, cache = prefill(model, input_ids, attention_mask)
     return decode(model, last_logits, cache, attention_mask, max_new_tokens, **decode_kwargs)
+
+# -----------------------------------------------------------------------------
+# batched sampling: generate calls of `chunk` rows, each output cut at its first stop
+
+def progress_bar(iterable, enabled=True, desc=""):
+    """A progress bar with an ETA over `iterable` (tqdm) on rank 0, when enabled and stderr is a
+    terminal, so that logs stay one line a step; else the iterable itself."""
+    if not enabled or int(os.environ.get("RANK", 0)) != 0 or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+    return tqdm(iterable, desc=desc, leave=False)
+
+@dataclasses.dataclass
+class Sampler:
+    """How rationales (and evaluation outputs) are generated and cut."""
+    tok: object              # data.Tokenizer (decodes the text the stop strings are found in)
+    stop_ids: set            # token ids that end a rationale (eos, pad, end-of-turn)
+    stop_strings: list       # texts that end it, found in the decoded text
+    pad_id: int
+    chunk: int               # rows per generate call
+    ctx: object              # autocast (or nullcontext)
+    progress: bool = False   # a progress bar over the generate calls (rank 0, terminals only)
+
+@torch.no_grad()
+def sample(model, prompts, max_new_tokens, how, generator=None, early_stop=True, **decode_kw):
+    """Batched, KV-cached generation that stops each row at its first stop (a stop id, or a stop
+    string in its decoded text) and the batch once all rows stopped. early_stop=False runs all
+    max_new_tokens (tests: the cut outputs are the same). Returns the continuations cut before their
+    first stop (cut_at_stop), stopped flags (N,) and the number of decoded positions."""
+    device = next(model.parameters()).device
+    starts = range(0, len(prompts), how.chunk)
+    # one seed per chunk, drawn up front: a chunk that stops early must not shift the next one's
+    seeds = None
+    if generator:
+        seeds = torch.randint(2**62, (len(starts),), generator=generator, device=device).tolist()
+    id_stops = [[i] for i in sorted(how.stop_ids)] if early_stop else []
+    check = None
+    if early_stop and how.stop_strings:
+        check = TailStopCheck(how.tok, how.stop_strings)
+    outs, flags, n_tok = [], [], 0
+    for c, i in enumerate(progress_bar(starts, how.progress, "generating")):
+        ids, mask = left_pad(prompts[i:i + how.chunk], how.pad_id, device)
+        g = torch.Generator(device=device).manual_seed(seeds[c]) if generator else None
+        with how.ctx:
+            tokens, _ = generate(model, ids, mask, max_new_tokens, stop_sequences=id_stops,
+                                 pad_id=how.pad_id, generator=g, stop_check=check, **decode_kw)
+        for row in tokens.tolist():
+            n, stopped = cut_at_stop(how.tok, row, how.stop_ids, how.stop_strings)
+            outs.append(row[:n])
+            flags.append(stopped)
+        n_tok += tokens.numel()
+    return outs, torch.tensor(flags, dtype=torch.bool), n_tok

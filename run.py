@@ -8,10 +8,13 @@ non-finite guard before an update, and the memory plan checked before any weight
 A script uses it in a few lines:
 
     ddp, ddp_rank, ddp_world_size, device = start(out_dir, device, ddp_timeout, resume=..)
+    ckpt = resume_run(out_dir, "coconut")                       # init_from=resume
+    preflight(hf_config, device, longest, memory, out_dir)      # before any weight is loaded
     train_model = distribute(Wrapper(model), device, fsdp)      # DDP, FSDP2 or as it is
     stop = StopRequest()
     ... loop: require_finite(...), save_run(path, state, model, optimizer),
               if stop.requested(device): save_run(...); exit_on_signal(stop, ...)
+    end_training(stop, model, fsdp); load_best(model, out_dir)
     end_distributed()
 """
 
@@ -67,14 +70,6 @@ def start(out_dir, device, timeout, *, resume, overwrite, claim=True):
             torch.cuda.set_device(device)
     return ddp, ddp_rank, ddp_world_size, device
 
-def progress_bar(iterable, enabled=True, desc=""):
-    """A progress bar with an ETA over `iterable` (tqdm) on rank 0, when enabled and stderr is a
-    terminal, so that logs stay one line a step; else the iterable itself."""
-    if not enabled or int(os.environ.get("RANK", 0)) != 0 or not sys.stderr.isatty():
-        return iterable
-    from tqdm import tqdm
-    return tqdm(iterable, desc=desc, leave=False)
-
 def distributed():
     """True inside a torchrun launch once init_process_group has run."""
     return dist.is_available() and dist.is_initialized()
@@ -109,6 +104,14 @@ def ranks_identical(model):
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     return bool(torch.equal(lo, hi))
+
+def end_training(stop, model, fsdp):
+    """After the training loop: a signal acts at once again, and (DDP) a cheap check that every
+    rank holds the same weights (FSDP ranks hold different shards by design)."""
+    stop.restore()
+    if distributed() and not fsdp:
+        print0(f"ddp: parameters identical on {dist.get_world_size()} ranks: "
+               f"{ranks_identical(model)}")
 
 def end_distributed():
     """Leave the process group on every rank together. Drop the DDP/FSDP wrapper before calling
@@ -424,6 +427,25 @@ def load_run(path, script, resume=False):
         raise UserError(f"{path} is not a {script}.py checkpoint (written by {made}): give a "
                         f"checkpoint of {script}.py, start with --init_from=scratch or an HF model")
     return ckpt
+
+def resume_run(out_dir, script):
+    """out_dir/ckpt.pt to resume, refused in one line when it is not `script`'s ckpt.pt or when the
+    best.pt the run chose (and tests at the end) is missing or cut short."""
+    ckpt = load_run(os.path.join(out_dir, CKPT_NAME), script, resume=True)
+    best = ckpt.get("best_val_acc", ckpt.get("best_dev_acc", -1))
+    if best >= 0:
+        check_whole(os.path.join(out_dir, BEST_NAME), f"this run chose its best weights there "
+                    f"(val acc {best:.4f}) and tests them at the end")
+    return ckpt
+
+def load_best(model, out_dir, device="cpu"):
+    """The run's best.pt weights into `model` on every rank (once rank 0 has written them). Returns
+    the checkpoint's other entries."""
+    if distributed():
+        dist.barrier()
+    best = load_checkpoint(os.path.join(out_dir, BEST_NAME), map_location=device)
+    load_full_state_dicts(model, None, best.pop("model"))
+    return best
 
 def check_whole(path, why):
     """A cheap check that a checkpoint file this run will need is there and whole: torch.save writes

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from coconut import (Coconut, Curriculum, collate, encode_example, generate_answers, latent_forward,
-                     layout, marker_source, markers_present, naive_latent_forward, stage_of,
-                     thought_counts)
+                     layout, marker_source, markers_present, naive_latent_forward, stage_of)
+from configurator import counts
 from data import build_tokenizer, marker_ids
 from inprocess import check_rules_of, run_main
 from model import (autocast_ctx, backbone, copy_token_rows, lm_head, load_model,
@@ -48,8 +48,7 @@ def ragged_batch():
 # ---- the curriculum: stage-k sequences and labels
 
 Q, STEPS, A = [10, 11], [[20], [21, 22], [23]], [30, EOS]
-KW = dict(c_thought=2, max_latent_stage=2, pad_latent_to_max=True, n_pause=3,
-          special=(BOT, LAT, EOT))
+KW = dict(c_thought=2, max_latent_stage=2, pad_latent_to_max=True, special=(BOT, LAT, EOT))
 
 @pytest.mark.parametrize("stage,prompt,target", [
     (0, Q + [BOT, EOT], [20, 21, 22, 23, 30, EOS]),      # stage 0: CoT with empty markers
@@ -116,7 +115,8 @@ def test_baseline_layouts():
         assert (layout(Q, STEPS, A, stage, Curriculum(method="cot", **KW))
                 == (Q, [20, 21, 22, 23, 30, EOS]))
         assert layout(Q, STEPS, A, stage, Curriculum(method="no_cot", **KW)) == (Q, A)
-        assert layout(Q, STEPS, A, stage, Curriculum(method="pause", **KW)) == (Q + [LAT] * 3, A)
+        # pause: max_latent_stage x c_thought = 4 pauses at every stage
+        assert layout(Q, STEPS, A, stage, Curriculum(method="pause", **KW)) == (Q + [LAT] * 4, A)
     assert (layout(Q, STEPS, A, 1, Curriculum(method="no_thoughts", **KW))
             == (Q, [21, 22, 23, 30, EOS]))  # steps deleted
     assert layout(Q, STEPS, A, 3, Curriculum(method="no_thoughts", **KW)) == (Q, A)
@@ -133,20 +133,18 @@ def test_stage_schedule():
     assert stage_of(0, 99, 5, 6) == 7                    # "w/o curriculum": the final stage at once
 
 def test_uniform_prob_zero_keeps_every_example_at_its_scheduled_stage():
-    import random
-    from coconut import draw_stages
+    from coconut import epoch_order
     n_steps = [3, 1, 5, 0, 2] * 20
-    assert draw_stages(random.Random(0), 2, 0.0, n_steps) == [2] * 100
+    assert epoch_order(0, 0, 2, 0.0, n_steps)[0] == [2] * 100
 
 def test_uniform_prob_one_draws_every_stage_from_zero_to_the_example_steps():
-    import random
-    from coconut import draw_stages
+    from coconut import epoch_order
     n_steps = [3, 1, 5, 0, 2] * 40
-    got = draw_stages(random.Random(0), 9, 1.0, n_steps)               # 9: never a drawn stage here
+    got = epoch_order(0, 0, 9, 1.0, n_steps)[0]               # 9: never a drawn stage here
     assert all(0 <= st <= n for st, n in zip(got, n_steps))
     for n in set(n_steps):                                           # each reachable stage is drawn
         assert {st for st, m in zip(got, n_steps) if m == n} == set(range(n + 1))
-    half = draw_stages(random.Random(0), 9, 0.5, n_steps)              # both kinds, about half each
+    half = epoch_order(0, 0, 9, 0.5, n_steps)[0]              # both kinds, about half each
     assert 60 < half.count(9) < 140
 
 def test_epoch_order_depends_on_seed_and_epoch_only():
@@ -422,7 +420,7 @@ def test_bad_config_fails_with_clear_message():
                  uniform_prob=0.0, reset_optimizer="stage", batch_size=128, micro_batch_size=32,
                  precision="fp32", thoughts_sweep="0,2")}
     check_rules_of(coconut, ok, 2)                             # 128 = 32 x 2 accumulation x 2 ranks
-    assert thought_counts("0, 1,6") == [0, 1, 6]
+    assert counts("0, 1,6") == [0, 1, 6]
     for bad, msg in [(dict(batch_size=100), "multiple of micro_batch_size"),
                      (dict(method="coconat"), "unknown"), (dict(c_thought=0), "c_thought"),
                      (dict(reset_optimizer="always"), "reset_optimizer"),
@@ -620,7 +618,7 @@ def test_presets_resolve_to_released_values(files, values, n_infer, copies):
             assert cfg[key] == want, key
     lay = dict(method=cfg["method"], c_thought=cfg["c_thought"],
                max_latent_stage=cfg["max_latent_stage"], pad_latent_to_max=cfg["pad_latent_to_max"],
-               n_pause=cfg["max_latent_stage"] * cfg["c_thought"], special=(BOT, LAT, EOT))
+               special=(BOT, LAT, EOT))
     final = cfg["max_latent_stage"] + 1 if cfg["method"] == "coconut" else 0
     prompt = layout(Q, [[20]] * 9, [], final, Curriculum(**lay), inference=True)[0]
     assert prompt.count(LAT) == n_infer

@@ -218,7 +218,7 @@ def rank_thought_columns(n_epochs=2):
     from coconut import Curriculum, epoch_order, layout, rank_block, stage_of
     exs = data.load_task("prosqa_small", "train", n=16, **OPTS)
     n_steps = [len(ex["steps"]) for ex in exs]
-    lay = dict(method="coconut", c_thought=2, max_latent_stage=2, pad_latent_to_max=True, n_pause=4,
+    lay = dict(method="coconut", c_thought=2, max_latent_stage=2, pad_latent_to_max=True,
                special=(-1, -2, -3))
     cols = []
     for epoch in range(n_epochs):

@@ -1,11 +1,13 @@
 """Coconut invariants that single-line bugs break: the thought probe reads the vectors actually fed
 back, the generated-token count includes the eos of rows that stop (and the thoughts), and the
 batch check counts the ranks."""
+from contextlib import nullcontext
+
 import pytest
 import torch
 
 import coconut
-from coconut import Decoding, evaluate_rank, generate_answers, probe_thoughts
+from coconut import Decoding, generate_answers, greedy_accuracy, probe_thoughts
 from inprocess import check_rules_of
 from configurator import configure
 from model import backbone, lm_head, load_model
@@ -54,19 +56,20 @@ class IdTokenizer:
 
 def test_generated_token_count_includes_the_eos_of_rows_that_stop_and_the_thoughts():
     """A model that emits eos at once generates 1 token per row (the eos); one that never does
-    generates max_new_tokens. evaluate_rank's count adds each prompt's thoughts (the paper's
+    generates max_new_tokens. greedy_accuracy's count adds each prompt's thoughts (the paper's
     '# tokens') and its text is the row up to its eos."""
     prompts = [[3, 4, BOT, LAT, LAT, EOT], [5, 6, 7, 8, BOT, LAT, LAT, EOT]]
     tokens, n_gen = generate_answers(tiny(emit=EOS), prompts, LAT, EOS, PAD, 6, "cpu")
     assert tokens[:, 0].tolist() == [EOS, EOS] and n_gen.tolist() == [1, 1]
     tokens, n_gen = generate_answers(tiny(emit=9), prompts, LAT, EOS, PAD, 6, "cpu")
     assert tokens.tolist() == [[9] * 6] * 2 and n_gen.tolist() == [6, 6]
-    got = evaluate_rank(tiny(emit=EOS), prompts, ["a", "b"],
-                        Decoding(IdTokenizer(), LAT, 1, 6, None, "cpu"))
-    assert got == (0, 2 * (1 + 2), [str(EOS)] * 2)
-    got = evaluate_rank(tiny(emit=9), prompts, ["9", "b"],
-                        Decoding(IdTokenizer(), LAT, 2, 5, None, "cpu"))
-    assert got == (0, 2 * (5 + 2), ["9 9 9 9 9"] * 2)
+    # (accuracy, mean tokens, texts) over the 2 prompts: x 2 gives the counts
+    acc, n_tok, texts = greedy_accuracy(tiny(emit=EOS), None, prompts, ["a", "b"], 2,
+                                        Decoding(IdTokenizer(), LAT, 1, 6, nullcontext(), "cpu"))
+    assert (acc * 2, n_tok * 2, texts) == (0, 2 * (1 + 2), [str(EOS)] * 2)
+    acc, n_tok, texts = greedy_accuracy(tiny(emit=9), None, prompts, ["9", "b"], 2,
+                                        Decoding(IdTokenizer(), LAT, 2, 5, nullcontext(), "cpu"))
+    assert (acc * 2, n_tok * 2, texts) == (0, 2 * (5 + 2), ["9 9 9 9 9"] * 2)
 
 
 def test_batch_check_counts_every_rank():

@@ -396,12 +396,17 @@ def test_longest_sequences_count_prompt_rationale_and_answer():
     from run import preflight
     prompts, answers, gold = [[1] * 10, [1] * 4], [[2] * 3, [2] * 9], [([1] * 5, [3] * 20, [2] * 3)]
     # the longest rollout: 4 + 9 answer tokens + max(12, 8) = 25; the gold row 28
-    assert longest_sequences(prompts, answers, gold, 12, 8) == (25, 28)
-    assert longest_sequences(prompts, answers, [], 12, 8) == (25, 0)
+    def lengths(*args):
+        return tuple(n for n, _, _ in longest_sequences(*args))
+    assert lengths(prompts, answers, gold, 12, 8) == (25, 28)
+    assert lengths(prompts, answers, [], 12, 8) == (25, 0)
     # the evaluation's length counts too
-    assert longest_sequences(prompts, answers, [], 8, 12) == (25, 0)
+    assert lengths(prompts, answers, [], 8, 12) == (25, 0)
     longest = [(25, "the longest rollout", "lower it"),
                (28, "the longest gold warm-up row", "raise it")]
+    assert [what for _, what, _ in longest_sequences(prompts, answers, gold, 12, 8)] == [
+        "the longest rollout or evaluation (prompt + answer + max(max_rationale_tokens, "
+        "max_new_tokens))", "the longest gold warm-up row"]
     with pytest.raises(UserError, match="gold warm-up row needs 28 positions but the model has 27"):
         preflight(GPT2Config(n_positions=27), "cpu", longest, {})
     with pytest.raises(UserError,

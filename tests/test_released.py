@@ -177,7 +177,7 @@ def test_the_likelihood_pre_experiment_on_a_trained_toy_model(tmp_path):
 
 def test_progress_bars_only_on_a_terminal(monkeypatch):
     import sys
-    from run import progress_bar
+    from model import progress_bar
     items = [1, 2, 3]
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
     assert progress_bar(items, True) is items                      # a log file: no bar
