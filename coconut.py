@@ -256,8 +256,7 @@ def naive_latent_forward(model, input_ids, attention_mask, latent_id):
     Returns (last hidden states (B, T, C), the input embeddings with the thoughts filled in)."""
     embeds = model.get_input_embeddings()(input_ids)                   # (B, T, C)
     pos = position_ids_from_mask(attention_mask)
-    thought_cols = (input_ids == latent_id).any(0).nonzero().flatten().tolist()
-    for c in thought_cols:
+    for c in (input_ids == latent_id).any(0).nonzero().flatten().tolist():  # thought columns
         # h_{c-1}: the last hidden state of the prefix, the thoughts before column c included
         prefix = backbone(model)(inputs_embeds=embeds[:, :c], attention_mask=attention_mask[:, :c],
                                  position_ids=pos[:, :c])
@@ -317,11 +316,13 @@ class Coconut(nn.Module):
         # the mean next-token cross-entropy
         return -logp.sum() / mask.sum().clamp(min=1)
 
-def aligned_columns(rows, latent_id, feedback_id, device):
+def aligned_columns(rows, latent_id, feedback_id, device, fsdp):
     """FSDP: every pass all-gathers each layer, so every rank must run the same passes even when its
     rows hold fewer thoughts. The max over the ranks (a collective) of the anchor column, the length
     after it and the thought count: every rank then lays its micro-batch out alike and splits at the
-    same columns. Returns (c0, width, cols) for collate() and the forward."""
+    same columns. Returns (c0, width, cols) for collate() and the forward; Nones without FSDP."""
+    if not fsdp:
+        return None, None, None
     anchors = [p.index(latent_id) if latent_id in p else len(p) for p, _ in rows]
     n = max(p.count(feedback_id) for p, _ in rows) if feedback_id is not None else 0
     after = max(len(p) + len(t) - a for (p, t), a in zip(rows, anchors))
@@ -372,10 +373,10 @@ def greedy_accuracy(model, wrapper, prompts, golds, n_total, dec):
     # FSDP: the weights are gathered once for the whole call, so ranks may run different counts
     with dec.ctx, gathered(wrapper):
         for i in progress_bar(range(0, len(prompts), step), dec.progress, "evaluating"):
-            tokens, n_gen = generate_answers(model, prompts[i:i + step], dec.latent_id, tok.eos_id,
-                                             tok.pad_id, dec.max_new_tokens, dec.device)
-            for row, n, prompt, gold in zip(tokens.tolist(), n_gen.tolist(), prompts[i:i + step],
-                                            golds[i:i + step]):
+            batch, answers = prompts[i:i + step], golds[i:i + step]
+            tokens, n_gen = generate_answers(model, batch, dec.latent_id, tok.eos_id, tok.pad_id,
+                                             dec.max_new_tokens, dec.device)
+            for row, n, prompt, gold in zip(tokens.tolist(), n_gen.tolist(), batch, answers):
                 texts.append(tok.decode(row[:n]))
                 n_correct += coconut_correct(texts[-1], gold)          # exact match after last '#'
                 # the paper's "# tokens" counts the thoughts too
@@ -393,8 +394,8 @@ def validation_loss(wrapper, coconut_model, rows, stage, cur, dec):
     with gathered(wrapper):
         for i in range(0, len(rows), dec.batch_size):
             batch = [layout(*ex, stage, cur) for ex in rows[i:i + dec.batch_size]]
-            ids, mask, labels = (t.to(dec.device) for t in collate(batch, cur.special[1],
-                                                                   dec.tok.pad_id))
+            tensors = collate(batch, cur.special[1], dec.tok.pad_id)
+            ids, mask, labels = (t.to(dec.device) for t in tensors)
             n = (labels[:, 1:] != -100).sum().item()
             with dec.ctx:
                 # the loss is the mean over this batch's n labelled tokens
@@ -424,13 +425,12 @@ def print_probe(model, wrapper, prompts, texts, k, dec):
     with gathered(wrapper):
         for prompt, text in zip(prompts, texts):
             print0(f"--- {dec.tok.decode(prompt, skip_special_tokens=False)!r} -> {text!r}")
-            if dec.latent_id not in prompt:
-                continue
-            probs, ids = probe_thoughts(model, prompt, dec.latent_id, k, dec.device)
-            for j, (top_p, top_ids) in enumerate(zip(probs.tolist(), ids.tolist())):
-                words = [f"{dec.tok.decode([i], skip_special_tokens=False)!r} {q:.2f}"
-                         for i, q in zip(top_ids, top_p)]
-                print0(f"    thought {j + 1}: " + "  ".join(words))
+            if dec.latent_id in prompt:
+                probs, ids = probe_thoughts(model, prompt, dec.latent_id, k, dec.device)
+                for j, (top_p, top_ids) in enumerate(zip(probs.tolist(), ids.tolist())):
+                    words = [f"{dec.tok.decode([i], skip_special_tokens=False)!r} {q:.2f}"
+                             for i, q in zip(top_ids, top_p)]
+                    print0(f"    thought {j + 1}: " + "  ".join(words))
 
 def report_sweep(rows, info, path):
     """The thought sweep as a Markdown table (rank 0 prints) and a json file (rank 0 writes)."""
@@ -656,9 +656,7 @@ if __name__ == "__main__":
                 rows = [layout(*encoded["train"][i], stages[i], cur) for i in block]
                 # the first thoughts of every row line up in one column: one pass per thought column
                 # (FSDP: the same columns on every rank, so that every rank runs the same passes)
-                c0, width, cols = None, None, None
-                if fsdp:
-                    c0, width, cols = aligned_columns(rows, latent_id, feedback_id, device)
+                c0, width, cols = aligned_columns(rows, latent_id, feedback_id, device, fsdp)
                 input_ids, mask, labels = (t.to(device) for t in
                                            collate(rows, latent_id, tok.pad_id, c0, width))
                 # the gradients are all-reduced on the last micro-step only
