@@ -1,7 +1,8 @@
 """
 The model, as both methods use it: loading (a tiny config from scratch, or any Hugging Face causal
 LM by name or local path), log-probabilities of target tokens computed only where they are needed,
-and a KV-cached decoding loop (greedy or sampled, batched, each row stopping on its own).
+a KV-cached decoding loop (greedy or sampled, batched, each row stopping on its own), and batched
+sampling whose outputs are cut at their first stop id or stop string (LaTRO's rollouts).
 
 Everything here works with any `transformers` causal LM that accepts `inputs_embeds`,
 `position_ids`, `attention_mask` and a `DynamicCache` (GPT-2, Llama, Qwen, Mistral, Phi, ...).
