@@ -1299,6 +1299,14 @@ def load_split_file(task, split, path, split_layout=""):
     return load_file(task, path)
 
 
+def split_file(path, split):
+    """The file a path with '{split}' names for a split: val reads *_valid when it exists (the
+    released files' name), else *_val."""
+    if split == "val" and os.path.exists(path.replace("{split}", "valid")):
+        return path.replace("{split}", "valid")
+    return path.replace("{split}", split)
+
+
 def _load_templated(task, split, path):
     train_file = path.replace("{split}", "train")
     val_files = [path.replace("{split}", name) for name in ("valid", "val")]
@@ -1440,7 +1448,7 @@ def load_splits(task, sizes, *, path="", seed=0, split_layout="", allow_overlap=
               for split, n in zip(SPLITS, sizes)}
     for split, examples in splits.items():
         if not examples:
-            source = path.replace("{split}", split) if path else f"task {task}"
+            source = split_file(path, split) if path else f"task {task}"
             raise UserError(f"the {split} split is empty ({source}): give it examples")
     check_split_overlap(splits, allow_overlap)
     return splits

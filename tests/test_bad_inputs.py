@@ -69,6 +69,9 @@ FILES = {
     "pens_test.jsonl": jsonl({"question": "q?", "answer": "2 + 16 = 18\n#### 18 pens"}),
     "e_train.jsonl": jsonl({"question": "q?", "answer": "1"}),
     "e_val.jsonl": "",
+    "v_train.jsonl": jsonl({"question": "q?", "answer": "1"}),
+    "v_valid.jsonl": "",
+    "v_test.jsonl": jsonl({"question": "r?", "answer": "2"}),
     "e_test.jsonl": jsonl({"question": "r?", "answer": "2"}),
     "array.jsonl": json.dumps([GOOD], indent=1) + "\n",
     "pq_nocot.json": json.dumps({"example1": {"test_example": {
@@ -201,6 +204,11 @@ def empty_val(tmp):
     return data.load_splits("json", (0, 0, 0), path=f"{tmp}/e_{{split}}.jsonl")
 
 
+def empty_valid(tmp):
+    # the released files name the split 'valid': the error names the file that was read
+    return data.load_splits("json", (0, 0, 0), path=f"{tmp}/v_{{split}}.jsonl")
+
+
 def nearly_the_same(tmp):
     # the same question to a model: other white space, letter case, a compatibility character
     rows = [{"question": "Tom is a cat. Is Tom a pet?", "steps": [], "answer": "yes"}]
@@ -276,6 +284,7 @@ LOADER_CASES = [
     (load("gsm8k", "test", path="{tmp}/pens_test.jsonl"),
      "row 1: answer '18 pens' after '####' is not a number"),
     (empty_val, "the val split is empty ({tmp}/e_val.jsonl)"),
+    (empty_valid, "the val split is empty ({tmp}/v_valid.jsonl)"),
     (nearly_the_same, "questions found in two splits (train/val 1)"),
     (hashed, "a train answer holds '#' ('a#b'): Coconut reads the answer after the last '#'"),
     (no_tokenizer, "tokenizer '{tmp}/no_tokenizer_here' cannot be loaded"),
