@@ -26,6 +26,15 @@ from configurator import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# the tiny Coconut run the script tests share: ProsQA-style symbolic graphs of 6-8 nodes and 1-2
+# hops (16 train, 4 val, 4 test questions), a 1-layer 32-dim GPT-2 from scratch, batches of 8 in
+# micro-batches of 4, one latent stage
+COCONUT_TINY = ["config/coconut_prosqa_small.py",
+                "--task_options={'symbolic': True, 'min_nodes': 6, 'max_nodes': 8, 'min_hops': 1, "
+                "'max_hops': 2}", "--n_train=16", "--n_val=4", "--n_test=4", "--n_layer=1",
+                "--n_head=2", "--n_embd=32", "--batch_size=8", "--micro_batch_size=4",
+                "--max_latent_stage=1", "--max_new_tokens=4", "--probe=0"]
+
 
 @dataclasses.dataclass
 class Run:

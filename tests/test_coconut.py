@@ -10,7 +10,7 @@ from coconut import (Coconut, Curriculum, collate, encode_example, generate_answ
                      layout, marker_source, markers_present, naive_latent_forward, stage_of)
 from configurator import counts
 from data import build_tokenizer, marker_ids
-from inprocess import check_rules_of, run_main
+from inprocess import COCONUT_TINY, check_rules_of, run_main
 from model import (autocast_ctx, backbone, copy_token_rows, lm_head, load_model,
                    position_ids_from_mask)
 
@@ -431,11 +431,7 @@ def test_bad_config_fails_with_clear_message():
         with pytest.raises(ValueError, match=msg):
             check_rules_of(coconut, {**ok, **bad}, 2)
 
-TINY = ["config/coconut_prosqa_small.py", "--task=prosqa_small",
-        "--task_options={'symbolic': True, 'min_nodes': 6, 'max_nodes': 8, 'min_hops': 1, "
-        "'max_hops': 2}", "--n_train=16", "--n_val=4", "--n_test=4", "--n_layer=1", "--n_head=2",
-        "--n_embd=32", "--batch_size=8", "--micro_batch_size=4", "--max_latent_stage=1",
-        "--max_new_tokens=4", "--probe=0", "--learning_rate=0.01"]
+TINY = COCONUT_TINY + ["--learning_rate=0.01"]
 
 def run_script(args, out_dir):
     """coconut.py on TINY + args, in this process (tests/inprocess.py); the result reads as a

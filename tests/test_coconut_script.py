@@ -9,15 +9,10 @@ import sys
 
 import torch
 
-from inprocess import run_main
+from inprocess import COCONUT_TINY, run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASK = ["config/coconut_prosqa_small.py", "--task=prosqa_small",
-        "--task_options={'symbolic': True, 'min_nodes': 6, 'max_nodes': 8, "
-        "'min_hops': 1, 'max_hops': 2}", "--n_val=4", "--n_test=4", "--max_new_tokens=4",
-        "--probe=0"]
-TINY = TASK + ["--n_train=16", "--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=8",
-               "--micro_batch_size=4", "--max_latent_stage=1", "--learning_rate=0.01"]
+TINY = COCONUT_TINY + ["--learning_rate=0.01"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 

@@ -13,16 +13,12 @@ import torch
 import latro
 import run
 from configurator import ConfigError, UserError, configure
-from inprocess import run_main
+from inprocess import COCONUT_TINY, run_main
 from run import check_same_run, load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-COCONUT = ["config/coconut_prosqa_small.py",
-           "--task_options={'symbolic': True, 'min_nodes': 6, 'max_nodes': 8, 'min_hops': 1, "
-           "'max_hops': 2}", "--n_train=16", "--n_val=4", "--n_test=4", "--n_layer=1",
-           "--n_head=2", "--n_embd=32", "--batch_size=8", "--micro_batch_size=4",
-           "--max_latent_stage=1", "--max_new_tokens=4", "--probe=0", "--epochs_per_stage=1"]
+COCONUT = COCONUT_TINY + ["--epochs_per_stage=1"]
 LATRO = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--n_train=64", "--n_val=8", "--n_test=64",
          "--sft_steps=3", "--sft_batch_size=8", "--sft_target_acc=0", "--latro_steps=2",
          "--batch_size=2", "--rloo_k=4", "--micro_batch_size=4", "--max_rationale_tokens=8",

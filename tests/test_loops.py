@@ -16,16 +16,12 @@ import latro
 from coconut import Coconut, Curriculum, Decoding, layout, marker_source, validation_loss
 from data import Tokenizer, build_tokenizer
 from evaluate import arc_extract
-from inprocess import run_main
+from inprocess import COCONUT_TINY, run_main
 from model import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-TINY = ["config/coconut_prosqa_small.py",
-        "--task_options={'symbolic': True, 'min_nodes': 6, 'max_nodes': 8, 'min_hops': 1, "
-        "'max_hops': 2}", "--n_train=16", "--n_val=4", "--n_test=4", "--n_layer=1", "--n_head=2",
-        "--n_embd=32", "--batch_size=8", "--micro_batch_size=4", "--max_latent_stage=1",
-        "--max_new_tokens=4", "--probe=0", "--learning_rate=0.01", "--epochs_per_stage=1"]
+TINY = COCONUT_TINY + ["--learning_rate=0.01", "--epochs_per_stage=1"]
 
 
 def tiny(vocab, seed=0, sharpen=8.0):
