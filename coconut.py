@@ -39,6 +39,7 @@ from transformers import DynamicCache
 
 from configurator import (UserError, configure, counts, each, exit_cleanly_on_user_error,
                           system_rules)
+# (TASKS: what the RULES read)
 from data import (TASKS, build_tokenizer, check_coconut_answers, encode_example, load_splits,
                   marker_ids, marker_source, markers_present, tokenizer_name)
 from evaluate import coconut_correct

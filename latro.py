@@ -38,6 +38,7 @@ import time
 import torch
 
 from configurator import configure, each, exit_cleanly_on_user_error, system_rules
+# (TASKS: what the RULES read)
 from data import (PROMPT_STYLES, TASKS, build_tokenizer, check_shots_unseen, encode_answers,
                   encode_prompts, gold_rows, load_splits, parse_stop_strings, tokenizer_name)
 from evaluate import CHECKERS, latro_correct, majority_correct
@@ -204,8 +205,8 @@ if __name__ == "__main__":
     config = configure(globals(), sys.argv[1:], renamed=RENAMED, rules=RULES)
 
 # -----------------------------------------------------------------------------
-# the method: rollouts cut at their first stop (model.cut_at_stop), one-pass scoring, rewards,
-# RLOO, the loss
+# the method: rollouts (model.sample: cut at their first stop), one-pass scoring, rewards, RLOO,
+# the loss
 
 def build_batch(prompts, rationales, answers, pad_id, device="cpu"):
     """Rows [x, z, y], right-padded. Returns input_ids, attention_mask (B, T) and the token masks
