@@ -1309,15 +1309,16 @@ def split_file(path, split):
 
 def _load_templated(task, split, path):
     train_file = path.replace("{split}", "train")
-    val_files = [path.replace("{split}", name) for name in ("valid", "val")]
-    val_file = next((f for f in val_files if os.path.exists(f)), None)
+    val_file = split_file(path, "val")                                 # *_valid, else *_val
+    if not os.path.exists(val_file):
+        val_file = None
     if split == "val" and val_file:
         return load_file(task, val_file)
     if split == "val" or (split == "train" and task == "gsm8k" and val_file is None):
         if task == "gsm8k" and os.path.exists(train_file):
             return gsm8k_val_rule(load_file(task, train_file), split, train_file)
         if split == "val":
-            tried = ", ".join(val_files)
+            tried = ", ".join(path.replace("{split}", name) for name in ("valid", "val"))
             raise DataFileNotFound(f"data file not found for the val split: tried {tried}")
     return load_file(task, path.replace("{split}", split))
 
