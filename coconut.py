@@ -11,16 +11,16 @@ last hidden state (after the final norm) at position t-1,
 so n thoughts take n+1 sequential forward passes; with a KV cache each position is still encoded
 once. A staged curriculum trains it: stage 0 is plain chain of thought `Q\\n S1\\n ... ### A<eos>`;
 at stage k the first k steps are replaced by k*c_thought thoughts between <bot> and <eot>; past
-max_latent_stage every step is gone.
+max_latent_stage every step is gone. Read first: docs/walkthrough.md (every piece at the prompt).
 
 Launch (the defaults: two-hop questions over a random knowledge graph whose facts are learned in
 the weights, a tiny GPT-2 from scratch, minutes on a CPU; the one thought learns the bridge entity):
-    python coconut.py                                        # CPU demo (data.py: kgraph)
+    python coconut.py                                        # CPU demo (tasks.py: kgraph)
     python coconut.py config/coconut_prosqa_small.py         # the mechanics on ProsQA-style data
     python coconut.py config/coconut_prosqa.py               # 1 GPU (batch 128 by accumulation)
-    torchrun --standalone --nproc_per_node=8 coconut.py config/coconut_gsm8k.py \
+    torchrun --standalone --nproc_per_node=8 coconut.py config/coconut_gsm8k.py \\
         --micro_batch_size=16                                # 8 GPUs; FSDP2: add --fsdp=True
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 \
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 \\
         --master_port=29500 coconut.py config/coconut_gsm8k.py --micro_batch_size=8  # 2 nodes
 The other node: --node_rank=1. Baselines (--method=), thought sweep, all options: docs/coconut.md.
 """
@@ -37,19 +37,18 @@ import torch
 import torch.nn as nn
 from transformers import DynamicCache
 
-from configurator import (UserError, configure, counts, each, exit_cleanly_on_user_error,
-                          system_rules)
-# (TASKS: what the RULES read)
-from data import (TASKS, build_tokenizer, check_coconut_answers, encode_example, load_splits,
-                  marker_ids, marker_source, markers_present, tokenizer_name)
+import configurator
+import data
+import parallel
+import preflight
+import vocab
+from configurator import UserError
 from evaluate import coconut_correct
-from model import (autocast_ctx, backbone, cache_kwargs, copy_token_rows, decode, left_pad,
-                   lm_head, load_model, model_config, position_ids_from_mask, progress_bar,
-                   scratch_config, token_logprobs)
-from run import (StopRequest, all_sum, check_same_run, distribute, end_distributed, end_training,
-                 enable_activation_checkpointing, epoch_path, exit_on_signal, gathered, grad_norm,
-                 load_best, load_full_state_dicts, load_run, preflight, print0, require_finite,
-                 resume_run, save_hf_export, save_run, set_grad_sync, start, wandb_logger)
+from model import (autocast_ctx, copy_token_rows, decode, hidden_states, left_pad, lm_head,
+                   load_model, model_config, position_ids_from_mask, progress_bar, scratch_config,
+                   token_logprobs)
+from parallel import print0
+from run import Run
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults are the CPU demo; config/coconut_*.py hold the paper's runs
@@ -115,78 +114,49 @@ ddp_timeout = 1800              # seconds a collective (and init_process_group) 
 METHODS = ("coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought", "pause")
 MARKER_METHODS = ("coconut", "pause_as_thought", "pause")  # sequences hold the 3 new tokens
 CURRICULUM_METHODS = ("coconut", "no_thoughts", "pause_as_thought")
-
-# what a configuration must hold, checked by configurator.py before any work, in this order
-RULES = [
-    ("task in TASKS", "task={task!r} is unknown; known: {', '.join(TASKS)}"),
-    ("isinstance(literal(task_options), dict)", "task_options={task_options!r} must be a dict "
-     "literal, e.g. \"{{'min_hops': 2}}\" or \"{{}}\""),
-    ("method in METHODS", "method={method!r} is unknown; use one of {', '.join(METHODS)}"),
-    ("reset_optimizer in ('stage', 'epoch', 'never')",
-     "reset_optimizer={reset_optimizer!r}: use one of 'stage', 'epoch', 'never'"),
-    ("precision in ('fp32', 'bf16')", "precision={precision!r}: use one of 'fp32', 'bf16'"),
-    ("arch in ('gpt2', 'llama')", "arch={arch!r}: use one of 'gpt2', 'llama'"),
-    *system_rules("coconut.py"),
-    *each("c_thought epochs_per_stage batch_size micro_batch_size eval_batch_size max_new_tokens "
-          "probe_topk n_layer n_head n_embd block_size ddp_timeout", "{key} > 0",
-          "{key}={value} must be > 0"),
-    ("eval_only or num_epochs > 0",
-     "num_epochs={num_epochs} must be > 0 (eval_only=True evaluates without training)"),
-    *each("n_train n_val n_test max_latent_stage start_stage probe ckpt_interval learning_rate "
-          "weight_decay", "{key} >= 0", "{key}={value} must be >= 0"),
-    ("n_thoughts_eval >= -1", "n_thoughts_eval={n_thoughts_eval} must be >= 0, or -1 "
-                              "(= max_latent_stage * c_thought)"),
-    ("0 <= uniform_prob <= 1", "uniform_prob={uniform_prob} must be in [0, 1]"),
-    ("0 <= dropout < 1", "dropout={dropout} must be in [0, 1)"),
-    ("n_embd % n_head == 0", "n_embd={n_embd} must be a multiple of n_head={n_head}"),
-    ("not (eval_only and init_from == 'scratch')",
-     "eval_only=True with init_from='scratch' would score an untrained model: give "
-     "--init_from=resume, a .pt checkpoint or a trained model"),
-    ("not thoughts_sweep or counts(thoughts_sweep)", "thoughts_sweep={thoughts_sweep!r}: "
-     "give thought counts >= 0 separated by commas, e.g. 0,1,2,3"),
-    ("not thoughts_sweep or method in MARKER_METHODS", "thoughts_sweep needs thoughts or pauses; "
-     "method={method!r} has none (use one of {', '.join(MARKER_METHODS)})"),
-    # checkpointed layers drop the KV cache that carries the thought passes (with gradients)
-    ("not (gradient_checkpointing and method == 'coconut')",
-     "gradient_checkpointing=True does not work with method=coconut: its thought passes carry "
-     "a KV cache with gradients, which checkpointed layers drop; use --fsdp=True or a smaller "
-     "micro_batch_size instead"),
-    ("batch_size % (micro_batch_size * world_size) == 0",
-     "batch_size={batch_size} (global) must be a multiple of micro_batch_size={micro_batch_size} "
-     "x {world_size} ranks = {micro_batch_size * world_size}: change batch_size, "
-     "micro_batch_size or the number of processes"),
-    ("not init_from.endswith('.pt') or os.path.isfile(init_from)",
-     "init_from={init_from!r}: no such checkpoint file"),
-    ("init_from.endswith('.pt') or init_from in ('scratch', 'resume') or "
-     "not os.path.isfile(init_from)", "init_from={init_from!r} is a file but not a .pt "
-     "checkpoint: give a .pt file of coconut.py, a save_pretrained directory or a hub name"),
-]
+# what each key may hold, checked by configurator.py before any work (the rules that tie keys
+# together: check_config, after the method)
+CHOICES = {"task": data.TASKS, "method": METHODS, "reset_optimizer": ("stage", "epoch", "never"),
+           "precision": ("fp32", "bf16"), "arch": ("gpt2", "llama")}
+BOUNDS = {"c_thought epochs_per_stage batch_size micro_batch_size eval_batch_size max_new_tokens "
+          "probe_topk n_layer n_head n_embd block_size ddp_timeout": "> 0",
+          "n_train n_val n_test max_latent_stage start_stage probe ckpt_interval learning_rate "
+          "weight_decay": ">= 0", "n_thoughts_eval": ">= -1", "uniform_prob": "[0, 1]",
+          "dropout": "[0, 1)"}
+NOTES = {"n_train": "0 = the task's default size", "n_val": "0 = the task's default size",
+         "n_test": "0 = the task's default size", "n_thoughts_eval": "-1 = max_latent_stage * "
+         "c_thought"}
 SHAPE_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "dropout")  # a model's shape
 # what a resumed run must share with its checkpoint (num_epochs, out_dir, eval settings may change)
 RESUME_KEYS = SHAPE_KEYS + ("task", "task_options", "data_path", "split_layout", "n_train",
                             "tokenizer", "seed", "method", "c_thought", "epochs_per_stage",
                             "max_latent_stage", "start_stage", "pad_latent_to_max",
                             "uniform_prob", "batch_size")
-if __name__ == "__main__":
-    exit_cleanly_on_user_error()  # a UserError (a wrong key, file, value): one line, exit 1
-    config = configure(globals(), sys.argv[1:], rules=RULES)
 
 # -----------------------------------------------------------------------------
 # the curriculum: which tokens an example is at stage k, and what is learned
-
-@dataclasses.dataclass
-class Curriculum:
-    """What decides an example's tokens at a stage."""
-    method: str              # one of METHODS
-    c_thought: int           # thoughts per replaced step
-    max_latent_stage: int    # the last stage with language steps left
-    pad_latent_to_max: bool  # the released rule for examples with fewer steps than the stage
-    special: tuple           # (<bot>, <latent>, <eot>) ids, or Nones for the methods without them
 
 def stage_of(epoch, start_stage, epochs_per_stage, max_latent_stage):
     """The scheduled stage of an epoch; stages past max_latent_stage are all the same, so cap at
     max + 1."""
     return min(start_stage + epoch // epochs_per_stage, max_latent_stage + 1)
+
+@dataclasses.dataclass
+class Curriculum:
+    """What decides an example's tokens at a stage, and the stage of each epoch."""
+    method: str              # one of METHODS
+    c_thought: int           # thoughts per replaced step
+    max_latent_stage: int    # the last stage with language steps left
+    pad_latent_to_max: bool  # the released rule for examples with fewer steps than the stage
+    special: tuple           # (<bot>, <latent>, <eot>) ids, or Nones for the methods without them
+    start_stage: int = 0     # the stage of epoch 0
+    epochs_per_stage: int = 1
+
+    def stage(self, epoch):
+        """The scheduled stage of an epoch (0 for the methods without a curriculum)."""
+        if self.method not in CURRICULUM_METHODS:
+            return 0
+        return stage_of(epoch, self.start_stage, self.epochs_per_stage, self.max_latent_stage)
 
 def layout(q, steps, answer, stage, cur, n_thoughts=None, inference=False):
     """One example at curriculum `stage` as (prompt, target) token lists; the loss is on target
@@ -220,8 +190,12 @@ def layout(q, steps, answer, stage, cur, n_thoughts=None, inference=False):
 
 def thoughts_at_stage(stage, cur):
     """The thoughts (or pauses) at `stage` of an example with more steps than any stage replaces:
-    what the schedule and the step log report."""
-    return layout([], [[0]] * 99, [], stage, cur)[0].count(cur.special[1])
+    what the schedule and the step log report (layout's counts)."""
+    if cur.method == "pause":
+        return cur.max_latent_stage * cur.c_thought
+    if cur.method in ("coconut", "pause_as_thought"):
+        return min(stage, cur.max_latent_stage) * cur.c_thought
+    return 0
 
 def collate(rows, latent_id, pad_id, c0=None, width=None):
     """rows: list of (prompt, target). Left-pad so every row's first thought (the end of a prompt
@@ -259,15 +233,12 @@ def naive_latent_forward(model, input_ids, attention_mask, latent_id):
     pos = position_ids_from_mask(attention_mask)
     for c in (input_ids == latent_id).any(0).nonzero().flatten().tolist():  # thought columns
         # h_{c-1}: the last hidden state of the prefix, the thoughts before column c included
-        prefix = backbone(model)(inputs_embeds=embeds[:, :c], attention_mask=attention_mask[:, :c],
-                                 position_ids=pos[:, :c])
-        h = prefix.last_hidden_state[:, -1]                            # (B, C)
+        h = hidden_states(model, embeds[:, :c], attention_mask[:, :c], pos[:, :c])[:, -1]  # (B, C)
         # e_c = h_{c-1} in the rows with a thought in column c; the other rows keep their token
         is_thought = (input_ids[:, c] == latent_id)[:, None]
         fed = torch.where(is_thought, h, embeds[:, c])
         embeds = torch.cat([embeds[:, :c], fed[:, None], embeds[:, c + 1:]], dim=1)
-    out = backbone(model)(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=pos)
-    return out.last_hidden_state, embeds
+    return hidden_states(model, embeds, attention_mask, pos), embeds
 
 def latent_forward(model, input_ids, attention_mask, latent_id, cols=None):
     """naive_latent_forward with each position encoded once (e_t = h_{t-1}; a test holds the two
@@ -296,10 +267,7 @@ def latent_forward(model, input_ids, attention_mask, latent_id, cols=None):
             h = hs[-1][:, -1:].to(x.dtype)
             x = torch.where(is_latent[:, s:e, None], h, x)
         # the cache holds positions [0, s); the mask covers everything up to e
-        out = backbone(model)(inputs_embeds=x, attention_mask=attention_mask[:, :e],
-                              position_ids=pos[:, s:e], use_cache=True,
-                              **cache_kwargs(backbone(model), cache))
-        hs.append(out.last_hidden_state)                               # after the final norm
+        hs.append(hidden_states(model, x, attention_mask[:, :e], pos[:, s:e], cache=cache))
     return torch.cat(hs, dim=1), cache
 
 class Coconut(nn.Module):
@@ -352,7 +320,8 @@ def generate_answers(model, prompts, latent_id, eos_id, pad_id, max_new_tokens, 
 def eval_prompts(rows, stage, cur, n_thoughts=None):
     """The prompts (question + markers + thoughts, as the released evaluation lays them out) of
     encoded examples at `stage`; n_thoughts overrides the stage's thought count."""
-    return [layout(q, steps, [], stage, cur, n_thoughts, inference=True)[0] for q, steps, _ in rows]
+    return [layout(q, steps, [], stage, cur, n_thoughts=n_thoughts, inference=True)[0]
+            for q, steps, _ in rows]
 
 @dataclasses.dataclass
 class Decoding:
@@ -365,34 +334,39 @@ class Decoding:
     device: str
     progress: bool = False   # a progress bar over the generate calls (rank 0, terminals only)
 
-def greedy_accuracy(model, wrapper, prompts, golds, n_total, dec):
+def greedy_accuracy(model, wrapper, prompts, golds, dec):
     """(accuracy, mean tokens generated with thoughts, this rank's texts) over all ranks: each rank
     brings its own prompts (examples r, r+W, ...: each counted exactly once, no sampler padding),
-    and the counts are summed over the ranks. n_total: the examples of all ranks."""
+    and the counts are summed over the ranks."""
     n_correct, n_tokens, texts, tok, step = 0, 0, [], dec.tok, dec.batch_size
     model.eval()
     # FSDP: the weights are gathered once for the whole call, so ranks may run different counts
-    with dec.ctx, gathered(wrapper):
+    with dec.ctx, parallel.gathered(wrapper):
         for i in progress_bar(range(0, len(prompts), step), dec.progress, "evaluating"):
             batch, answers = prompts[i:i + step], golds[i:i + step]
-            tokens, n_gen = generate_answers(model, batch, dec.latent_id, tok.eos_id, tok.pad_id,
-                                             dec.max_new_tokens, dec.device)
+            tokens, n_gen = generate_answers(model, batch, dec.latent_id, eos_id=tok.eos_id,
+                                             pad_id=tok.pad_id,
+                                             max_new_tokens=dec.max_new_tokens, device=dec.device)
             for row, n, prompt, gold in zip(tokens.tolist(), n_gen.tolist(), batch, answers):
                 texts.append(tok.decode(row[:n]))
                 n_correct += coconut_correct(texts[-1], gold)          # exact match after last '#'
                 # the paper's "# tokens" counts the thoughts too
                 n_tokens += n + prompt.count(dec.latent_id)
     model.train()
-    sums = all_sum(torch.tensor([n_correct, n_tokens], dtype=torch.float64), dec.device)
+    sums = parallel.all_sum(torch.tensor([n_correct, n_tokens, len(prompts)], dtype=torch.float64),
+                            dec.device)
+    n_total = sums[2].item()
     return sums[0].item() / n_total, sums[1].item() / n_total, texts
 
 @torch.no_grad()
-def validation_loss(wrapper, coconut_model, rows, stage, cur, dec):
+def validation_loss(wrapper, rows, stage, cur, dec):
     """Mean next-token loss per labelled token at the epoch's training layout (the released code
-    prints it each epoch): each rank brings its own rows, the sums are added over the ranks."""
+    prints it each epoch): each rank brings its own rows, the sums are added over the ranks. The
+    forward goes through the module inside the DDP wrapper (a DDP forward expects a backward)."""
+    coconut_model = getattr(wrapper, "module", wrapper)               # (FSDP shards in place)
     total, count = 0.0, 0
     coconut_model.model.eval()
-    with gathered(wrapper):
+    with parallel.gathered(wrapper):
         for i in range(0, len(rows), dec.batch_size):
             batch = [layout(*ex, stage, cur) for ex in rows[i:i + dec.batch_size]]
             tensors = collate(batch, cur.special[1], dec.tok.pad_id)
@@ -403,7 +377,7 @@ def validation_loss(wrapper, coconut_model, rows, stage, cur, dec):
                 total += coconut_model(ids, mask, labels).item() * n
             count += n
     coconut_model.model.train()
-    sums = all_sum(torch.tensor([total, count], dtype=torch.float64), dec.device)
+    sums = parallel.all_sum(torch.tensor([total, count], dtype=torch.float64), dec.device)
     return sums[0].item() / max(sums[1].item(), 1)
 
 # -----------------------------------------------------------------------------
@@ -420,10 +394,10 @@ def probe_thoughts(model, prompt, latent_id, k, device):
     probs = lm_head(model)(hidden[0, cols]).float().softmax(-1)        # (n, V)
     return probs.topk(min(k, probs.shape[-1]))
 
-def print_probe(model, wrapper, prompts, texts, k, dec):
+def print_probe(model, wrapper, prompts, texts, dec, k=3):
     """Rank 0 prints each prompt, its output and (coconut) the top-k tokens of each of its thoughts.
     FSDP: every rank probes its own prompts inside gathered() (a collective)."""
-    with gathered(wrapper):
+    with parallel.gathered(wrapper):
         for prompt, text in zip(prompts, texts):
             print0(f"--- {dec.tok.decode(prompt, skip_special_tokens=False)!r} -> {text!r}")
             if dec.latent_id in prompt:
@@ -446,15 +420,19 @@ def report_sweep(rows, info, path):
 # -----------------------------------------------------------------------------
 # the training loop's decisions, as small functions the loop calls and the tests import
 
-def schedule_lines(stage_at, cur):
-    """The stages of a run's epochs (stage_at: one per epoch) as log lines, one per stage."""
-    lines = []
-    for st in sorted(set(stage_at)):
-        eps = [ep for ep, s in enumerate(stage_at) if s == st]
+def schedule_lines(cur, num_epochs):
+    """The stages of a run's epochs as log lines, one per stage with its first and last epoch (the
+    stage rises by one every epochs_per_stage epochs, so each stage's epochs follow from it)."""
+    lines, first_stage, last_stage = [], cur.stage(0), cur.stage(num_epochs - 1)
+    for st in range(first_stage, last_stage + 1) if num_epochs > 0 else ():
+        first = 0 if st == first_stage else (st - cur.start_stage) * cur.epochs_per_stage
+        last = (st - cur.start_stage + 1) * cur.epochs_per_stage - 1
+        if st == last_stage:
+            last = num_epochs - 1
         replaced = "all" if st > cur.max_latent_stage else st
         if cur.method not in CURRICULUM_METHODS:
             replaced = "no"
-        lines.append(f"schedule: epochs {eps[0]}-{eps[-1]} {cur.method} stage {st}: "
+        lines.append(f"schedule: epochs {first}-{last} {cur.method} stage {st}: "
                      f"{thoughts_at_stage(st, cur)} thoughts/pauses, {replaced} steps replaced")
     return "\n".join(lines)
 
@@ -475,14 +453,14 @@ def rank_block(batch, rank, micro, grad_accum, micro_batch_size):
     at = (rank * grad_accum + micro) * micro_batch_size
     return batch[at:at + micro_batch_size]
 
-def resets_optimizer(epoch, stage_at, mode):
-    """Does epoch `epoch` start with a new AdamW? stage_at: the stage of each epoch. 'epoch': every
-    epoch but the first; 'stage': when the stage changes; 'never'."""
+def resets_optimizer(epoch, cur, mode):
+    """Does epoch `epoch` start with a new AdamW? 'epoch': every epoch but the first; 'stage': when
+    the stage changes (cur.stage); 'never'."""
     if epoch == 0 or mode == "never":
         return False
-    return mode == "epoch" or stage_at[epoch] != stage_at[epoch - 1]
+    return mode == "epoch" or cur.stage(epoch) != cur.stage(epoch - 1)
 
-def longest_rows(encoded, stages, uniform_prob, cur, test_counts, max_new_tokens):
+def longest_rows(encoded, cur, *, stages, uniform_prob, test_counts, max_new_tokens):
     """The longest sequences as preflight's (tokens, what, how to shorten) triples: training (prompt
     + target at every stage a row can be drawn at; with uniform_prob > 0 also any of 0..#steps of
     that row) and evaluation (a prompt + max_new_tokens: the test at each thought count, val at
@@ -506,141 +484,158 @@ def longest_rows(encoded, stages, uniform_prob, cur, test_counts, max_new_tokens
              "(scratch)")]
 
 # -----------------------------------------------------------------------------
+# the rules that tie keys together (each key's own CHOICES and BOUNDS are checked first)
+
+def check_config(c, world_size):
+    """configurator.py calls this before any work, with c.key the value of each key and the number
+    of processes of the launch: the first rule broken is the error, saying what to do instead."""
+    if not isinstance(configurator.literal(c.task_options), dict):
+        raise UserError(f"task_options={c.task_options!r} must be a dict literal, e.g. "
+                        f"\"{{'min_hops': 2}}\" or \"{{}}\"")
+    if c.num_epochs <= 0 and not c.eval_only:
+        raise UserError(f"num_epochs={c.num_epochs} must be > 0 (eval_only=True evaluates without "
+                        f"training)")
+    if c.n_embd % c.n_head:
+        raise UserError(f"n_embd={c.n_embd} must be a multiple of n_head={c.n_head}")
+    if c.eval_only and c.init_from == "scratch":
+        raise UserError("eval_only=True with init_from='scratch' would score an untrained model: "
+                        "give --init_from=resume, a .pt checkpoint or a trained model")
+    if c.thoughts_sweep and not configurator.counts(c.thoughts_sweep):
+        raise UserError(f"thoughts_sweep={c.thoughts_sweep!r}: give thought counts >= 0 separated "
+                        f"by commas, e.g. 0,1,2,3")
+    if c.thoughts_sweep and c.method not in MARKER_METHODS:
+        raise UserError(f"thoughts_sweep needs thoughts or pauses; method={c.method!r} has none "
+                        f"(use one of {', '.join(MARKER_METHODS)})")
+    # checkpointed layers drop the KV cache that carries the thought passes (with gradients)
+    if c.gradient_checkpointing and c.method == "coconut":
+        raise UserError("gradient_checkpointing=True does not work with method=coconut: its "
+                        "thought passes carry a KV cache with gradients, which checkpointed layers "
+                        "drop; use --fsdp=True or a smaller micro_batch_size instead")
+    # every rank takes whole micro-batches of the global batch
+    if c.batch_size % (c.micro_batch_size * world_size):
+        raise UserError(f"batch_size={c.batch_size} (global) must be a multiple of "
+                        f"micro_batch_size={c.micro_batch_size} x {world_size} ranks = "
+                        f"{c.micro_batch_size * world_size}: change batch_size, micro_batch_size "
+                        f"or the number of processes")
+    if c.init_from.endswith(".pt") and not os.path.isfile(c.init_from):
+        raise UserError(f"init_from={c.init_from!r}: no such checkpoint file")
+    pt_or_named = c.init_from.endswith(".pt") or c.init_from in ("scratch", "resume")
+    if not pt_or_named and os.path.isfile(c.init_from):
+        raise UserError(f"init_from={c.init_from!r} is a file but not a .pt checkpoint: give a .pt "
+                        f"file of coconut.py, a save_pretrained directory or a hub name")
+
+# -----------------------------------------------------------------------------
 if __name__ == "__main__":
-    # ---- processes and device; rank 0 claims out_dir (a lock, no silent overwrite)
-    resume = init_from == "resume"
-    ddp, ddp_rank, ddp_world_size, device = start(out_dir, device, ddp_timeout, resume=resume,
-                                                  overwrite=overwrite, claim=not eval_only)
+    config = configurator.configure(globals(), sys.argv[1:], renamed=configurator.RENAMED,
+                                    choices=CHOICES, bounds=BOUNDS, notes=NOTES,
+                                    check=check_config)
+    # ---- processes and device; rank 0 claims out_dir; the checkpoint to start from: resume (this
+    # run's ckpt.pt, the same settings) or a .pt file of this script (e.g. the GSM8k CoT stage)
+    run = Run("coconut", config, resume_keys=RESUME_KEYS, writes=not eval_only)
+    device, ddp_rank, ddp_world_size = run.device, run.rank, run.world_size
     grad_accum = batch_size // (micro_batch_size * ddp_world_size)
     print0(f"global batch {batch_size} = {micro_batch_size} per micro-step x {grad_accum} "
            f"accumulation x {ddp_world_size} ranks{' (fsdp)' if fsdp else ''}")
     ctx = autocast_ctx(torch.device(device).type, precision)          # fp32 as released, or bf16
 
     # ---- data: every split, identical on every rank, no question in two splits
-    splits = load_splits(task, (n_train, n_val, n_test), path=data_path, seed=seed,
-                         split_layout=split_layout, allow_overlap=allow_split_overlap,
-                         **ast.literal_eval(task_options))
-    check_coconut_answers(splits)                                      # the '#' scoring rule
+    splits = data.load_splits(task, (n_train, n_val, n_test), path=data_path, seed=seed,
+                              split_layout=split_layout, allow_overlap=allow_split_overlap,
+                              **ast.literal_eval(task_options))
+    data.check_coconut_answers(splits)                                 # the '#' scoring rule
     steps_per_epoch = len(splits["train"]) // batch_size               # the last partial batch: no
     if steps_per_epoch == 0 and not eval_only:
         raise UserError(f"{len(splits['train'])} training examples < batch_size={batch_size}: "
                         f"lower batch_size or give more data (n_train)")
 
-    # ---- the checkpoint to start from: of this script, and (resume) of this very run
-    ckpt, ckpt_path = None, os.path.join(out_dir, "ckpt.pt")
-    if resume:  # a resumed run takes the checkpoint's values: a different one is refused
-        ckpt = resume_run(out_dir, "coconut")
-        check_same_run(ckpt["config"], config, RESUME_KEYS)
-    elif init_from.endswith(".pt"):
-        ckpt = load_run(init_from, "coconut")
-    base = ckpt["base"] if ckpt else init_from                         # 'scratch' or an HF model
+    # ---- tokens: the tokenizer (the model's own; a word vocabulary from scratch), the examples as
+    # (question, steps, answer) ids, and the three markers, for the methods that use them
+    ckpt = run.ckpt or {}
+    base = ckpt.get("base", init_from)                                 # 'scratch' or an HF model
     base_cfg = model_config(base) if base != "scratch" else None       # a wrong name fails here
-    tok_name = tokenizer_name(tokenizer, base, ckpt.get("tokenizer", "") if ckpt else "")
-    tok = build_tokenizer(tok_name, [ex for exs in splits.values() for ex in exs])
-    encoded = {s: [encode_example(tok, ex) for ex in exs] for s, exs in splits.items()}
-    whose = "" if tokenizer else " (the model's own)"
-    print0(f"tokenizer: {tok_name}{whose}")
+    tok_name = vocab.tokenizer_name(tokenizer, base, ckpt.get("tokenizer", ""))
+    tok = vocab.build_tokenizer(tok_name, [ex for exs in splits.values() for ex in exs])
+    encoded = {s: [vocab.encode_example(tok, ex) for ex in exs] for s, exs in splits.items()}
+    print0(f"tokenizer: {tok_name}{'' if tokenizer else ' (the model’s own)'}")
     print0(f"{task}: {', '.join(f'{s} {len(e)}' for s, e in splits.items())} examples, "
            f"vocabulary {len(tok)}")
-
-    # ---- the markers, only for the methods that use them. A checkpoint of this script brings its
-    # own (resume) or has none (the GSM8k CoT stage): then they are added and set after loading
-    had_markers = markers_present(tok, ckpt)                           # trained rows are kept
-    new_markers = method in MARKER_METHODS and not had_markers
-    source_id = marker_source(tok, marker_init, base) if new_markers else None
-    n_real = len(tok)                                                  # the vocabulary, no markers
-    special = marker_ids(tok) if method in MARKER_METHODS or had_markers else (None, None, None)
-    n_rows = n_real if ckpt and not had_markers else len(tok)          # the weights' own rows
-    latent_id = special[1]                                             # <bot>, <latent>, <eot>
+    markers = vocab.coconut_markers(tok, method in MARKER_METHODS, run.ckpt, marker_init, base)
+    latent_id = markers.ids[1]                                         # <bot>, <latent>, <eot>
     # pause_as_thought: <latent> stays a learned token; only coconut feeds hidden states back
     feedback_id = latent_id if method == "coconut" else None
 
-    # ---- the curriculum: the stage of every epoch (and of the epoch a last checkpoint resumes at)
-    cur = Curriculum(method, c_thought, max_latent_stage, pad_latent_to_max, special)
+    # ---- the curriculum: the stage of each epoch; the thoughts at the test
+    cur = Curriculum(method=method, c_thought=c_thought, max_latent_stage=max_latent_stage,
+                     pad_latent_to_max=pad_latent_to_max, special=markers.ids,
+                     start_stage=start_stage, epochs_per_stage=epochs_per_stage)
     final_stage = max_latent_stage + 1 if method in CURRICULUM_METHODS else 0
-    stage_at = [0] * (num_epochs + 1)
-    if method in CURRICULUM_METHODS:
-        stage_at = [stage_of(ep, start_stage, epochs_per_stage, max_latent_stage)
-                    for ep in range(num_epochs + 1)]
-    scheduled = sorted(set(stage_at[:num_epochs]))
-    print0(schedule_lines(stage_at[:num_epochs], cur))
+    scheduled = list(range(cur.stage(0), cur.stage(num_epochs - 1) + 1))  # the stages trained
+    print0(schedule_lines(cur, num_epochs))
     if final_stage not in scheduled and not eval_only:
         print0(f"note: no epoch reaches the final stage {final_stage}, so no best.pt: the last "
                f"weights are tested")
     n_test_thoughts = n_thoughts_eval if n_thoughts_eval >= 0 else None  # None: the final stage's
-    sweep_counts = counts(thoughts_sweep) or []
+    sweep_counts = configurator.counts(thoughts_sweep) or []
 
     # ---- the model's shape (no weights yet): positions against the longest sequences, memory plan
-    shape = ckpt["config"] if ckpt else config                         # a checkpoint's own shape
-    if ckpt and not resume:
+    shape = ckpt.get("config", config)                                 # a checkpoint's own shape
+    if run.ckpt and not run.resuming:
         print0(f"model shape from {init_from}: arch {shape['arch']}, {shape['n_layer']} layers, "
                f"{shape['n_head']} heads, n_embd {shape['n_embd']}, block_size "
                f"{shape['block_size']} (the config's values do not apply)")
     shape_kw = {**{k: shape[k] for k in SHAPE_KEYS}, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
                 "pad_id": tok.pad_id}
-    longest = longest_rows(encoded, [] if eval_only else scheduled, uniform_prob, cur,
-                           [n_test_thoughts] + sweep_counts, max_new_tokens)
-    (train_len, *_), (eval_len, *_) = longest
-    # (FSDP keeps full gradients between the syncs of gradient accumulation; DDP does not)
-    memory = dict(fsdp=fsdp, precision=precision, grad_accum=grad_accum,
-                  kv_cache=(eval_batch_size, eval_len),
-                  activations=(micro_batch_size * train_len, micro_batch_size * train_len,
-                               gradient_checkpointing))
-    hf_cfg = base_cfg
-    if base == "scratch":
-        hf_cfg = scratch_config(n_rows, **shape_kw)
-    preflight(hf_cfg, device, longest, memory, None if eval_only else out_dir,
-              extra_weights=num_epochs if keep_epoch_checkpoints else 0)
+    hf_cfg = base_cfg if base != "scratch" else scratch_config(markers.n_rows, **shape_kw)
+    longest = longest_rows(encoded, cur, stages=[] if eval_only else scheduled,
+                           uniform_prob=uniform_prob, test_counts=[n_test_thoughts] + sweep_counts,
+                           max_new_tokens=max_new_tokens)
+    train_len, eval_len = longest[0][0], longest[1][0]
+    preflight.preflight(hf_cfg, device, longest=longest, fsdp=fsdp, precision=precision,
+                        grad_accum=grad_accum, kv_cache=(eval_batch_size, eval_len),
+                        activations=(micro_batch_size * train_len, micro_batch_size * train_len,
+                                     gradient_checkpointing),
+                        out_dir=None if eval_only else out_dir,
+                        extra_weights=num_epochs if keep_epoch_checkpoints else 0)
 
     # ---- model: scratch, an HF model, a checkpoint of this script (e.g. the CoT stage), or resume
     torch.manual_seed(seed)
-    model = load_model(base, n_rows, device_type=torch.device(device).type, **shape_kw)
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-    if new_markers:
-        copy_token_rows(model, len(tok), special, source_id)         # as released
-        src = "fresh random rows" if source_id is None else f"copies of {tok.decode([source_id])!r}"
-        print0(f"markers: added, ids {list(special)}, {src}")
+    model = load_model(base, markers.n_rows, device_type=torch.device(device).type, **shape_kw)
+    if run.ckpt:
+        run.restore(model)                                             # its weights
+    if markers.new:                                                    # as released
+        copy_token_rows(model, len(tok), markers.ids, markers.source_id)
+        print0(f"markers: added, ids {list(markers.ids)}, {markers.describe(tok)}")
     if gradient_checkpointing:
-        enable_activation_checkpointing(model)
+        parallel.enable_activation_checkpointing(model)
     print0(f"model: {base} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     # every thought pass inside one forward: DDP sees one forward per backward. FSDP: each decoder
     # layer and the root sharded; the model moves to the device a unit at a time
-    coconut_model = Coconut(model, feedback_id)
-    train_model = distribute(coconut_model, device, fsdp, bf16=precision == "bf16")
+    train_model = parallel.distribute(Coconut(model, feedback_id), device, fsdp,
+                                      bf16=precision == "bf16")
     # AdamW as released: no schedule, no clipping
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    start_epoch, start_step, iter_num, best_val_acc = 0, 0, 0, -1.0
-    if resume:
-        load_full_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"])
-        start_epoch, start_step = ckpt["epoch"], ckpt.get("step_in_epoch", 0)
-        iter_num, best_val_acc = ckpt["iter_num"], ckpt["best_val_acc"]
-        # the loaded state brings the old lr; this run's lr is the one it logs
-        for group in optimizer.param_groups:
-            group.update(lr=learning_rate, weight_decay=weight_decay)
-        print0(f"resumed from {ckpt_path}: epoch {start_epoch}, step {start_step} of the epoch, "
-               f"step {iter_num}")
-    ckpt = None                                                        # (frees its tensors)
-    log_wandb = wandb_logger(wandb_log, wandb_project, wandb_run_name, config)
-    # what every checkpoint of this run says about itself (ckpt.pt adds where to continue, best.pt
-    # its score)
-    run_info = {"config": config, "script": "coconut", "base": base, "tokenizer": tok_name,
-                "markers": latent_id is not None}
+    start_epoch, start_step, iter_num = (run.resumed(k) for k in ("epoch", "step_in_epoch",
+                                                                  "iter_num"))
+    if run.resuming:                                                   # and AdamW's moments
+        run.restore(model, optimizer)
+        print0(f"resumed from {run.ckpt_path}: epoch {start_epoch}, step {start_step} of the "
+               f"epoch, step {iter_num}")
+    run.info.update(base=base, tokenizer=tok_name, markers=latent_id is not None)
     # evaluation: rank r takes examples r, r+W, ..., so that each is counted exactly once
     mine = slice(ddp_rank, None, ddp_world_size)
     golds = {s: [ex["answer"] for ex in splits[s][mine]] for s in ("val", "test")}
-    dec = Decoding(tok, feedback_id, eval_batch_size, max_new_tokens, ctx, device, progress)
+    dec = Decoding(tok=tok, latent_id=feedback_id, batch_size=eval_batch_size,
+                   max_new_tokens=max_new_tokens, ctx=ctx, device=device, progress=progress)
 
     # ---- training: each epoch has one stage; every rank draws the same global batches and takes
     # its own block of each
     model.train()
-    stop = StopRequest()                                               # Ctrl-C / SIGTERM
     n_steps_list = [len(s) for _, s, _ in encoded["train"]]
     for epoch in range(start_epoch, 0 if eval_only else num_epochs):
-        stage = stage_at[epoch]
+        stage = cur.stage(epoch)
         first = start_step if epoch == start_epoch else 0              # a resumed epoch continues
         # the new stage's sequences deserve fresh moments (reset_optimizer)
-        if first == 0 and resets_optimizer(epoch, stage_at, reset_optimizer):
+        if first == 0 and resets_optimizer(epoch, cur, reset_optimizer):
             optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate,
                                           weight_decay=weight_decay)
         # seeded by (seed, epoch) only: the same on every rank, and on resume
@@ -661,18 +656,17 @@ if __name__ == "__main__":
                 input_ids, mask, labels = (t.to(device) for t in
                                            collate(rows, latent_id, tok.pad_id, c0, width))
                 # the gradients are all-reduced on the last micro-step only
-                set_grad_sync(train_model, micro == grad_accum - 1)
+                parallel.set_grad_sync(train_model, micro == grad_accum - 1)
                 with ctx:
                     loss = train_model(input_ids, mask, labels, cols) / grad_accum
                 loss.backward()
                 loss_sum += loss.item()
                 n_tok += mask.sum().item()
             # log the global batch's loss, not rank 0's share (gloo has no AVG: sum, then divide)
-            stats = all_sum(torch.tensor([loss_sum, n_tok], dtype=torch.float64), device)
+            stats = parallel.all_sum(torch.tensor([loss_sum, n_tok], dtype=torch.float64), device)
             loss_sum, n_tok = stats[0].item() / ddp_world_size, stats[1].item()
             # a diverged step stops before the update; the values are the same on every rank
-            gnorm = grad_norm(model)
-            require_finite(f"step {iter_num + 1}", loss_sum, gnorm, ckpt_path)
+            gnorm = run.require_finite(f"step {iter_num + 1}", loss_sum, model)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             iter_num += 1
@@ -680,70 +674,58 @@ if __name__ == "__main__":
             print0(f"step {iter_num}/{steps_per_epoch * num_epochs} | epoch {epoch} stage {stage} "
                    f"thoughts {thoughts_at_stage(stage, cur)} | loss {loss_sum:.4f} | "
                    f"lr {learning_rate:.1e} | dt {dt * 1000:.0f}ms | tok/s {n_tok / dt:.0f}")
-            log_wandb({"loss": loss_sum, "stage": stage, "epoch": epoch, "grad_norm": gnorm},
-                      step=iter_num)
-            # ckpt.pt every ckpt_interval steps, and when a signal asks to stop (every rank agrees)
-            stopping = stop.requested(device)
-            if stopping or (ckpt_interval > 0 and iter_num % ckpt_interval == 0):
-                where = dict(epoch=epoch, step_in_epoch=step + 1, stage=stage, iter_num=iter_num,
-                             best_val_acc=best_val_acc)
-                save_run(ckpt_path, {**run_info, **where}, model, optimizer)
-            if stopping:
-                train_model = None                                     # (the wrapper goes first)
-                exit_on_signal(stop, f"after step {iter_num}: {ckpt_path} saved")
+            run.log({"loss": loss_sum, "stage": stage, "epoch": epoch, "grad_norm": gnorm},
+                    step=iter_num)
+            # ckpt.pt every ckpt_interval steps; on Ctrl-C / SIGTERM (any rank): ckpt.pt, then exit
+            run.after_step(model, optimizer, f"after step {iter_num}", every=ckpt_interval,
+                           epoch=epoch, step_in_epoch=step + 1, stage=stage, iter_num=iter_num)
 
         # ---- end of epoch: validation at this stage's layout, then the checkpoints from rank 0
-        val_loss = validation_loss(train_model, coconut_model, encoded["val"][mine], stage, cur,
-                                   dec)
+        val_loss = validation_loss(train_model, encoded["val"][mine], stage, cur, dec)
         prompts = eval_prompts(encoded["val"][mine], stage, cur)
-        val_acc, val_tok, _ = greedy_accuracy(model, train_model, prompts, golds["val"],
-                                              len(encoded["val"]), dec)
+        val_acc, val_tok, _ = greedy_accuracy(model, train_model, prompts, golds["val"], dec)
         print0(f"epoch {epoch} stage {stage} | val loss {val_loss:.4f} | val acc {val_acc:.4f} | "
                f"tokens {val_tok:.1f}")
-        log_wandb({"val_loss": val_loss, "val_acc": val_acc, "val_tokens": val_tok}, step=iter_num)
-        done = {**run_info, "epoch": epoch, "stage": stage, "val_acc": val_acc,
-                "iter_num": iter_num}
+        run.log({"val_loss": val_loss, "val_acc": val_acc, "val_tokens": val_tok, "epoch": epoch,
+                 "stage": stage}, step=iter_num)
+        done = dict(epoch=epoch, stage=stage, val_acc=val_acc, iter_num=iter_num)
         # model selection only where every step is latent (stage > max_latent_stage for curriculum
         # methods): at the last stage with steps, long examples still reason in words and the model
         # is not yet a Coconut model
-        if stage >= final_stage and val_acc > best_val_acc:
-            best_val_acc = val_acc
-            save_run(os.path.join(out_dir, "best.pt"), done, model)
+        if stage >= final_stage:
+            run.keep_best(val_acc, model, **done)
         # epoch_N.pt: the weights after N epochs (this is log epoch N-1), as the released
         # checkpoint_N; a starting point for another run (init_from), like best.pt
         if keep_epoch_checkpoints:
-            save_run(epoch_path(out_dir, epoch + 1), done, model)
-        where = dict(epoch=epoch + 1, step_in_epoch=0, stage=stage_at[epoch + 1],
-                     iter_num=iter_num, best_val_acc=best_val_acc)
-        save_run(ckpt_path, {**run_info, **where}, model, optimizer)
-    end_training(stop, model, fsdp)
+            run.save_weights(f"epoch_{epoch + 1}.pt", model, **done)
+        run.save(model, optimizer, epoch=epoch + 1, step_in_epoch=0, stage=cur.stage(epoch + 1),
+                 iter_num=iter_num)
+    run.end(model)
 
     # ---- final: the best-by-val weights (else the last; never a stale best.pt of an earlier run)
-    if not eval_only and best_val_acc >= 0:
-        load_best(model, out_dir, device)
+    if not eval_only and run.best >= 0:
+        run.load_best(model)
     # a pretrained model's result as a save_pretrained directory, for the usual tools
     if base != "scratch" and not eval_only:
-        save_hf_export(model, tok, os.path.join(out_dir, "hf"))
+        run.export(model, tok)
     # test accuracy at the final stage's layout (or n_thoughts_eval thoughts)
     test_prompts = eval_prompts(encoded["test"][mine], final_stage, cur, n_test_thoughts)
     test_acc, test_tok, texts = greedy_accuracy(model, train_model, test_prompts, golds["test"],
-                                                len(encoded["test"]), dec)
+                                                dec)
     print0(f"test acc {test_acc:.4f} | tokens generated {test_tok:.1f} (thoughts included) | "
            f"{len(encoded['test'])} examples")
-    log_wandb({"test_acc": test_acc, "test_tokens": test_tok})
+    run.log({"test_acc": test_acc, "test_tokens": test_tok}, step=iter_num)
 
     # ---- the paper's analyses: the same model tested with other numbers of thoughts (no
     # retraining), and what each continuous thought encodes, read through the LM head
     sweep = []
     for n in sweep_counts:
         prompts = eval_prompts(encoded["test"][mine], final_stage, cur, n)
-        acc, n_tokens, _ = greedy_accuracy(model, train_model, prompts, golds["test"],
-                                           len(encoded["test"]), dec)
+        acc, n_tokens, _ = greedy_accuracy(model, train_model, prompts, golds["test"], dec)
         sweep.append({"thoughts": n, "accuracy": acc, "tokens": n_tokens})
     if sweep:
         info = {"init_from": init_from, "method": method, "examples": len(encoded["test"])}
         report_sweep(sweep, info, os.path.join(out_dir, "thoughts_sweep.json"))
     n_probe = probe if (ddp_rank == 0 or fsdp) else 0
-    print_probe(model, train_model, test_prompts[:n_probe], texts[:n_probe], probe_topk, dec)
-    train_model = None                                                 # (the wrapper goes first)
-    end_distributed()
+    print_probe(model, train_model, test_prompts[:n_probe], texts[:n_probe], dec, k=probe_topk)
+    run.close()

@@ -1,32 +1,33 @@
 """
 Override a script's configuration globals from config files and --key=value arguments, nanoGPT
-style, then check the script's rules:
+style, then check them before any work:
 
     python coconut.py config/coconut_prosqa.py --batch_size=64 --out_dir=out/prosqa
 
-At the top of a script, after its defaults (plain int/float/bool/str/None module globals) and its
-RULES:
+A script calls, once its defaults (plain int/float/bool/str/None module globals) are defined:
 
-    config = configure(globals(), sys.argv[1:], rules=RULES)  # overrides the globals in place
+    config = configurator.configure(globals(), sys.argv[1:], choices=CHOICES, bounds=BOUNDS,
+                                    check=check_config)
 
-Differences from nanoGPT's exec-based original, each a fault users hit there:
+Differences from nanoGPT's original, each a fault users hit there:
 - a value may contain '=' (--out_dir=runs/lr=1e-4); only the first '=' splits key from value;
 - an int is accepted for a float key (--learning_rate=1 means 1.0); a float must be finite;
 - a key whose default is None can be set to anything;
 - an unknown key is an error naming the closest known keys (a typo never passes silently), or its
-  new name when the script renamed it;
+  new name when it was renamed (RENAMED);
 - a wrong type is an error naming the key, the expected type and the value;
 - only rank 0 prints, so an 8-GPU run logs its configuration once.
 
-Rules are data: (condition, message) pairs, a Python expression over the config's keys (and the
-script's globals, `world_size` and `distributed` of the launch) that must hold, and the error that
-says what to do otherwise, an f-string over the same names. They are checked in order before any
-work; the first one that fails is the error.
+The checks, in this order, the first that fails being the error:
+- what each key may hold, given by the script as plain data: `choices` ({key: allowed values})
+  and `bounds` ({"key key ...": "> 0" | ">= 0" | "[0, 1)" ...}, `notes` adding a word on a key);
+- the rules on the launch and the machine that both scripts share (check_system);
+- the script's own rules across keys: `check(c, world_size)`, plain Python with c.key for each key.
 
 User errors: a mistake in the user's input (a config key, a data file, an out_dir, a checkpoint
-that does not fit) is raised as a UserError. A script calls exit_cleanly_on_user_error() once at
-its start; from then on an uncaught UserError prints one line `error: <message>` and exits with
-status 1, without a traceback, while any other exception (a bug) keeps its full traceback.
+that does not fit) is raised as a UserError. configure() installs exit_cleanly_on_user_error():
+from then on an uncaught UserError prints one line `error: <message>` and exits with status 1,
+without a traceback, while any other exception (a bug) keeps its full traceback.
 """
 
 import ast
@@ -34,10 +35,15 @@ import difflib
 import math
 import os
 import re
+import runpy
 import sys
 from importlib.util import find_spec
+from types import SimpleNamespace
 
 TYPES = (bool, int, float, str, type(None))
+# the keys' former names, in both scripts: an old name is refused with its new one
+RENAMED = {"lr": "learning_rate", "sft_lr": "sft_learning_rate", "n_dev": "n_val",
+           "ddp_timeout_s": "ddp_timeout", "eval_max_tokens": "max_new_tokens"}
 
 class UserError(ValueError):
     """A mistake in the user's input: the message says what is wrong and what to do. Reported as
@@ -54,6 +60,8 @@ def exit_cleanly_on_user_error():
     rank that fails prints, rank 0 as `error: ...` and the others as `[rank N] error: ...`: an
     error that only one rank meets is never lost."""
     previous = sys.excepthook
+    if getattr(previous, "one_line_user_errors", False):
+        return  # installed already
 
     def hook(kind, value, tb):
         if not issubclass(kind, UserError):
@@ -64,7 +72,11 @@ def exit_cleanly_on_user_error():
         sys.stderr.write(f"{prefix}error: {value}\n")
         sys.stderr.flush()
 
+    hook.one_line_user_errors = True
     sys.excepthook = hook
+
+# -----------------------------------------------------------------------------
+# reading the overrides
 
 def parse_value(text):
     """'3' -> 3, '1e-4' -> 0.0001, 'True' -> True, 'None' -> None, other text -> the string."""
@@ -109,97 +121,25 @@ def unknown_key_error(key, known, renamed=None):
         hint = f"; did you mean {', '.join(close)}?"
     return ConfigError(f"unknown config key {key!r}{hint}")
 
-# -----------------------------------------------------------------------------
-# rules
-
-def each(keys, condition, message):
-    """One rule per key: `condition` and `message` with {key} for the key's name and {value} (or
-    {value!r}) for its value, e.g. each('batch_size n_layer', '{key} > 0', '{key}={value} > 0')."""
-    rules = []
-    for k in keys.split():
-        value = "{" + k  # '{value}' -> '{batch_size}', '{value!r}' -> '{batch_size!r}'
-        rules.append((condition.replace("{key}", k),
-                      message.replace("{key}", k).replace("{value", value)))
-    return rules
-
-def suggest(value, known):
-    """'did you mean X?' for a near miss, else the list of known values."""
-    close = difflib.get_close_matches(value, known, n=1)
-    if close:
-        return f"did you mean {close[0]}?"
-    return f"known: {', '.join(known)}"
-
-def literal(text):
-    """The Python literal a text spells ('{"a": 1}' -> a dict), or None."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return None
-
-def counts(text):
-    """'0,1,2' -> [0, 1, 2]: counts >= 0 separated by commas (coconut.py's thoughts_sweep); None
-    when the text is not that."""
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        return None
-    return values if values and min(values) >= 0 else None
-
-def system_rules(script):
-    """The rules on the launch and the machine that both scripts share (device, seed, FSDP,
-    wandb)."""
-    return [
-        ("device in ('auto', 'cpu') or re.fullmatch(r'cuda(:\\d+)?', device)",
-         "device={device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'"),
-        ("not device.startswith('cuda') or torch.cuda.is_available()",
-         "device={device!r} but this torch sees no CUDA GPU: use --device=cpu or 'auto'"),
-        ("0 <= seed < 2**32", "seed={seed}: give a seed in [0, 2**32)"),
-        ("not fsdp or distributed", "fsdp=True shards over the processes of a torchrun launch: "
-         f"start with torchrun --nproc_per_node=N {script} ..., or drop --fsdp=True"),
-        ("not wandb_log or find_spec('wandb')",
-         "wandb_log=True but wandb is not installed: pip install wandb, or --wandb_log=False"),
-    ]
-
-def launch():
-    """The names a rule may use about the launch: torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and
-    MASTER_PORT together; one without the others (a stale RANK in the shell) is an error here, not
-    a hang or a traceback in init_process_group."""
-    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    set_ = [k for k, v in env.items() if v is not None]
-    if set_ and len(set_) < len(env):
-        missing = [k for k, v in env.items() if v is None]
-        raise ConfigError(f"{', '.join(set_)} set but {', '.join(missing)} not: launch with "
-                          f"torchrun (it sets them all), or unset {', '.join(set_)} for one "
-                          f"process")
-    return {"world_size": int(env["WORLD_SIZE"] or 1), "distributed": env["RANK"] is not None}
-
-def check_rules(rules, names):
-    """Raise a ConfigError with the message of the first rule whose condition is false. names: the
-    config and whatever else the conditions and messages use (a script's globals, launch())."""
-    scope = {"suggest": suggest, "literal": literal, "counts": counts, "re": re, "difflib": difflib,
-             "find_spec": find_spec, **names}
-    for condition, message in rules:
-        if not eval(condition, scope):
-            raise ConfigError(eval("f" + repr(message), scope))
-
-# -----------------------------------------------------------------------------
-
 def read_config_file(path, defaults, renamed):
-    """The key updates of one config file (a Python file of assignments)."""
+    """The key updates of one config file: a Python file of assignments (it may compute values and
+    define helpers), run in its own namespace as nanoGPT's configurator runs it."""
     if os.path.isdir(path):
         raise ConfigError(f"config file {path!r} is a directory: give a .py file of assignments")
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} not found (positional arguments are config "
                           f"files; options are written --key=value)")
-    namespace = {}
     try:
         with open(path, encoding="utf-8") as f:
-            source = f.read()
+            f.read()
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path!r} is not UTF-8 text (byte {e.start}: "
                           f"{e.object[e.start:e.start + 1]!r}): save it as UTF-8") from None
     try:
-        exec(compile(source, path, "exec"), namespace)
+        namespace = runpy.run_path(path, run_name="__config__")
+    except SystemExit as e:  # a config file ends nothing: its run would end with no word
+        raise ConfigError(f"config file {path!r} called sys.exit({e.code!r}): a config file only "
+                          f"assigns keys") from None
     except Exception as e:
         # the user's file: say which one and what failed, not a traceback into this module
         where = f" line {e.lineno}" if isinstance(e, SyntaxError) else ""
@@ -214,11 +154,102 @@ def read_config_file(path, defaults, renamed):
         updates[key] = check_type(key, defaults[key], value)
     return updates
 
-def configure(scope, argv, verbose=None, renamed=None, rules=()):
+# -----------------------------------------------------------------------------
+# the checks
+
+def suggest(value, known):
+    """'did you mean X?' for a near miss, else the list of known values."""
+    close = difflib.get_close_matches(value, known, n=1)
+    if close:
+        return f"did you mean {close[0]}?"
+    return f"known: {', '.join(known)}"
+
+def counts(text):
+    """'0,1,2' -> [0, 1, 2]: counts >= 0 separated by commas (coconut.py's thoughts_sweep); None
+    when the text is not that."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        return None
+    return values if values and min(values) >= 0 else None
+
+def within(value, bound):
+    """Does a number satisfy a bound: '> 0', '>= -1', or an interval '[0, 1]', '[0, 1)', '(0, 1]'?"""
+    if bound[0] in "[(":
+        low, high = (float(x) for x in bound[1:-1].split(","))
+        above = value > low if bound[0] == "(" else value >= low
+        below = value < high if bound[-1] == ")" else value <= high
+        return above and below
+    op, limit = bound.split()
+    return value > float(limit) if op == ">" else value >= float(limit)
+
+def check_limits(config, choices=None, bounds=None, notes=None):
+    """What each key may hold, as plain data: choices {key: allowed values} (a list of more than six
+    is not printed: the closest value is suggested), then bounds {"key key ...": bound} (within()'s
+    bounds). notes {key: text}: why a value is allowed (printed after the bound)."""
+    for key, allowed in (choices or {}).items():
+        value = config[key]
+        if value in allowed:
+            continue
+        if len(allowed) > 6:
+            raise ConfigError(f"{key}={value!r} is unknown; {suggest(value, allowed)}")
+        raise ConfigError(f"{key}={value!r}: use one of {', '.join(map(repr, allowed))}")
+    for keys, bound in (bounds or {}).items():
+        for key in keys.split():
+            if not within(config[key], bound):
+                what = f"in {bound}" if bound[0] in "[(" else bound
+                note = f" ({notes[key]})" if notes and key in notes else ""
+                raise ConfigError(f"{key}={config[key]}: give a value {what}{note}")
+
+def check_system(c, script, distributed):
+    """The rules on the launch and the machine that both scripts share (c.device, c.seed, c.fsdp,
+    c.wandb_log)."""
+    if not (c.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", c.device)):
+        raise ConfigError(f"device={c.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if c.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={c.device!r} but this torch sees no CUDA GPU: use "
+                              f"--device=cpu or 'auto'")
+    if not 0 <= c.seed < 2**32:
+        raise ConfigError(f"seed={c.seed}: give a seed in [0, 2**32)")
+    if c.fsdp and not distributed:
+        raise ConfigError(f"fsdp=True shards over the processes of a torchrun launch: start with "
+                          f"torchrun --nproc_per_node=N {script} ..., or drop --fsdp=True")
+    if c.wandb_log and not find_spec("wandb"):
+        raise ConfigError("wandb_log=True but wandb is not installed: pip install wandb, or "
+                          "--wandb_log=False")
+
+def launch():
+    """(world_size, distributed) of the launch: torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT together; one without the others (a stale RANK in the shell) is an error here, not
+    a hang or a traceback in init_process_group."""
+    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    set_ = [k for k, v in env.items() if v is not None]
+    if set_ and len(set_) < len(env):
+        missing = [k for k, v in env.items() if v is None]
+        raise ConfigError(f"{', '.join(set_)} set but {', '.join(missing)} not: launch with "
+                          f"torchrun (it sets them all), or unset {', '.join(set_)} for one "
+                          f"process")
+    return int(env["WORLD_SIZE"] or 1), env["RANK"] is not None
+
+def check(config, world_size=1, distributed=False, *, choices=None, bounds=None, notes=None,
+          check=None, script=""):
+    """Every check of a configuration, in order: the per-key limits, the shared system rules (for
+    a configuration that has the system keys) and the script's own `check(c, world_size)`."""
+    check_limits(config, choices, bounds, notes)
+    c = SimpleNamespace(**config)
+    if "device" in config:
+        check_system(c, script, distributed)
+    if check is not None:
+        check(c, world_size)
+
+def configure(scope, argv, verbose=None, renamed=None, **checks):
     """Apply config files (positional arguments, in order) then --key=value arguments to `scope` (a
-    script's globals()), then check `rules` (see check_rules). Returns {key: value} of every
-    configuration global, in definition order. renamed: {old key: new key}, so that an old name is
-    refused with its new one."""
+    script's globals()), then check them (checks: check()'s keywords). Returns {key: value} of every
+    configuration global, in definition order. renamed: {old key: new key} (RENAMED), so that an
+    old name is refused with its new one. Installs exit_cleanly_on_user_error() first."""
+    exit_cleanly_on_user_error()
     defaults = {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, TYPES)}
     if verbose is None:
         verbose = int(os.environ.get("RANK", "0")) == 0
@@ -242,5 +273,7 @@ def configure(scope, argv, verbose=None, renamed=None, rules=()):
         print("configuration (* = overridden):")
         for k, v in config.items():
             print(f"  {'*' if k in updates else ' '} {k:<{width}} = {v!r}")
-    check_rules(rules, {**scope, **launch()})
+    world_size, distributed = launch()
+    script = os.path.basename(scope.get("__file__") or "")
+    check(config, world_size, distributed, script=script, **checks)
     return config
