@@ -40,8 +40,7 @@ from transformers import DynamicCache
 from configurator import (UserError, configure, counts, each, exit_cleanly_on_user_error,
                           system_rules)
 # (TASKS: what the RULES read)
-from data import (TASKS, build_tokenizer, check_coconut_answers, encode_example, load_splits,
-                  marker_ids, marker_source, markers_present, tokenizer_name)
+from data import TASKS, check_coconut_answers, load_splits
 from evaluate import coconut_correct
 from model import (autocast_ctx, backbone, cache_kwargs, copy_token_rows, decode, left_pad,
                    lm_head, load_model, model_config, position_ids_from_mask, progress_bar,
@@ -50,6 +49,8 @@ from run import (StopRequest, all_sum, check_same_run, distribute, end_distribut
                  enable_activation_checkpointing, epoch_path, exit_on_signal, gathered, grad_norm,
                  load_best, load_full_state_dicts, load_run, preflight, print0, require_finite,
                  resume_run, save_hf_export, save_run, set_grad_sync, start, wandb_logger)
+from vocab import (build_tokenizer, encode_example, marker_ids, marker_source, markers_present,
+                   tokenizer_name)
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults are the CPU demo; config/coconut_*.py hold the paper's runs
