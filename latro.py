@@ -39,15 +39,16 @@ import torch
 
 from configurator import configure, each, exit_cleanly_on_user_error, system_rules
 # (TASKS: what the RULES read)
-from data import (PROMPT_STYLES, TASKS, build_tokenizer, check_shots_unseen, encode_answers,
-                  encode_prompts, gold_rows, load_splits, parse_stop_strings, tokenizer_name)
+from data import TASKS, check_shots_unseen, load_splits
 from evaluate import CHECKERS, latro_correct, majority_correct
+from formats import PROMPT_STYLES, encode_answers, encode_prompts, gold_rows, parse_stop_strings
 from model import (Sampler, autocast_ctx, backbone, cut_at_stop, disable_dropout, load_model,
                    model_config, position_ids_from_mask, sample, scratch_config, token_logprobs)
 from run import (StopRequest, all_sum, check_same_run, distribute, end_distributed, end_training,
                  enable_activation_checkpointing, exit_on_signal, gather_full, gathered, grad_norm,
                  load_best, load_full_state_dicts, preflight, print0, require_finite, resume_run,
                  save_hf_export, save_run, set_grad_sync, start, wandb_logger)
+from vocab import build_tokenizer, tokenizer_name
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults are the CPU demo (minutes on 2 cores); paper values in comments

@@ -23,7 +23,7 @@ n_test = 0                # the whole test split
 sft_steps = 0             # LaTRO straight from the instruct model (SFT baseline: own preset)
 latro_steps = 117         # the released '6 epochs' (of rollouts): 117 x 24 = 2,808 prompts
 beta = 0.05               # KL coefficient for GSM8K
-n_val = 500               # data.py: the last 500 training problems (the hub has no val split)
+n_val = 500               # loaders.py: the last 500 training problems (the hub has no val split)
 batch_size = 24           # prompts per step, all GPUs
 rloo_k = 16
 micro_batch_size = 4      # 48 rollouts per GPU / 4 = 12 accumulation steps, as released

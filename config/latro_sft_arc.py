@@ -4,7 +4,8 @@
 # epochs, 8 GPUs x 16 per device x 2 accumulation = 256 sequences per step, lr 1e-7 decaying
 # linearly to 0, no warm-up, no clipping, bf16 (the one released SFT command, Mistral-7B; the paper
 # tuned the learning rate per model). Evaluated like the released evaluation of SFT checkpoints: its
-# output-format block before the question (data.ARC_SFT_EVAL_FORMAT), greedy, the released checker.
+# output-format block before the question (formats.ARC_SFT_EVAL_FORMAT), greedy, the released
+# checker.
 # The paper's SFT rows (Table 2, greedy / maj@8):
 #   microsoft/Phi-3.5-mini-instruct 81.0 / 80.5, mistralai/Mistral-7B-Instruct-v0.3 70.0 / 70.6,
 #   meta-llama/Llama-3.1-8B-Instruct 77.0 / 76.4

@@ -22,6 +22,8 @@ import torch
 
 import data
 import evaluate
+import tasks
+import vocab
 from configurator import UserError
 from inprocess import run_main
 
@@ -221,7 +223,7 @@ def hashed(tmp):
 
 
 def no_tokenizer(tmp):
-    return data.build_tokenizer(f"{tmp}/no_tokenizer_here", [])
+    return vocab.build_tokenizer(f"{tmp}/no_tokenizer_here", [])
 
 
 def overlapping(tmp):
@@ -365,7 +367,7 @@ def test_loader_bad_input_is_a_user_error_before_any_work(call, message, tmp, mo
     def no_generation(*args, **kwargs):
         raise AssertionError("data was generated before the error")
 
-    monkeypatch.setattr(data, "generate_split", no_generation)
+    monkeypatch.setattr(tasks, "generate_split", no_generation)
     monkeypatch.setitem(sys.modules, "datasets", sys.modules.get("datasets"))
     with pytest.raises(UserError) as e:
         call(tmp)

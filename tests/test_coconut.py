@@ -6,13 +6,13 @@ import os
 import pytest
 import torch
 
-from coconut import (Coconut, Curriculum, collate, encode_example, generate_answers, latent_forward,
-                     layout, marker_source, markers_present, naive_latent_forward, stage_of)
+from coconut import (Coconut, Curriculum, collate, generate_answers, latent_forward, layout,
+                     naive_latent_forward, stage_of)
 from configurator import counts
-from data import build_tokenizer, marker_ids
 from inprocess import COCONUT_TINY, check_rules_of, run_main
 from model import (autocast_ctx, backbone, copy_token_rows, lm_head, load_model,
                    position_ids_from_mask)
+from vocab import build_tokenizer, encode_example, marker_ids, marker_source, markers_present
 
 V, PAD, EOS, BOT, LAT, EOT = 40, 0, 1, 37, 38, 39
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -292,7 +292,7 @@ def bos_tokenizer():
     """An HF tokenizer whose encode(add_special_tokens=True) prepends <s>, as Llama's does."""
     from tokenizers import Tokenizer as RustTokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
-    from data import Tokenizer
+    from vocab import Tokenizer
     words = "<s> </s> <unk> Tom is a wumpus yes ###".split()
     rust = RustTokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     rust.pre_tokenizer = pre_tokenizers.WhitespaceSplit()

@@ -140,10 +140,11 @@ OPTS = dict(symbolic=True, min_nodes=6, max_nodes=8, min_hops=1, max_hops=2)
 def tiny_hf_dir(path, n_train=16):
     """A tiny GPT-2 and the task's word tokenizer saved the Hugging Face way (save_pretrained)."""
     import data
+    import vocab
     from model import load_model
     exs = [ex for s in ("train", "val", "test") for ex in data.load_task(
         "prosqa_small", s, n=n_train if s == "train" else 4, **OPTS)]
-    tok = data.build_tokenizer("words", exs)
+    tok = vocab.build_tokenizer("words", exs)
     torch.manual_seed(0)
     load_model("scratch", len(tok), n_layer=1, n_head=2, n_embd=32,
                block_size=256).save_pretrained(path)

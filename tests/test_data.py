@@ -1,5 +1,5 @@
-"""Tests for data.py: generators (ProsQA statistics, arithmetic, determinism, disjoint splits),
-tokenizers, loaders."""
+"""Tests for data.py, tasks.py, loaders.py, vocab.py and formats.py: generators (ProsQA statistics,
+arithmetic, determinism, disjoint splits), tokenizers, loaders."""
 
 import json
 import re
@@ -9,6 +9,9 @@ from collections import Counter
 import pytest
 
 import data
+import formats
+import tasks
+import vocab
 from configurator import UserError
 
 # -----------------------------------------------------------------------------
@@ -92,7 +95,7 @@ def test_prosqa_matches_released_statistics():
         assert abs(counts[h] / len(hops) - c / 500) < 0.1, (h, counts)
     assert min(persons) >= 2 and max(persons) <= 6
     assert max(nodes) <= 28
-    assert all(ex["idx_to_symbol"][0] in data.PERSONS for ex in examples)
+    assert all(ex["idx_to_symbol"][0] in tasks.PERSONS for ex in examples)
     # the whole example survives a JSON round trip (the release is JSON) and loads back as it was
     assert json.loads(json.dumps(examples[0])) == examples[0]
 
@@ -122,7 +125,7 @@ def test_prosqa_bad_knob_is_an_error():
 
 
 def test_multiplication_icot_example_exact():
-    ex = data.multiplication_example(3719, 3349, 4)
+    ex = tasks.multiplication_example(3719, 3349, 4)
     assert ex["question"] == "9 1 7 3 * 9 4 3 3"
     assert " ".join(ex["steps"]) == ("1 7 4 3 3 + 0 6 7 8 4 1 ( 1 3 2 2 8 1 ) + 0 0 7 5 1 1 1 "
                                      "( 1 3 9 7 9 2 1 ) + 0 0 0 7 5 1 1 1")
@@ -205,19 +208,19 @@ def test_splits_are_disjoint_and_deduplicated(task, kwargs):
     for split, n in [("train", 200), ("val", 40), ("test", 40)]:
         examples = data.load_task(task, split, n=n, **kwargs)
         assert len(examples) == n
-        keys[split] = [data.canonical_question(ex["question"]) for ex in examples]
+        keys[split] = [tasks.canonical_question(ex["question"]) for ex in examples]
         assert len(set(keys[split])) == n, f"duplicate question within {split}"
     # a different seed gives other questions, but never ones from another split
     other_seed = data.load_task(task, "test", n=40, seed=7, **kwargs)
-    keys["test"] += [data.canonical_question(ex["question"]) for ex in other_seed]
+    keys["test"] += [tasks.canonical_question(ex["question"]) for ex in other_seed]
     assert not set(keys["train"]) & set(keys["val"])
     assert not set(keys["train"]) & set(keys["test"])
     assert not set(keys["val"]) & set(keys["test"])
 
 
 def test_reordered_facts_are_the_same_question():
-    assert (data.canonical_question("B is c. A is b. Is A c?")
-            == data.canonical_question("A is b. B is c. Is A c?"))
+    assert (tasks.canonical_question("B is c. A is b. Is A c?")
+            == tasks.canonical_question("A is b. B is c. Is A c?"))
 
 
 def test_too_small_task_space_is_a_clear_error():
@@ -231,19 +234,20 @@ def test_too_small_task_space_is_a_clear_error():
 
 def test_coconut_and_latro_text_formats():
     ex = {"question": "Q?", "steps": ["s1", "s2"], "answer": "Tom is a lempus."}
-    text = (data.question_text(ex) + "".join(data.step_text(s) for s in ex["steps"])
-            + data.answer_text(ex))
+    text = (formats.question_text(ex) + "".join(formats.step_text(s) for s in ex["steps"])
+            + formats.answer_text(ex))
     assert text == "Q?\ns1\ns2\n### Tom is a lempus."
-    assert data.latro_prompt(ex, "gsm8k") == "Q? Let's think step by step."
-    assert data.latro_answer("18") == "The answer is 18."
+    assert formats.latro_prompt(ex, "gsm8k") == "Q? Let's think step by step."
+    assert formats.latro_answer("18") == "The answer is 18."
     # one period, not two
-    assert data.latro_answer("Tom is a lempus.") == "The answer is Tom is a lempus."
+    assert formats.latro_answer("Tom is a lempus.") == "The answer is Tom is a lempus."
     arc = {"question": "Which?", "steps": [], "answer": "wind",
            "options": [("A", "heat"), ("B", "wind")]}
-    assert data.latro_prompt(arc, "arc") == ("Question: Which?\nOptions: ['heat', 'wind']\n"
+    assert formats.latro_prompt(arc, "arc") == ("Question: Which?\nOptions: ['heat', 'wind']\n"
                                              "Let's think step by step first then print your "
                                              "answer like 'The answer is (one of the options)'.")
-    assert "Options: (A) heat (B) wind\n" in data.latro_prompt(arc, "arc", arc_options="lettered")
+    assert "Options: (A) heat (B) wind\n" in formats.latro_prompt(arc, "arc",
+                                                                  arc_options="lettered")
 
 # -----------------------------------------------------------------------------
 # tokenizers
@@ -252,29 +256,29 @@ def test_coconut_and_latro_text_formats():
 @pytest.mark.parametrize("task,kwargs", GENERATED + [("prosqa_small", {"symbolic": True})])
 def test_word_tokenizer_round_trip(task, kwargs):
     examples = data.load_task(task, "train", n=50, **kwargs)
-    tok = data.build_tokenizer("words", examples)
+    tok = vocab.build_tokenizer("words", examples)
     for ex in examples:
-        coconut = (data.question_text(ex) + "".join(map(data.step_text, ex["steps"]))
-                   + data.answer_text(ex))
-        latro = data.latro_prompt(ex, task) + " " + data.latro_answer(ex["answer"])
-        for text in [coconut, latro, data.latro_rationale(ex)]:
+        coconut = (formats.question_text(ex) + "".join(map(formats.step_text, ex["steps"]))
+                   + formats.answer_text(ex))
+        latro = formats.latro_prompt(ex, task) + " " + formats.latro_answer(ex["answer"])
+        for text in [coconut, latro, formats.latro_rationale(ex)]:
             assert tok.decode(tok.encode(text)) == text
 
 
 def test_word_pieces():
     # a word-final period is its own token, an inner one is not; "\n" is a token
-    assert data.split_words("Tom is a terpus.\nLet's 3.5 x?") == ["Tom", "is", "a", "terpus", ".",
+    assert vocab.split_words("Tom is a terpus.\nLet's 3.5 x?") == ["Tom", "is", "a", "terpus", ".",
                                                                  "\n", "Let's", "3.5", "x", "?"]
-    assert data.join_words(["a", "b", ".", "\n", "c", "?"]) == "a b.\nc?"
+    assert vocab.join_words(["a", "b", ".", "\n", "c", "?"]) == "a b.\nc?"
 
 
 def test_word_tokenizer_special_tokens_and_save_load(tmp_path):
-    tok = data.Tokenizer.from_words(["Tom is a terpus.", "Every terpus is a brimpus."])
+    tok = vocab.Tokenizer.from_words(["Tom is a terpus.", "Every terpus is a brimpus."])
     n = len(tok)
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2) and tok.end_of_turn_id == tok.eos_id
-    ids = tok.add_special_tokens(data.COCONUT_SPECIAL_TOKENS)
+    ids = tok.add_special_tokens(formats.COCONUT_SPECIAL_TOKENS)
     assert ids == list(range(n, n + 3)) and len(tok) == n + 3
-    assert [tok.token_id(t) for t in data.COCONUT_SPECIAL_TOKENS] == ids
+    assert [tok.token_id(t) for t in formats.COCONUT_SPECIAL_TOKENS] == ids
     # special tokens are single ids wherever they appear, and decode drops them unless asked
     text = "Tom is a<|start-latent|><|latent|><|latent|><|end-latent|> terpus."
     enc = tok.encode(text)
@@ -288,7 +292,7 @@ def test_word_tokenizer_special_tokens_and_save_load(tmp_path):
     with pytest.raises(KeyError):
         tok.token_id("<nope>")
     tok.save_pretrained(tmp_path)
-    back = data.Tokenizer.from_pretrained(str(tmp_path))
+    back = vocab.Tokenizer.from_pretrained(str(tmp_path))
     assert back.is_words and len(back) == len(tok) and back.token_id("<|latent|>") == ids[2]
     assert back.encode(text) == enc and back.decode(enc) == "Tom is a terpus."
 
@@ -312,7 +316,7 @@ def make_hf_tokenizer(tmp_path, template):
     hf.add_tokens(["<|user|>", "<|assistant|>", "<|end|>"], special_tokens=True)
     hf.chat_template = template
     hf.save_pretrained(tmp_path)
-    return data.Tokenizer.from_pretrained(str(tmp_path))
+    return vocab.Tokenizer.from_pretrained(str(tmp_path))
 
 
 @pytest.mark.parametrize("template", [CHAT_TEMPLATE, CHAT_TEMPLATE.replace("{{ bos_token }}", "")])
@@ -329,13 +333,13 @@ def test_pretrained_tokenizer_chat_prompt(tmp_path, template):
     assert tok.end_of_turn_id == tok.token_id("<|end|>") != tok.eos_id
     # no pad token: the released LaTRO rule pads with the unknown token (Mistral's), else eos
     assert tok.pad_id == tok.hf.unk_token_id != tok.eos_id
-    ids = tok.add_special_tokens(data.COCONUT_SPECIAL_TOKENS)
+    ids = tok.add_special_tokens(formats.COCONUT_SPECIAL_TOKENS)
     assert tok.encode("hello<|latent|>world")[1] == ids[2]
 
 
 def test_build_tokenizer_by_name(tmp_path):
     make_hf_tokenizer(tmp_path, CHAT_TEMPLATE)
-    tok = data.build_tokenizer(str(tmp_path), examples=[])
+    tok = vocab.build_tokenizer(str(tmp_path), examples=[])
     assert tok.encode("hello world") == [tok.token_id("hello"), tok.token_id("world")]
 
 # -----------------------------------------------------------------------------
@@ -436,7 +440,7 @@ def test_gsm8k_aug_lines_as_the_released_conversion(tmp_path):
     path = write(tmp_path / "train.txt", "\n".join(AUG_LINES) + "\n")
     assert data.load_task("gsm8k_aug", "train", path=path) == AUG_EXAMPLES
     # an empty step is one line of Coconut text, "\n", as the released dataset.py encodes it
-    assert data.step_text("") == "\n"
+    assert formats.step_text("") == "\n"
     bad = write(tmp_path / "bad_train.txt", AUG_LINES[0] + "\nno separator #### 3\n")
     with pytest.raises(UserError, match=r"bad_train.txt: row 2: no '\|\|'"):
         data.load_task("gsm8k_aug", "train", path=bad)
@@ -739,6 +743,6 @@ def test_kgraph_default_sizes_and_seed_independence():
     assert data.load_task("kgraph", "test", seed=7) == test
     assert data.load_task("kgraph", "test", n=10) == test[:10]
     # no entity is its own neighbour, and the graph does not depend on the held-out count
-    f, held = data.kgraph_graph()
+    f, held = tasks.kgraph_graph()
     assert all(f[r][e] != e for r in range(4) for e in range(200)) and len(held) == 40
-    assert data.kgraph_graph(held_out=10)[0] == f
+    assert tasks.kgraph_graph(held_out=10)[0] == f

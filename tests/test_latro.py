@@ -8,7 +8,7 @@ import torch
 
 import latro
 from configurator import ConfigError, UserError, configure
-from data import RELEASED_STOP_STRINGS, Tokenizer, parse_stop_strings
+from formats import RELEASED_STOP_STRINGS, parse_stop_strings
 from inprocess import run_main
 from latro import (Sampler, SequenceScorer, batch_layout, build_batch, longest_sequences,
                    latro_loss, latro_rewards, lr_at, rank_prompts, resume_keys, rloo_advantages,
@@ -16,6 +16,7 @@ from latro import (Sampler, SequenceScorer, batch_layout, build_batch, longest_s
 from inprocess import check_rules_of
 from model import cut_at_stop, disable_dropout, load_model
 from run import check_same_run, load_run, save_checkpoint
+from vocab import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, PAD, EOS = 40, 0, 1
@@ -280,7 +281,7 @@ def test_sft_baseline_prompts_and_targets():
     # the released SFT baseline: GSM8K trains on the bare question -> solution + 'The answer is N'
     # (no period), and is evaluated with the CoT prompt; ARC trains on the direct-answer prompt,
     # evaluated with the format block
-    from data import ARC_SFT_EVAL_FORMAT, latro_prompt, sft_target
+    from formats import ARC_SFT_EVAL_FORMAT, latro_prompt, sft_target
     gsm = {"question": "Q?", "steps": ["2 + 3 = <<2+3=5>>5", "5 x 2 = 10"], "answer": "10"}
     assert latro_prompt(gsm, "gsm8k", style="sft") == "Q?"
     assert (latro_prompt(gsm, "gsm8k", style="sft_eval") == latro_prompt(gsm, "gsm8k")

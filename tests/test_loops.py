@@ -12,12 +12,13 @@ import types
 import pytest
 import torch
 
+import formats
 import latro
-from coconut import Coconut, Curriculum, Decoding, layout, marker_source, validation_loss
-from data import Tokenizer, build_tokenizer
+from coconut import Coconut, Curriculum, Decoding, layout, validation_loss
 from evaluate import arc_extract
 from inprocess import COCONUT_TINY, run_main
 from model import load_model
+from vocab import Tokenizer, build_tokenizer, marker_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -174,7 +175,7 @@ def test_the_answer_ends_with_the_end_of_turn_token_and_the_reward_covers_it():
     tok = chat_words()
     eot = tok.token_id("<|end|>")
     assert tok.end_of_turn_id == eot != tok.eos_id
-    (y,) = latro.encode_answers(tok, [{"answer": "3"}])
+    (y,) = formats.encode_answers(tok, [{"answer": "3"}])
     assert y == tok.encode("The answer is 3.") + [eot]                   # as released
     m = tiny(len(tok))
     x, z = tok.encode("a b c"), tok.encode("1 2")
@@ -194,7 +195,7 @@ def test_the_evaluation_scores_the_answer_after_the_output_cut_at_its_stop():
     ev = latro.Evaluation("json", "cot", "released", "released", [], 8, 0,
                           latro.Sampler(tok, {tok.eos_id, tok.end_of_turn_id}, [], tok.pad_id, 2,
                                         torch.no_grad()))
-    xs = latro.encode_prompts(tok, examples, "json", "released", "cot")
+    xs = formats.encode_prompts(tok, examples, "json", "released", "cot")
     outs, _, _ = latro.sample(m, xs, 8, ev.sampler)
     # a stop string that the first greedy output holds after its first token
     stop = tok.decode(outs[0][2:3])
@@ -204,7 +205,7 @@ def test_the_evaluation_scores_the_answer_after_the_output_cut_at_its_stop():
     for x, out, ex in zip(xs, outs, examples):  # by hand: decode, cut before the stop, score y
         ids = [t for t in out if t not in (tok.eos_id, tok.pad_id)]
         cut = next((k for k in range(len(ids) + 1) if stop in tok.decode(ids[:k + 1])), len(ids))
-        y = latro.encode_answers(tok, [ex])[0]
+        y = formats.encode_answers(tok, [ex])[0]
         want += logp_of(m, x + ids[:cut], y).item()
     assert abs(got - want / 2) < 1e-4
     assert stop in tok.decode(outs[0])                                   # not vacuous

@@ -8,10 +8,12 @@ import pytest
 
 import data
 import latro
+import vocab
 from configurator import UserError, configure
-from data import GSM8K_FEW_SHOT, GSM8K_SHOTS, Tokenizer, latro_answer, latro_prompt
+from formats import GSM8K_FEW_SHOT, GSM8K_SHOTS, latro_answer, latro_prompt
 from inprocess import run_main
 from test_tokenizers import load, package_data
+from vocab import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--sft_steps=2", "--sft_batch_size=8",
@@ -63,7 +65,8 @@ def test_the_answer_text_is_the_released_one(gold, task, text, y):
 
 def test_the_word_vocabulary_holds_the_clean_answer_text():
     # a model from scratch on GSM8K-style golds with commas: answer_y='clean' writes them without
-    tok = data.build_tokenizer("words", [{"question": "How many?", "steps": [], "answer": "1,080"}])
+    tok = vocab.build_tokenizer("words",
+                                [{"question": "How many?", "steps": [], "answer": "1,080"}])
     for text in ("released", "clean"):
         y = latro_answer("1,080", "gsm8k", text)
         assert tok.decode(tok.encode(y)) == y

@@ -17,8 +17,9 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import models, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from data import RELEASED_STOP_STRINGS, Tokenizer
+from formats import RELEASED_STOP_STRINGS
 from model import TailStopCheck, cut_at_stop
+from vocab import Tokenizer
 
 import torch
 

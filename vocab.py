@@ -1,0 +1,270 @@
+"""
+The tokenizers: one small interface (Tokenizer) over any Hugging Face tokenizer and over a
+closed word-level vocabulary built from the examples (offline, fast for tiny models), and what
+Coconut needs of a vocabulary: its three markers added as special tokens, the rows their embeddings
+start from, and an example encoded as question, steps and answer.
+
+    tok = build_tokenizer("words", examples)  # closed word-level vocabulary, fast for tiny models
+"""
+
+import re
+from functools import cached_property
+
+from tokenizers import Regex, models, pre_tokenizers
+from tokenizers import Tokenizer as _RustTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from configurator import UserError
+from formats import (ARC_INSTRUCTION, COCONUT_MARKERS, COCONUT_SPECIAL_TOKENS, STEP_BY_STEP,
+                     answer_text, latro_answer, latro_prompt, question_text, step_text)
+
+# Word-level pre-tokenization: "\n" is a token; . , ? ! : ; are tokens when they end a word
+# ("terpus." -> "terpus" "."), but stay inside a word ("3.5", "Let's"); everything else splits on
+# whitespace.
+_WORD_PUNCT = ".,?!:;"
+_WORD_PATTERN = r"\n|[.,?!:;](?=[.,?!:;]*(?:\s|$))|[^\s]+?(?=[.,?!:;]*(?:\s|$))"
+_WORD_RE = re.compile(_WORD_PATTERN)
+_WORD_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+
+def split_words(text):
+    """The word tokenizer's pieces, in Python (same regex as the tokenizers pre-tokenizer)."""
+    return _WORD_RE.findall(text)
+
+
+def join_words(words):
+    """Inverse of split_words for normally spaced text: no space before punctuation, none around
+    newlines."""
+    out = []
+    for w in words:
+        glue = not out or out[-1] == "\n" or w == "\n" or all(c in _WORD_PUNCT for c in w)
+        out.append(w if glue else " " + w)
+    return "".join(out)
+
+
+class Tokenizer:
+    """One small interface over any Hugging Face tokenizer, the offline word-level one included.
+
+    The word-level tokenizer is a PreTrainedTokenizerFast around a `tokenizers` WordLevel model, so
+    it saves and loads with save_pretrained / from_pretrained like any other; only decoding is done
+    here (HF would put a space between every pair of words), so that decode(encode(t)) == t for the
+    generated task texts.
+    """
+
+    def __init__(self, hf):
+        self.hf = hf
+        self.is_words = isinstance(hf.backend_tokenizer.model, models.WordLevel)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path):
+        return cls(AutoTokenizer.from_pretrained(name_or_path))
+
+    @classmethod
+    def from_words(cls, texts):
+        """A closed vocabulary over the words of `texts` (sorted, so the ids do not depend on the
+        text order)."""
+        words = sorted({w for t in texts for w in split_words(t)})
+        vocab = {w: i for i, w in enumerate(
+            _WORD_SPECIALS + [w for w in words if w not in _WORD_SPECIALS])}
+        rust = _RustTokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        # invert=True + "removed": the regex describes the pieces to keep, the whitespace between
+        # them is dropped
+        rust.pre_tokenizer = pre_tokenizers.Split(Regex(_WORD_PATTERN), behavior="removed",
+                                                  invert=True)
+        hf = PreTrainedTokenizerFast(tokenizer_object=rust, pad_token="<pad>", bos_token="<bos>",
+                                     eos_token="<eos>", unk_token="<unk>")
+        return cls(hf)
+
+    def __len__(self):
+        return len(self.hf)
+
+    def encode(self, text, add_special_tokens=False):
+        # True: BOS etc. as the tokenizer adds
+        ids = self.hf.encode(text, add_special_tokens=add_special_tokens)
+        if self.is_words and self.hf.unk_token_id in ids:
+            # a closed vocabulary must not silently map words to <unk>: say which words are missing
+            missing = sorted({w for w in split_words(text) if w not in self.hf.get_vocab()})
+            raise ValueError(f"words not in the word-level vocabulary: {missing[:10]}")
+        return ids
+
+    def decode(self, ids, skip_special_tokens=True, cleanup=False):
+        """The text of ids. cleanup=True (the text an answer checker reads): the clean-up of spaces
+        before punctuation that transformers 4.x applied when the tokenizer's config asks for it
+        (Llama-3.x's does) and 5.x skips for BPE tokenizers."""
+        ids = [int(i) for i in ids]
+        if not self.is_words:
+            text = self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+            if cleanup and self.hf.init_kwargs.get("clean_up_tokenization_spaces"):
+                text = self.hf.clean_up_tokenization(text)
+            return text
+        special = self.special_ids()
+        tokens = self.hf.convert_ids_to_tokens([i for i in ids
+                                                if not (skip_special_tokens and i in special)])
+        return join_words(tokens)
+
+    def special_ids(self):
+        """Ids of all special tokens, including ones added later with add_special_tokens."""
+        ids = set(self.hf.all_special_ids)
+        ids.update(i for i, t in self.hf.added_tokens_decoder.items() if t.special)
+        return ids
+
+    @property
+    def eos_id(self):
+        return self.hf.eos_token_id
+
+    @cached_property
+    def pad_id(self):
+        """The tokenizer's pad; without one, what the released LaTRO code set: Llama-3.x's
+        <|end_of_text|>, else the unknown token (Mistral's <unk>), else eos."""
+        if self.hf.pad_token_id is not None:
+            return self.hf.pad_token_id
+        end_of_text = self.hf.get_vocab().get("<|end_of_text|>")
+        if end_of_text is not None:
+            return end_of_text
+        if self.hf.unk_token_id is not None:
+            return self.hf.unk_token_id
+        return self.hf.eos_token_id
+
+    @property
+    def bos_id(self):
+        return self.hf.bos_token_id
+
+    @cached_property
+    def end_of_turn_id(self):
+        """The token that closes an assistant turn in the chat template (<|eot_id|>, <|end|>,
+        <|im_end|>, ...)."""
+        if not self.hf.chat_template:
+            return self.eos_id
+        marker = "XyzzyReplyMarker"
+        text = self.hf.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+            tokenize=False)
+        tail = text.split(marker, 1)[1] if marker in text else ""
+        special = self.special_ids()
+        for i in self.hf.encode(tail, add_special_tokens=False):
+            if i in special:
+                return i
+        return self.eos_id
+
+    def add_special_tokens(self, tokens):
+        self.hf.add_tokens(list(tokens), special_tokens=True)
+        return [self.token_id(t) for t in tokens]
+
+    def token_id(self, token):
+        i = self.hf.convert_tokens_to_ids(token)
+        if i is None or (i == self.hf.unk_token_id and token != self.hf.unk_token):
+            raise KeyError(f"token {token!r} is not in the vocabulary")
+        return i
+
+    def chat_prompt(self, text):
+        """Token ids of a user turn plus the generation prompt, with the BOS tokens the model's own
+        chat template and tokenizer give together: the rendered template, encoded with what the
+        tokenizer puts before any text (a BOS for Llama and Mistral tokenizers, nothing for those
+        without one), and no second BOS when the template wrote one itself (Llama 3.1 and Mistral
+        templates do; the released code fed both to the model). Something a tokenizer appends (an
+        eos) is not kept: the assistant's turn follows. Word-level vocabularies (scratch models)
+        start every prompt with their BOS."""
+        if self.is_words:
+            return [self.bos_id] + self.encode(text)
+        if self.hf.chat_template:
+            turn = [{"role": "user", "content": text}]
+            text = self.hf.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+        ids = self.hf.encode(text, add_special_tokens=False)
+        full = self.hf.encode(text, add_special_tokens=True)
+        # what the tokenizer put before the text (a BOS or nothing)
+        at = next((i for i in range(len(full) - len(ids) + 1) if full[i:i + len(ids)] == ids), 0)
+        prefix = full[:at]
+        if self.bos_id is not None and prefix[-1:] == [self.bos_id] and ids[:1] == [self.bos_id]:
+            prefix = prefix[:-1]
+        return prefix + ids
+
+    def save_pretrained(self, path):
+        self.hf.save_pretrained(path)
+
+
+def example_texts(ex):
+    """Every string of an example a tokenizer must cover."""
+    texts = [ex["question"], ex["answer"], *ex["steps"]]
+    if "options" in ex:
+        texts += [text for _, text in ex["options"]]
+    return texts
+
+
+def marker_ids(tok):
+    """Add the three markers to the tokenizer (in the released vocabulary order); returns their ids
+    by role, (<bot>, <latent>, <eot>): the order layout() takes."""
+    tok.add_special_tokens(COCONUT_SPECIAL_TOKENS)
+    return tuple(tok.token_id(COCONUT_MARKERS[role]) for role in ("bot", "latent", "eot"))
+
+
+# Coconut: the examples as token pieces, and the three markers' embedding rows
+
+def encode_example(tok, ex):
+    """(question, steps, answer + eos) token lists. The question is encoded as the tokenizer encodes
+    a text on its own (add_special_tokens=True), as released: GPT-2 and the word vocabulary add no
+    BOS, Llama adds one."""
+    q = tok.encode(question_text(ex), add_special_tokens=True)
+    steps = [tok.encode(step_text(st)) for st in ex["steps"]]
+    return q, steps, tok.encode(answer_text(ex)) + [tok.eos_id]
+
+
+def markers_present(tok, ckpt):
+    """Do the weights to load already have marker rows? A checkpoint of coconut.py says so (older
+    ones always had them); a save_pretrained export of coconut.py (init_from=out/.../hf) has them
+    when its tokenizer does."""
+    if ckpt is not None:
+        return ckpt.get("markers", True)
+    vocab = tok.hf.get_vocab()
+    return all(t in vocab for t in COCONUT_SPECIAL_TOKENS)
+
+
+def marker_source(tok, marker_init, base):
+    """The id of the token whose embedding the new markers copy, or None for fresh random rows.
+    'auto': '<<' as released (one token in GPT-2's vocabulary), else '<', for pretrained weights;
+    None for a model from scratch, whose rows are all random anyway. Fails, naming the key, unless
+    the text is one token."""
+    texts = [marker_init] if marker_init else []
+    if marker_init == "auto":
+        texts = [] if base == "scratch" else ["<<", "<"]
+    for text in texts:
+        try:
+            ids = tok.encode(text)
+        except ValueError:  # the word vocabulary refuses words it does not have
+            ids = []
+        if len(ids) == 1:
+            return ids[0]
+    if texts:
+        tried = " / ".join(map(repr, texts))
+        raise UserError(f"marker_init={marker_init!r}: {tried} is not exactly one token in this "
+                        f"vocabulary; set --marker_init to a text that is one token, or '' for "
+                        f"fresh rows")
+    return None
+
+
+def tokenizer_name(name, model, saved=""):
+    """The tokenizer a run uses: `name` when set, else the one its checkpoint saved, else the word
+    vocabulary for a model from scratch, else the Hugging Face model's own (a hub name or a local
+    directory: offline works)."""
+    return name or saved or ("words" if model == "scratch" else model)
+
+
+def build_tokenizer(name, examples):
+    """'words': a closed word-level vocabulary over the examples and the fixed templates; else a HF
+    tokenizer."""
+    if name != "words":
+        try:
+            return Tokenizer.from_pretrained(name)
+        except OSError as e:  # no such directory, not on the hub, or offline and not cached
+            raise UserError(f"tokenizer {name!r} cannot be loaded ({str(e).splitlines()[0]}): give "
+                            f"a directory with its files, a hub name (offline: one in the cache) "
+                            f"or 'words'") from None
+    texts = [t for ex in examples for t in example_texts(ex)]
+    # the templates the scripts wrap around examples must be in the vocabulary too
+    # (LaTRO also stops rationales at "Answer:", so it must be encodable)
+    texts += ["\n", "###", STEP_BY_STEP, latro_answer("0"), "Answer:", ARC_INSTRUCTION,
+              "Question: Options: (A) (B) (C) (D) (E)"]
+    # ARC prompts print the options as a Python list: its pieces ("['heat',") are words too
+    texts += [latro_prompt(ex, "arc") for ex in examples if "options" in ex]
+    # LaTRO's answer_y='clean' writes GSM8K golds without their thousands commas
+    texts += [ex["answer"].replace(",", "") for ex in examples if "," in ex["answer"]]
+    return Tokenizer.from_words(texts)
