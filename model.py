@@ -130,6 +130,15 @@ def backbone(model):
 def lm_head(model):
     return model.get_output_embeddings()
 
+def hidden_states(model, inputs_embeds, attention_mask, position_ids, cache=None):
+    """The last hidden states (B, T, C), after the final norm, of the transformer without its LM
+    head, for input embeddings. cache: a DynamicCache holding the positions before these (they are
+    appended to it), passed under the argument name this transformers expects (cache_kwargs)."""
+    kwargs = {} if cache is None else {"use_cache": True, **cache_kwargs(backbone(model), cache)}
+    out = backbone(model)(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                          position_ids=position_ids, **kwargs)
+    return out.last_hidden_state
+
 def copy_token_rows(model, n_vocab, rows, source_id):
     """New token rows (e.g. Coconut's markers): grow the embedding matrices to n_vocab rows if
     needed, then copy the source token's row into each of `rows` (source_id None: keep the fresh

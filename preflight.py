@@ -123,7 +123,7 @@ def check_memory_plan(plan):
                       f"{plan['device'] / GiB:.1f} GiB:\n{format_memory_plan(plan)}\n"
                       f"fixes (any of):\n  " + "\n  ".join(fixes))
 
-def preflight(hf_cfg, device, longest, memory, out_dir=None, extra_weights=0):
+def preflight(hf_cfg, device, *, longest, out_dir=None, extra_weights=0, **memory):
     """What both scripts check once the data is tokenized, before any weight is loaded: each kind
     of sequence against the model's positions (longest: (tokens, what it is, how to shorten it)
     triples), the memory plan (memory: plan_memory's keywords), printed, and refused when it
