@@ -117,16 +117,33 @@ def prepare_out_dir(out_dir, *, resume, overwrite=False):
         print(f"out_dir: --overwrite=True: removed {path} of an earlier run")
     return lock
 
+def write_text(path, text):
+    """A text file written atomically (a temporary file of this process, then renamed over `path`):
+    a kill or a full disk mid-write leaves the previous file whole. A UserError when it fails."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"cannot write {path} ({e.strerror}); the previous file, if any, is kept: "
+                        f"make room or choose another path") from None
+
 def keep_lines(path, n):
     """Cut a text file (the metrics log) to its first n lines; a missing file is left missing."""
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
         lines = f.readlines()[:n]
-    if n and lines and not lines[-1].endswith("\n"):
+    if lines and not lines[-1].endswith("\n"):
         lines = lines[:-1]  # a line cut short by a kill mid-write
-    with open(path, "w", encoding="utf-8") as f:
-        f.writelines(lines)
+    write_text(path, "".join(lines))
 
 def epoch_path(out_dir, n):
     """out_dir/epoch_N.pt: coconut.py's keep_epoch_checkpoints file of the weights after n

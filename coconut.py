@@ -123,9 +123,6 @@ BOUNDS = {"c_thought epochs_per_stage batch_size micro_batch_size eval_batch_siz
           "n_train n_val n_test max_latent_stage start_stage probe ckpt_interval learning_rate "
           "weight_decay": ">= 0", "n_thoughts_eval": ">= -1", "uniform_prob": "[0, 1]",
           "dropout": "[0, 1)"}
-NOTES = {"n_train": "0 = the task's default size", "n_val": "0 = the task's default size",
-         "n_test": "0 = the task's default size", "n_thoughts_eval": "-1 = max_latent_stage * "
-         "c_thought"}
 SHAPE_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "dropout")  # a model's shape
 # what a resumed run must share with its checkpoint (num_epochs, out_dir, eval settings may change)
 RESUME_KEYS = SHAPE_KEYS + ("task", "task_options", "data_path", "split_layout", "n_train",
@@ -189,8 +186,8 @@ def layout(q, steps, answer, stage, cur, n_thoughts=None, inference=False):
     return q + [bot] + [latent] * n + [eot], sum(kept, []) + answer
 
 def thoughts_at_stage(stage, cur):
-    """The thoughts (or pauses) at `stage` of an example with more steps than any stage replaces:
-    what the schedule and the step log report (layout's counts)."""
+    """The thoughts (or pauses) layout() gives at `stage` to an example with more steps than any
+    stage replaces: what the schedule and the step log report."""
     if cur.method == "pause":
         return cur.max_latent_stage * cur.c_thought
     if cur.method in ("coconut", "pause_as_thought"):
@@ -285,23 +282,8 @@ class Coconut(nn.Module):
         # the mean next-token cross-entropy
         return -logp.sum() / mask.sum().clamp(min=1)
 
-def aligned_columns(rows, latent_id, feedback_id, device, fsdp):
-    """FSDP: every pass all-gathers each layer, so every rank must run the same passes even when its
-    rows hold fewer thoughts. The max over the ranks (a collective) of the anchor column, the length
-    after it and the thought count: every rank then lays its micro-batch out alike and splits at the
-    same columns. Returns (c0, width, cols) for collate() and the forward; Nones without FSDP."""
-    if not fsdp:
-        return None, None, None
-    anchors = [p.index(latent_id) if latent_id in p else len(p) for p, _ in rows]
-    n = max(p.count(feedback_id) for p, _ in rows) if feedback_id is not None else 0
-    after = max(len(p) + len(t) - a for (p, t), a in zip(rows, anchors))
-    t = torch.tensor([max(anchors), after, n], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    c0, after, n = t.tolist()
-    return c0, c0 + after, list(range(c0, c0 + n))
-
 # -----------------------------------------------------------------------------
-# inference: latent prefix with the cache, then KV-cached greedy decoding; accuracy over ranks
+# inference: the latent prefix with the cache, then KV-cached greedy decoding; what a thought holds
 
 @torch.no_grad()
 def generate_answers(model, prompts, latent_id, eos_id, pad_id, max_new_tokens, device):
@@ -317,72 +299,6 @@ def generate_answers(model, prompts, latent_id, eos_id, pad_id, max_new_tokens, 
     first_eos = (tokens == eos_id).float().argmax(1) + 1
     return tokens, torch.where(stopped, first_eos, tokens.shape[1])
 
-def eval_prompts(rows, stage, cur, n_thoughts=None):
-    """The prompts (question + markers + thoughts, as the released evaluation lays them out) of
-    encoded examples at `stage`; n_thoughts overrides the stage's thought count."""
-    return [layout(q, steps, [], stage, cur, n_thoughts=n_thoughts, inference=True)[0]
-            for q, steps, _ in rows]
-
-@dataclasses.dataclass
-class Decoding:
-    """How the evaluations decode, the same for every split."""
-    tok: object              # data.Tokenizer
-    latent_id: int           # the thought fed back (None: a plain LM)
-    batch_size: int          # prompts per generate call
-    max_new_tokens: int
-    ctx: object              # autocast (or nullcontext)
-    device: str
-    progress: bool = False   # a progress bar over the generate calls (rank 0, terminals only)
-
-def greedy_accuracy(model, wrapper, prompts, golds, dec):
-    """(accuracy, mean tokens generated with thoughts, this rank's texts) over all ranks: each rank
-    brings its own prompts (examples r, r+W, ...: each counted exactly once, no sampler padding),
-    and the counts are summed over the ranks."""
-    n_correct, n_tokens, texts, tok, step = 0, 0, [], dec.tok, dec.batch_size
-    model.eval()
-    # FSDP: the weights are gathered once for the whole call, so ranks may run different counts
-    with dec.ctx, parallel.gathered(wrapper):
-        for i in progress_bar(range(0, len(prompts), step), dec.progress, "evaluating"):
-            batch, answers = prompts[i:i + step], golds[i:i + step]
-            tokens, n_gen = generate_answers(model, batch, dec.latent_id, eos_id=tok.eos_id,
-                                             pad_id=tok.pad_id,
-                                             max_new_tokens=dec.max_new_tokens, device=dec.device)
-            for row, n, prompt, gold in zip(tokens.tolist(), n_gen.tolist(), batch, answers):
-                texts.append(tok.decode(row[:n]))
-                n_correct += coconut_correct(texts[-1], gold)          # exact match after last '#'
-                # the paper's "# tokens" counts the thoughts too
-                n_tokens += n + prompt.count(dec.latent_id)
-    model.train()
-    sums = parallel.all_sum(torch.tensor([n_correct, n_tokens, len(prompts)], dtype=torch.float64),
-                            dec.device)
-    n_total = sums[2].item()
-    return sums[0].item() / n_total, sums[1].item() / n_total, texts
-
-@torch.no_grad()
-def validation_loss(wrapper, rows, stage, cur, dec):
-    """Mean next-token loss per labelled token at the epoch's training layout (the released code
-    prints it each epoch): each rank brings its own rows, the sums are added over the ranks. The
-    forward goes through the module inside the DDP wrapper (a DDP forward expects a backward)."""
-    coconut_model = getattr(wrapper, "module", wrapper)               # (FSDP shards in place)
-    total, count = 0.0, 0
-    coconut_model.model.eval()
-    with parallel.gathered(wrapper):
-        for i in range(0, len(rows), dec.batch_size):
-            batch = [layout(*ex, stage, cur) for ex in rows[i:i + dec.batch_size]]
-            tensors = collate(batch, cur.special[1], dec.tok.pad_id)
-            ids, mask, labels = (t.to(dec.device) for t in tensors)
-            n = (labels[:, 1:] != -100).sum().item()
-            with dec.ctx:
-                # the loss is the mean over this batch's n labelled tokens
-                total += coconut_model(ids, mask, labels).item() * n
-            count += n
-    coconut_model.model.train()
-    sums = parallel.all_sum(torch.tensor([total, count], dtype=torch.float64), dec.device)
-    return sums[0].item() / max(sums[1].item(), 1)
-
-# -----------------------------------------------------------------------------
-# the paper's analyses: each thought read through the LM head; accuracy against the thought count
-
 @torch.no_grad()
 def probe_thoughts(model, prompt, latent_id, k, device):
     """The paper's analysis: each continuous thought read through the LM head. Returns (n, k) probs
@@ -394,47 +310,68 @@ def probe_thoughts(model, prompt, latent_id, k, device):
     probs = lm_head(model)(hidden[0, cols]).float().softmax(-1)        # (n, V)
     return probs.topk(min(k, probs.shape[-1]))
 
-def print_probe(model, wrapper, prompts, texts, dec, k=3):
-    """Rank 0 prints each prompt, its output and (coconut) the top-k tokens of each of its thoughts.
-    FSDP: every rank probes its own prompts inside gathered() (a collective)."""
-    with parallel.gathered(wrapper):
-        for prompt, text in zip(prompts, texts):
-            print0(f"--- {dec.tok.decode(prompt, skip_special_tokens=False)!r} -> {text!r}")
-            if dec.latent_id in prompt:
-                probs, ids = probe_thoughts(model, prompt, dec.latent_id, k, dec.device)
-                for j, (top_p, top_ids) in enumerate(zip(probs.tolist(), ids.tolist())):
-                    words = [f"{dec.tok.decode([i], skip_special_tokens=False)!r} {q:.2f}"
-                             for i, q in zip(top_ids, top_p)]
-                    print0(f"    thought {j + 1}: " + "  ".join(words))
+# -----------------------------------------------------------------------------
+# evaluation over the ranks: rank r scores examples r, r+W, ... (each exactly once), sums added
 
-def report_sweep(rows, info, path):
-    """The thought sweep as a Markdown table (rank 0 prints) and a json file (rank 0 writes)."""
-    table = [f"| {r['thoughts']} | {r['accuracy']:.4f} | {r['tokens']:.1f} |" for r in rows]
-    print0("\n".join(["| thoughts | test acc | tokens generated (thoughts included) |",
-                      "|---|---|---|"] + table))
-    if int(os.environ.get("RANK", 0)) == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump({**info, "rows": rows}, f, indent=1)
+def eval_prompts(rows, stage, cur, n_thoughts=None):
+    """The prompts (question + markers + thoughts, as the released evaluation lays them out) of
+    encoded examples at `stage`; n_thoughts overrides the stage's thought count."""
+    return [layout(q, steps, [], stage, cur, n_thoughts=n_thoughts, inference=True)[0]
+            for q, steps, _ in rows]
+
+@dataclasses.dataclass
+class Decoding:
+    """How the evaluations decode, the same for every split."""
+    tok: object              # vocab.Tokenizer
+    latent_id: int           # the thought fed back (None: a plain LM)
+    batch_size: int          # prompts per generate call
+    max_new_tokens: int
+    ctx: object              # autocast (or nullcontext)
+    device: str
+    progress: bool = False   # a progress bar over the generate calls (rank 0, terminals only)
+
+def greedy_accuracy(model, wrapper, prompts, golds, dec):
+    """(accuracy, mean tokens generated with thoughts, this rank's texts) over all ranks: exact
+    match of the text after the last '#' (evaluate.coconut_correct). FSDP: the weights are gathered
+    once for the whole call, so ranks may run different numbers of forwards."""
+    n_correct, n_tokens, texts, tok, step = 0, 0, [], dec.tok, dec.batch_size
+    model.eval()
+    with dec.ctx, parallel.gathered(wrapper):
+        for i in progress_bar(range(0, len(prompts), step), dec.progress, "evaluating"):
+            batch, answers = prompts[i:i + step], golds[i:i + step]
+            tokens, n_gen = generate_answers(model, batch, dec.latent_id, eos_id=tok.eos_id,
+                                             pad_id=tok.pad_id, max_new_tokens=dec.max_new_tokens,
+                                             device=dec.device)
+            for row, n, prompt, gold in zip(tokens.tolist(), n_gen.tolist(), batch, answers):
+                texts.append(tok.decode(row[:n]))
+                n_correct += coconut_correct(texts[-1], gold)
+                n_tokens += n + prompt.count(dec.latent_id)            # the paper counts thoughts
+    model.train()
+    acc, mean_tokens = parallel.mean_over_ranks([n_correct, n_tokens], len(prompts), dec.device)
+    return acc, mean_tokens, texts
+
+@torch.no_grad()
+def validation_loss(wrapper, rows, stage, cur, dec):
+    """Mean next-token loss per labelled token at the epoch's training layout, over all ranks (the
+    released code prints it each epoch). The forward is the module's inside a DDP wrapper (a DDP
+    forward expects a backward); FSDP shards the module itself."""
+    coconut_model = getattr(wrapper, "module", wrapper)
+    total, count = 0.0, 0
+    coconut_model.model.eval()
+    with parallel.gathered(wrapper):
+        for i in range(0, len(rows), dec.batch_size):
+            batch = [layout(*ex, stage, cur) for ex in rows[i:i + dec.batch_size]]
+            ids, mask, labels = (t.to(dec.device) for t in collate(batch, cur.special[1],
+                                                                   dec.tok.pad_id))
+            n = (labels[:, 1:] != -100).sum().item()
+            with dec.ctx:
+                total += coconut_model(ids, mask, labels).item() * n   # (a mean over n tokens)
+            count += n
+    coconut_model.model.train()
+    return parallel.mean_over_ranks([total], count, dec.device)[0]
 
 # -----------------------------------------------------------------------------
 # the training loop's decisions, as small functions the loop calls and the tests import
-
-def schedule_lines(cur, num_epochs):
-    """The stages of a run's epochs as log lines, one per stage with its first and last epoch (the
-    stage rises by one every epochs_per_stage epochs, so each stage's epochs follow from it)."""
-    lines, first_stage, last_stage = [], cur.stage(0), cur.stage(num_epochs - 1)
-    for st in range(first_stage, last_stage + 1) if num_epochs > 0 else ():
-        first = 0 if st == first_stage else (st - cur.start_stage) * cur.epochs_per_stage
-        last = (st - cur.start_stage + 1) * cur.epochs_per_stage - 1
-        if st == last_stage:
-            last = num_epochs - 1
-        replaced = "all" if st > cur.max_latent_stage else st
-        if cur.method not in CURRICULUM_METHODS:
-            replaced = "no"
-        lines.append(f"schedule: epochs {first}-{last} {cur.method} stage {st}: "
-                     f"{thoughts_at_stage(st, cur)} thoughts/pauses, {replaced} steps replaced")
-    return "\n".join(lines)
 
 def epoch_order(seed, epoch, stage, uniform_prob, n_steps_list):
     """(stages, permutation) of an epoch, seeded by (seed, epoch) only: every rank and every resume
@@ -460,20 +397,46 @@ def resets_optimizer(epoch, cur, mode):
         return False
     return mode == "epoch" or cur.stage(epoch) != cur.stage(epoch - 1)
 
-def longest_rows(encoded, cur, *, stages, uniform_prob, test_counts, max_new_tokens):
-    """The longest sequences as preflight's (tokens, what, how to shorten) triples: training (prompt
-    + target at every stage a row can be drawn at; with uniform_prob > 0 also any of 0..#steps of
-    that row) and evaluation (a prompt + max_new_tokens: the test at each thought count, val at
-    each stage run)."""
+def aligned_columns(rows, latent_id, feedback_id, device, fsdp):
+    """FSDP: every pass all-gathers each layer, so every rank must run the same passes even when its
+    rows hold fewer thoughts. The max over the ranks of the anchor column, the length after it and
+    the thought count: every rank then lays its micro-batch out alike and splits at the same
+    columns. Returns (c0, width, cols) for collate() and the forward; Nones without FSDP."""
+    if not fsdp:
+        return None, None, None
+    anchors = [p.index(latent_id) if latent_id in p else len(p) for p, _ in rows]
+    n = max(p.count(feedback_id) for p, _ in rows) if feedback_id is not None else 0
+    after = max(len(p) + len(t) - a for (p, t), a in zip(rows, anchors))
+    c0, after, n = parallel.max_over_ranks([max(anchors), after, n], device)
+    return c0, c0 + after, list(range(c0, c0 + n))
+
+def schedule_lines(cur, num_epochs):
+    """The stages of a run's epochs as log lines, one per stage with its first and last epoch (the
+    stage rises by one every epochs_per_stage epochs)."""
+    lines, first_stage, last_stage = [], cur.stage(0), cur.stage(num_epochs - 1)
+    for st in range(first_stage, last_stage + 1) if num_epochs > 0 else ():
+        first = 0 if st == first_stage else (st - cur.start_stage) * cur.epochs_per_stage
+        last = num_epochs - 1 if st == last_stage else first + cur.epochs_per_stage - 1
+        replaced = "all" if st > cur.max_latent_stage else st
+        if cur.method not in CURRICULUM_METHODS:
+            replaced = "no"
+        lines.append(f"schedule: epochs {first}-{last} {cur.method} stage {st}: "
+                     f"{thoughts_at_stage(st, cur)} thoughts/pauses, {replaced} steps replaced")
+    return "\n".join(lines)
+
+def longest_rows(encoded, cur, stages, uniform_prob, max_new_tokens, test_counts):
+    """The longest sequences as preflight's (tokens, what, how to shorten) triples: a training row
+    at every stage it can be drawn at (with uniform_prob > 0 also 0..#steps of that row), and an
+    evaluation prompt + max_new_tokens (the test at each thought count, val at each stage run)."""
     best = (0, None, None)
     for i, ex in enumerate(encoded["train"]):
         drawn = set(stages)
         if uniform_prob > 0 and stages:
             drawn |= set(range(len(ex[1]) + 1))
         for st in drawn:
-            prompt, target = layout(*ex, st, cur)
-            if len(prompt) + len(target) > best[0]:
-                best = (len(prompt) + len(target), i, st)
+            n = sum(map(len, layout(*ex, st, cur)))
+            if n > best[0]:
+                best = (n, i, st)
     final = cur.max_latent_stage + 1 if cur.method in CURRICULUM_METHODS else 0
     prompts = [p for n in test_counts for p in eval_prompts(encoded["test"], final, cur, n)]
     prompts += [p for st in stages for p in eval_prompts(encoded["val"], st, cur)]
@@ -495,8 +458,6 @@ def check_config(c, world_size):
     if c.num_epochs <= 0 and not c.eval_only:
         raise UserError(f"num_epochs={c.num_epochs} must be > 0 (eval_only=True evaluates without "
                         f"training)")
-    if c.n_embd % c.n_head:
-        raise UserError(f"n_embd={c.n_embd} must be a multiple of n_head={c.n_head}")
     if c.eval_only and c.init_from == "scratch":
         raise UserError("eval_only=True with init_from='scratch' would score an untrained model: "
                         "give --init_from=resume, a .pt checkpoint or a trained model")
@@ -511,7 +472,7 @@ def check_config(c, world_size):
         raise UserError("gradient_checkpointing=True does not work with method=coconut: its "
                         "thought passes carry a KV cache with gradients, which checkpointed layers "
                         "drop; use --fsdp=True or a smaller micro_batch_size instead")
-    # every rank takes whole micro-batches of the global batch
+    # the global batch is cut into whole micro-batches, the same number on every rank
     if c.batch_size % (c.micro_batch_size * world_size):
         raise UserError(f"batch_size={c.batch_size} (global) must be a multiple of "
                         f"micro_batch_size={c.micro_batch_size} x {world_size} ranks = "
@@ -519,16 +480,15 @@ def check_config(c, world_size):
                         f"or the number of processes")
     if c.init_from.endswith(".pt") and not os.path.isfile(c.init_from):
         raise UserError(f"init_from={c.init_from!r}: no such checkpoint file")
-    pt_or_named = c.init_from.endswith(".pt") or c.init_from in ("scratch", "resume")
-    if not pt_or_named and os.path.isfile(c.init_from):
+    if c.init_from not in ("scratch", "resume") and not c.init_from.endswith(".pt") and \
+            os.path.isfile(c.init_from):
         raise UserError(f"init_from={c.init_from!r} is a file but not a .pt checkpoint: give a .pt "
                         f"file of coconut.py, a save_pretrained directory or a hub name")
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     config = configurator.configure(globals(), sys.argv[1:], renamed=configurator.RENAMED,
-                                    choices=CHOICES, bounds=BOUNDS, notes=NOTES,
-                                    check=check_config)
+                                    choices=CHOICES, bounds=BOUNDS, check=check_config)
     # ---- processes and device; rank 0 claims out_dir; the checkpoint to start from: resume (this
     # run's ckpt.pt, the same settings) or a .pt file of this script (e.g. the GSM8k CoT stage)
     run = Run("coconut", config, resume_keys=RESUME_KEYS, writes=not eval_only)
@@ -549,22 +509,23 @@ if __name__ == "__main__":
                         f"lower batch_size or give more data (n_train)")
 
     # ---- tokens: the tokenizer (the model's own; a word vocabulary from scratch), the examples as
-    # (question, steps, answer) ids, and the three markers, for the methods that use them
+    # (question, steps, answer) ids, and the three markers of the methods that use them
     ckpt = run.ckpt or {}
     base = ckpt.get("base", init_from)                                 # 'scratch' or an HF model
     base_cfg = model_config(base) if base != "scratch" else None       # a wrong name fails here
     tok_name = vocab.tokenizer_name(tokenizer, base, ckpt.get("tokenizer", ""))
     tok = vocab.build_tokenizer(tok_name, [ex for exs in splits.values() for ex in exs])
     encoded = {s: [vocab.encode_example(tok, ex) for ex in exs] for s, exs in splits.items()}
-    print0(f"tokenizer: {tok_name}{'' if tokenizer else ' (the model’s own)'}")
+    whose = "" if tokenizer else " (the model's own)"
+    print0(f"tokenizer: {tok_name}{whose}")
     print0(f"{task}: {', '.join(f'{s} {len(e)}' for s, e in splits.items())} examples, "
            f"vocabulary {len(tok)}")
     markers = vocab.coconut_markers(tok, method in MARKER_METHODS, run.ckpt, marker_init, base)
-    latent_id = markers.ids[1]                                         # <bot>, <latent>, <eot>
+    latent_id = markers.ids[1]                                         # (<bot>, <latent>, <eot>)
     # pause_as_thought: <latent> stays a learned token; only coconut feeds hidden states back
     feedback_id = latent_id if method == "coconut" else None
 
-    # ---- the curriculum: the stage of each epoch; the thoughts at the test
+    # ---- the curriculum: the stage of each epoch; where model selection starts
     cur = Curriculum(method=method, c_thought=c_thought, max_latent_stage=max_latent_stage,
                      pad_latent_to_max=pad_latent_to_max, special=markers.ids,
                      start_stage=start_stage, epochs_per_stage=epochs_per_stage)
@@ -579,16 +540,16 @@ if __name__ == "__main__":
 
     # ---- the model's shape (no weights yet): positions against the longest sequences, memory plan
     shape = ckpt.get("config", config)                                 # a checkpoint's own shape
+    shape_kw = {**{k: shape[k] for k in SHAPE_KEYS}, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+                "pad_id": tok.pad_id}
     if run.ckpt and not run.resuming:
         print0(f"model shape from {init_from}: arch {shape['arch']}, {shape['n_layer']} layers, "
                f"{shape['n_head']} heads, n_embd {shape['n_embd']}, block_size "
                f"{shape['block_size']} (the config's values do not apply)")
-    shape_kw = {**{k: shape[k] for k in SHAPE_KEYS}, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-                "pad_id": tok.pad_id}
     hf_cfg = base_cfg if base != "scratch" else scratch_config(markers.n_rows, **shape_kw)
     longest = longest_rows(encoded, cur, stages=[] if eval_only else scheduled,
-                           uniform_prob=uniform_prob, test_counts=[n_test_thoughts] + sweep_counts,
-                           max_new_tokens=max_new_tokens)
+                           uniform_prob=uniform_prob, max_new_tokens=max_new_tokens,
+                           test_counts=[n_test_thoughts] + sweep_counts)
     train_len, eval_len = longest[0][0], longest[1][0]
     preflight.preflight(hf_cfg, device, longest=longest, fsdp=fsdp, precision=precision,
                         grad_accum=grad_accum, kv_cache=(eval_batch_size, eval_len),
@@ -621,8 +582,7 @@ if __name__ == "__main__":
         print0(f"resumed from {run.ckpt_path}: epoch {start_epoch}, step {start_step} of the "
                f"epoch, step {iter_num}")
     run.info.update(base=base, tokenizer=tok_name, markers=latent_id is not None)
-    # evaluation: rank r takes examples r, r+W, ..., so that each is counted exactly once
-    mine = slice(ddp_rank, None, ddp_world_size)
+    mine = slice(ddp_rank, None, ddp_world_size)                       # this rank's eval examples
     golds = {s: [ex["answer"] for ex in splits[s][mine]] for s in ("val", "test")}
     dec = Decoding(tok=tok, latent_id=feedback_id, batch_size=eval_batch_size,
                    max_new_tokens=max_new_tokens, ctx=ctx, device=device, progress=progress)
@@ -674,11 +634,12 @@ if __name__ == "__main__":
             print0(f"step {iter_num}/{steps_per_epoch * num_epochs} | epoch {epoch} stage {stage} "
                    f"thoughts {thoughts_at_stage(stage, cur)} | loss {loss_sum:.4f} | "
                    f"lr {learning_rate:.1e} | dt {dt * 1000:.0f}ms | tok/s {n_tok / dt:.0f}")
-            run.log({"loss": loss_sum, "stage": stage, "epoch": epoch, "grad_norm": gnorm},
+            run.log({"loss": loss_sum, "epoch": epoch, "stage": stage, "grad_norm": gnorm},
                     step=iter_num)
             # ckpt.pt every ckpt_interval steps; on Ctrl-C / SIGTERM (any rank): ckpt.pt, then exit
-            run.after_step(model, optimizer, f"after step {iter_num}", every=ckpt_interval,
-                           epoch=epoch, step_in_epoch=step + 1, stage=stage, iter_num=iter_num)
+            due = ckpt_interval > 0 and iter_num % ckpt_interval == 0
+            run.after_step(model, optimizer, f"after step {iter_num}", save=due, epoch=epoch,
+                           step_in_epoch=step + 1, stage=stage, iter_num=iter_num)
 
         # ---- end of epoch: validation at this stage's layout, then the checkpoints from rank 0
         val_loss = validation_loss(train_model, encoded["val"][mine], stage, cur, dec)
@@ -690,8 +651,7 @@ if __name__ == "__main__":
                  "stage": stage}, step=iter_num)
         done = dict(epoch=epoch, stage=stage, val_acc=val_acc, iter_num=iter_num)
         # model selection only where every step is latent (stage > max_latent_stage for curriculum
-        # methods): at the last stage with steps, long examples still reason in words and the model
-        # is not yet a Coconut model
+        # methods): at the last stage with steps, long examples still reason in words
         if stage >= final_stage:
             run.keep_best(val_acc, model, **done)
         # epoch_N.pt: the weights after N epochs (this is log epoch N-1), as the released
@@ -702,13 +662,12 @@ if __name__ == "__main__":
                  iter_num=iter_num)
     run.end(model)
 
-    # ---- final: the best-by-val weights (else the last; never a stale best.pt of an earlier run)
+    # ---- final: the best-by-val weights (else the last; never a stale best.pt of an earlier run),
+    # a pretrained model's result as a save_pretrained directory, the test at the final stage
     if not eval_only and run.best >= 0:
         run.load_best(model)
-    # a pretrained model's result as a save_pretrained directory, for the usual tools
     if base != "scratch" and not eval_only:
         run.export(model, tok)
-    # test accuracy at the final stage's layout (or n_thoughts_eval thoughts)
     test_prompts = eval_prompts(encoded["test"][mine], final_stage, cur, n_test_thoughts)
     test_acc, test_tok, texts = greedy_accuracy(model, train_model, test_prompts, golds["test"],
                                                 dec)
@@ -717,15 +676,29 @@ if __name__ == "__main__":
     run.log({"test_acc": test_acc, "test_tokens": test_tok}, step=iter_num)
 
     # ---- the paper's analyses: the same model tested with other numbers of thoughts (no
-    # retraining), and what each continuous thought encodes, read through the LM head
+    # retraining), a Markdown table and thoughts_sweep.json ...
     sweep = []
     for n in sweep_counts:
         prompts = eval_prompts(encoded["test"][mine], final_stage, cur, n)
         acc, n_tokens, _ = greedy_accuracy(model, train_model, prompts, golds["test"], dec)
         sweep.append({"thoughts": n, "accuracy": acc, "tokens": n_tokens})
+        if n == sweep_counts[0]:
+            print0("| thoughts | test acc | tokens generated (thoughts included) |\n|---|---|---|")
+        print0(f"| {n} | {acc:.4f} | {n_tokens:.1f} |")
     if sweep:
-        info = {"init_from": init_from, "method": method, "examples": len(encoded["test"])}
-        report_sweep(sweep, info, os.path.join(out_dir, "thoughts_sweep.json"))
-    n_probe = probe if (ddp_rank == 0 or fsdp) else 0
-    print_probe(model, train_model, test_prompts[:n_probe], texts[:n_probe], dec, k=probe_topk)
+        run.write_json("thoughts_sweep.json", {"init_from": init_from, "method": method,
+                                               "examples": len(encoded["test"]), "rows": sweep})
+    # ... and what each continuous thought encodes, read through the LM head (rank 0 prints; FSDP:
+    # every rank probes inside gathered(), a collective)
+    n_probe = probe if ddp_rank == 0 or fsdp else 0
+    with parallel.gathered(train_model):
+        for prompt, text in zip(test_prompts[:n_probe], texts[:n_probe]):
+            print0(f"--- {tok.decode(prompt, skip_special_tokens=False)!r} -> {text!r}")
+            if feedback_id not in prompt:
+                continue
+            probs, ids = probe_thoughts(model, prompt, feedback_id, probe_topk, device)
+            for j, (top_p, top_ids) in enumerate(zip(probs.tolist(), ids.tolist())):
+                words = [f"{tok.decode([i], skip_special_tokens=False)!r} {q:.2f}"
+                         for i, q in zip(top_ids, top_p)]
+                print0(f"    thought {j + 1}: " + "  ".join(words))
     run.close()

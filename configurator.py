@@ -41,6 +41,9 @@ from importlib.util import find_spec
 from types import SimpleNamespace
 
 TYPES = (bool, int, float, str, type(None))
+# what a bound's message adds about a key, in both scripts
+NOTES = {"n_train": "0 = the task's default size", "n_val": "0 = the task's default size",
+         "n_test": "0 = the task's default size"}
 # the keys' former names, in both scripts: an old name is refused with its new one
 RENAMED = {"lr": "learning_rate", "sft_lr": "sft_learning_rate", "n_dev": "n_val",
            "ddp_timeout_s": "ddp_timeout", "eval_max_tokens": "max_new_tokens"}
@@ -164,6 +167,13 @@ def suggest(value, known):
         return f"did you mean {close[0]}?"
     return f"known: {', '.join(known)}"
 
+def literal(text):
+    """The Python literal a text spells ('{"a": 1}' -> a dict), or None."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return None
+
 def counts(text):
     """'0,1,2' -> [0, 1, 2]: counts >= 0 separated by commas (coconut.py's thoughts_sweep); None
     when the text is not that."""
@@ -198,7 +208,8 @@ def check_limits(config, choices=None, bounds=None, notes=None):
         for key in keys.split():
             if not within(config[key], bound):
                 what = f"in {bound}" if bound[0] in "[(" else bound
-                note = f" ({notes[key]})" if notes and key in notes else ""
+                note = {**NOTES, **(notes or {})}.get(key)
+                note = f" ({note})" if note else ""
                 raise ConfigError(f"{key}={config[key]}: give a value {what}{note}")
 
 def check_system(c, script, distributed):
@@ -233,20 +244,20 @@ def launch():
                           f"process")
     return int(env["WORLD_SIZE"] or 1), env["RANK"] is not None
 
-def check(config, world_size=1, distributed=False, *, choices=None, bounds=None, notes=None,
-          check=None, script=""):
+def run_checks(config, world_size=1, distributed=False, *, choices=None, bounds=None, notes=None,
+               check=None, script=""):
     """Every check of a configuration, in order: the per-key limits, the shared system rules (for
     a configuration that has the system keys) and the script's own `check(c, world_size)`."""
     check_limits(config, choices, bounds, notes)
+    if check is None:
+        return
     c = SimpleNamespace(**config)
-    if "device" in config:
-        check_system(c, script, distributed)
-    if check is not None:
-        check(c, world_size)
+    check_system(c, script, distributed)
+    check(c, world_size)
 
 def configure(scope, argv, verbose=None, renamed=None, **checks):
     """Apply config files (positional arguments, in order) then --key=value arguments to `scope` (a
-    script's globals()), then check them (checks: check()'s keywords). Returns {key: value} of every
+    script's globals()), then check them (checks: run_checks()'s keywords). Returns {key: value} of every
     configuration global, in definition order. renamed: {old key: new key} (RENAMED), so that an
     old name is refused with its new one. Installs exit_cleanly_on_user_error() first."""
     exit_cleanly_on_user_error()
@@ -275,5 +286,5 @@ def configure(scope, argv, verbose=None, renamed=None, **checks):
             print(f"  {'*' if k in updates else ' '} {k:<{width}} = {v!r}")
     world_size, distributed = launch()
     script = os.path.basename(scope.get("__file__") or "")
-    check(config, world_size, distributed, script=script, **checks)
+    run_checks(config, world_size, distributed, script=script, **checks)
     return config

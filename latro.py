@@ -17,7 +17,7 @@ at once. The paper's equations, as this file names them:
 One on-policy update per rollout batch: no advantage normalisation, no clipping, no PPO ratio. The
 second term of ∇J has weight `sft_coef`: 0 in the released code (the default here), 1.0 for Eq. 4.
 
-Launch:
+Read first: docs/walkthrough.md (every piece at the prompt). Launch:
     python latro.py                          # CPU demo: modsum, tiny model, SFT warm-up then LaTRO
     python latro.py --latro_steps=0          # the SFT warm-up alone (the SFT baseline)
     python latro.py --init_from=resume       # continue out_dir/ckpt.pt exactly
@@ -30,6 +30,7 @@ Launch:
 """
 
 import dataclasses
+import difflib
 import math
 import os
 import sys
@@ -37,18 +38,19 @@ import time
 
 import torch
 
-from configurator import configure, each, exit_cleanly_on_user_error, system_rules
-# (TASKS: what the RULES read)
-from data import TASKS, check_shots_unseen, load_splits
+import configurator
+import data
+import formats
+import parallel
+import preflight
+import vocab
+from configurator import UserError
 from evaluate import CHECKERS, latro_correct, majority_correct
-from formats import PROMPT_STYLES, encode_answers, encode_prompts, gold_rows, parse_stop_strings
-from model import (Sampler, autocast_ctx, backbone, cut_at_stop, disable_dropout, load_model,
-                   model_config, position_ids_from_mask, sample, scratch_config, token_logprobs)
-from run import (StopRequest, all_sum, check_same_run, distribute, end_distributed, end_training,
-                 enable_activation_checkpointing, exit_on_signal, gather_full, gathered, grad_norm,
-                 load_best, load_full_state_dicts, preflight, print0, require_finite, resume_run,
-                 save_hf_export, save_run, set_grad_sync, start, wandb_logger)
-from vocab import build_tokenizer, tokenizer_name
+from model import (Sampler, autocast_ctx, cut_at_stop, disable_dropout, hidden_states,
+                   load_model, model_config, position_ids_from_mask, sample, scratch_config,
+                   token_logprobs)
+from parallel import print0
+from run import Run
 
 # -----------------------------------------------------------------------------
 # configuration: the defaults are the CPU demo (minutes on 2 cores); paper values in comments
@@ -122,88 +124,26 @@ seed = 1337                    # data order, initial weights, rollouts (seeded b
 fsdp = False                   # FSDP2: shard weights, gradients, optimizer state and π0
 ddp_timeout = 1800             # seconds a rank waits in a collective (a dead peer) before it ends
 
-CHOICES = {"arch": ("gpt2", "llama"), "penalty": ("group", "rank_mean", "none"),
-           "checker": CHECKERS, "prompt": ("cot", "sft"), "eval_prompt": ("",) + PROMPT_STYLES,
+# what each key may hold, checked by configurator.py before any work (the rules that tie keys
+# together: check_config, after the method)
+CHOICES = {"task": data.TASKS, "arch": ("gpt2", "llama"), "penalty": ("group", "rank_mean", "none"),
+           "checker": CHECKERS, "prompt": ("cot", "sft"), "eval_prompt": ("",) + formats.PROMPT_STYLES,
            "arc_options": ("released", "lettered"), "answer_y": ("released", "clean"),
            "val_split": ("heldout", "test")}
-# what a configuration must hold, checked by configurator.py before any work, in this order (names
-# before numbers, the task before its options, so that a typo is reported as a typo)
-RULES = [
-    ("task in TASKS", "task={task!r} is unknown; {suggest(task, TASKS)}"),
-    *each(" ".join(CHOICES), "{key} in CHOICES['{key}']",
-          "{key}={value!r}: use one of {', '.join(map(repr, CHOICES['{key}']))}"),
-    *system_rules("latro.py"),
-    ("stop_strings == 'released' or not difflib.get_close_matches(stop_strings, ['released'], "
-     "cutoff=0.75)", "stop_strings={stop_strings!r}: did you mean 'released'? (to stop at that "
-     "text, write it as '{stop_strings}|' )"),
-    ("all(s.strip() for s in parse_stop_strings(stop_strings))", "stop_strings={stop_strings!r} "
-     "holds a blank stop string: it would cut every rationale at the first space; separate real "
-     "strings with '|'"),
-    ("not (pre_experiment and init_from in ('scratch', 'resume'))", "pre_experiment=True "
-     "scores a trained model: give --init_from=<a save_pretrained directory, e.g. out/latro/hf>"),
-    ("'8shot' not in (prompt, eval_prompt) or (task == 'gsm8k' and prompt != '8shot')",
-     "the 8-shot prompt is GSM8K's, for evaluation: use --eval_prompt=8shot with --task=gsm8k"),
-    ("eval_prompt != '8shot' or tokenizer_name(tokenizer, init_from) != 'words'",
-     "eval_prompt=8shot needs a model's own tokenizer: the word vocabulary of a model from "
-     "scratch does not hold the words of its eight worked examples"),
-    ("init_from in ('scratch', 'resume') or not os.path.isfile(init_from)",
-     "init_from={init_from!r} is a file; give a directory written by save_pretrained, a hub name, "
-     "'scratch' or 'resume'"),
-    *each("batch_size micro_batch_size gen_batch_size max_new_tokens eval_interval sft_batch_size "
-          "sft_eval_interval learning_rate sft_learning_rate ddp_timeout gamma n_layer n_head "
-          "n_embd block_size", "{key} > 0", "{key}={value}: give a value > 0"),
-    *each("n_train n_val n_test", "{key} >= 0",
-          "{key}={value}: give a value >= 0 (0 = the task's default size)"),
-    *each("latro_steps sft_steps sft_epochs stop_at_step maj_k beta sft_coef weight_decay "
-          "sft_target_acc", "{key} >= 0", "{key}={value}: give a value >= 0"),
-    # rollouts that cannot teach: K equal rationales get equal rewards, so every advantage is 0
-    ("temperature > 0", "temperature={temperature}: greedy rollouts make the K rationales of a "
-     "prompt identical, so every RLOO advantage is 0 and LaTRO learns nothing; use > 0 (paper: 1)"),
-    ("0 < top_p <= 1", "top_p={top_p}: use 0 < top_p <= 1 (1 = no nucleus, as in the paper); "
-     "top_p -> 0 is greedy, whose identical rollouts give zero advantages"),
-    ("max_rationale_tokens > 0", "max_rationale_tokens={max_rationale_tokens}: LaTRO optimises "
-     "the rationale, so it needs at least one token (paper: 500)"),
-    ("0 < sft_share <= 1",
-     "sft_share={sft_share}: a share of the training questions, use a value in (0, 1]"),
-    ("sft_target_acc <= 1", "sft_target_acc={sft_target_acc}: an accuracy, use a value in [0, 1] "
-     "(0 = run all sft_steps)"),
-    ("0 <= dropout < 1", "dropout={dropout}: use a value in [0, 1) (keep 0, see its comment)"),
-    ("init_from != 'scratch' or n_embd % n_head == 0",
-     "n_embd={n_embd} is not a multiple of n_head={n_head}"),
-    # runs that would report an untrained model or contradict themselves
-    ("init_from != 'scratch' or sft_steps or sft_epochs or latro_steps",
-     "init_from='scratch' with no SFT warm-up (sft_steps=0) and latro_steps=0 trains nothing: the "
-     "test accuracy would be a random model's; set sft_steps or latro_steps, or evaluate a "
-     "trained model with evaluate.py"),
-    ("not (init_from == 'resume' and overwrite)", "init_from='resume' continues out_dir's "
-     "checkpoint and overwrite=True deletes it: choose one"),
-    ("sft_batch_size % world_size == 0", "sft_batch_size={sft_batch_size} does not split over "
-     "{world_size} ranks: make it a multiple of {world_size}"),
-    # each rank owns whole groups of K (the leave-one-out baseline needs no other rank's rewards),
-    # and every rank runs the same number of micro-steps (or DDP's backward hangs)
-    ("rloo_k >= 2", "rloo_k={rloo_k}: the leave-one-out baseline needs at least 2 rationales per "
-     "prompt"),
-    ("batch_size % world_size == 0", "batch_size={batch_size} prompts per step do not split over "
-     "{world_size} ranks: make batch_size a multiple of {world_size} or change the number of "
-     "processes"),
-    ("batch_size // world_size * rloo_k % micro_batch_size == 0",
-     "each rank has {batch_size // world_size} prompts x rloo_k={rloo_k} = "
-     "{batch_size // world_size * rloo_k} rollouts, which micro_batch_size={micro_batch_size} "
-     "does not divide: pick a micro_batch_size dividing {batch_size // world_size * rloo_k}, or "
-     "change batch_size / rloo_k"),
-]
+BOUNDS = {"batch_size micro_batch_size gen_batch_size max_new_tokens eval_interval sft_batch_size "
+          "sft_eval_interval learning_rate sft_learning_rate ddp_timeout gamma n_layer n_head n_embd "
+          "block_size": "> 0", "n_train n_val n_test latro_steps sft_steps sft_epochs stop_at_step "
+          "maj_k beta sft_coef weight_decay": ">= 0", "sft_share": "(0, 1]",
+          "sft_target_acc": "[0, 1]", "dropout": "[0, 1)"}
+NOTES = {"sft_share": "a share of the training questions", "sft_target_acc": "an accuracy; 0 = run "
+         "all sft_steps", "dropout": "keep 0, see its comment"}
 MODEL_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size")  # a scratch model's shape
-# what a resumed run must share with its checkpoint (+ MODEL_KEYS): the data, and what defines the
-# objective and the update (latro_steps, intervals and evaluation settings may change)
+# what a resumed run must share with its checkpoint (+ MODEL_KEYS for a model from scratch): the
+# data, and what defines the objective and the update (latro_steps, intervals and evaluation
+# settings may change)
 RESUME_KEYS = ("task", "data_path", "split_layout", "n_train", "tokenizer", "seed", "prompt",
                "arc_options", "answer_y", "val_split", "batch_size", "rloo_k", "learning_rate",
                "beta", "gamma", "penalty", "sft_coef", "sft_learning_rate", "sft_batch_size")
-# the keys' former names: an old name is refused with its new one
-RENAMED = {"lr": "learning_rate", "sft_lr": "sft_learning_rate", "n_dev": "n_val",
-           "ddp_timeout_s": "ddp_timeout", "eval_max_tokens": "max_new_tokens"}
-if __name__ == "__main__":
-    exit_cleanly_on_user_error()  # a UserError (a wrong key, file, value): one line, exit 1
-    config = configure(globals(), sys.argv[1:], renamed=RENAMED, rules=RULES)
 
 # -----------------------------------------------------------------------------
 # the method: rollouts (model.sample: cut at their first stop), one-pass scoring, rewards, RLOO,
@@ -234,9 +174,9 @@ class SequenceScorer(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, z_mask, y_mask):
-        positions = position_ids_from_mask(attention_mask)
-        hidden = backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask,
-                                      use_cache=False, position_ids=positions).last_hidden_state
+        embeds = self.model.get_input_embeddings()(input_ids)
+        hidden = hidden_states(self.model, embeds, attention_mask,
+                               position_ids_from_mask(attention_mask))
         # the hidden state at t predicts token t+1
         z_t, y_t = z_mask[:, 1:], y_mask[:, 1:]
         logp = token_logprobs(self.model, hidden[:, :-1], input_ids[:, 1:], z_t | y_t)  # (B, T-1)
@@ -299,7 +239,7 @@ def latro_backward(scorer, rows, advantages, sft_coef, micro_batch_size, pad_id,
         # at sft_coef 0 (the released recipe) the answer needs no LM head and no backward
         if not sft_coef:
             y_mask = torch.zeros_like(y_mask)
-        set_grad_sync(scorer, j == n_micro - 1)
+        parallel.set_grad_sync(scorer, j == n_micro - 1)
         with ctx:
             lz, ly = scorer(ids, attn, z_mask, y_mask)
         loss = latro_loss(lz, ly, advantages[part], sft_coef) / n_micro
@@ -316,7 +256,7 @@ def sft_loss_backward(scorer, rows, micro_batch_size, pad_id, ctx, device):
     starts = range(0, len(xs), micro_batch_size)
     total = 0.0
     for j, s in enumerate(starts):
-        set_grad_sync(scorer, j == len(starts) - 1)
+        parallel.set_grad_sync(scorer, j == len(starts) - 1)
         part = slice(s, s + micro_batch_size)
         with ctx:
             logp_z, logp_y = scorer(*build_batch(xs[part], zs[part], ys[part], pad_id, device))
@@ -332,34 +272,35 @@ def sft_loss_backward(scorer, rows, micro_batch_size, pad_id, ctx, device):
 class Evaluation:
     """How a split is scored, the same for val and test."""
     task: str
-    style: str               # the prompt style (data.latro_prompt)
+    style: str               # the prompt style (formats.latro_prompt)
     arc_options: str
     checker: str             # evaluate.py's released or fixed checker
     stop_strings: list       # where the answer log-likelihood cuts the output
     max_new_tokens: int
     seed: int                # maj@k samples: seed + rank, the same at every evaluation
     sampler: Sampler         # outputs end at eos, pad or end-of-turn (no stop strings), as released
-    answer_y: str = "released"  # the text of y (data.latro_answer)
+    answer_y: str = "released"  # the text of y (formats.latro_answer)
 
 @torch.no_grad()
-def evaluate(model, wrapper, examples, maj_k, ev):
+def split_metrics(model, wrapper, examples, maj_k, ev):
     """Greedy accuracy, maj@k and the mean log π(y | x, z_greedy) over a split, each rank scoring
     examples r, r+W, ... and the sums added over the ranks. The answer log-likelihood puts the gold
     answer after the greedy output cut at its first stop, as the reward does."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     mine, tok, how = examples[rank::world], ev.sampler.tok, ev.sampler
-    xs = encode_prompts(tok, mine, ev.task, ev.arc_options, ev.style)
+    xs = formats.encode_prompts(tok, mine, ev.task, ev.arc_options, ev.style)
     device = next(model.parameters()).device
     model.eval()
-    with gathered(wrapper):  # FSDP: weights gathered once for the whole split
+    with parallel.gathered(wrapper):  # FSDP: weights gathered once for the whole split
         outs, _, _ = sample(model, xs, ev.max_new_tokens, how)
         texts = [tok.decode(o, cleanup=True) for o in outs]
         correct = sum(latro_correct(ev.task, t, ex, checker=ev.checker)
                       for t, ex in zip(texts, mine))
         cut = [o[:cut_at_stop(tok, o, how.stop_ids | {tok.pad_id}, ev.stop_strings)[0]]
                for o in outs]
-        ys = encode_answers(tok, mine, ev.task, ev.answer_y)
-        _, logp_y = score_rows(SequenceScorer(model), xs, cut, ys, tok.pad_id, how.chunk, how.ctx)
+        ys = formats.encode_answers(tok, mine, ev.task, ev.answer_y)
+        _, logp_y = score_rows(SequenceScorer(model), xs, cut, ys, pad_id=tok.pad_id,
+                               chunk=how.chunk, ctx=how.ctx)
         maj = 0
         if maj_k:
             # a fixed seed: evaluations do not disturb training's random state
@@ -369,30 +310,28 @@ def evaluate(model, wrapper, examples, maj_k, ev):
             texts = [tok.decode(o, cleanup=True) for o in outs]
             maj = sum(majority_correct(ev.task, texts[i * maj_k:(i + 1) * maj_k], ex, ev.checker)
                       for i, ex in enumerate(mine))
-    sums = all_sum(torch.tensor([correct, maj, logp_y.sum().item(), len(mine)],
-                                dtype=torch.float64), device)
-    correct, maj, answer_logp = (sums[:3] / sums[3]).tolist()
+    acc, maj, answer_logp = parallel.mean_over_ranks([correct, maj, logp_y.sum().item()],
+                                                     len(mine), device)
     if not maj_k:
-        return {"acc": correct, "answer_logp": answer_logp}
-    return {"acc": correct, f"maj@{maj_k}": maj, "answer_logp": answer_logp}
+        return {"acc": acc, "answer_logp": answer_logp}
+    return {"acc": acc, f"maj@{maj_k}": maj, "answer_logp": answer_logp}
 
 @torch.no_grad()
 def answer_likelihoods(model, wrapper, examples, ev):
     """The paper's motivation (its Figure 2): does a good rationale raise the model's likelihood
     of the answer? The mean Σ log π(y | x) with no rationale, and Σ log π(y | x ⊕ z*) after the
-    gold one, over the gold rows of `examples` (rank r scores r, r+W, ...), summed over the
-    ranks."""
+    gold one, over the gold rows of `examples` (rank r scores r, r+W, ...), over all ranks."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     how, scorer = ev.sampler, SequenceScorer(model)
-    xs, zs, ys = gold_rows(how.tok, examples[rank::world], ev.task, ev.arc_options, "cot",
-                           ev.answer_y)
+    xs, zs, ys = formats.gold_rows(how.tok, examples[rank::world], ev.task, ev.arc_options,
+                                   style="cot", answer_y=ev.answer_y)
     model.eval()
-    with gathered(wrapper):
-        _, without = score_rows(scorer, xs, [[] for _ in xs], ys, how.pad_id, how.chunk, how.ctx)
-        _, with_z = score_rows(scorer, xs, zs, ys, how.pad_id, how.chunk, how.ctx)
-    sums = torch.tensor([without.sum().item(), with_z.sum().item(), len(xs)], dtype=torch.float64)
-    sums = all_sum(sums, next(model.parameters()).device)
-    return (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+    with parallel.gathered(wrapper):
+        _, without = score_rows(scorer, xs, [[] for _ in xs], ys, pad_id=how.pad_id,
+                                chunk=how.chunk, ctx=how.ctx)
+        _, with_z = score_rows(scorer, xs, zs, ys, pad_id=how.pad_id, chunk=how.chunk, ctx=how.ctx)
+    device = next(model.parameters()).device
+    return parallel.mean_over_ranks([without.sum().item(), with_z.sum().item()], len(xs), device)
 
 def format_metrics(metrics):
     """'acc 0.5000 maj@8 0.6250 answer_logp -1.2345' for a log line."""
@@ -400,17 +339,6 @@ def format_metrics(metrics):
 
 # -----------------------------------------------------------------------------
 # the run's small decisions, as functions the loop calls and the tests import
-
-def batch_layout(batch_size, rloo_k, micro_batch_size, world_size):
-    """Per-rank counts from the global ones (RULES make them divide): prompts per rank, rollouts per
-    rank, gradient accumulation steps."""
-    prompts = batch_size // world_size
-    return prompts, prompts * rloo_k, prompts * rloo_k // micro_batch_size
-
-def resume_keys(ckpt):
-    """The config keys a resumed run must share with its checkpoint; a pretrained model's shape
-    comes from its source, so the scratch shape keys apply to scratch runs only."""
-    return (MODEL_KEYS if ckpt["source"] == "scratch" else ()) + RESUME_KEYS
 
 def step_indices(step, n_per_step, n_data, seed):
     """The questions of one step: consecutive slices of one seeded permutation per epoch (so resume
@@ -421,7 +349,7 @@ def step_indices(step, n_per_step, n_data, seed):
     start = first % n_data
     return sum(perms, [])[start:start + n_per_step]
 
-def rank_prompts(step, batch_size, n_data, seed, rank, world_size):
+def rank_prompts(step, batch_size, n_data, seed, rank=0, world_size=1):
     """The questions this rank rolls out at a step: its contiguous share of the step's batch_size
     questions (step_indices). The ranks' shares are disjoint and together are exactly the questions
     a single process takes at that step."""
@@ -439,28 +367,18 @@ def lr_at(step, lr, total_steps):
     to 0, no warm-up, as released (the first step uses lr, the last lr / total_steps)."""
     return lr * (1 - step / total_steps)
 
-def initial_model(source, n_vocab, shape, seed):
-    """The initial weights: the same on every rank and every call (policy and π0); the global RNG
-    is left as it was. Pretrained models get their dropout switched off, as released: rollouts,
-    scoring and update see one function."""
+def initial_model(source, n_vocab, shape, seed, weights=None):
+    """The initial weights: the same on every rank and every call (policy and π0), or `weights`
+    (π0: the policy as LaTRO starts); the global RNG is left as it was. Pretrained models get their
+    dropout switched off, as released: rollouts, scoring and update see one function."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = load_model(source, n_vocab, **shape)
+    if weights is not None:
+        model.load_state_dict(weights)
     if source != "scratch":
         disable_dropout(model)
     return model
-
-def save_latro(path, run_info, model, optimizer, ref_model, iter_num, best_val_acc, before):
-    """ckpt.pt at a LaTRO step: the weights and AdamW's state, where the run stands, the RNG, and
-    π0's weights, gathered whole (a collective under FSDP); ref_model None: π0 reloads from the
-    pretrained source."""
-    ref_sd = None
-    if ref_model is not None:
-        ref_sd = gather_full(ref_model.state_dict())
-    state = {**run_info, "phase": "latro", "iter_num": iter_num, "best_val_acc": best_val_acc,
-             "before": before, "rng": torch.get_rng_state(), "ref_model": ref_sd}
-    save_run(path, state, model, optimizer)
-    print0(f"saved {path} at step {iter_num}")
 
 def longest_sequences(prompts, answers, gold, max_rationale_tokens, max_new_tokens):
     """The longest sequences as preflight's (tokens, what, how to shorten) triples: a rollout or
@@ -475,33 +393,89 @@ def longest_sequences(prompts, answers, gold, max_rationale_tokens, max_new_toke
              "raise block_size (scratch)")]
 
 # -----------------------------------------------------------------------------
+# the rules that tie keys together (each key's own CHOICES and BOUNDS are checked first)
+
+def check_config(c, world_size):
+    """configurator.py calls this before any work, with c.key the value of each key and the number
+    of processes of the launch: the first rule broken is the error, saying what to do instead."""
+    # rollouts that cannot teach: K equal rationales get equal rewards, so every advantage is 0
+    if c.temperature <= 0:
+        raise UserError(f"temperature={c.temperature}: greedy rollouts make the K rationales of a "
+                        f"prompt identical, so every RLOO advantage is 0 and LaTRO learns nothing; "
+                        f"use > 0 (paper: 1)")
+    if not 0 < c.top_p <= 1:
+        raise UserError(f"top_p={c.top_p}: use 0 < top_p <= 1 (1 = no nucleus, as in the paper); "
+                        f"top_p -> 0 is greedy, whose identical rollouts give zero advantages")
+    if c.rloo_k < 2:
+        raise UserError(f"rloo_k={c.rloo_k}: the leave-one-out baseline needs at least 2 rationales "
+                        f"per prompt")
+    if c.max_rationale_tokens <= 0:
+        raise UserError(f"max_rationale_tokens={c.max_rationale_tokens}: LaTRO optimises the "
+                        f"rationale, so it needs at least one token (paper: 500)")
+    if c.stop_strings != "released" and difflib.get_close_matches(c.stop_strings, ["released"],
+                                                                  cutoff=0.75):
+        raise UserError(f"stop_strings={c.stop_strings!r}: did you mean 'released'? (to stop at "
+                        f"that text, write it as '{c.stop_strings}|' )")
+    if not all(s.strip() for s in formats.parse_stop_strings(c.stop_strings)):
+        raise UserError(f"stop_strings={c.stop_strings!r} holds a blank stop string: it would cut "
+                        f"every rationale at the first space; separate real strings with '|'")
+    if c.pre_experiment and c.init_from in ("scratch", "resume"):
+        raise UserError("pre_experiment=True scores a trained model: give --init_from=<a "
+                        "save_pretrained directory, e.g. out/latro/hf>")
+    if c.eval_prompt == "8shot" and c.task != "gsm8k":
+        raise UserError("the 8-shot prompt is GSM8K's, for evaluation: use --eval_prompt=8shot "
+                        "with --task=gsm8k")
+    if c.eval_prompt == "8shot" and vocab.tokenizer_name(c.tokenizer, c.init_from) == "words":
+        raise UserError("eval_prompt=8shot needs a model's own tokenizer: the word vocabulary of a "
+                        "model from scratch does not hold the words of its eight worked examples")
+    if c.init_from not in ("scratch", "resume") and os.path.isfile(c.init_from):
+        raise UserError(f"init_from={c.init_from!r} is a file; give a directory written by "
+                        f"save_pretrained, a hub name, 'scratch' or 'resume'")
+    # runs that would report an untrained model
+    if c.init_from == "scratch" and not (c.sft_steps or c.sft_epochs or c.latro_steps):
+        raise UserError("init_from='scratch' with no SFT warm-up (sft_steps=0) and latro_steps=0 "
+                        "trains nothing: the test accuracy would be a random model's; set "
+                        "sft_steps or latro_steps, or evaluate a trained model with evaluate.py")
+    # each rank owns whole groups of K (the leave-one-out baseline needs no other rank's rewards),
+    # and every rank runs the same number of micro-steps (or DDP's backward hangs)
+    if c.sft_batch_size % world_size:
+        raise UserError(f"sft_batch_size={c.sft_batch_size} does not split over {world_size} "
+                        f"ranks: make it a multiple of {world_size}")
+    if c.batch_size % world_size:
+        raise UserError(f"batch_size={c.batch_size} prompts per step do not split over "
+                        f"{world_size} ranks: make batch_size a multiple of {world_size} or change "
+                        f"the number of processes")
+    rollouts = c.batch_size // world_size * c.rloo_k
+    if rollouts % c.micro_batch_size:
+        raise UserError(f"each rank has {c.batch_size // world_size} prompts x rloo_k={c.rloo_k} = "
+                        f"{rollouts} rollouts, which micro_batch_size={c.micro_batch_size} does "
+                        f"not divide: pick a micro_batch_size dividing {rollouts}, or change "
+                        f"batch_size / rloo_k")
+
+# -----------------------------------------------------------------------------
 if __name__ == "__main__":
-    # ---- processes and device; rank 0 claims out_dir (a lock, no silent overwrite)
-    ddp, ddp_rank, ddp_world_size, device = start(out_dir, device, ddp_timeout,
-                                                  resume=init_from == "resume", overwrite=overwrite,
-                                                  claim=not pre_experiment)
+    config = configurator.configure(globals(), sys.argv[1:], renamed=configurator.RENAMED,
+                                    choices=CHOICES, bounds=BOUNDS, notes=NOTES,
+                                    check=check_config)
+    # ---- processes and device; rank 0 claims out_dir; resume: this run's ckpt.pt (the same
+    # settings) says what the weights were first loaded from, and the phase it was written in
+    run = Run("latro", config, resume_keys=RESUME_KEYS, scratch_keys=MODEL_KEYS,
+              writes=not pre_experiment, own_checkpoints=False)
+    device, ddp_rank, ddp_world_size = run.device, run.rank, run.world_size
+    source = run.resumed("source", init_from)
+    phase = run.ckpt.get("phase", "latro") if run.resuming else "sft"
     # each rank owns whole groups of K and runs the same number of micro-steps
-    prompts_per_rank, rollouts_per_rank, grad_accum = batch_layout(batch_size, rloo_k,
-                                                                   micro_batch_size, ddp_world_size)
+    prompts_per_rank = batch_size // ddp_world_size
+    grad_accum = prompts_per_rank * rloo_k // micro_batch_size
     device_type = torch.device(device).type
     ctx = autocast_ctx(device_type)  # bf16 on CUDA, fp32 on the CPU; log-probs are fp32 either way
-    stop = StopRequest()  # Ctrl-C / SIGTERM: checkpoint at the next step boundary, then exit
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-
-    # ---- resume: the checkpoint must be this script's, of this run; it says what the weights were
-    # first loaded from, and the phase it was written in
-    ckpt, source, phase = None, init_from, "sft"
-    if init_from == "resume":
-        ckpt = resume_run(out_dir, "latro")
-        check_same_run(ckpt["config"], config, resume_keys(ckpt), RENAMED)
-        source, phase = ckpt["source"], ckpt.get("phase", "latro")
 
     # ---- data: prompts x in the model's chat template, answers y = "The answer is {gold}." + eot
-    splits = load_splits(task, (n_train, n_val, n_test), path=data_path, seed=seed,
-                         split_layout=split_layout, allow_overlap=allow_split_overlap)
+    splits = data.load_splits(task, (n_train, n_val, n_test), path=data_path, seed=seed,
+                              split_layout=split_layout, allow_overlap=allow_split_overlap)
     train_ex, val_ex, test_ex = splits["train"], splits["val"], splits["test"]
     if eval_prompt == "8shot":  # its eight worked examples must not be scored
-        check_shots_unseen(splits)
+        data.check_shots_unseen(splits)
     if val_split == "test":  # the released protocol: GSM8K's val tail trains too, test selects
         if task == "gsm8k":
             train_ex = train_ex + val_ex
@@ -509,16 +483,16 @@ if __name__ == "__main__":
         print0(f"val_split='test': model selection on the test split, as released (its accuracy "
                f"is then optimistic); {len(train_ex)} training questions")
     model_cfg = model_config(source) if source != "scratch" else None  # a wrong name fails here
-    tok = build_tokenizer(tokenizer_name(tokenizer, source), train_ex + val_ex + test_ex)
-    train_x = encode_prompts(tok, train_ex, task, arc_options, prompt)
-    train_y = encode_answers(tok, train_ex, task, answer_y)
-    stops = parse_stop_strings(stop_strings)
+    tok = vocab.build_tokenizer(vocab.tokenizer_name(tokenizer, source), train_ex + val_ex + test_ex)
+    train_x = formats.encode_prompts(tok, train_ex, task, arc_options, prompt)
+    train_y = formats.encode_answers(tok, train_ex, task, answer_y)
+    stops = formats.parse_stop_strings(stop_strings)
     print0(f"data: {task} train {len(train_ex)} val {len(val_ex)} test {len(test_ex)}, vocab "
            f"{len(tok)}, {len(stops)} stop strings, checker {checker}")
     # the warm-up's gold rows [x, z*, y]: a share of the training questions with their rationales;
     # the released SFT baseline (prompt=sft) trains one target text, then end-of-turn
     gold = train_ex[:max(1, int(sft_share * len(train_ex)))]
-    gold_x, gold_z, gold_y = gold_rows(tok, gold, task, arc_options, prompt, answer_y)
+    gold_x, gold_z, gold_y = formats.gold_rows(tok, gold, task, arc_options, prompt, answer_y)
     sft_total = sft_steps
     if sft_epochs > 0:
         sft_total = math.ceil(sft_epochs * len(gold) / sft_batch_size)
@@ -530,43 +504,43 @@ if __name__ == "__main__":
         model_cfg = scratch_config(len(tok), **shape)
     shape.update(attn_implementation=attn_implementation, device_type=device_type)
     eval_ex = val_ex + test_ex
-    longest = longest_sequences(
-        train_x + encode_prompts(tok, eval_ex, task, arc_options, eval_prompt or prompt),
-        train_y + encode_answers(tok, eval_ex, task, answer_y), list(zip(gold_x, gold_z, gold_y)),
-        max_rationale_tokens, max_new_tokens)
+    eval_x = formats.encode_prompts(tok, eval_ex, task, arc_options, eval_prompt or prompt)
+    longest = longest_sequences(train_x + eval_x, train_y + formats.encode_answers(
+        tok, eval_ex, task, answer_y), list(zip(gold_x, gold_z, gold_y)),
+        max_rationale_tokens=max_rationale_tokens, max_new_tokens=max_new_tokens)
     tokens = max(n for n, _, _ in longest)
-    memory = dict(fsdp=fsdp, precision="bf16" if device_type == "cuda" else "fp32",
-                  grad_accum=grad_accum, reference="sharded" if fsdp else "full",
-                  kv_cache=(gen_batch_size, tokens),
-                  activations=(micro_batch_size * tokens,
-                               micro_batch_size * (max_rationale_tokens + 16),
-                               gradient_checkpointing))
-    n_params = preflight(model_cfg, device, longest, memory, None if pre_experiment else out_dir)
+    n_params = preflight.preflight(
+        model_cfg, device, longest=longest, out_dir=None if pre_experiment else out_dir,
+        fsdp=fsdp, precision="bf16" if device_type == "cuda" else "fp32", grad_accum=grad_accum,
+        reference="sharded" if fsdp else "full", kv_cache=(gen_batch_size, tokens),
+        activations=(micro_batch_size * tokens, micro_batch_size * (max_rationale_tokens + 16),
+                     gradient_checkpointing))
 
     # ---- model: the same seed on every rank (DDP also broadcasts rank 0's weights)
     model = initial_model(source, len(tok), shape, seed)
     if gradient_checkpointing:
-        enable_activation_checkpointing(model)
+        parallel.enable_activation_checkpointing(model)
     scorer = SequenceScorer(model)  # generation, evaluation and checkpoints use the model itself
-    train_scorer = distribute(scorer, device, fsdp, bf16=True)         # (FSDP: in place)
-    if ckpt:
-        load_full_state_dicts(model, None, ckpt["model"])
-        torch.set_rng_state(ckpt["rng"])
+    train_scorer = parallel.distribute(scorer, device, fsdp, bf16=True)  # (FSDP: in place)
+    if run.resuming:
+        run.restore(model)                                             # and the RNG
     else:
         torch.manual_seed(seed + ddp_rank)
     print0(f"model: {source}, {n_params / 1e6:.2f}M parameters, on {device}"
            f"{' (FSDP)' if fsdp else ''}")
     ends = {tok.eos_id, tok.pad_id, tok.end_of_turn_id}  # where outputs end, as released
-    ev = Evaluation(task, eval_prompt or prompt, arc_options, checker, stops, max_new_tokens, seed,
-                    Sampler(tok, ends, [], tok.pad_id, gen_batch_size, ctx, progress), answer_y)
-    run_info = {"script": "latro", "config": config, "source": source}
+    ev = Evaluation(task=task, style=eval_prompt or prompt, arc_options=arc_options,
+                    checker=checker, stop_strings=stops, max_new_tokens=max_new_tokens, seed=seed,
+                    sampler=Sampler(tok=tok, stop_ids=ends, stop_strings=[], pad_id=tok.pad_id,
+                                    chunk=gen_batch_size, ctx=ctx, progress=progress),
+                    answer_y=answer_y)
+    run.info.update(source=source)
     if pre_experiment:  # the paper's Figure 2 on this model, then exit
         gold_ex = [ex for ex in train_ex if ex["steps"]]
         without, with_z = answer_likelihoods(model, train_scorer, gold_ex, ev)
         print0(f"answer log-likelihood on {task} train gold rows: without a rationale {without:.4f}"
                f" | after the gold rationale {with_z:.4f} | difference {with_z - without:+.4f}")
-        train_scorer = None                                            # (the wrapper goes first)
-        end_distributed()
+        run.close()
         sys.exit(0)
 
     # ---- the SFT warm-up on gold rows [x, z*, y], until val accuracy reaches sft_target_acc: a
@@ -575,18 +549,17 @@ if __name__ == "__main__":
     if phase == "sft" and sft_total > 0:
         sft_optimizer = torch.optim.AdamW(model.parameters(), lr=sft_learning_rate,
                                           weight_decay=0.0)
-        sft_start = 0
-        if ckpt:  # a checkpoint written mid-warm-up
-            load_full_state_dicts(model, sft_optimizer, ckpt["model"], ckpt["optimizer"])
-            sft_start = ckpt["sft_iter"]
+        if run.resuming:  # a checkpoint written mid-warm-up
+            run.restore(model, sft_optimizer)
         print0(f"SFT warm-up: {len(gold)} gold rationales, up to {sft_total} steps of "
                f"{sft_batch_size} ({sft_total * sft_batch_size / len(gold):.2f} epochs), stop at "
                f"val accuracy {sft_target_acc}")
         t0 = time.time()
-        for it in range(sft_start, sft_total + 1):
+        for it in range(run.resumed("sft_iter"), sft_total + 1):
             if it % sft_eval_interval == 0 or it == sft_total:
-                acc = evaluate(model, train_scorer, val_ex, 0, ev)["acc"]
+                acc = split_metrics(model, train_scorer, val_ex, 0, ev)["acc"]
                 print0(f"sft {it}/{sft_total} | val acc {acc:.4f} | {time.time() - t0:.1f}s")
+                run.log({"sft_val_acc": acc}, step=it)
                 if it == sft_total or 0 < sft_target_acc <= acc:
                     break
             if sft_decay:  # linear decay, no warm-up: the HF Trainer default the released SFT ran
@@ -596,155 +569,141 @@ if __name__ == "__main__":
             idx = rank_prompts(it, sft_batch_size, len(gold_x), seed, ddp_rank, ddp_world_size)
             rows = ([gold_x[i] for i in idx], [gold_z[i] for i in idx], [gold_y[i] for i in idx])
             model.train()
-            loss = sft_loss_backward(train_scorer, rows, micro_batch_size, tok.pad_id, ctx, device)
-            require_finite(f"sft step {it}", all_sum(torch.tensor([loss]), device).item(),
-                           grad_norm(model), ckpt_path)
+            loss = sft_loss_backward(train_scorer, rows, micro_batch_size, pad_id=tok.pad_id,
+                                     ctx=ctx, device=device)
+            loss = parallel.all_sum(torch.tensor([loss]), device).item()
+            run.require_finite(f"sft step {it}", loss, model)
             sft_optimizer.step()
             sft_optimizer.zero_grad(set_to_none=True)
-            if stop.requested(device):  # Ctrl-C / SIGTERM on any rank: save this step, then exit
-                save_run(ckpt_path, {**run_info, "rng": torch.get_rng_state(), "phase": "sft",
-                                     "sft_iter": it + 1}, model, sft_optimizer)
-                train_scorer = None                                    # (the wrapper goes first)
-                exit_on_signal(stop, f"at sft step {it + 1}: {ckpt_path} saved")
+            # Ctrl-C / SIGTERM on any rank: ckpt.pt of this step, then exit
+            run.after_step(model, sft_optimizer, f"at sft step {it + 1}", phase="sft",
+                           sft_iter=it + 1)
 
-    # ---- LaTRO. Where it stands: the step, the best val accuracy so far (model selection), and
-    # `before`, the test metrics of π0 (measured once, printed again at the end)
-    resumed = ckpt is not None and phase == "latro"
-    iter_num, best_val_acc, before = 0, -1.0, None
-    if resumed:  # (older checkpoints: best_dev_acc)
-        iter_num, before = ckpt["iter_num"], ckpt["before"]
-        best_val_acc = ckpt.get("best_val_acc", ckpt.get("best_dev_acc"))
-    # the reference model π0: the policy as LaTRO starts (after the warm-up, if any), frozen, in the
-    # policy's dtype and attention kernel, so the KL is exactly 0 at step 0. A pretrained model
-    # without warm-up is its own π0: checkpoints leave it out (it reloads from `source`)
-    pi0_weights = ckpt["ref_model"] if resumed else None
-    if not resumed and (source == "scratch" or sft_total > 0):
-        pi0_weights = gather_full(model.state_dict())                  # a collective under FSDP
-    ref_model = initial_model(source, len(tok), shape, seed)
-    saved_ref = None                                                   # what checkpoints hold of π0
-    if pi0_weights is not None:
-        ref_model.load_state_dict(pi0_weights)
-        saved_ref, pi0_weights = ref_model, None
+    # ---- π0, the reference model: the policy as LaTRO starts (after the warm-up, if any), frozen,
+    # in the policy's dtype and attention kernel, so the KL is exactly 0 at step 0. A pretrained
+    # model without warm-up is its own π0 (weights None: checkpoints leave it out)
+    resumed = run.resuming and phase == "latro"
+    pi0 = None
+    if resumed:
+        pi0 = run.ckpt["ref_model"]
+    elif source == "scratch" or sft_total > 0:
+        pi0 = parallel.gather_full(model.state_dict())                 # a collective under FSDP
+    ref_model = initial_model(source, len(tok), shape, seed, weights=pi0)
     ref_scorer = SequenceScorer(ref_model.eval().requires_grad_(False))
-    distribute(ref_scorer, device, fsdp, bf16=True, frozen=True)       # FSDP: sharded like θ
+    parallel.distribute(ref_scorer, device, fsdp, bf16=True, frozen=True)  # FSDP: sharded like θ
+    run.frozen["ref_model"] = ref_model if pi0 is not None else None   # what ckpt.pt holds of π0
 
-    # ---- optimizer as released: AdamW, linear decay to 0 over the budget, no warm-up, no clipping
+    # ---- LaTRO: AdamW as released (linear decay to 0 over the budget, no warm-up, no clipping);
+    # where it stands: the step, and `before`, π0's test metrics (measured once, printed at the end)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     if resumed:
-        load_full_state_dicts(model, optimizer, ckpt["model"], ckpt["optimizer"])
-    ckpt = None                                                        # (frees its tensors)
+        run.restore(model, optimizer)
+    iter_num, before = run.ckpt["iter_num"] if resumed else 0, run.resumed("before", None)
     n_prompts = latro_steps * batch_size
     print0(f"LaTRO budget: {latro_steps} steps x {batch_size} prompts = {n_prompts} prompts "
            f"({n_prompts / len(train_ex):.2f} epochs of {len(train_ex)}), x K={rloo_k} = "
            f"{n_prompts * rloo_k} rollouts; per rank {prompts_per_rank} prompts, "
-           f"{rollouts_per_rank} rollouts, {grad_accum} micro-steps of {micro_batch_size}")
-    log_wandb = wandb_logger(wandb_log, wandb_project, wandb_run_name, config)
-    rollouts = Sampler(tok, ends, stops, tok.pad_id, gen_batch_size, ctx)
+           f"{prompts_per_rank * rloo_k} rollouts, {grad_accum} micro-steps of {micro_batch_size}")
+    rollouts = Sampler(tok=tok, stop_ids=ends, stop_strings=stops, pad_id=tok.pad_id,
+                       chunk=gen_batch_size, ctx=ctx)
     generator = torch.Generator(device=device)
-    last_step = latro_steps  # stop_at_step ends this invocation early (resume continues it)
-    if stop_at_step:
-        last_step = min(latro_steps, stop_at_step)
-    # π0 on the test split (with the checker and metrics of the end) and the first val selection;
-    # the warm-up's result is saved first (step 0), so the long evaluations cannot lose it
-    evaluating, stopping = before is None, False
-    while True:
-        # model selection on val and a checkpoint, at step 0, every eval_interval steps and at the
-        # end; a checkpoint also when a signal or stop_at_step ends this run early
-        if evaluating or stopping or iter_num == last_step:
-            if before is None:
-                save_latro(ckpt_path, run_info, model, optimizer, saved_ref, iter_num,
-                           best_val_acc, None)
-                before = evaluate(model, train_scorer, test_ex, maj_k, ev)
-                print0(f"before LaTRO | test {format_metrics(before)}")
-            if evaluating:
-                metrics = evaluate(model, train_scorer, val_ex, maj_k, ev)
-                print0(f"eval step {iter_num} | val {format_metrics(metrics)}")
-                if metrics["acc"] > best_val_acc:
-                    best_val_acc = metrics["acc"]
-                    save_run(os.path.join(out_dir, "best.pt"), {"iter_num": iter_num}, model)
-                log_wandb({f"val/{k}": v for k, v in metrics.items()}, step=iter_num)
-            save_latro(ckpt_path, run_info, model, optimizer, saved_ref, iter_num, best_val_acc,
-                       before)
-        if stopping:  # Ctrl-C / SIGTERM on any rank: saved just above
-            train_scorer = None                                        # (the wrapper goes first)
-            exit_on_signal(stop, f"at step {iter_num}: {ckpt_path} saved")
-        if iter_num >= last_step:
-            break
+    last_step = min(latro_steps, stop_at_step or latro_steps)  # stop_at_step: resume continues
+    if before is None:  # step 0: the warm-up's result saved first, then π0 on test and on val
+        run.save(model, optimizer, announce=True, phase="latro", iter_num=0, before=None)
+        before = split_metrics(model, train_scorer, test_ex, maj_k, ev)
+        print0(f"before LaTRO | test {format_metrics(before)}")
+        metrics = split_metrics(model, train_scorer, val_ex, maj_k, ev)   # model selection on val
+        print0(f"eval step 0 | val {format_metrics(metrics)}")
+        run.keep_best(metrics["acc"], model, iter_num=0)
+        run.log({f"val/{k}": v for k, v in metrics.items()}, step=0)
+        run.save(model, optimizer, announce=True, phase="latro", iter_num=0, before=before)
+    for step in range(iter_num, last_step):
         t0 = time.time()
         # the learning rate of this step: linear decay to 0, no warm-up (as released)
-        lr = lr_at(iter_num, learning_rate, latro_steps)
+        lr = lr_at(step, learning_rate, latro_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
 
         # rollouts: this rank's prompts, each K times (a group stays whole on one rank); rationales
         # sampled by the policy and cut before their first stop; the gold answer y after each.
         # The sampler's seed is a function of step and rank, so a resumed run draws the same.
-        idx = rank_prompts(iter_num, batch_size, len(train_ex), seed, ddp_rank, ddp_world_size)
+        idx = rank_prompts(step, batch_size, len(train_ex), seed, ddp_rank, ddp_world_size)
         xs = [train_x[i] for i in idx for _ in range(rloo_k)]
         ys = [train_y[i] for i in idx for _ in range(rloo_k)]
-        generator.manual_seed(rollout_seed(seed, iter_num, ddp_rank))
+        generator.manual_seed(rollout_seed(seed, step, ddp_rank))
         model.eval()
-        with gathered(train_scorer):  # FSDP: one all-gather per layer for the whole generate call
+        with parallel.gathered(train_scorer):  # FSDP: one all-gather per layer for the whole call
             zs, stopped, n_gen = sample(model, xs, max_rationale_tokens, rollouts, generator,
                                         temperature=temperature, top_p=top_p)
         t1 = time.time()
 
         # scoring without gradients: the policy's log π(z|x) and log π(y|x⊕z), π0's log π0(z|x),
         # over the same rows in the same shapes (so the KL is exactly 0 at step 0)
-        logp_z, logp_y = score_rows(scorer, xs, zs, ys, tok.pad_id, micro_batch_size, ctx)
-        ref_logp_z, _ = score_rows(ref_scorer, xs, zs, ys, tok.pad_id, micro_batch_size, ctx)
+        logp_z, logp_y = score_rows(scorer, xs, zs, ys, pad_id=tok.pad_id,
+                                    chunk=micro_batch_size, ctx=ctx)
+        ref_logp_z, _ = score_rows(ref_scorer, xs, zs, ys, pad_id=tok.pad_id,
+                                   chunk=micro_batch_size, ctx=ctx)
 
         # rewards r_ik = log π(y|x⊕z_ik) − β·KL_ik (non-stopped rationales penalised), and the
         # advantages A_ik = r_ik − mean_{j≠k} r_ij
-        rewards, kl = latro_rewards(logp_y, logp_z, ref_logp_z, stopped.to(logp_y.device), rloo_k,
-                                    beta, gamma, penalty)
+        rewards, kl = latro_rewards(logp_y, logp_z, ref_logp_z, stopped.to(logp_y.device),
+                                    rloo_k=rloo_k, beta=beta, gamma=gamma, penalty=penalty)
         advantages = rloo_advantages(rewards, rloo_k)
         t2 = time.time()
 
         # update: the gradient of the surrogate latro_loss, micro-batch by micro-batch
         model.train()
         loss_sum = latro_backward(train_scorer, (xs, zs, ys), advantages, sft_coef,
-                                  micro_batch_size, tok.pad_id, ctx, device)
+                                  micro_batch_size=micro_batch_size, pad_id=tok.pad_id, ctx=ctx,
+                                  device=device)
         # means over all ranks' rollouts, for the log and the non-finite guard (every rank agrees)
-        n = rollouts_per_rank * ddp_world_size
+        n = prompts_per_rank * rloo_k * ddp_world_size
         sums = [rewards.sum().item(), kl.sum().item(), advantages.sum().item(),
                 stopped.sum().item(), sum(map(len, zs)), loss_sum]
-        stats = all_sum(torch.tensor(sums), device)
+        stats = parallel.all_sum(torch.tensor(sums), device)
         reward_m, kl_m, adv_m, stop_m, len_m = (stats[:5] / n).tolist()
         loss_m = stats[5].item() / ddp_world_size
         # a nan/inf stops every rank together, before the update; ckpt.pt keeps the last good state
-        require_finite(f"step {iter_num + 1}", loss_m, grad_norm(model), ckpt_path)
+        run.require_finite(f"step {step + 1}", loss_m, model)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
+        iter_num = step + 1
         t3 = time.time()
         print0(f"step {iter_num}/{latro_steps} | reward {reward_m:.4f} | kl {kl_m:.4f} | adv "
                f"{adv_m:.1e} | stopped {100 * stop_m:.0f}% | len {len_m:.1f} | loss {loss_m:.4f} | "
                f"lr {lr:.2e} | tok/s {n_gen / (t1 - t0):.0f} | {1000 * (t3 - t0):.0f}ms (rollout "
                f"{1000 * (t1 - t0):.0f} / score {1000 * (t2 - t1):.0f} / update "
                f"{1000 * (t3 - t2):.0f})")
-        log_wandb({"reward": reward_m, "kl": kl_m, "stopped": stop_m, "len": len_m,
-                   "loss": loss_m, "lr": lr}, step=iter_num)
+        run.log({"reward": reward_m, "kl": kl_m, "stopped": stop_m, "len": len_m, "loss": loss_m,
+                 "lr": lr}, step=iter_num)
+        # model selection on val every eval_interval steps and at the end
         evaluating = iter_num % eval_interval == 0 or iter_num == latro_steps
-        stopping = stop.requested(device) and iter_num < latro_steps
-    end_training(stop, model, fsdp)  # the rest ends by itself: a signal now acts at once
+        if evaluating:
+            metrics = split_metrics(model, train_scorer, val_ex, maj_k, ev)
+            print0(f"eval step {iter_num} | val {format_metrics(metrics)}")
+            run.keep_best(metrics["acc"], model, iter_num=iter_num)
+            run.log({f"val/{k}": v for k, v in metrics.items()}, step=iter_num)
+        # ckpt.pt at each evaluation and where this run stops; Ctrl-C / SIGTERM: ckpt.pt, then exit
+        run.after_step(model, optimizer, f"at step {iter_num}", save=evaluating or
+                       iter_num == last_step, announce=True, phase="latro", iter_num=iter_num,
+                       before=before)
+    run.end(model)  # the rest ends by itself: a signal now acts at once
 
     # ---- final: test accuracy of the weights selected on val, the same checker as before
     if iter_num < latro_steps:
         print0(f"stopped at step {iter_num} (stop_at_step); continue with --init_from=resume")
     else:
-        best_step = load_best(model, out_dir)["iter_num"]
+        best_step = run.load_best(model)["iter_num"]
         after = before  # step 0's weights are π0's: measured already
         if best_step > 0:
             print0(f"testing the weights of step {best_step} on {len(test_ex)} questions")
-            after = evaluate(model, train_scorer, test_ex, maj_k, ev)
+            after = split_metrics(model, train_scorer, test_ex, maj_k, ev)
         if latro_steps:
             print0(f"before LaTRO | test {format_metrics(before)}")
             print0(f"after LaTRO  | test {format_metrics(after)} (weights of step {best_step}, "
-                   f"best val {best_val_acc:.4f})")
+                   f"best val {run.best:.4f})")
         else:  # latro_steps=0: the SFT baseline alone
             print0(f"SFT baseline | test {format_metrics(before)}")
         if export_hf:
-            save_hf_export(model, tok, os.path.join(out_dir, "hf"))
-    train_scorer = None                                                # (the wrapper goes first)
-    end_distributed()
+            run.export(model, tok)
+    run.close()

@@ -134,7 +134,9 @@ def hidden_states(model, inputs_embeds, attention_mask, position_ids, cache=None
     """The last hidden states (B, T, C), after the final norm, of the transformer without its LM
     head, for input embeddings. cache: a DynamicCache holding the positions before these (they are
     appended to it), passed under the argument name this transformers expects (cache_kwargs)."""
-    kwargs = {} if cache is None else {"use_cache": True, **cache_kwargs(backbone(model), cache)}
+    kwargs = {"use_cache": False}
+    if cache is not None:
+        kwargs = {"use_cache": True, **cache_kwargs(backbone(model), cache)}
     out = backbone(model)(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                           position_ids=position_ids, **kwargs)
     return out.last_hidden_state

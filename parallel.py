@@ -80,6 +80,19 @@ def all_sum(t, device="cpu"):
         dist.all_reduce(t)
     return t.cpu()
 
+def mean_over_ranks(sums, count, device="cpu"):
+    """Means over every rank's items: each rank's `sums` (a list of numbers) and its item count are
+    added over the ranks (float64), then each sum is divided by the total count."""
+    total = all_sum(torch.tensor([*sums, count], dtype=torch.float64), device)
+    return (total[:-1] / total[-1].clamp(min=1)).tolist()
+
+def max_over_ranks(values, device="cpu"):
+    """Each of a list of integers, maxed over the ranks (as is without a process group)."""
+    t = torch.tensor(values, device=device)
+    if distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
 def ranks_identical(model):
     """Does every rank hold the same weights? (a cheap check after DDP training, a collective): each
     tensor's sum and sum of squares, in float64, must have the same min and max over the ranks."""

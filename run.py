@@ -5,13 +5,13 @@ The run's life, the same for both scripts, so that each event of a training loop
                                                            # the checkpoint to start from
     run.restore(model, optimizer)                          # resume: weights, AdamW state, RNG
     ... every step:  run.require_finite(what, loss, model)         # before the update
-                     run.after_step(model, optimizer, "after step 7", every=200, iter_num=7, ...)
+                     run.after_step(model, optimizer, "after step 7", save=due, iter_num=7, ...)
     ... every eval:  run.keep_best(val_acc, model, ...); run.save(model, optimizer, ...)
     run.end(model)                                         # signals act at once again
     run.load_best(model)                                   # the best-by-val weights
     run.close()                                            # leave the process group
 
-after_step saves ckpt.pt every `every` steps, and when Ctrl-C or SIGTERM arrived (on any rank) it
+after_step saves ckpt.pt when a save is due, and when Ctrl-C or SIGTERM arrived (on any rank) it
 saves and ends every rank with 128 + the signal's number, as a killed process would report; the
 run then continues exactly with --init_from=resume. ckpt.pt, best.pt and every other weight file
 say which script and configuration wrote them (run.info), so a resume can refuse what does not fit.
@@ -71,64 +71,15 @@ class StopRequest:
             flag = bool(t.item() > 0)
         return flag
 
-    def restore(self):
-        """Put back the handlers that were installed before."""
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous = {}
-
-
-class Run:
-    """One training run: its processes and device, out_dir, the checkpoint it starts from, its
-    saves and its end. Every rank makes one and calls each method at the same point (the saves and
-    the stop check are collectives under torchrun)."""
-
-    def __init__(self, script, config, *, resume_keys=(), scratch_keys=(), writes=True):
-        """script: 'coconut' or 'latro'. Rank 0 claims out_dir (writes=False, an evaluation: it
-        writes nothing) before the process group, so that a refusal ends every rank. The checkpoint
-        to start from: out_dir/ckpt.pt for init_from='resume' (this script's, its best.pt whole, the
-        same resume_keys, and scratch_keys too when its model was built from scratch), or a .pt
-        file of this script given as init_from; else None."""
-        self.script, self.config, self.out_dir = script, config, config["out_dir"]
-        self.resuming = config["init_from"] == "resume"
-        if int(os.environ.get("RANK", 0)) == 0 and writes:
-            checkpoints.prepare_out_dir(self.out_dir, resume=self.resuming,
-                                        overwrite=config["overwrite"])
-        elif os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
-            raise UserError(f"out_dir {self.out_dir!r} is a file, not a directory: choose another "
-                            f"--out_dir")
-        self.rank, self.world_size, self.device = parallel.start(config["device"],
-                                                                 config["ddp_timeout"])
-        self.ckpt_path = os.path.join(self.out_dir, checkpoints.CKPT_NAME)
-        self.ckpt, self.best = None, -1.0
-        if self.resuming:
-            self.ckpt = checkpoints.resume_run(self.out_dir, script)
-            base = self.ckpt.get("source", self.ckpt.get("base"))
-            keys = resume_keys + (scratch_keys if base == "scratch" else ())
-            checkpoints.check_same_run(self.ckpt["config"], config, keys, RENAMED)
-            self.best = self.ckpt.get("best_val_acc", self.ckpt.get("best_dev_acc", -1.0))
-        elif config["init_from"].endswith(".pt"):
-            self.ckpt = checkpoints.load_run(config["init_from"], script)
-        self.info = {"script": script, "config": config}  # in every checkpoint of this run
-        self.frozen = {}  # {name: module}: weights that every ckpt.pt carries too (LaTRO's π0)
-        self.stop = StopRequest()  # Ctrl-C / SIGTERM: a checkpoint at the next step boundary
-        # the metrics log, one JSON object a line (rank 0): a resume keeps the lines its
-        # checkpoint had seen and appends, so every step is in it exactly once
-        self.log_path = os.path.join(self.out_dir, "log.jsonl") if writes else None
-        self.log_lines, self._wandb = 0, None
-        if self.log_path and self.rank == 0:
-            self.log_lines = self.resumed("log_lines")
-            checkpoints.keep_lines(self.log_path, self.log_lines)
-
-    def resumed(self, key, default=0):
-        """A value of the checkpoint being resumed (where it stands), or `default` for a new run."""
-        return self.ckpt.get(key, default) if self.resuming else default
-
     def restore(self, model, optimizer=None):
         """Load the checkpoint's weights into `model` (sharded or not) and, given one, its optimizer
-        state into `optimizer`, and (resume) the RNG where the run left it."""
+        state into `optimizer` (this run's learning rate and weight decay kept: the ones it logs),
+        and (resume) the RNG where the run left it."""
         optim_sd = self.ckpt["optimizer"] if optimizer is not None else None
+        mine = [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups] if optimizer else []
         parallel.load_full_state_dicts(model, optimizer, self.ckpt["model"], optim_sd)
+        for group, (lr, weight_decay) in zip(optimizer.param_groups if optimizer else [], mine):
+            group.update(lr=lr, weight_decay=weight_decay)
         if self.resuming and "rng" in self.ckpt:
             torch.set_rng_state(self.ckpt["rng"])
 
@@ -145,13 +96,13 @@ class Run:
         if announce:
             parallel.print0(f"saved {self.ckpt_path} at step {where.get('iter_num')}")
 
-    def after_step(self, model, optimizer, label, every=0, **where):
-        """At a step boundary: ckpt.pt every `every` optimizer steps (where['iter_num']), and on a
-        stop signal (on any rank) ckpt.pt then the end of every rank. label: the step, for the
+    def after_step(self, model, optimizer, label, save=False, announce=False, **where):
+        """At a step boundary: ckpt.pt when `save` (a periodic save is due), and on a stop signal
+        (on any rank) ckpt.pt then the end of every rank. label: where the run stands, for the
         message ('after step 12')."""
         stopping = self.stop.requested(self.device)
-        if stopping or (every and where["iter_num"] % every == 0):
-            self.save(model, optimizer, **where)
+        if save or stopping:
+            self.save(model, optimizer, announce=announce, **where)
         if stopping:
             self.exit_on_signal(f"{label}: {self.ckpt_path} saved")
 
@@ -164,6 +115,11 @@ class Run:
     def save_weights(self, name, model, **entries):
         """out_dir/name: the weights alone (best.pt, epoch_N.pt), with what this run is."""
         checkpoints.save_run(os.path.join(self.out_dir, name), {**self.info, **entries}, model)
+
+    def write_json(self, name, obj):
+        """out_dir/name: a JSON file of results (rank 0), written atomically."""
+        if self.rank == 0:
+            checkpoints.write_text(os.path.join(self.out_dir, name), json.dumps(obj, indent=1))
 
     def log(self, metrics, step=None):
         """One line of metrics (rank 0): to out_dir/log.jsonl with its step, and to Weights & Biases
@@ -205,6 +161,11 @@ class Run:
         if parallel.distributed() and not self.config.get("fsdp"):
             parallel.print0(f"ddp: parameters identical on {dist.get_world_size()} ranks: "
                             f"{parallel.ranks_identical(model)}")
+
+    def export(self, model, tok):
+        """out_dir/hf: the weights and the tokenizer as save_pretrained writes them (rank 0; the
+        weights gathered whole, a collective under FSDP), for from_pretrained and the usual tools."""
+        checkpoints.save_hf_export(model, tok, os.path.join(self.out_dir, "hf"))
 
     def load_best(self, model):
         """The run's best.pt weights into `model` on every rank. Returns its other entries."""

@@ -7,6 +7,7 @@ start from, and an example encoded as question, steps and answer.
     tok = build_tokenizer("words", examples)  # closed word-level vocabulary, fast for tiny models
 """
 
+import dataclasses
 import re
 from functools import cached_property
 
@@ -239,6 +240,37 @@ def marker_source(tok, marker_init, base):
                         f"vocabulary; set --marker_init to a text that is one token, or '' for "
                         f"fresh rows")
     return None
+
+
+@dataclasses.dataclass
+class Markers:
+    """Coconut's three markers in one run: what coconut_markers() decided, once."""
+    ids: tuple        # (<bot>, <latent>, <eot>), or (None, None, None) for the methods without them
+    new: bool         # rows to add now: the weights to load have none (scratch, HF, a CoT stage)
+    source_id: int    # the token whose embedding row the new rows copy; None: fresh random rows
+    n_rows: int       # the embedding rows of the weights to load (with the markers' when they have)
+
+    def describe(self, tok):
+        """Where the new rows come from, for the log."""
+        if self.source_id is None:
+            return "fresh random rows"
+        return f"copies of {tok.decode([self.source_id])!r}"
+
+
+def coconut_markers(tok, used, ckpt, marker_init, base):
+    """The markers of a run, added to `tok` when the method uses them (`used`) or the weights to
+    load have them already: a checkpoint of coconut.py keeps its trained rows (resume, or a run
+    from its best.pt); weights without them (a model from scratch, a Hugging Face model, the GSM8k
+    CoT stage) get new rows, copies of marker_init's token (marker_source). ckpt: the checkpoint to
+    load (None: scratch or a Hugging Face model); base: 'scratch' or the Hugging Face model."""
+    had = markers_present(tok, ckpt)
+    new = used and not had
+    source_id = marker_source(tok, marker_init, base) if new else None
+    n_real = len(tok)                                   # the vocabulary without the markers
+    ids = marker_ids(tok) if used or had else (None, None, None)
+    # a checkpoint of this script without markers (the CoT stage) has the vocabulary's rows only
+    n_rows = n_real if ckpt is not None and not had else len(tok)
+    return Markers(ids, new, source_id, n_rows)
 
 
 def tokenizer_name(name, model, saved=""):
