@@ -27,7 +27,6 @@ The other node: --node_rank=1. Baselines (--method=), thought sweep, all options
 
 import ast
 import dataclasses
-import json
 import os
 import random
 import sys
@@ -154,6 +153,11 @@ class Curriculum:
         if self.method not in CURRICULUM_METHODS:
             return 0
         return stage_of(epoch, self.start_stage, self.epochs_per_stage, self.max_latent_stage)
+
+    @property
+    def final_stage(self):
+        """Where every step is latent (0 for the methods without a curriculum)."""
+        return self.max_latent_stage + 1 if self.method in CURRICULUM_METHODS else 0
 
 def layout(q, steps, answer, stage, cur, n_thoughts=None, inference=False):
     """One example at curriculum `stage` as (prompt, target) token lists; the loss is on target
@@ -383,13 +387,6 @@ def epoch_order(seed, epoch, stage, uniform_prob, n_steps_list):
     stages = [stage if rng.random() >= uniform_prob else rng.randint(0, n) for n in n_steps_list]
     return stages, rng.sample(range(len(n_steps_list)), len(n_steps_list))
 
-def rank_block(batch, rank, micro, grad_accum, micro_batch_size):
-    """This rank's examples at this micro-step: the global batch is cut into world x grad_accum
-    blocks, rank r takes blocks r*grad_accum .. (r+1)*grad_accum-1, so 2 ranks x 1 micro-step == 1
-    process x 2 micro-steps."""
-    at = (rank * grad_accum + micro) * micro_batch_size
-    return batch[at:at + micro_batch_size]
-
 def resets_optimizer(epoch, cur, mode):
     """Does epoch `epoch` start with a new AdamW? 'epoch': every epoch but the first; 'stage': when
     the stage changes (cur.stage); 'never'."""
@@ -410,18 +407,20 @@ def aligned_columns(rows, latent_id, feedback_id, device, fsdp):
     c0, after, n = parallel.max_over_ranks([max(anchors), after, n], device)
     return c0, c0 + after, list(range(c0, c0 + n))
 
-def schedule_lines(cur, num_epochs):
-    """The stages of a run's epochs as log lines, one per stage with its first and last epoch (the
-    stage rises by one every epochs_per_stage epochs)."""
+def schedule_lines(cur, num_epochs, note=True):
+    """The stages of a run's epochs as log lines, one per stage with its first and last epoch, and
+    (note) a note when no epoch reaches the final stage, where model selection happens."""
     lines, first_stage, last_stage = [], cur.stage(0), cur.stage(num_epochs - 1)
     for st in range(first_stage, last_stage + 1) if num_epochs > 0 else ():
         first = 0 if st == first_stage else (st - cur.start_stage) * cur.epochs_per_stage
         last = num_epochs - 1 if st == last_stage else first + cur.epochs_per_stage - 1
         replaced = "all" if st > cur.max_latent_stage else st
-        if cur.method not in CURRICULUM_METHODS:
-            replaced = "no"
         lines.append(f"schedule: epochs {first}-{last} {cur.method} stage {st}: "
-                     f"{thoughts_at_stage(st, cur)} thoughts/pauses, {replaced} steps replaced")
+                     f"{thoughts_at_stage(st, cur)} thoughts/pauses, "
+                     f"{replaced if cur.method in CURRICULUM_METHODS else 'no'} steps replaced")
+    if note and cur.final_stage > last_stage:
+        lines.append(f"note: no epoch reaches the final stage {cur.final_stage}, so no best.pt: "
+                     f"the last weights are tested")
     return "\n".join(lines)
 
 def longest_rows(encoded, cur, stages, uniform_prob, max_new_tokens, test_counts):
@@ -437,8 +436,8 @@ def longest_rows(encoded, cur, stages, uniform_prob, max_new_tokens, test_counts
             n = sum(map(len, layout(*ex, st, cur)))
             if n > best[0]:
                 best = (n, i, st)
-    final = cur.max_latent_stage + 1 if cur.method in CURRICULUM_METHODS else 0
-    prompts = [p for n in test_counts for p in eval_prompts(encoded["test"], final, cur, n)]
+    prompts = [p for n in test_counts
+               for p in eval_prompts(encoded["test"], cur.final_stage, cur, n)]
     prompts += [p for st in stages for p in eval_prompts(encoded["val"], st, cur)]
     return [(best[0], f"training example {best[1]} at stage {best[2]}", "raise --block_size "
              "(scratch), lower max_latent_stage or c_thought, or drop long examples"),
@@ -478,17 +477,12 @@ def check_config(c, world_size):
                         f"micro_batch_size={c.micro_batch_size} x {world_size} ranks = "
                         f"{c.micro_batch_size * world_size}: change batch_size, micro_batch_size "
                         f"or the number of processes")
-    if c.init_from.endswith(".pt") and not os.path.isfile(c.init_from):
-        raise UserError(f"init_from={c.init_from!r}: no such checkpoint file")
-    if c.init_from not in ("scratch", "resume") and not c.init_from.endswith(".pt") and \
-            os.path.isfile(c.init_from):
-        raise UserError(f"init_from={c.init_from!r} is a file but not a .pt checkpoint: give a .pt "
-                        f"file of coconut.py, a save_pretrained directory or a hub name")
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     config = configurator.configure(globals(), sys.argv[1:], renamed=configurator.RENAMED,
-                                    choices=CHOICES, bounds=BOUNDS, check=check_config)
+                                    choices=CHOICES, bounds=BOUNDS, check=check_config,
+                                    own_checkpoints=True)
     # ---- processes and device; rank 0 claims out_dir; the checkpoint to start from: resume (this
     # run's ckpt.pt, the same settings) or a .pt file of this script (e.g. the GSM8k CoT stage)
     run = Run("coconut", config, resume_keys=RESUME_KEYS, writes=not eval_only)
@@ -529,12 +523,7 @@ if __name__ == "__main__":
     cur = Curriculum(method=method, c_thought=c_thought, max_latent_stage=max_latent_stage,
                      pad_latent_to_max=pad_latent_to_max, special=markers.ids,
                      start_stage=start_stage, epochs_per_stage=epochs_per_stage)
-    final_stage = max_latent_stage + 1 if method in CURRICULUM_METHODS else 0
-    scheduled = list(range(cur.stage(0), cur.stage(num_epochs - 1) + 1))  # the stages trained
-    print0(schedule_lines(cur, num_epochs))
-    if final_stage not in scheduled and not eval_only:
-        print0(f"note: no epoch reaches the final stage {final_stage}, so no best.pt: the last "
-               f"weights are tested")
+    print0(schedule_lines(cur, num_epochs, note=not eval_only))
     n_test_thoughts = n_thoughts_eval if n_thoughts_eval >= 0 else None  # None: the final stage's
     sweep_counts = configurator.counts(thoughts_sweep) or []
 
@@ -543,11 +532,11 @@ if __name__ == "__main__":
     shape_kw = {**{k: shape[k] for k in SHAPE_KEYS}, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
                 "pad_id": tok.pad_id}
     if run.ckpt and not run.resuming:
-        print0(f"model shape from {init_from}: arch {shape['arch']}, {shape['n_layer']} layers, "
-               f"{shape['n_head']} heads, n_embd {shape['n_embd']}, block_size "
-               f"{shape['block_size']} (the config's values do not apply)")
+        print0(f"model shape from {init_from}: " + ", ".join(f"{k} {shape[k]}" for k in SHAPE_KEYS)
+               + " (the config's values do not apply)")
     hf_cfg = base_cfg if base != "scratch" else scratch_config(markers.n_rows, **shape_kw)
-    longest = longest_rows(encoded, cur, stages=[] if eval_only else scheduled,
+    scheduled = [] if eval_only else list(range(cur.stage(0), cur.stage(num_epochs - 1) + 1))
+    longest = longest_rows(encoded, cur, stages=scheduled,
                            uniform_prob=uniform_prob, max_new_tokens=max_new_tokens,
                            test_counts=[n_test_thoughts] + sweep_counts)
     train_len, eval_len = longest[0][0], longest[1][0]
@@ -608,7 +597,7 @@ if __name__ == "__main__":
             batch = perm[step * batch_size:(step + 1) * batch_size]
             # forward and backward on this rank's block of each micro-step: gradient accumulation
             for micro in range(grad_accum):
-                block = rank_block(batch, ddp_rank, micro, grad_accum, micro_batch_size)
+                block = parallel.rank_block(batch, ddp_rank, micro, grad_accum, micro_batch_size)
                 rows = [layout(*encoded["train"][i], stages[i], cur) for i in block]
                 # the first thoughts of every row line up in one column: one pass per thought column
                 # (FSDP: the same columns on every rank, so that every rank runs the same passes)
@@ -652,7 +641,7 @@ if __name__ == "__main__":
         done = dict(epoch=epoch, stage=stage, val_acc=val_acc, iter_num=iter_num)
         # model selection only where every step is latent (stage > max_latent_stage for curriculum
         # methods): at the last stage with steps, long examples still reason in words
-        if stage >= final_stage:
+        if stage >= cur.final_stage:
             run.keep_best(val_acc, model, **done)
         # epoch_N.pt: the weights after N epochs (this is log epoch N-1), as the released
         # checkpoint_N; a starting point for another run (init_from), like best.pt
@@ -668,7 +657,7 @@ if __name__ == "__main__":
         run.load_best(model)
     if base != "scratch" and not eval_only:
         run.export(model, tok)
-    test_prompts = eval_prompts(encoded["test"][mine], final_stage, cur, n_test_thoughts)
+    test_prompts = eval_prompts(encoded["test"][mine], cur.final_stage, cur, n_test_thoughts)
     test_acc, test_tok, texts = greedy_accuracy(model, train_model, test_prompts, golds["test"],
                                                 dec)
     print0(f"test acc {test_acc:.4f} | tokens generated {test_tok:.1f} (thoughts included) | "
@@ -679,7 +668,7 @@ if __name__ == "__main__":
     # retraining), a Markdown table and thoughts_sweep.json ...
     sweep = []
     for n in sweep_counts:
-        prompts = eval_prompts(encoded["test"][mine], final_stage, cur, n)
+        prompts = eval_prompts(encoded["test"][mine], cur.final_stage, cur, n)
         acc, n_tokens, _ = greedy_accuracy(model, train_model, prompts, golds["test"], dec)
         sweep.append({"thoughts": n, "accuracy": acc, "tokens": n_tokens})
         if n == sweep_counts[0]:

@@ -212,9 +212,10 @@ def check_limits(config, choices=None, bounds=None, notes=None):
                 note = f" ({note})" if note else ""
                 raise ConfigError(f"{key}={config[key]}: give a value {what}{note}")
 
-def check_system(c, script, distributed):
-    """The rules on the launch and the machine that both scripts share (c.device, c.seed, c.fsdp,
-    c.wandb_log)."""
+def check_system(c, script, distributed, own_checkpoints=False):
+    """The rules both scripts share: the launch and the machine (c.device, c.seed, c.fsdp,
+    c.wandb_log), out_dir and init_from, the shape of a model from scratch. own_checkpoints: the
+    script starts from .pt files of its own (coconut.py)."""
     if not (c.device in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", c.device)):
         raise ConfigError(f"device={c.device!r}: use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if c.device.startswith("cuda"):
@@ -230,6 +231,21 @@ def check_system(c, script, distributed):
     if c.wandb_log and not find_spec("wandb"):
         raise ConfigError("wandb_log=True but wandb is not installed: pip install wandb, or "
                           "--wandb_log=False")
+    if c.init_from == "resume" and c.overwrite:
+        raise ConfigError("init_from='resume' continues out_dir's checkpoint and overwrite=True "
+                          "deletes it: choose one")
+    if c.init_from == "scratch" and c.n_embd % c.n_head:
+        raise ConfigError(f"n_embd={c.n_embd} is not a multiple of n_head={c.n_head}")
+    pt = own_checkpoints and c.init_from.endswith(".pt")
+    if pt and not os.path.isfile(c.init_from):
+        raise ConfigError(f"init_from={c.init_from!r}: no such checkpoint file")
+    if pt or c.init_from in ("scratch", "resume") or not os.path.isfile(c.init_from):
+        return
+    if own_checkpoints:
+        raise ConfigError(f"init_from={c.init_from!r} is a file but not a .pt checkpoint: give a "
+                          f".pt file of {script}, a save_pretrained directory or a hub name")
+    raise ConfigError(f"init_from={c.init_from!r} is a file; give a directory written by "
+                      f"save_pretrained, a hub name, 'scratch' or 'resume'")
 
 def launch():
     """(world_size, distributed) of the launch: torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and
@@ -245,14 +261,14 @@ def launch():
     return int(env["WORLD_SIZE"] or 1), env["RANK"] is not None
 
 def run_checks(config, world_size=1, distributed=False, *, choices=None, bounds=None, notes=None,
-               check=None, script=""):
-    """Every check of a configuration, in order: the per-key limits, the shared system rules (for
-    a configuration that has the system keys) and the script's own `check(c, world_size)`."""
+               check=None, script="", own_checkpoints=False):
+    """Every check of a script's configuration, in order: the per-key limits, the rules both
+    scripts share (check_system) and the script's own `check(c, world_size)`."""
     check_limits(config, choices, bounds, notes)
     if check is None:
         return
     c = SimpleNamespace(**config)
-    check_system(c, script, distributed)
+    check_system(c, script, distributed, own_checkpoints)
     check(c, world_size)
 
 def configure(scope, argv, verbose=None, renamed=None, **checks):

@@ -46,9 +46,8 @@ import preflight
 import vocab
 from configurator import UserError
 from evaluate import CHECKERS, latro_correct, majority_correct
-from model import (Sampler, autocast_ctx, cut_at_stop, disable_dropout, hidden_states,
-                   load_model, model_config, position_ids_from_mask, sample, scratch_config,
-                   token_logprobs)
+from model import (Sampler, autocast_ctx, cut_at_stop, fresh_model, hidden_states, model_config,
+                   position_ids_from_mask, sample, scratch_config, token_logprobs)
 from parallel import print0
 from run import Run
 
@@ -340,22 +339,6 @@ def format_metrics(metrics):
 # -----------------------------------------------------------------------------
 # the run's small decisions, as functions the loop calls and the tests import
 
-def step_indices(step, n_per_step, n_data, seed):
-    """The questions of one step: consecutive slices of one seeded permutation per epoch (so resume
-    is exact)."""
-    first = step * n_per_step
-    perms = [torch.randperm(n_data, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-             for epoch in range(first // n_data, (first + n_per_step - 1) // n_data + 1)]
-    start = first % n_data
-    return sum(perms, [])[start:start + n_per_step]
-
-def rank_prompts(step, batch_size, n_data, seed, rank=0, world_size=1):
-    """The questions this rank rolls out at a step: its contiguous share of the step's batch_size
-    questions (step_indices). The ranks' shares are disjoint and together are exactly the questions
-    a single process takes at that step."""
-    per_rank = batch_size // world_size
-    return step_indices(step, batch_size, n_data, seed)[rank * per_rank:(rank + 1) * per_rank]
-
 def rollout_seed(seed, step, rank):
     """The seed of the rollout sampler at optimizer step `step` on a rank: a function of
     (seed, step, rank) only, so a resumed run draws the same rationales, every step draws new ones
@@ -366,19 +349,6 @@ def lr_at(step, lr, total_steps):
     """The learning rate of optimizer step `step` (0-based) of total_steps: linear decay from lr
     to 0, no warm-up, as released (the first step uses lr, the last lr / total_steps)."""
     return lr * (1 - step / total_steps)
-
-def initial_model(source, n_vocab, shape, seed, weights=None):
-    """The initial weights: the same on every rank and every call (policy and π0), or `weights`
-    (π0: the policy as LaTRO starts); the global RNG is left as it was. Pretrained models get their
-    dropout switched off, as released: rollouts, scoring and update see one function."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = load_model(source, n_vocab, **shape)
-    if weights is not None:
-        model.load_state_dict(weights)
-    if source != "scratch":
-        disable_dropout(model)
-    return model
 
 def longest_sequences(prompts, answers, gold, max_rationale_tokens, max_new_tokens):
     """The longest sequences as preflight's (tokens, what, how to shorten) triples: a rollout or
@@ -428,9 +398,6 @@ def check_config(c, world_size):
     if c.eval_prompt == "8shot" and vocab.tokenizer_name(c.tokenizer, c.init_from) == "words":
         raise UserError("eval_prompt=8shot needs a model's own tokenizer: the word vocabulary of a "
                         "model from scratch does not hold the words of its eight worked examples")
-    if c.init_from not in ("scratch", "resume") and os.path.isfile(c.init_from):
-        raise UserError(f"init_from={c.init_from!r} is a file; give a directory written by "
-                        f"save_pretrained, a hub name, 'scratch' or 'resume'")
     # runs that would report an untrained model
     if c.init_from == "scratch" and not (c.sft_steps or c.sft_epochs or c.latro_steps):
         raise UserError("init_from='scratch' with no SFT warm-up (sft_steps=0) and latro_steps=0 "
@@ -460,7 +427,7 @@ if __name__ == "__main__":
     # ---- processes and device; rank 0 claims out_dir; resume: this run's ckpt.pt (the same
     # settings) says what the weights were first loaded from, and the phase it was written in
     run = Run("latro", config, resume_keys=RESUME_KEYS, scratch_keys=MODEL_KEYS,
-              writes=not pre_experiment, own_checkpoints=False)
+              writes=not pre_experiment)
     device, ddp_rank, ddp_world_size = run.device, run.rank, run.world_size
     source = run.resumed("source", init_from)
     phase = run.ckpt.get("phase", "latro") if run.resuming else "sft"
@@ -517,7 +484,7 @@ if __name__ == "__main__":
                      gradient_checkpointing))
 
     # ---- model: the same seed on every rank (DDP also broadcasts rank 0's weights)
-    model = initial_model(source, len(tok), shape, seed)
+    model = fresh_model(source, len(tok), shape, seed)
     if gradient_checkpointing:
         parallel.enable_activation_checkpointing(model)
     scorer = SequenceScorer(model)  # generation, evaluation and checkpoints use the model itself
@@ -566,7 +533,7 @@ if __name__ == "__main__":
                 for group in sft_optimizer.param_groups:
                     group["lr"] = lr_at(it, sft_learning_rate, sft_total)
             # this rank's share of the step's gold rows; a token mean over that whole share
-            idx = rank_prompts(it, sft_batch_size, len(gold_x), seed, ddp_rank, ddp_world_size)
+            idx = parallel.rank_prompts(it, sft_batch_size, len(gold_x), seed, ddp_rank, ddp_world_size)
             rows = ([gold_x[i] for i in idx], [gold_z[i] for i in idx], [gold_y[i] for i in idx])
             model.train()
             loss = sft_loss_backward(train_scorer, rows, micro_batch_size, pad_id=tok.pad_id,
@@ -588,7 +555,7 @@ if __name__ == "__main__":
         pi0 = run.ckpt["ref_model"]
     elif source == "scratch" or sft_total > 0:
         pi0 = parallel.gather_full(model.state_dict())                 # a collective under FSDP
-    ref_model = initial_model(source, len(tok), shape, seed, weights=pi0)
+    ref_model = fresh_model(source, len(tok), shape, seed, weights=pi0)
     ref_scorer = SequenceScorer(ref_model.eval().requires_grad_(False))
     parallel.distribute(ref_scorer, device, fsdp, bf16=True, frozen=True)  # FSDP: sharded like θ
     run.frozen["ref_model"] = ref_model if pi0 is not None else None   # what ckpt.pt holds of π0
@@ -627,7 +594,7 @@ if __name__ == "__main__":
         # rollouts: this rank's prompts, each K times (a group stays whole on one rank); rationales
         # sampled by the policy and cut before their first stop; the gold answer y after each.
         # The sampler's seed is a function of step and rank, so a resumed run draws the same.
-        idx = rank_prompts(step, batch_size, len(train_ex), seed, ddp_rank, ddp_world_size)
+        idx = parallel.rank_prompts(step, batch_size, len(train_ex), seed, ddp_rank, ddp_world_size)
         xs = [train_x[i] for i in idx for _ in range(rloo_k)]
         ys = [train_y[i] for i in idx for _ in range(rloo_k)]
         generator.manual_seed(rollout_seed(seed, step, ddp_rank))

@@ -75,6 +75,19 @@ def load_model(init_from, vocab_size, attn_implementation="auto", device_type="c
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
     return model
 
+def fresh_model(source, n_vocab, shape, seed, weights=None):
+    """The initial weights: the same on every rank and every call (policy and π0), or `weights`
+    (π0: the policy as LaTRO starts); the global RNG is left as it was. Pretrained models get their
+    dropout switched off, as released: rollouts, scoring and update see one function."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = load_model(source, n_vocab, **shape)
+    if weights is not None:
+        model.load_state_dict(weights)
+    if source != "scratch":
+        disable_dropout(model)
+    return model
+
 def model_config(name):
     """The config.json of a Hugging Face model (a local directory, or the hub), read before any
     weights; a UserError in one line when there is no model there."""

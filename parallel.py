@@ -93,6 +93,29 @@ def max_over_ranks(values, device="cpu"):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
+def rank_block(batch, rank, micro, grad_accum, micro_batch_size):
+    """This rank's examples at this micro-step: the global batch is cut into world x grad_accum
+    blocks, rank r takes blocks r*grad_accum .. (r+1)*grad_accum-1, so 2 ranks x 1 micro-step == 1
+    process x 2 micro-steps."""
+    at = (rank * grad_accum + micro) * micro_batch_size
+    return batch[at:at + micro_batch_size]
+
+def step_indices(step, n_per_step, n_data, seed):
+    """The questions of one step: consecutive slices of one seeded permutation per epoch (so resume
+    is exact)."""
+    first = step * n_per_step
+    perms = [torch.randperm(n_data, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+             for epoch in range(first // n_data, (first + n_per_step - 1) // n_data + 1)]
+    start = first % n_data
+    return sum(perms, [])[start:start + n_per_step]
+
+def rank_prompts(step, batch_size, n_data, seed, rank=0, world_size=1):
+    """The questions this rank rolls out at a step: its contiguous share of the step's batch_size
+    questions (step_indices). The ranks' shares are disjoint and together are exactly the questions
+    a single process takes at that step."""
+    per_rank = batch_size // world_size
+    return step_indices(step, batch_size, n_data, seed)[rank * per_rank:(rank + 1) * per_rank]
+
 def ranks_identical(model):
     """Does every rank hold the same weights? (a cheap check after DDP training, a collective): each
     tensor's sum and sum of squares, in float64, must have the same min and max over the ranks."""

@@ -71,6 +71,60 @@ class StopRequest:
             flag = bool(t.item() > 0)
         return flag
 
+    def restore(self):
+        """Put back the handlers that were installed before."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+# -----------------------------------------------------------------------------
+
+class Run:
+    """One training run: its processes and device, out_dir, the checkpoint it starts from, its
+    saves and its end. Every rank makes one and calls each method at the same point (the saves and
+    the stop check are collectives under torchrun)."""
+
+    def __init__(self, script, config, *, resume_keys=(), scratch_keys=(), writes=True):
+        """script: 'coconut' or 'latro'. Rank 0 claims out_dir (writes=False, an evaluation: it
+        writes nothing) before the process group, so that a refusal ends every rank. The checkpoint
+        to start from: out_dir/ckpt.pt for init_from='resume' (this script's, its best.pt whole, the
+        same resume_keys, and scratch_keys too when its model was built from scratch), or a .pt
+        file of this script given as init_from; else None."""
+        self.script, self.config, self.out_dir = script, config, config["out_dir"]
+        self.resuming = config["init_from"] == "resume"
+        if int(os.environ.get("RANK", 0)) == 0 and writes:
+            checkpoints.prepare_out_dir(self.out_dir, resume=self.resuming,
+                                        overwrite=config["overwrite"])
+        elif os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise UserError(f"out_dir {self.out_dir!r} is a file, not a directory: choose another "
+                            f"--out_dir")
+        self.rank, self.world_size, self.device = parallel.start(config["device"],
+                                                                 config["ddp_timeout"])
+        self.ckpt_path = os.path.join(self.out_dir, checkpoints.CKPT_NAME)
+        self.ckpt, self.best = None, -1.0
+        if self.resuming:
+            self.ckpt = checkpoints.resume_run(self.out_dir, script)
+            base = self.ckpt.get("source", self.ckpt.get("base"))
+            keys = resume_keys + (scratch_keys if base == "scratch" else ())
+            checkpoints.check_same_run(self.ckpt["config"], config, keys, RENAMED)
+            self.best = self.ckpt.get("best_val_acc", self.ckpt.get("best_dev_acc", -1.0))
+        elif config["init_from"].endswith(".pt"):
+            self.ckpt = checkpoints.load_run(config["init_from"], script)
+        self.info = {"script": script, "config": config}  # in every checkpoint of this run
+        self.frozen = {}  # {name: module}: weights that every ckpt.pt carries too (LaTRO's π0)
+        self.stop = StopRequest()  # Ctrl-C / SIGTERM: a checkpoint at the next step boundary
+        # the metrics log, one JSON object a line (rank 0): a resume keeps the lines its
+        # checkpoint had seen and appends, so every step is in it exactly once
+        self.log_path = os.path.join(self.out_dir, "log.jsonl") if writes else None
+        self.log_lines, self._wandb = 0, None
+        if self.log_path and self.rank == 0:
+            self.log_lines = self.resumed("log_lines")
+            checkpoints.keep_lines(self.log_path, self.log_lines)
+
+    def resumed(self, key, default=0):
+        """A value of the checkpoint being resumed (where it stands), or `default` for a new run."""
+        return self.ckpt.get(key, default) if self.resuming else default
+
     def restore(self, model, optimizer=None):
         """Load the checkpoint's weights into `model` (sharded or not) and, given one, its optimizer
         state into `optimizer` (this run's learning rate and weight decay kept: the ones it logs),
