@@ -23,8 +23,9 @@ Rows:
   mfu            model FLOPs/s over the peak: on CPU the peak matmul throughput measured in this
                  run, on CUDA the device's dense bf16 peak (H100 / H200 SXM: 989 TFLOP/s; other
                  GPUs: a matmul measured in this run).
-  memory         run.py's per-GPU memory plan for the papers' models on 8 x 80 GiB, DDP vs FSDP:
-                 estimated from the published shapes, no GPU, no download (--sections=memory).
+  memory         preflight.py's per-GPU memory plan for the papers' models on 8 x 80 GiB, DDP vs
+                 FSDP: estimated from the published shapes, no GPU, no download
+                 (--sections=memory).
 The gpu preset needs CUDA; without it the run stops with one line `error: ...` and status 1.
 """
 
@@ -41,11 +42,11 @@ import transformers
 from transformers import AutoConfig
 
 from model import backbone, load_model, lm_head, token_logprobs, autocast_ctx
-from model import n_params_of_config
-from run import PLAN_PARTS, estimate_activation_bytes, estimate_kv_cache_bytes, memory_plan
+from model import Sampler, n_params_of_config, sample
+from preflight import PLAN_PARTS, estimate_activation_bytes, estimate_kv_cache_bytes, memory_plan
 from coconut import Coconut, generate_answers, naive_latent_forward
-from latro import (Sampler, SequenceScorer, build_batch, latro_loss, latro_rewards, rloo_advantages,
-                   sample, score_rows)
+from latro import (SequenceScorer, build_batch, latro_loss, latro_rewards, rloo_advantages,
+                   score_rows)
 
 # -----------------------------------------------------------------------------
 preset = "cpu"  # cpu: small shapes for a laptop; gpu: GPT-2-small at the paper's batch in bf16
@@ -78,20 +79,28 @@ PRESETS = {
 # GPUs: a matmul measured in this run
 GPU_PEAKS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
              "A100": 312e12}
-RULES = [
-    ("preset in PRESETS", "preset={preset!r}: use one of {', '.join(PRESETS)}"),
-    ("preset != 'gpu' or torch.cuda.is_available()",
-     "preset=gpu needs a CUDA GPU and this torch sees none; run `python bench.py` (the CPU "
-     "preset) here"),
-    ("preset != 'gpu' or device in ('auto', 'cuda') or device.startswith('cuda:')",
-     "preset=gpu runs on a CUDA GPU: drop --device={device}"),
-    ("not device.startswith('cuda') or torch.cuda.is_available()",
-     "device={device!r} but this torch sees no CUDA GPU: use --device=cpu or 'auto'"),
-]
+
+def check_config(c):
+    """The configuration's rules, before any work (c: {key: value}): the first one broken is a
+    UserError saying what to do instead."""
+    from configurator import UserError
+    preset, device = c["preset"], c["device"]
+    if preset not in PRESETS:
+        raise UserError(f"preset={preset!r}: use one of {', '.join(PRESETS)}")
+    if preset == "gpu" and not torch.cuda.is_available():
+        raise UserError("preset=gpu needs a CUDA GPU and this torch sees none; run `python "
+                        "bench.py` (the CPU preset) here")
+    if preset == "gpu" and not (device in ("auto", "cuda") or device.startswith("cuda:")):
+        raise UserError(f"preset=gpu runs on a CUDA GPU: drop --device={device}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={device!r} but this torch sees no CUDA GPU: use --device=cpu or "
+                        f"'auto'")
+
 if __name__ == "__main__":
     from configurator import configure, exit_cleanly_on_user_error
     exit_cleanly_on_user_error()  # a wrong key or value: one line `error: ...`, exit 1
-    config = configure(globals(), sys.argv[1:], verbose=False, rules=RULES)
+    config = configure(globals(), sys.argv[1:], verbose=False)
+    check_config(config)
 
 # -----------------------------------------------------------------------------
 # timing and counting
@@ -443,7 +452,8 @@ def bench_memory(rows):
         method = "latro" if name in LATRO_MODELS else "coconut"
         rows.append(plan_row(name, method, "ddp", n, cfg))
         rows.append(plan_row(name, method, "fsdp", n, cfg))
-        # activation checkpointing would drop the KV cache Coconut's thought passes share (run.py)
+        # activation checkpointing would drop the KV cache Coconut's thought passes share
+        # (parallel.py)
         if method == "latro":
             rows.append(plan_row(name, method, "fsdp", n, cfg, checkpointing=True))
 

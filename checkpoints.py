@@ -19,7 +19,7 @@ import zipfile
 import torch
 import torch.distributed as dist
 
-from configurator import UserError
+from configurator import RENAMED, UserError
 from parallel import distributed, gather_full, hf_model_in, load_full_state_dicts
 
 # -----------------------------------------------------------------------------
@@ -69,16 +69,9 @@ def _lock_out_dir(out_dir):
     atexit.register(lock.release)
     return lock
 
-def prepare_out_dir(out_dir, *, resume, overwrite=False):
-    """Check and claim out_dir before any work (start() calls it on rank 0). It
-    - creates out_dir and write-probes it: a file, or a directory we cannot write, is a UserError;
-    - takes out_dir's lock (released at exit); a second live run is a UserError naming its pid;
-    - removes temporary files left by killed checkpoint writes (`*.pt.tmp.<pid>`);
-    - resume=True: requires out_dir/ckpt.pt (else UserError); the run's best.pt is kept;
-    - resume=False: refuses an out_dir holding ckpt.pt, best.pt or epoch_N.pt of an earlier run,
-      unless overwrite=True, which deletes them now (printed): no stale best.pt beside a new
-      ckpt.pt.
-    Returns the OutDirLock (release() it to end early; tests do)."""
+def check_writable(out_dir):
+    """Create out_dir and write-probe it: a file there, or a directory that cannot be written, is a
+    UserError before any work."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"out_dir {out_dir!r} is a file, not a directory: choose another --out_dir")
     try:
@@ -90,11 +83,31 @@ def prepare_out_dir(out_dir, *, resume, overwrite=False):
     except OSError as e:
         raise UserError(f"out_dir {out_dir!r} cannot be written ({e.strerror}): "
                         f"choose another --out_dir") from None
+
+def prepare_out_dir(out_dir, *, resume, overwrite=False, reads=()):
+    """Check and claim out_dir before any work (run.Run calls it on rank 0). It
+    - creates out_dir and write-probes it (check_writable); ckpt.pt, best.pt or run.lock there that
+      is not a file (a directory) is a UserError;
+    - takes out_dir's lock (released at exit); a second live run is a UserError naming its pid;
+    - removes temporary files left by killed writes (`*.tmp.<pid>`);
+    - resume=True: requires out_dir/ckpt.pt (else UserError); the run's best.pt is kept;
+    - resume=False: refuses an out_dir holding ckpt.pt, best.pt or epoch_N.pt of an earlier run,
+      unless overwrite=True, which deletes them now (printed): no stale best.pt beside a new
+      ckpt.pt. reads: files the run is about to read (init_from): one that overwrite would delete
+      is refused before anything is deleted.
+    Returns the OutDirLock (release() it to end early; tests do)."""
+    check_writable(out_dir)
+    for name in (CKPT_NAME, BEST_NAME, LOCK_NAME):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path) and not os.path.isfile(path):
+            raise UserError(f"{path} is a directory, not a file of this project: move it away, or "
+                            f"choose another --out_dir")
     lock = _lock_out_dir(out_dir)
     for name in sorted(os.listdir(out_dir)):
-        if ".pt.tmp." in name:  # we hold the lock, so no live run of ours is writing it
+        tail = name.rsplit(".tmp.", 1)[-1]
+        if ".tmp." in name and tail.isdigit():  # we hold the lock: no live run of ours writes it
             os.remove(os.path.join(out_dir, name))
-            print(f"out_dir: removed {name}, left by an interrupted checkpoint write")
+            print(f"out_dir: removed {name}, left by an interrupted write")
     ckpt, best = os.path.join(out_dir, CKPT_NAME), os.path.join(out_dir, BEST_NAME)
     if resume:
         if not os.path.isfile(ckpt):
@@ -112,6 +125,12 @@ def prepare_out_dir(out_dir, *, resume, overwrite=False):
         hint = "continue it with --init_from=resume, " if ckpt in earlier else ""
         raise UserError(f"out_dir {out_dir!r} holds {names} of an earlier run: {hint}start over "
                         f"with --overwrite=True (deletes them), or choose another --out_dir")
+    read = {os.path.realpath(p) for p in reads if p and os.path.isfile(p)}
+    doomed = [p for p in earlier + epochs if os.path.realpath(p) in read]
+    if doomed:
+        lock.release()
+        raise UserError(f"--overwrite=True would delete {doomed[0]}, which this run starts from "
+                        f"(init_from): copy it out of out_dir first, or choose another --out_dir")
     for path in earlier + epochs:
         os.remove(path)
         print(f"out_dir: --overwrite=True: removed {path} of an earlier run")
@@ -277,14 +296,33 @@ def load_run(path, script, resume=False):
                         f"checkpoint of {script}.py, start with --init_from=scratch or an HF model")
     return ckpt
 
-def resume_run(out_dir, script):
-    """out_dir/ckpt.pt to resume, refused in one line when it is not `script`'s ckpt.pt or when the
-    best.pt the run chose (and tests at the end) is missing or cut short."""
+def resume_run(out_dir, script, keys=()):
+    """out_dir/ckpt.pt to resume, refused in one line when it is not `script`'s ckpt.pt, or when the
+    best.pt the run chose (and tests at the end) is missing, cut short, or not this run's: another
+    script's, other settings among `keys`, weights of other shapes."""
     ckpt = load_run(os.path.join(out_dir, CKPT_NAME), script, resume=True)
-    best = ckpt.get("best_val_acc", ckpt.get("best_dev_acc", -1))
-    if best >= 0:
-        check_whole(os.path.join(out_dir, BEST_NAME), f"this run chose its best weights there "
-                    f"(val acc {best:.4f}) and tests them at the end")
+    score = ckpt.get("best_val_acc", ckpt.get("best_dev_acc", -1))
+    if score < 0:
+        return ckpt
+    path = os.path.join(out_dir, BEST_NAME)
+    why = f"this run chose its best weights there (val acc {score:.4f}) and tests them at the end"
+    check_whole(path, why)
+    best = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # (reads no weights)
+    # (older best.pt: no config; older configs: keys under their former names, RENAMED)
+    config, ours = ({RENAMED.get(k, k): v for k, v in c.items()}
+                    for c in (best.get("config", ckpt["config"]), ckpt["config"]))
+    differ = [k for k in keys if config.get(k) != ours.get(k)]
+    problem = None
+    if best.get("script", script) != script:
+        problem = f"written by {best['script']}.py"
+    elif differ:
+        problem = "other settings: " + ", ".join(differ)
+    elif any(k not in best["model"] or best["model"][k].shape != v.shape
+             for k, v in ckpt["model"].items()):
+        problem = "weights of other shapes"
+    if problem:
+        raise UserError(f"{path} is not this run's best.pt ({problem}), but {why}: restore it, or "
+                        f"start a new run in another --out_dir")
     return ckpt
 
 def load_best(model, out_dir, device="cpu"):

@@ -127,7 +127,7 @@ SHAPE_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "dropout")  #
 RESUME_KEYS = SHAPE_KEYS + ("task", "task_options", "data_path", "split_layout", "n_train",
                             "tokenizer", "seed", "method", "c_thought", "epochs_per_stage",
                             "max_latent_stage", "start_stage", "pad_latent_to_max",
-                            "uniform_prob", "batch_size")
+                            "uniform_prob", "batch_size", "n_val", "max_new_tokens")
 
 # -----------------------------------------------------------------------------
 # the curriculum: which tokens an example is at stage k, and what is learned
@@ -153,6 +153,10 @@ class Curriculum:
         if self.method not in CURRICULUM_METHODS:
             return 0
         return stage_of(epoch, self.start_stage, self.epochs_per_stage, self.max_latent_stage)
+
+    def stages(self, num_epochs):
+        """The stages a run of num_epochs epochs trains at (each stage lasts whole epochs)."""
+        return list(range(self.stage(0), self.stage(num_epochs - 1) + 1))
 
     @property
     def final_stage(self):
@@ -411,7 +415,7 @@ def schedule_lines(cur, num_epochs, note=True):
     """The stages of a run's epochs as log lines, one per stage with its first and last epoch, and
     (note) a note when no epoch reaches the final stage, where model selection happens."""
     lines, first_stage, last_stage = [], cur.stage(0), cur.stage(num_epochs - 1)
-    for st in range(first_stage, last_stage + 1) if num_epochs > 0 else ():
+    for st in cur.stages(num_epochs) if num_epochs > 0 else ():
         first = 0 if st == first_stage else (st - cur.start_stage) * cur.epochs_per_stage
         last = num_epochs - 1 if st == last_stage else first + cur.epochs_per_stage - 1
         replaced = "all" if st > cur.max_latent_stage else st
@@ -485,7 +489,8 @@ if __name__ == "__main__":
                                     own_checkpoints=True)
     # ---- processes and device; rank 0 claims out_dir; the checkpoint to start from: resume (this
     # run's ckpt.pt, the same settings) or a .pt file of this script (e.g. the GSM8k CoT stage)
-    run = Run("coconut", config, resume_keys=RESUME_KEYS, writes=not eval_only)
+    writes = "results" if eval_only and thoughts_sweep else not eval_only  # evaluations: a table
+    run = Run("coconut", config, resume_keys=RESUME_KEYS, writes=writes)
     device, ddp_rank, ddp_world_size = run.device, run.rank, run.world_size
     grad_accum = batch_size // (micro_batch_size * ddp_world_size)
     print0(f"global batch {batch_size} = {micro_batch_size} per micro-step x {grad_accum} "
@@ -502,20 +507,20 @@ if __name__ == "__main__":
         raise UserError(f"{len(splits['train'])} training examples < batch_size={batch_size}: "
                         f"lower batch_size or give more data (n_train)")
 
-    # ---- tokens: the tokenizer (the model's own; a word vocabulary from scratch), the examples as
-    # (question, steps, answer) ids, and the three markers of the methods that use them
+    # ---- tokens: the tokenizer, the examples as (question, steps, answer) ids, the three markers
     ckpt = run.ckpt or {}
     base = ckpt.get("base", init_from)                                 # 'scratch' or an HF model
     base_cfg = model_config(base) if base != "scratch" else None       # a wrong name fails here
     tok_name = vocab.tokenizer_name(tokenizer, base, ckpt.get("tokenizer", ""))
-    tok = vocab.build_tokenizer(tok_name, [ex for exs in splits.values() for ex in exs])
+    tok = vocab.build_tokenizer(tok_name, [ex for exs in splits.values() for ex in exs],
+                                saved_words=ckpt.get("vocab"))         # a checkpoint's own words
     encoded = {s: [vocab.encode_example(tok, ex) for ex in exs] for s, exs in splits.items()}
-    whose = "" if tokenizer else " (the model's own)"
-    print0(f"tokenizer: {tok_name}{whose}")
+    print0(f"tokenizer: {tok_name}" + ("" if tokenizer else " (the model's own)"))
     print0(f"{task}: {', '.join(f'{s} {len(e)}' for s, e in splits.items())} examples, "
            f"vocabulary {len(tok)}")
+    run.agree("data", {"sizes": [len(e) for e in encoded.values()], "vocabulary": len(tok)})
     markers = vocab.coconut_markers(tok, method in MARKER_METHODS, run.ckpt, marker_init, base)
-    latent_id = markers.ids[1]                                         # (<bot>, <latent>, <eot>)
+    latent_id = markers.ids[1]
     # pause_as_thought: <latent> stays a learned token; only coconut feeds hidden states back
     feedback_id = latent_id if method == "coconut" else None
 
@@ -535,8 +540,7 @@ if __name__ == "__main__":
         print0(f"model shape from {init_from}: " + ", ".join(f"{k} {shape[k]}" for k in SHAPE_KEYS)
                + " (the config's values do not apply)")
     hf_cfg = base_cfg if base != "scratch" else scratch_config(markers.n_rows, **shape_kw)
-    scheduled = [] if eval_only else list(range(cur.stage(0), cur.stage(num_epochs - 1) + 1))
-    longest = longest_rows(encoded, cur, stages=scheduled,
+    longest = longest_rows(encoded, cur, stages=[] if eval_only else cur.stages(num_epochs),
                            uniform_prob=uniform_prob, max_new_tokens=max_new_tokens,
                            test_counts=[n_test_thoughts] + sweep_counts)
     train_len, eval_len = longest[0][0], longest[1][0]
@@ -564,13 +568,13 @@ if __name__ == "__main__":
                                       bf16=precision == "bf16")
     # AdamW as released: no schedule, no clipping
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    start_epoch, start_step, iter_num = (run.resumed(k) for k in ("epoch", "step_in_epoch",
-                                                                  "iter_num"))
+    start_epoch, start_step, iter_num = map(run.resumed, ("epoch", "step_in_epoch", "iter_num"))
     if run.resuming:                                                   # and AdamW's moments
         run.restore(model, optimizer)
         print0(f"resumed from {run.ckpt_path}: epoch {start_epoch}, step {start_step} of the "
                f"epoch, step {iter_num}")
-    run.info.update(base=base, tokenizer=tok_name, markers=latent_id is not None)
+    run.info.update(base=base, tokenizer=tok_name, markers=latent_id is not None,
+                    vocab=tok.word_list())
     mine = slice(ddp_rank, None, ddp_world_size)                       # this rank's eval examples
     golds = {s: [ex["answer"] for ex in splits[s][mine]] for s in ("val", "test")}
     dec = Decoding(tok=tok, latent_id=feedback_id, batch_size=eval_batch_size,
@@ -671,7 +675,7 @@ if __name__ == "__main__":
         prompts = eval_prompts(encoded["test"][mine], cur.final_stage, cur, n)
         acc, n_tokens, _ = greedy_accuracy(model, train_model, prompts, golds["test"], dec)
         sweep.append({"thoughts": n, "accuracy": acc, "tokens": n_tokens})
-        if n == sweep_counts[0]:
+        if len(sweep) == 1:
             print0("| thoughts | test acc | tokens generated (thoughts included) |\n|---|---|---|")
         print0(f"| {n} | {acc:.4f} | {n_tokens:.1f} |")
     if sweep:

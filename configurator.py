@@ -105,12 +105,16 @@ def check_type(key, default, value, raw=None):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
                 raise ConfigError(f"{key}={float(value)}: give a finite number")
+            if value == 0 and raw is not None and any(c in "123456789" for c in raw.split("e")[0]):
+                raise ConfigError(f"{key}={raw} is below the smallest float and would read as 0.0: "
+                                  f"give a number a float can hold")
             return float(value)
     elif isinstance(default, str):
+        if not isinstance(value, str) and raw is not None:
+            value = raw  # --out_dir=123: a string key keeps the text as written
         if isinstance(value, str):
-            return value
-        if raw is not None:
-            return raw  # --out_dir=123: a string key keeps the text as written
+            # a path written with ~ (the shell expands it only at the start of a word)
+            return os.path.expanduser(value) if value.startswith("~") else value
     raise ConfigError(f"config key {key!r} expects {type(default).__name__} (default {default!r}), "
                       f"got {type(value).__name__} {value!r}")
 
@@ -184,7 +188,7 @@ def counts(text):
     return values if values and min(values) >= 0 else None
 
 def within(value, bound):
-    """Does a number satisfy a bound: '> 0', '>= -1', or an interval '[0, 1]', '[0, 1)', '(0, 1]'?"""
+    """Does a number satisfy a bound: '> 0', '>= -1', or an interval '[0, 1]', '[0, 1)' ...?"""
     if bound[0] in "[(":
         low, high = (float(x) for x in bound[1:-1].split(","))
         above = value > low if bound[0] == "(" else value >= low
@@ -231,6 +235,15 @@ def check_system(c, script, distributed, own_checkpoints=False):
     if c.wandb_log and not find_spec("wandb"):
         raise ConfigError("wandb_log=True but wandb is not installed: pip install wandb, or "
                           "--wandb_log=False")
+    # AdamW multiplies every weight by (1 - lr x wd) at each step: from 1 on, zeroed or flipped
+    if c.learning_rate * c.weight_decay >= 1:
+        raise ConfigError(f"learning_rate x weight_decay = {c.learning_rate * c.weight_decay:g} "
+                          f">= 1: AdamW's decay (each weight times 1 - lr x wd per step) would "
+                          f"zero or flip every weight; lower weight_decay")
+    # AdamW's first step is lr / (1 - beta1) = 10 x lr (times a unit step): it must fit a float32
+    if c.learning_rate * 10 > 3.4e38:
+        raise ConfigError(f"learning_rate={c.learning_rate:g}: AdamW's first step (10 x the "
+                          f"learning rate) does not fit a float32; give a learning rate below 3e37")
     if c.init_from == "resume" and c.overwrite:
         raise ConfigError("init_from='resume' continues out_dir's checkpoint and overwrite=True "
                           "deletes it: choose one")
@@ -273,9 +286,9 @@ def run_checks(config, world_size=1, distributed=False, *, choices=None, bounds=
 
 def configure(scope, argv, verbose=None, renamed=None, **checks):
     """Apply config files (positional arguments, in order) then --key=value arguments to `scope` (a
-    script's globals()), then check them (checks: run_checks()'s keywords). Returns {key: value} of every
-    configuration global, in definition order. renamed: {old key: new key} (RENAMED), so that an
-    old name is refused with its new one. Installs exit_cleanly_on_user_error() first."""
+    script's globals()), then check them (checks: run_checks()'s keywords). Returns {key: value} of
+    every configuration global, in definition order. renamed: {old key: new key} (RENAMED), so that
+    an old name is refused with its new one. Installs exit_cleanly_on_user_error() first."""
     exit_cleanly_on_user_error()
     defaults = {k: v for k, v in scope.items() if not k.startswith("_") and isinstance(v, TYPES)}
     if verbose is None:

@@ -125,14 +125,16 @@ ddp_timeout = 1800             # seconds a rank waits in a collective (a dead pe
 
 # what each key may hold, checked by configurator.py before any work (the rules that tie keys
 # together: check_config, after the method)
-CHOICES = {"task": data.TASKS, "arch": ("gpt2", "llama"), "penalty": ("group", "rank_mean", "none"),
-           "checker": CHECKERS, "prompt": ("cot", "sft"), "eval_prompt": ("",) + formats.PROMPT_STYLES,
+CHOICES = {"task": data.TASKS, "arch": ("gpt2", "llama"),
+           "penalty": ("group", "rank_mean", "none"), "checker": CHECKERS,
+           "prompt": ("cot", "sft"), "eval_prompt": ("",) + formats.PROMPT_STYLES,
            "arc_options": ("released", "lettered"), "answer_y": ("released", "clean"),
            "val_split": ("heldout", "test")}
 BOUNDS = {"batch_size micro_batch_size gen_batch_size max_new_tokens eval_interval sft_batch_size "
-          "sft_eval_interval learning_rate sft_learning_rate ddp_timeout gamma n_layer n_head n_embd "
-          "block_size": "> 0", "n_train n_val n_test latro_steps sft_steps sft_epochs stop_at_step "
-          "maj_k beta sft_coef weight_decay": ">= 0", "sft_share": "(0, 1]",
+          "sft_eval_interval learning_rate sft_learning_rate ddp_timeout gamma n_layer n_head "
+          "n_embd block_size": "> 0",
+          "n_train n_val n_test latro_steps sft_steps sft_epochs stop_at_step maj_k beta sft_coef "
+          "weight_decay": ">= 0", "sft_share": "(0, 1]",
           "sft_target_acc": "[0, 1]", "dropout": "[0, 1)"}
 NOTES = {"sft_share": "a share of the training questions", "sft_target_acc": "an accuracy; 0 = run "
          "all sft_steps", "dropout": "keep 0, see its comment"}
@@ -142,7 +144,10 @@ MODEL_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size")  # a scratch 
 # settings may change)
 RESUME_KEYS = ("task", "data_path", "split_layout", "n_train", "tokenizer", "seed", "prompt",
                "arc_options", "answer_y", "val_split", "batch_size", "rloo_k", "learning_rate",
-               "beta", "gamma", "penalty", "sft_coef", "sft_learning_rate", "sft_batch_size")
+               "beta", "gamma", "penalty", "sft_coef", "sft_learning_rate", "sft_batch_size",
+               # what the rollouts sample and what model selection measures
+               "temperature", "top_p", "max_rationale_tokens", "stop_strings", "n_val", "checker",
+               "max_new_tokens", "eval_prompt")
 
 # -----------------------------------------------------------------------------
 # the method: rollouts (model.sample: cut at their first stop), one-pass scoring, rewards, RLOO,
@@ -319,7 +324,8 @@ def split_metrics(model, wrapper, examples, maj_k, ev):
 def answer_likelihoods(model, wrapper, examples, ev):
     """The paper's motivation (its Figure 2): does a good rationale raise the model's likelihood
     of the answer? The mean Σ log π(y | x) with no rationale, and Σ log π(y | x ⊕ z*) after the
-    gold one, over the gold rows of `examples` (rank r scores r, r+W, ...), over all ranks."""
+    gold one, over the gold rows of `examples` (rank r scores r, r+W, ...), over all ranks;
+    printed, and returned."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     how, scorer = ev.sampler, SequenceScorer(model)
     xs, zs, ys = formats.gold_rows(how.tok, examples[rank::world], ev.task, ev.arc_options,
@@ -330,7 +336,11 @@ def answer_likelihoods(model, wrapper, examples, ev):
                                 chunk=how.chunk, ctx=how.ctx)
         _, with_z = score_rows(scorer, xs, zs, ys, pad_id=how.pad_id, chunk=how.chunk, ctx=how.ctx)
     device = next(model.parameters()).device
-    return parallel.mean_over_ranks([without.sum().item(), with_z.sum().item()], len(xs), device)
+    without, with_z = parallel.mean_over_ranks([without.sum().item(), with_z.sum().item()], len(xs),
+                                               device)
+    print0(f"answer log-likelihood on {ev.task} train gold rows: without a rationale {without:.4f}"
+           f" | after the gold rationale {with_z:.4f} | difference {with_z - without:+.4f}")
+    return without, with_z
 
 def format_metrics(metrics):
     """'acc 0.5000 maj@8 0.6250 answer_logp -1.2345' for a log line."""
@@ -338,6 +348,19 @@ def format_metrics(metrics):
 
 # -----------------------------------------------------------------------------
 # the run's small decisions, as functions the loop calls and the tests import
+
+def selection_splits(splits, val_split, task):
+    """(train, val, test) examples: val selects the model (val_split='heldout'), or, as released,
+    the test split does (val_split='test': GSM8K's val tail then trains too; the test accuracy of
+    the selected weights is then optimistic, as the message says)."""
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    if val_split != "test":
+        return train, val, test
+    if task == "gsm8k":
+        train = train + val
+    print0(f"val_split='test': model selection on the test split, as released (its accuracy is "
+           f"then optimistic); {len(train)} training questions")
+    return train, test, test
 
 def rollout_seed(seed, step, rank):
     """The seed of the rollout sampler at optimizer step `step` on a rank: a function of
@@ -377,8 +400,8 @@ def check_config(c, world_size):
         raise UserError(f"top_p={c.top_p}: use 0 < top_p <= 1 (1 = no nucleus, as in the paper); "
                         f"top_p -> 0 is greedy, whose identical rollouts give zero advantages")
     if c.rloo_k < 2:
-        raise UserError(f"rloo_k={c.rloo_k}: the leave-one-out baseline needs at least 2 rationales "
-                        f"per prompt")
+        raise UserError(f"rloo_k={c.rloo_k}: the leave-one-out baseline needs at least 2 "
+                        f"rationales per prompt")
     if c.max_rationale_tokens <= 0:
         raise UserError(f"max_rationale_tokens={c.max_rationale_tokens}: LaTRO optimises the "
                         f"rationale, so it needs at least one token (paper: 500)")
@@ -440,17 +463,14 @@ if __name__ == "__main__":
     # ---- data: prompts x in the model's chat template, answers y = "The answer is {gold}." + eot
     splits = data.load_splits(task, (n_train, n_val, n_test), path=data_path, seed=seed,
                               split_layout=split_layout, allow_overlap=allow_split_overlap)
-    train_ex, val_ex, test_ex = splits["train"], splits["val"], splits["test"]
     if eval_prompt == "8shot":  # its eight worked examples must not be scored
         data.check_shots_unseen(splits)
-    if val_split == "test":  # the released protocol: GSM8K's val tail trains too, test selects
-        if task == "gsm8k":
-            train_ex = train_ex + val_ex
-        val_ex = test_ex
-        print0(f"val_split='test': model selection on the test split, as released (its accuracy "
-               f"is then optimistic); {len(train_ex)} training questions")
+    train_ex, val_ex, test_ex = selection_splits(splits, val_split, task)
     model_cfg = model_config(source) if source != "scratch" else None  # a wrong name fails here
-    tok = vocab.build_tokenizer(vocab.tokenizer_name(tokenizer, source), train_ex + val_ex + test_ex)
+    tok = vocab.build_tokenizer(vocab.tokenizer_name(tokenizer, source),
+                                train_ex + val_ex + test_ex,
+                                saved_words=run.resumed("vocab", None))  # a checkpoint's own words
+    run.agree("data", {"sizes": [len(train_ex), len(val_ex), len(test_ex)], "vocabulary": len(tok)})
     train_x = formats.encode_prompts(tok, train_ex, task, arc_options, prompt)
     train_y = formats.encode_answers(tok, train_ex, task, answer_y)
     stops = formats.parse_stop_strings(stop_strings)
@@ -459,10 +479,9 @@ if __name__ == "__main__":
     # the warm-up's gold rows [x, z*, y]: a share of the training questions with their rationales;
     # the released SFT baseline (prompt=sft) trains one target text, then end-of-turn
     gold = train_ex[:max(1, int(sft_share * len(train_ex)))]
-    gold_x, gold_z, gold_y = formats.gold_rows(tok, gold, task, arc_options, prompt, answer_y)
-    sft_total = sft_steps
-    if sft_epochs > 0:
-        sft_total = math.ceil(sft_epochs * len(gold) / sft_batch_size)
+    gold_x, gold_z, gold_y = formats.gold_rows(tok, gold, task, arc_options, style=prompt,
+                                                answer_y=answer_y)
+    sft_total = math.ceil(sft_epochs * len(gold) / sft_batch_size) if sft_epochs else sft_steps
 
     # ---- the model's shape without its weights: positions for the longest sequence, memory plan
     shape = dict(arch=arch, n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size,
@@ -501,12 +520,9 @@ if __name__ == "__main__":
                     sampler=Sampler(tok=tok, stop_ids=ends, stop_strings=[], pad_id=tok.pad_id,
                                     chunk=gen_batch_size, ctx=ctx, progress=progress),
                     answer_y=answer_y)
-    run.info.update(source=source)
+    run.info.update(source=source, vocab=tok.word_list())
     if pre_experiment:  # the paper's Figure 2 on this model, then exit
-        gold_ex = [ex for ex in train_ex if ex["steps"]]
-        without, with_z = answer_likelihoods(model, train_scorer, gold_ex, ev)
-        print0(f"answer log-likelihood on {task} train gold rows: without a rationale {without:.4f}"
-               f" | after the gold rationale {with_z:.4f} | difference {with_z - without:+.4f}")
+        answer_likelihoods(model, train_scorer, [ex for ex in train_ex if ex["steps"]], ev)
         run.close()
         sys.exit(0)
 
@@ -533,7 +549,8 @@ if __name__ == "__main__":
                 for group in sft_optimizer.param_groups:
                     group["lr"] = lr_at(it, sft_learning_rate, sft_total)
             # this rank's share of the step's gold rows; a token mean over that whole share
-            idx = parallel.rank_prompts(it, sft_batch_size, len(gold_x), seed, ddp_rank, ddp_world_size)
+            idx = parallel.rank_prompts(it, sft_batch_size, len(gold_x), seed, rank=ddp_rank,
+                                        world_size=ddp_world_size)
             rows = ([gold_x[i] for i in idx], [gold_z[i] for i in idx], [gold_y[i] for i in idx])
             model.train()
             loss = sft_loss_backward(train_scorer, rows, micro_batch_size, pad_id=tok.pad_id,
@@ -594,7 +611,8 @@ if __name__ == "__main__":
         # rollouts: this rank's prompts, each K times (a group stays whole on one rank); rationales
         # sampled by the policy and cut before their first stop; the gold answer y after each.
         # The sampler's seed is a function of step and rank, so a resumed run draws the same.
-        idx = parallel.rank_prompts(step, batch_size, len(train_ex), seed, ddp_rank, ddp_world_size)
+        idx = parallel.rank_prompts(step, batch_size, len(train_ex), seed, rank=ddp_rank,
+                                    world_size=ddp_world_size)
         xs = [train_x[i] for i in idx for _ in range(rloo_k)]
         ys = [train_y[i] for i in idx for _ in range(rloo_k)]
         generator.manual_seed(rollout_seed(seed, step, ddp_rank))

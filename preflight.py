@@ -92,9 +92,15 @@ def device_memory_bytes(device):
 
 def format_memory_plan(plan):
     """The plan as a few aligned lines for the start-up log."""
-    head = (f"memory plan: {plan['n_params'] / 1e9:.3f}B parameters, {plan['mode']} on "
-            f"{plan['world_size']} GPU(s), {plan['bytes_per_param']:.1f} bytes/parameter per GPU "
-            f"before generation and activations")
+    one, many, per = "GPU", "GPUs", "GPU"
+    if plan.get("host"):
+        one, many, per = "CPU process", "CPU processes", "process"
+    n = plan["n_params"]
+    size = f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+    where = f"{plan['world_size']} {one if plan['world_size'] == 1 else many}"
+    head = (f"memory plan: {size} parameters, {plan['mode']} on {where}, "
+            f"{plan['bytes_per_param']:.1f} bytes/parameter per {per} before generation and "
+            f"activations")
     lines = [head]
     for k in PLAN_PARTS + ("total",):
         lines.append(f"  {k:<12}{plan[k] / GiB:7.2f} GiB")
@@ -115,7 +121,8 @@ def check_memory_plan(plan):
         fixes.append("--fsdp=True (shards weights, gradients and optimizer state over the GPUs)")
     fixes += ["more GPUs (under --fsdp=True each holds 1/world_size of the sharded state)",
               "--gradient_checkpointing=True (activations)",
-              "a smaller micro-batch (micro_batch_size; gen_batch_size for the rollouts' KV cache)"]
+              "a smaller micro-batch (micro_batch_size; gen_batch_size for the rollouts' KV cache)",
+              "a smaller model (from scratch: block_size, n_layer, n_embd)"]
     unit, where = "GPU", "device's"
     if plan.get("host"):
         unit, where = "process", "host memory per process"

@@ -85,25 +85,29 @@ class Run:
     the stop check are collectives under torchrun)."""
 
     def __init__(self, script, config, *, resume_keys=(), scratch_keys=(), writes=True):
-        """script: 'coconut' or 'latro'. Rank 0 claims out_dir (writes=False, an evaluation: it
-        writes nothing) before the process group, so that a refusal ends every rank. The checkpoint
+        """script: 'coconut' or 'latro'. Rank 0 claims out_dir before the process group, so that a
+        refusal ends every rank (writes=False: an evaluation that writes nothing; 'results': one
+        that writes a results file, so out_dir must be writable). The checkpoint
         to start from: out_dir/ckpt.pt for init_from='resume' (this script's, its best.pt whole, the
         same resume_keys, and scratch_keys too when its model was built from scratch), or a .pt
         file of this script given as init_from; else None."""
         self.script, self.config, self.out_dir = script, config, config["out_dir"]
         self.resuming = config["init_from"] == "resume"
-        if int(os.environ.get("RANK", 0)) == 0 and writes:
+        if int(os.environ.get("RANK", 0)) == 0 and writes == "results":  # an evaluation's files
+            checkpoints.check_writable(self.out_dir)
+        elif int(os.environ.get("RANK", 0)) == 0 and writes:
             checkpoints.prepare_out_dir(self.out_dir, resume=self.resuming,
-                                        overwrite=config["overwrite"])
+                                        overwrite=config["overwrite"], reads=[config["init_from"]])
         elif os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
             raise UserError(f"out_dir {self.out_dir!r} is a file, not a directory: choose another "
                             f"--out_dir")
         self.rank, self.world_size, self.device = parallel.start(config["device"],
                                                                  config["ddp_timeout"])
+        self.agree("configuration", config)  # every rank runs the same one
         self.ckpt_path = os.path.join(self.out_dir, checkpoints.CKPT_NAME)
         self.ckpt, self.best = None, -1.0
         if self.resuming:
-            self.ckpt = checkpoints.resume_run(self.out_dir, script)
+            self.ckpt = checkpoints.resume_run(self.out_dir, script, resume_keys)
             base = self.ckpt.get("source", self.ckpt.get("base"))
             keys = resume_keys + (scratch_keys if base == "scratch" else ())
             checkpoints.check_same_run(self.ckpt["config"], config, keys, RENAMED)
@@ -115,11 +119,28 @@ class Run:
         self.stop = StopRequest()  # Ctrl-C / SIGTERM: a checkpoint at the next step boundary
         # the metrics log, one JSON object a line (rank 0): a resume keeps the lines its
         # checkpoint had seen and appends, so every step is in it exactly once
-        self.log_path = os.path.join(self.out_dir, "log.jsonl") if writes else None
+        self.log_path = os.path.join(self.out_dir, "log.jsonl") if writes is True else None
         self.log_lines, self._wandb = 0, None
         if self.log_path and self.rank == 0:
             self.log_lines = self.resumed("log_lines")
             checkpoints.keep_lines(self.log_path, self.log_lines)
+
+    def agree(self, what, values):
+        """Refuse, on every rank, a run whose ranks hold different `values` ({name: value}, e.g. the
+        configuration, or the data sizes and vocabulary), naming the first that differs and both
+        values: two nodes started with different config files would otherwise average two
+        different trainings."""
+        if not parallel.distributed():
+            return
+        everyone = [None] * self.world_size
+        dist.all_gather_object(everyone, values)
+        for rank, theirs in enumerate(everyone):
+            for key in sorted(set(values) | set(theirs)):
+                if theirs.get(key) != everyone[0].get(key):
+                    raise UserError(f"the ranks differ in their {what}: {key} is "
+                                    f"{everyone[0].get(key)!r} on rank 0 and {theirs.get(key)!r} "
+                                    f"on rank {rank}: start every rank with the same options and "
+                                    f"data")
 
     def resumed(self, key, default=0):
         """A value of the checkpoint being resumed (where it stands), or `default` for a new run."""
@@ -200,11 +221,14 @@ class Run:
         ranks and the gradient norm is the synced one, so every rank stops together, and ckpt.pt
         keeps the last good state."""
         gnorm = parallel.grad_norm(model)
-        if not (math.isfinite(loss) and math.isfinite(gnorm)):
-            raise UserError(f"{what}: the loss ({loss}) or a gradient (norm {gnorm}) is nan/inf: "
-                            f"training diverged; stopped before the update, {self.ckpt_path} keeps "
-                            f"the last good state; lower the learning rate")
-        return gnorm
+        if math.isfinite(loss) and math.isfinite(gnorm):
+            return gnorm
+        kept = f"{self.ckpt_path} keeps the last good state"
+        if not os.path.isfile(self.ckpt_path):
+            kept = "no checkpoint was written yet"
+        raise UserError(f"{what}: the loss ({loss}) or a gradient (norm {gnorm}) is nan/inf: "
+                        f"training diverged; stopped before the update, {kept}; lower the "
+                        f"learning rate (or the weight decay)")
 
     # ---- the end
 
@@ -213,12 +237,14 @@ class Run:
         rank holds the same weights (FSDP ranks hold different shards by design)."""
         self.stop.restore()
         if parallel.distributed() and not self.config.get("fsdp"):
-            parallel.print0(f"ddp: parameters identical on {dist.get_world_size()} ranks: "
-                            f"{parallel.ranks_identical(model)}")
+            if not parallel.ranks_identical(model):
+                raise RuntimeError("ddp: the ranks hold different weights after training (a bug: "
+                                   "DDP keeps them identical); nothing after this point is valid")
+            parallel.print0(f"ddp: parameters identical on {dist.get_world_size()} ranks: True")
 
     def export(self, model, tok):
         """out_dir/hf: the weights and the tokenizer as save_pretrained writes them (rank 0; the
-        weights gathered whole, a collective under FSDP), for from_pretrained and the usual tools."""
+        weights gathered whole, a collective under FSDP), for from_pretrained and other tools."""
         checkpoints.save_hf_export(model, tok, os.path.join(self.out_dir, "hf"))
 
     def load_best(self, model):

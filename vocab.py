@@ -65,8 +65,13 @@ class Tokenizer:
         """A closed vocabulary over the words of `texts` (sorted, so the ids do not depend on the
         text order)."""
         words = sorted({w for t in texts for w in split_words(t)})
-        vocab = {w: i for i, w in enumerate(
-            _WORD_SPECIALS + [w for w in words if w not in _WORD_SPECIALS])}
+        return cls.from_word_list(_WORD_SPECIALS + [w for w in words if w not in _WORD_SPECIALS])
+
+    @classmethod
+    def from_word_list(cls, words):
+        """The word-level vocabulary whose token i is words[i] (what word_list() returns): a
+        checkpoint's own vocabulary, rebuilt exactly."""
+        vocab = {w: i for i, w in enumerate(words)}
         rust = _RustTokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
         # invert=True + "removed": the regex describes the pieces to keep, the whitespace between
         # them is dropped
@@ -79,13 +84,24 @@ class Tokenizer:
     def __len__(self):
         return len(self.hf)
 
+    def word_list(self):
+        """A word-level vocabulary's words by id, without tokens added later (Coconut's markers):
+        what a checkpoint keeps so that its ids mean the same words when it is loaded again. None
+        for other tokenizers (their name says it all)."""
+        if not self.is_words:
+            return None
+        vocab = self.hf.backend_tokenizer.get_vocab(with_added_tokens=False)
+        return sorted(vocab, key=vocab.get)
+
     def encode(self, text, add_special_tokens=False):
         # True: BOS etc. as the tokenizer adds
         ids = self.hf.encode(text, add_special_tokens=add_special_tokens)
         if self.is_words and self.hf.unk_token_id in ids:
             # a closed vocabulary must not silently map words to <unk>: say which words are missing
             missing = sorted({w for w in split_words(text) if w not in self.hf.get_vocab()})
-            raise ValueError(f"words not in the word-level vocabulary: {missing[:10]}")
+            raise UserError(f"words not in the word-level vocabulary: {missing[:10]}: a model "
+                            f"from scratch knows only the words of the data it was built on (a "
+                            f"checkpoint keeps its own vocabulary); give data with its words")
         return ids
 
     def decode(self, ids, skip_special_tokens=True, cleanup=False):
@@ -280,9 +296,11 @@ def tokenizer_name(name, model, saved=""):
     return name or saved or ("words" if model == "scratch" else model)
 
 
-def build_tokenizer(name, examples):
-    """'words': a closed word-level vocabulary over the examples and the fixed templates; else a HF
-    tokenizer."""
+def build_tokenizer(name, examples, saved_words=None):
+    """'words': a closed word-level vocabulary over the examples and the fixed templates (or,
+    saved_words given, the one a checkpoint saved: Tokenizer.word_list); else a HF tokenizer."""
+    if name == "words" and saved_words:
+        return Tokenizer.from_word_list(saved_words)
     if name != "words":
         try:
             return Tokenizer.from_pretrained(name)

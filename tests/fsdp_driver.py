@@ -26,8 +26,10 @@ from transformers import DynamicCache
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import backbone, generate, left_pad, load_model, token_logprobs
-from run import (enable_activation_checkpointing, fsdp_wrap, gather_full, gathered, hf_model_in,
-                 load_full_state_dicts, memory_plan, save_checkpoint, set_grad_sync)
+from checkpoints import save_checkpoint
+from parallel import (enable_activation_checkpointing, fsdp_wrap, gather_full, gathered,
+                      hf_model_in, load_full_state_dicts, set_grad_sync)
+from preflight import memory_plan
 
 VOCAB, STEPS, ACCUM, B, T = 64, 4, 2, 2, 12
 

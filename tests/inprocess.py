@@ -21,7 +21,8 @@ import sys
 
 import torch
 
-import run
+import checkpoints
+import configurator
 from configurator import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,16 +62,16 @@ def run_main(script, args, cwd=ROOT):
     """Run ROOT/script with args (a list of '--key=value' and config files) in this process, from
     directory cwd (the repository, as the subprocess tests run it)."""
     path = os.path.join(ROOT, script)
-    locks, prepare = [], run.prepare_out_dir
+    locks, prepare = [], checkpoints.prepare_out_dir
 
-    def tracked(*a, **k):  # run.start() looks prepare_out_dir up in run's globals: this one
+    def tracked(*a, **k):  # run.Run looks prepare_out_dir up in checkpoints' globals: this one
         locks.append(prepare(*a, **k))
         return locks[-1]
 
     saved = dict(argv=sys.argv, excepthook=sys.excepthook, cwd=os.getcwd(),
                  handlers={s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)})
     out, code, error = io.StringIO(), 0, None
-    run.prepare_out_dir, sys.argv = tracked, [path, *map(str, args)]
+    checkpoints.prepare_out_dir, sys.argv = tracked, [path, *map(str, args)]
     os.chdir(cwd)
     # one thread, as the subprocess tests run (OMP_NUM_THREADS=1): a CPU matmul split over another
     # number of threads may round differently, and tests compare these runs with subprocess runs bit
@@ -85,7 +86,8 @@ def run_main(script, args, cwd=ROOT):
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:
-        run.prepare_out_dir, sys.argv, sys.excepthook = prepare, saved["argv"], saved["excepthook"]
+        checkpoints.prepare_out_dir, sys.argv = prepare, saved["argv"]
+        sys.excepthook = saved["excepthook"]
         os.chdir(saved["cwd"])
         torch.set_num_threads(threads)
         for sig, handler in saved["handlers"].items():
@@ -95,9 +97,14 @@ def run_main(script, args, cwd=ROOT):
     return Run(code, out.getvalue(), error)
 
 
-def check_rules_of(script, cfg, world_size=1, **names):
-    """configurator.check_rules on a script module's RULES for the configuration cfg, as a torchrun
-    launch of world_size processes would check them (names: anything else a rule reads)."""
-    from configurator import check_rules
-    launch = {"world_size": world_size, "distributed": world_size > 1}
-    check_rules(script.RULES, {**vars(script), **cfg, **launch, **names})
+def check_rules_of(script, cfg, world_size=1):
+    """configurator.run_checks with a script module's CHOICES, BOUNDS, NOTES and check_config for
+    the configuration cfg (the script's defaults where cfg has no value), as a torchrun launch of
+    world_size processes would check them."""
+    defaults = {k: v for k, v in vars(script).items()
+                if not k.startswith("_") and isinstance(v, configurator.TYPES)}
+    configurator.run_checks({**defaults, **cfg}, world_size, world_size > 1,
+                            choices=script.CHOICES, bounds=script.BOUNDS,
+                            notes=getattr(script, "NOTES", None), check=script.check_config,
+                            script=f"{script.__name__}.py",
+                            own_checkpoints=script.__name__ == "coconut")

@@ -275,7 +275,11 @@ def test_released_checker_leaves_text_answers_to_the_text_comparison(checker):
 
 @pytest.mark.parametrize("seed,ok", [(0, True), (2**32 - 1, True), (2**32, False), (-1, False)])
 def test_seed_range_is_0_to_2_to_the_32(seed, ok):
-    c = types.SimpleNamespace(device="cpu", seed=seed, fsdp=False, wandb_log=False)
+    import latro
+    # latro.py's configuration (the keys check_system reads) with this seed
+    cfg = configurator.configure(dict(vars(latro)), [], verbose=False)
+    c = types.SimpleNamespace(**{**cfg, "device": "cpu", "seed": seed, "fsdp": False,
+                                 "wandb_log": False})
     if ok:
         configurator.check_system(c, "latro.py", False)
     else:

@@ -157,7 +157,7 @@ def test_epoch_order_depends_on_seed_and_epoch_only():
 
 @pytest.mark.parametrize("world,accum", [(1, 1), (1, 4), (2, 1), (2, 2), (4, 2)])
 def test_rank_blocks_partition_the_global_batch(world, accum):
-    from coconut import rank_block
+    from parallel import rank_block
     micro = 3
     batch = list(range(100, 100 + world * accum * micro))
     blocks = [rank_block(batch, r, m, accum, micro) for r in range(world) for m in range(accum)]
@@ -171,11 +171,15 @@ def test_rank_blocks_partition_the_global_batch(world, accum):
 
 def test_optimizer_resets_exactly_at_the_configured_epochs():
     from coconut import resets_optimizer
-    sched = [stage_of(e, 0, 2, 2) for e in range(8)]                    # 0 0 1 1 2 2 3 3
-    at = lambda mode: [e for e in range(8) if resets_optimizer(e, sched, mode)]
+    sched = Curriculum(method="coconut", **dict(KW, max_latent_stage=2), start_stage=0,
+                       epochs_per_stage=2)
+    assert [sched.stage(e) for e in range(8)] == [stage_of(e, 0, 2, 2) for e in range(8)]
+    at = lambda mode: [e for e in range(8) if resets_optimizer(e, sched, mode)]  # 0 0 1 1 2 2 3 3
     assert at("stage") == [2, 4, 6] and at("epoch") == [1, 2, 3, 4, 5, 6, 7] and at("never") == []
-    assert [e for e in range(7)
-            if resets_optimizer(e, [stage_of(e, 1, 3, 3) for e in range(7)], "stage")] == [3, 6]
+    from_cot = Curriculum(method="coconut", **dict(KW, max_latent_stage=3), start_stage=1,
+                          epochs_per_stage=3)
+    assert [from_cot.stage(e) for e in range(7)] == [stage_of(e, 1, 3, 3) for e in range(7)]
+    assert [e for e in range(7) if resets_optimizer(e, from_cot, "stage")] == [3, 6]
     # and a real optimizer's step count: AdamW made anew at those epochs restarts at 0
     p = torch.nn.Parameter(torch.ones(2))
     opt, counts = None, []
@@ -422,7 +426,8 @@ def test_bad_config_fails_with_clear_message():
     check_rules_of(coconut, ok, 2)                             # 128 = 32 x 2 accumulation x 2 ranks
     assert counts("0, 1,6") == [0, 1, 6]
     for bad, msg in [(dict(batch_size=100), "multiple of micro_batch_size"),
-                     (dict(method="coconat"), "unknown"), (dict(c_thought=0), "c_thought"),
+                     (dict(method="coconat"), "method='coconat': use one of 'coconut', 'cot'"),
+                     (dict(c_thought=0), "c_thought"),
                      (dict(reset_optimizer="always"), "reset_optimizer"),
                      (dict(precision="fp16"), "precision='fp16'"),
                      (dict(thoughts_sweep="0,x"), "thoughts_sweep"),

@@ -98,7 +98,7 @@ def test_killed_and_stopped_runs_resume_to_the_uninterrupted_run_and_a_truncated
     assert rc == 1 and "corrupt or truncated" in err and not steps(out), err[-2000:]
 
 
-def test_resume_refuses_other_settings_other_scripts_and_divergence(tmp_path):
+def test_resume_refuses_other_settings_other_scripts_and_divergence(tmp_path, monkeypatch):
     d = tmp_path / "run"
     rc, out, err = run(["--num_epochs=1", "--ckpt_interval=1"], d)
     assert rc == 0, err[-2000:]
@@ -120,14 +120,27 @@ def test_resume_refuses_other_settings_other_scripts_and_divergence(tmp_path):
     torch.save({"model": good["model"], "config": {"n_layer": 1, "task": "gsm8k"}}, other)
     refused([f"--init_from={other}"], "is not a coconut.py checkpoint", tmp_path / "other")
 
-    # divergence: an update that makes the weights infinite is never written over the good ckpt.pt
-    rc, out, err = run(["--num_epochs=2", "--init_from=resume", "--learning_rate=1e20",
-                        "--weight_decay=1e20", "--ckpt_interval=1"], d)
+    # divergence: an update that makes the weights infinite is never written over the good ckpt.pt.
+    # No option reaches it any more (learning_rate x weight_decay >= 1 is refused before any work,
+    # and a finite loss and gradient move a weight by about lr), so AdamW's step is made to write
+    # an inf into the first weight
+    adamw_step = torch.optim.AdamW.step
+
+    def step_to_inf(self, *args, **kwargs):
+        result = adamw_step(self, *args, **kwargs)
+        with torch.no_grad():
+            self.param_groups[0]["params"][0].fill_(float("inf"))
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_to_inf)
+    rc, out, err = run(["--num_epochs=2", "--init_from=resume", "--ckpt_interval=1"], d)
+    monkeypatch.undo()
     assert rc == 1 and "non-finite weights" in err and "ckpt.pt not written" in err, err[-2000:]
     assert err.count("\n") == 1
     # a non-finite loss stops the run before its update (no interval save in between)
+    # (weight_decay=0: learning_rate x weight_decay >= 1 is refused before any work)
     rc, out, err = run(["--num_epochs=2", "--init_from=resume", "--learning_rate=1e30",
-                        "--ckpt_interval=0"], d)
+                        "--weight_decay=0", "--ckpt_interval=0"], d)
     assert rc == 1 and "training diverged; stopped before the update" in err, err[-2000:]
     after = ckpt(d)
     assert all(torch.equal(good["model"][k], after["model"][k]) for k in good["model"])
@@ -172,7 +185,7 @@ def test_gradient_checkpointing_leaves_a_single_pass_method_unchanged():
     import copy
     from coconut import Coconut
     from model import load_model
-    from run import enable_activation_checkpointing
+    from parallel import enable_activation_checkpointing
     torch.manual_seed(0)
     a = load_model("scratch", 40, n_layer=2, n_head=2, n_embd=32, block_size=64)
     b = copy.deepcopy(a)
@@ -211,7 +224,8 @@ def rank_thought_columns(n_epochs=2):
     """Per optimizer step, the thought columns of each rank's micro-batch, as the script draws
     them."""
     import data
-    from coconut import Curriculum, epoch_order, layout, rank_block, stage_of
+    from coconut import Curriculum, epoch_order, layout, stage_of
+    from parallel import rank_block
     exs = data.load_task("prosqa_small", "train", n=16, **OPTS)
     n_steps = [len(ex["steps"]) for ex in exs]
     lay = dict(method="coconut", c_thought=2, max_latent_stage=2, pad_latent_to_max=True,
@@ -244,7 +258,7 @@ def test_one_process_equals_ddp_equals_fsdp_stopped_and_resumed_with_uneven_thou
     half = torchrun(args + ["--fsdp=True", "--num_epochs=1"], tmp_path / "fsdp")
     rest = torchrun(args + ["--fsdp=True", "--init_from=resume"], tmp_path / "fsdp")
     fsdp = half + rest
-    assert "memory plan:" in fsdp and "fsdp on 2 GPU(s)" in fsdp
+    assert "memory plan:" in fsdp and "fsdp on 2 CPU processes" in fsdp
     # stages 1 and 2 of max_latent_stage=2: no epoch is all-latent, so no best.pt is chosen
     assert ("no epoch reaches the final stage 3" in ddp
             and not (tmp_path / "ddp" / "best.pt").exists())

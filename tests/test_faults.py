@@ -10,11 +10,13 @@ import zipfile
 import pytest
 import torch
 
+import checkpoints
+import configurator
 import latro
-import run
+import preflight
+from checkpoints import check_same_run, load_checkpoint, save_checkpoint
 from configurator import ConfigError, UserError, configure
 from inprocess import COCONUT_TINY, run_main
-from run import check_same_run, load_checkpoint, save_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -75,7 +77,7 @@ def test_a_full_disk_or_a_read_only_out_dir_is_one_line_and_keeps_the_last_check
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
 
     monkeypatch.setattr(torch, "save", no_room)
-    monkeypatch.setattr(run.shutil, "disk_usage", lambda p: Usage(100))
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: Usage(100))
     with pytest.raises(UserError, match=r"writing .*ckpt.pt failed \(the disk is full: 0 MiB "
                                         r"free, the checkpoint needs about 0 MiB\); the previous "
                                         r"ckpt.pt is kept"):
@@ -93,7 +95,7 @@ def test_a_full_disk_or_a_read_only_out_dir_is_one_line_and_keeps_the_last_check
 
 
 def test_a_disk_too_small_for_the_checkpoints_is_refused_before_work(tmp_path, monkeypatch):
-    monkeypatch.setattr(run.shutil, "disk_usage", lambda p: Usage(1000))
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: Usage(1000))
     refused("latro.py", LATRO + [f"--out_dir={tmp_path}"], "has 0.00 GiB free, but this run's "
             "checkpoints need about")
     refused("coconut.py", COCONUT + [f"--out_dir={tmp_path / 'c'}"], "free space or choose")
@@ -113,30 +115,31 @@ def test_a_plan_larger_than_the_host_memory_is_refused_on_the_cpu(tmp_path):
 def test_latro_resume_refuses_a_changed_objective_and_reads_renamed_keys():
     cfg = configure(dict(vars(latro)), [], verbose=False)
     ckpt = {"source": "scratch", "config": dict(cfg)}
+    # the keys run.Run checks on a resume of a model from scratch
+    keys = latro.RESUME_KEYS + latro.MODEL_KEYS
+    renamed = configurator.RENAMED
     for key, value in [("learning_rate", 3e-4), ("batch_size", 16), ("rloo_k", 4), ("beta", 0.1)]:
         with pytest.raises(UserError, match=f"{key}: checkpoint "):
-            check_same_run(ckpt["config"], {**cfg, key: value}, latro.resume_keys(ckpt),
-                           latro.RENAMED)
+            check_same_run(ckpt["config"], {**cfg, key: value}, keys, renamed)
     # a checkpoint written before a key was renamed (lr, n_dev) is read under the new names
-    former = {new: old for old, new in latro.RENAMED.items()}
+    former = {new: old for old, new in renamed.items()}
     old = {former.get(k, k): v for k, v in cfg.items()}
     assert "lr" in old and "learning_rate" not in old
-    check_same_run(old, cfg, latro.resume_keys(ckpt), latro.RENAMED)
+    check_same_run(old, cfg, keys, renamed)
     with pytest.raises(UserError, match="learning_rate: checkpoint 0.0001, now 0.001"):
-        check_same_run(old, {**cfg, "learning_rate": 1e-3}, latro.resume_keys(ckpt),
-                       latro.RENAMED)
+        check_same_run(old, {**cfg, "learning_rate": 1e-3}, keys, renamed)
 
 
 # the script, with a SIGTERM sent to itself when the final test loads best.pt (a preemption then)
 SIGNAL_AT_FINAL_TEST = """
 import os, runpy, signal, sys
-import run
-real = run.load_checkpoint
+import checkpoints
+real = checkpoints.load_checkpoint
 def load_and_signal(path, *args, **kwargs):
     if path.endswith("best.pt"):
         os.kill(os.getpid(), signal.SIGTERM)
     return real(path, *args, **kwargs)
-run.load_checkpoint = load_and_signal
+checkpoints.load_checkpoint = load_and_signal
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

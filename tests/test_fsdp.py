@@ -1,6 +1,6 @@
-"""run.py's FSDP2 section: sharded training equals DDP, gathered checkpoints resume either way,
-gathered generation equals the unsharded model's, activation checkpointing, and the memory plan
-(arithmetic, refusal, measured peak).
+"""parallel.py's FSDP2 section: sharded training equals DDP, gathered checkpoints resume either
+way, gathered generation equals the unsharded model's, activation checkpointing, and preflight.py's
+memory plan (arithmetic, refusal, measured peak).
 
 The distributed checks share one 2-process gloo launch of tests/fsdp_driver.py (a launch costs more
 than the work)."""
@@ -15,8 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from configurator import ConfigError
 from model import load_model, n_params_of_config, prefill
-from run import (GiB, check_memory_plan, enable_activation_checkpointing, estimate_kv_cache_bytes,
-                 memory_plan)
+from parallel import enable_activation_checkpointing
+from preflight import GiB, check_memory_plan, estimate_kv_cache_bytes, memory_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # DDP all-reduces and FSDP reduce-scatters the same two gradients: here the sums agree to the last

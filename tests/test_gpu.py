@@ -22,11 +22,11 @@ import pytest
 import torch
 
 from coconut import Coconut, collate, generate_answers, latent_forward, naive_latent_forward
-from latro import (Sampler, SequenceScorer, build_batch, latro_backward, latro_loss,
-                   latro_rewards, rloo_advantages, sample, score_rows)
-from model import (autocast_ctx, generate, left_pad, lm_head, load_model, n_params_of_config,
-                   scratch_config)
-from run import estimate_activation_bytes, estimate_kv_cache_bytes, memory_plan
+from latro import (SequenceScorer, build_batch, latro_backward, latro_loss, latro_rewards,
+                   rloo_advantages, score_rows)
+from model import (Sampler, autocast_ctx, generate, left_pad, lm_head, load_model,
+                   n_params_of_config, sample, scratch_config)
+from preflight import estimate_activation_bytes, estimate_kv_cache_bytes, memory_plan
 from test_coconut_script import TINY as COCONUT_TINY
 from test_latro_script import DIST as LATRO_TINY
 
@@ -234,7 +234,7 @@ def logged_steps(stdout):
 
 def assert_on_device(stdout, mode):
     # the memory plan names the mode; on CUDA it checks the GPU's memory, on the CPU the host's
-    assert f"{mode} on 1 GPU(s)" in stdout
+    assert f"{mode} on 1 {'GPU' if DEVICE_TYPE == 'cuda' else 'CPU process'}," in stdout
     assert ("(the host's memory per process)" in stdout) == (DEVICE_TYPE == "cpu")
 
 
@@ -277,9 +277,9 @@ def test_latro_ddp_and_fsdp_runs_save_checkpoints_that_resume(tmp_path):
 # ---- the memory plan against the allocator -----------------------------------------------------
 
 def test_memory_plan_is_within_a_factor_of_the_measured_peak():
-    # run.py's plan of a Coconut step (bf16 autocast, 4 thoughts, AdamW) and an evaluation generate
-    # call, made from the config before any weight exists as coconut.py makes it, against CUDA's
-    # peak allocation over two steps and the call
+    # preflight.py's plan of a Coconut step (bf16 autocast, 4 thoughts, AdamW) and an evaluation
+    # generate call, made from the config before any weight exists as coconut.py makes it, against
+    # CUDA's peak allocation over two steps and the call
     B, T, n_thoughts, labelled, vocab, rows, new = 8, 256, 4, 128, 8192, 8, 32
     shape = dict(n_layer=4, n_head=6, n_embd=384, block_size=T + new, eos_id=1, pad_id=0)
     cfg = scratch_config(vocab, **shape)

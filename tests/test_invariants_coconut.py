@@ -64,10 +64,10 @@ def test_generated_token_count_includes_the_eos_of_rows_that_stop_and_the_though
     tokens, n_gen = generate_answers(tiny(emit=9), prompts, LAT, EOS, PAD, 6, "cpu")
     assert tokens.tolist() == [[9] * 6] * 2 and n_gen.tolist() == [6, 6]
     # (accuracy, mean tokens, texts) over the 2 prompts: x 2 gives the counts
-    acc, n_tok, texts = greedy_accuracy(tiny(emit=EOS), None, prompts, ["a", "b"], 2,
+    acc, n_tok, texts = greedy_accuracy(tiny(emit=EOS), None, prompts, ["a", "b"],
                                         Decoding(IdTokenizer(), LAT, 1, 6, nullcontext(), "cpu"))
     assert (acc * 2, n_tok * 2, texts) == (0, 2 * (1 + 2), [str(EOS)] * 2)
-    acc, n_tok, texts = greedy_accuracy(tiny(emit=9), None, prompts, ["9", "b"], 2,
+    acc, n_tok, texts = greedy_accuracy(tiny(emit=9), None, prompts, ["9", "b"],
                                         Decoding(IdTokenizer(), LAT, 2, 5, nullcontext(), "cpu"))
     assert (acc * 2, n_tok * 2, texts) == (0, 2 * (5 + 2), ["9 9 9 9 9"] * 2)
 

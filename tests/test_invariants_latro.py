@@ -11,10 +11,10 @@ import sys
 import torch
 
 from inprocess import run_main
-from latro import (Sampler, SequenceScorer, latro_rewards, rollout_seed, sample, score_rows,
-                   step_indices)
-from model import load_model
-from run import load_checkpoint
+from checkpoints import load_checkpoint
+from latro import SequenceScorer, latro_rewards, rollout_seed, score_rows
+from model import Sampler, load_model, sample
+from parallel import step_indices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 V, PAD, EOS = 24, 0, 1

@@ -7,15 +7,16 @@ import pytest
 import torch
 
 import latro
-from configurator import ConfigError, UserError, configure
+from checkpoints import save_checkpoint
+from configurator import RENAMED, ConfigError, UserError, configure
 from formats import RELEASED_STOP_STRINGS, parse_stop_strings
 from inprocess import run_main
-from latro import (Sampler, SequenceScorer, batch_layout, build_batch, longest_sequences,
-                   latro_loss, latro_rewards, lr_at, rank_prompts, resume_keys, rloo_advantages,
-                   sample, score_rows, step_indices)
+from latro import (SequenceScorer, build_batch, longest_sequences, latro_loss, latro_rewards,
+                   lr_at, rloo_advantages, score_rows)
 from inprocess import check_rules_of
-from model import cut_at_stop, disable_dropout, load_model
-from run import check_same_run, load_run, save_checkpoint
+from model import Sampler, cut_at_stop, disable_dropout, load_model, sample
+from parallel import rank_prompts, step_indices
+from run import Run
 from vocab import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -215,9 +216,19 @@ def test_dropout_off_for_pretrained_models():
 
 # ---- batch arithmetic ----------------------------------------------------------------------------
 
+def per_rank(config, world_size):
+    """The per-rank counts latro.py takes from the global ones once the config check has passed
+    (check_config makes them divide): prompts per rank, rollouts per rank, gradient accumulation
+    steps."""
+    prompts = config["batch_size"] // world_size
+    rollouts = prompts * config["rloo_k"]
+    return prompts, rollouts, rollouts // config["micro_batch_size"]
+
 def test_batch_layout_and_its_errors():
     # the released setup: 8 GPUs x 3 prompts x 16, accumulation 12
-    assert batch_layout(24, 16, 4, 8) == (3, 48, 12)
+    released = cfg("--batch_size=24", "--rloo_k=16", "--micro_batch_size=4")
+    check_rules_of(latro, released, 8)
+    assert per_rank(released, 8) == (3, 48, 12)
     with pytest.raises(ValueError, match="batch_size=6 .* 4 ranks"):
         check_rules_of(latro, cfg("--batch_size=6", "--rloo_k=8", "--micro_batch_size=4"), 4)
     with pytest.raises(ValueError, match="micro_batch_size=5"):
@@ -271,8 +282,7 @@ def test_presets_parse_and_divide_on_8_gpus(preset):
     from configurator import configure
     cfg = configure(dict(vars(latro)), [preset], verbose=False)
     check_rules_of(latro, cfg, 8)
-    prompts, rollouts, accum = latro.batch_layout(cfg["batch_size"], cfg["rloo_k"],
-                                                  cfg["micro_batch_size"], 8)
+    prompts, rollouts, accum = per_rank(cfg, 8)
     # the released 8 x 3 prompts, 48 rollouts in 12 micro-steps of 4
     assert (prompts, rollouts, accum) == (3, 48, 12)
 
@@ -320,11 +330,11 @@ def cfg(*args):
 def test_a_renamed_key_is_refused_with_its_new_name():
     # one vocabulary in both scripts: an old name (--lr) is an error that names the new one
     with pytest.raises(ConfigError, match="'lr' is now called 'learning_rate'"):
-        configure(dict(vars(latro)), ["--lr=1e-3"], verbose=False, renamed=latro.RENAMED)
-    for old, new in latro.RENAMED.items():
+        configure(dict(vars(latro)), ["--lr=1e-3"], verbose=False, renamed=RENAMED)
+    for old, new in RENAMED.items():
         assert new in cfg() and old not in cfg()
         with pytest.raises(ConfigError, match=f"'{old}' is now called '{new}'"):
-            configure(dict(vars(latro)), [f"--{old}=1"], verbose=False, renamed=latro.RENAMED)
+            configure(dict(vars(latro)), [f"--{old}=1"], verbose=False, renamed=RENAMED)
 
 CONFIG_ERRORS = [  # (arguments, world size, message): each names the key and what to do
     # the task first
@@ -354,7 +364,8 @@ CONFIG_ERRORS = [  # (arguments, world size, message): each names the key and wh
     (["--top_p=1.5"], 1, "top_p=1.5"),
     (["--max_rationale_tokens=0"], 1, "max_rationale_tokens=0: LaTRO optimises the rationale"),
     (["--sft_share=0"], 1, "sft_share=0.0"),
-    (["--sft_target_acc=45"], 1, "sft_target_acc=45.0: an accuracy"),
+    (["--sft_target_acc=45"], 1, "sft_target_acc=45.0: give a value in [0, 1] (an accuracy; 0 = "
+                                 "run all sft_steps)"),
     (["--dropout=1"], 1, "dropout=1.0"),
     (["--n_embd=30", "--n_head=4"], 1, "n_embd=30 is not a multiple of n_head=4"),
     (["--sft_steps=0", "--latro_steps=0"], 1, "trains nothing"),
@@ -365,26 +376,25 @@ CONFIG_ERRORS = [  # (arguments, world size, message): each names the key and wh
     (["--rloo_k=1"], 1, "rloo_k=1"),
 ]
 
-class NoCuda:  # what a rule sees as torch on a machine without a GPU
-    class cuda:
-        @staticmethod
-        def is_available():
-            return False
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """torch as the checks see it on a machine without a GPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 def check_config(config, world=1):
-    """latro.RULES on a configuration, as a launch of `world` ranks checks them (no GPU); the
-    per-rank counts the script then uses."""
-    check_rules_of(latro, config, world, torch=NoCuda)
-    return batch_layout(config["batch_size"], config["rloo_k"], config["micro_batch_size"], world)
+    """latro.py's checks (CHOICES, BOUNDS, the shared rules, check_config) on a configuration, as
+    a launch of `world` ranks checks them; the per-rank counts the script then uses."""
+    check_rules_of(latro, config, world)
+    return per_rank(config, world)
 
 @pytest.mark.parametrize("args, world, message", CONFIG_ERRORS,
                          ids=[c[0][0] for c in CONFIG_ERRORS])
-def test_check_config_refuses_with_a_message_naming_the_key(args, world, message):
+def test_check_config_refuses_with_a_message_naming_the_key(args, world, message, no_cuda):
     with pytest.raises(UserError) as e:
         check_config(cfg(*args), world)
     assert message in str(e.value)
 
-def test_check_config_accepts_the_defaults_presets_and_documented_zeros():
+def test_check_config_accepts_the_defaults_presets_and_documented_zeros(no_cuda):
     assert check_config(cfg()) == (8, 64, 1)
     assert check_config(cfg("--n_train=0", "--n_val=0", "--maj_k=0", "--beta=0",
                             "--latro_steps=0")) == (8, 64, 1)
@@ -394,7 +404,7 @@ def test_check_config_accepts_the_defaults_presets_and_documented_zeros():
 
 def test_longest_sequences_count_prompt_rationale_and_answer():
     from transformers import GPT2Config
-    from run import preflight
+    from preflight import preflight
     prompts, answers, gold = [[1] * 10, [1] * 4], [[2] * 3, [2] * 9], [([1] * 5, [3] * 20, [2] * 3)]
     # the longest rollout: 4 + 9 answer tokens + max(12, 8) = 25; the gold row 28
     def lengths(*args):
@@ -409,16 +419,19 @@ def test_longest_sequences_count_prompt_rationale_and_answer():
         "the longest rollout or evaluation (prompt + answer + max(max_rationale_tokens, "
         "max_new_tokens))", "the longest gold warm-up row"]
     with pytest.raises(UserError, match="gold warm-up row needs 28 positions but the model has 27"):
-        preflight(GPT2Config(n_positions=27), "cpu", longest, {})
+        preflight(GPT2Config(n_positions=27), "cpu", longest=longest)
     with pytest.raises(UserError,
                        match="rollout needs 25 positions but the model has 24: lower it"):
-        preflight(GPT2Config(n_positions=24), "cpu", longest, {})
+        preflight(GPT2Config(n_positions=24), "cpu", longest=longest)
 
 def check_resume(ckpt, config, tmp_path):
-    """What latro.py does on --init_from=resume: load_run, then check_same_run on resume_keys."""
-    path = str(tmp_path / "ckpt.pt")
-    save_checkpoint(path, ckpt)
-    check_same_run(load_run(path, "latro")["config"], config, resume_keys(ckpt))
+    """What latro.py does on --init_from=resume: its run.Run loads out_dir/ckpt.pt (load_run) and
+    checks it with check_same_run on RESUME_KEYS, plus MODEL_KEYS for a model from scratch
+    (writes=False: out_dir is not claimed)."""
+    save_checkpoint(str(tmp_path / "ckpt.pt"), ckpt)
+    config = {**config, "out_dir": str(tmp_path), "init_from": "resume", "device": "cpu"}
+    Run("latro", config, resume_keys=latro.RESUME_KEYS, scratch_keys=latro.MODEL_KEYS,
+        writes=False).stop.restore()
 
 def test_resume_refuses_another_scripts_or_another_runs_checkpoint(tmp_path):
     mine = cfg("--task=modsum", "--n_layer=3")
@@ -434,7 +447,7 @@ def test_resume_refuses_another_scripts_or_another_runs_checkpoint(tmp_path):
                      tmp_path)
     other = cfg("--task=modsum", "--n_layer=2", "--seed=1")
     with pytest.raises(UserError,
-                       match="n_layer: checkpoint 3, now 2; seed: checkpoint 1337, now 1"):
+                       match="seed: checkpoint 1337, now 1; n_layer: checkpoint 3, now 2"):
         check_resume(ok, other, tmp_path)
     # a pretrained model's shape comes from the checkpoint's source: the scratch shape keys do not
     # apply

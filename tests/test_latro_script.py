@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from inprocess import run_main
-from latro import RENAMED
-from run import load_checkpoint, save_checkpoint
+from checkpoints import load_checkpoint, save_checkpoint
+from configurator import RENAMED
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # sft_steps=40 keeps the warm-up long enough (~1 s) for a signal to land in it; dropout on, so that
@@ -153,7 +153,7 @@ def test_resume_refuses_a_checkpoint_of_another_shape_or_seed(reference, tmp_pat
     shutil.copytree(reference[0], d)
     p = run(TINY + [f"--out_dir={d}", "--init_from=resume", "--n_embd=64", "--seed=7"])
     assert p.returncode == 1 and p.stderr.count("\n") == 1, p.stderr
-    assert "(n_embd: checkpoint 32, now 64; seed: checkpoint 1337, now 7)" in p.stderr
+    assert "(seed: checkpoint 1337, now 7; n_embd: checkpoint 32, now 64)" in p.stderr
     assert "data:" not in p.stdout  # refused before the data
 
 
@@ -222,7 +222,7 @@ def test_fsdp_stopped_and_resumed_equals_uninterrupted_ddp(ddp_and_fsdp):
     tolerance)."""
     (dd, dout), (fd, fout) = ddp_and_fsdp["ddp"], ddp_and_fsdp["fsdp"]
     assert "model: scratch, 0.02M parameters, on cpu (FSDP)" in fout
-    assert "memory plan:" in fout and "fsdp on 2 GPU(s)" in fout
+    assert "memory plan:" in fout and "fsdp on 2 CPU processes" in fout
     assert "(the host's memory per process)" in fout
     # the same logged steps (rewards, KL, losses, lr), the warm-up, evaluations and test metrics
     assert step_lines(fout) == step_lines(dout) and len(step_lines(fout)) == 4

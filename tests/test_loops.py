@@ -17,7 +17,7 @@ import latro
 from coconut import Coconut, Curriculum, Decoding, layout, validation_loss
 from evaluate import arc_extract
 from inprocess import COCONUT_TINY, run_main
-from model import load_model
+from model import Sampler, load_model, sample
 from vocab import Tokenizer, build_tokenizer, marker_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,7 +109,7 @@ def test_the_validation_loss_is_the_mean_per_labelled_token_over_the_split():
             ([6, 7], [], [10, 11, 12, EOS])]
     dec = Decoding(None, LAT, 2, 4, torch.no_grad(), "cpu")             # batches of 2 rows, then 1
     dec.tok = types.SimpleNamespace(pad_id=PAD)
-    got = validation_loss(m, Coconut(m, LAT), rows, 1, cur, dec)
+    got = validation_loss(Coconut(m, LAT), rows, 1, cur, dec)
     # by hand: each row alone, its summed next-token loss over its labelled tokens, then the total
     # over all labelled tokens (batch means would weigh the last batch's single row as much as two)
     total, count = 0.0, 0
@@ -192,15 +192,16 @@ def test_the_evaluation_scores_the_answer_after_the_output_cut_at_its_stop():
     m = tiny(len(tok), seed=3)
     examples = [{"question": "a b", "answer": "3", "steps": []},
                 {"question": "c d e", "answer": "7", "steps": []}]
-    ev = latro.Evaluation("json", "cot", "released", "released", [], 8, 0,
-                          latro.Sampler(tok, {tok.eos_id, tok.end_of_turn_id}, [], tok.pad_id, 2,
-                                        torch.no_grad()))
+    ev = latro.Evaluation(task="json", style="cot", arc_options="released", checker="released",
+                          stop_strings=[], max_new_tokens=8, seed=0,
+                          sampler=Sampler(tok, {tok.eos_id, tok.end_of_turn_id}, [], tok.pad_id, 2,
+                                          torch.no_grad()))
     xs = formats.encode_prompts(tok, examples, "json", "released", "cot")
-    outs, _, _ = latro.sample(m, xs, 8, ev.sampler)
+    outs, _, _ = sample(m, xs, 8, ev.sampler)
     # a stop string that the first greedy output holds after its first token
     stop = tok.decode(outs[0][2:3])
     ev.stop_strings = [stop]
-    got = latro.evaluate(m, m, examples, 0, ev)["answer_logp"]
+    got = latro.split_metrics(m, m, examples, 0, ev)["answer_logp"]
     want = 0.0
     for x, out, ex in zip(xs, outs, examples):  # by hand: decode, cut before the stop, score y
         ids = [t for t in out if t not in (tok.eos_id, tok.pad_id)]
@@ -254,8 +255,8 @@ def test_the_rollout_stops_at_the_step_its_text_completes_a_stop_phrase(tmp_path
     complete = next(k for k in range(1, len(ids) + 1) if "The answer is" in tok.decode(ids[:k]))
     model = Scripted(ids, len(tok))
     model.prompt_len = 3
-    how = latro.Sampler(tok, {tok.eos_id}, ["The answer is"], tok.pad_id, 1, torch.no_grad())
-    outs, stopped, n_decoded = latro.sample(model, [[5, 6, 7]], 40, how)
+    how = Sampler(tok, {tok.eos_id}, ["The answer is"], tok.pad_id, 1, torch.no_grad())
+    outs, stopped, n_decoded = sample(model, [[5, 6, 7]], 40, how)
     assert n_decoded == complete < len(ids)                             # stopped on that token
     assert tok.decode(outs[0]) == "She pays 3 x 6 = 18 dollars.\n" and stopped.tolist() == [True]
     assert model.calls == complete                                      # prefill + complete - 1

@@ -1,5 +1,5 @@
-"""run.py: checkpoint writes that survive interruption, out_dir rules, the stop flag, the
-cross-rank helpers."""
+"""checkpoints.py, parallel.py, run.py: checkpoint writes that survive interruption, out_dir
+rules, the stop flag, the cross-rank helpers."""
 import os
 import re
 import signal
@@ -12,8 +12,9 @@ import torch
 
 from configurator import UserError
 from model import load_model
-from run import (StopRequest, check_same_run, load_checkpoint, nonfinite_names, prepare_out_dir,
-                 save_checkpoint)
+from checkpoints import (check_same_run, load_checkpoint, nonfinite_names, prepare_out_dir,
+                         save_checkpoint)
+from run import StopRequest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,7 +68,7 @@ def test_leftover_temp_file_is_harmless_and_cleaned_by_prepare_out_dir(tmp_path)
 
 WRITER = """
 import os, sys, time, torch
-from run import save_checkpoint
+from checkpoints import save_checkpoint
 path, who = sys.argv[1], sys.argv[2]
 open(f"{path}.ready.{who}", "w").close()
 while not os.path.exists(f"{path}.go"):  # both writers start together, after their imports
@@ -130,10 +131,11 @@ def test_epoch_checkpoints_of_an_earlier_run_are_refused_or_removed(tmp_path, ca
     # coconut.py's keep_epoch_checkpoints files belong to their run: a new run in the same
     # out_dir refuses them (a stale epoch_6.pt could start the next stage), --overwrite deletes
     # them; resuming keeps them; the disk check counts them
-    import run
+    import checkpoints
+    import preflight
     out = str(tmp_path)
     for n in (1, 2):
-        save_checkpoint(run.epoch_path(out, n), {"epoch": n - 1})
+        save_checkpoint(checkpoints.epoch_path(out, n), {"epoch": n - 1})
     (tmp_path / "epoch_notes.pt").write_text("x")                   # not one of them
     with pytest.raises(UserError, match=r"holds 2 epoch_N.pt of an earlier run: start over"):
         prepare_out_dir(out, resume=False)
@@ -141,14 +143,14 @@ def test_epoch_checkpoints_of_an_earlier_run_are_refused_or_removed(tmp_path, ca
     assert sorted(os.listdir(out)) == ["epoch_notes.pt", "run.lock"]
     assert "removed" in capsys.readouterr().out
     free = 2 * 12 * 1000 + 4 * 1000 * 3                  # ckpt.pt twice, best.pt, 2 epoch files
-    monkeypatch.setattr(run.shutil, "disk_usage", lambda _: type("U", (), {"free": free}))
-    run.check_disk(out, 1000, False, extra_weights=2)
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda _: type("U", (), {"free": free}))
+    preflight.check_disk(out, 1000, False, extra_weights=2)
     with pytest.raises(UserError, match=r"best.pt, and 3 epoch_N.pt\): free space"):
-        run.check_disk(out, 1000, False, extra_weights=3)
+        preflight.check_disk(out, 1000, False, extra_weights=3)
 
 HOLDER = """
 import sys, time
-from run import prepare_out_dir
+from checkpoints import prepare_out_dir
 prepare_out_dir(sys.argv[1], resume=False)
 print("locked", flush=True)
 time.sleep(60)
@@ -204,7 +206,8 @@ STOP_DRIVER = """
 import os, signal
 import torch
 import torch.distributed as dist
-from run import StopRequest, all_sum, end_distributed, ranks_identical
+from parallel import all_sum, end_distributed, ranks_identical
+from run import StopRequest
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 stop = StopRequest()
@@ -241,7 +244,7 @@ def test_stop_request_stops_every_rank_at_the_same_step_and_the_cross_rank_helpe
     # lines
     reports = sorted(re.findall(r"rank (\d): (\d+) steps, own signal (None|\d+)", r.stdout))
     assert reports == [("0", "3", "None"), ("1", "3", "15")], r.stdout
-    # run.all_sum and run.ranks_identical, as both scripts use them, then end_distributed
+    # parallel.all_sum and parallel.ranks_identical, as both scripts use them, then end_distributed
     helpers = sorted(re.findall(r"rank (\d): sum (\d+\.\d+), identical (True|False) (True|False)",
                                 r.stdout))
     assert helpers == [("0", "3.0", "True", "False"), ("1", "3.0", "True", "False")], r.stdout
