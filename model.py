@@ -1,8 +1,9 @@
 """
 The model, as both methods use it: loading (a tiny config from scratch, or any Hugging Face causal
-LM by name or local path), log-probabilities of target tokens computed only where they are needed,
-a KV-cached decoding loop (greedy or sampled, batched, each row stopping on its own), and batched
-sampling whose outputs are cut at their first stop id or stop string (LaTRO's rollouts).
+LM by name, local path or .gguf file), log-probabilities of target tokens computed only where they
+are needed, a KV-cached decoding loop (greedy or sampled, batched, each row stopping on its own),
+and batched sampling whose outputs are cut at their first stop id or stop string (LaTRO's
+rollouts).
 
 Everything here works with any `transformers` causal LM that accepts `inputs_embeds`,
 `position_ids`, `attention_mask` and a `DynamicCache` (GPT-2, Llama, Qwen, Mistral, Phi, ...).
@@ -58,16 +59,18 @@ def scratch_config(vocab_size, arch="gpt2", n_layer=2, n_head=4, n_embd=128, blo
 
 def load_model(init_from, vocab_size, attn_implementation="auto", device_type="cpu", **shape):
     """A causal LM in fp32 on the CPU (the caller moves it). init_from='scratch' builds a tiny model
-    of the given shape (scratch_config's keywords) and vocabulary; anything else is a hub name or a
-    local directory for from_pretrained."""
+    of the given shape (scratch_config's keywords) and vocabulary; a path ending in .gguf is a GGUF
+    file (load_gguf_model); anything else is a hub name or a local directory for from_pretrained."""
     attn = pick_attention(attn_implementation, device_type)
     if init_from == "scratch":
         cfg = scratch_config(vocab_size, **shape)
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
+    elif is_gguf(init_from):
+        model = load_gguf_model(init_from, attn)
     else:
         if not os.path.isdir(init_from) and os.path.exists(init_from):
             raise ValueError(f"init_from={init_from!r} is a file; give a directory written by "
-                             f"save_pretrained, a hub name, 'scratch' or 'resume'")
+                             f"save_pretrained, a .gguf file, a hub name, 'scratch' or 'resume'")
         model = AutoModelForCausalLM.from_pretrained(init_from, attn_implementation=attn,
                                                      dtype=torch.float32)
     if model.get_input_embeddings().weight.shape[0] < vocab_size:
@@ -89,8 +92,11 @@ def fresh_model(source, n_vocab, shape, seed, weights=None):
     return model
 
 def model_config(name):
-    """The config.json of a Hugging Face model (a local directory, or the hub), read before any
-    weights; a UserError in one line when there is no model there."""
+    """The config.json of a Hugging Face model (a local directory, or the hub), or the config a
+    .gguf file's header describes, read before any weights; a UserError in one line when there is
+    no model there."""
+    if is_gguf(name):
+        return gguf_read(name, AutoConfig.from_pretrained)
     ours = [f for f in ("ckpt.pt", "best.pt") if os.path.isfile(os.path.join(name, f))]
     if ours and not os.path.isfile(os.path.join(name, "config.json")):
         raise UserError(f"init_from={name!r} is an out_dir of this project, not a Hugging Face "
@@ -101,8 +107,54 @@ def model_config(name):
     except OSError as e:  # no such directory, and not on the hub (or offline, not cached)
         first_line = str(e).splitlines()[0]
         raise UserError(f"init_from={name!r}: no model there ({first_line}); give a "
-                        f"save_pretrained directory, a hub name, 'scratch' or a .pt "
+                        f"save_pretrained directory, a .gguf file, a hub name, 'scratch' or a .pt "
                         f"checkpoint") from None
+
+# ---- GGUF files (llama.cpp's format, e.g. SmolLM2-135M-Instruct.Q4_1.gguf): transformers reads
+# the config, the tokenizer and the weights from one file and dequantizes the weights to float32;
+# it needs the `gguf` and `accelerate` packages (requirements.txt)
+
+def is_gguf(name):
+    """Does init_from (or a tokenizer name) name a GGUF file?"""
+    return isinstance(name, str) and name.lower().endswith(".gguf")
+
+def gguf_read(path, from_pretrained, **kwargs):
+    """from_pretrained(folder, gguf_file=name, **kwargs) for a .gguf path (AutoConfig's or
+    AutoModelForCausalLM's); a UserError in one line when the file is missing or unreadable."""
+    if not os.path.isfile(path):
+        raise UserError(f"init_from={path!r}: no such .gguf file; give the path of a GGUF file, a "
+                        f"save_pretrained directory, a hub name, 'scratch' or a .pt checkpoint")
+    folder, name = os.path.split(os.path.abspath(path))
+    try:
+        return from_pretrained(folder, gguf_file=name, **kwargs)
+    except ImportError as e:  # transformers reads GGUF files with the gguf package
+        raise UserError(f"init_from={path!r}: reading a .gguf file needs the gguf package "
+                        f"({str(e).splitlines()[0]}): pip install -r requirements.txt") from None
+    except ValueError as e:  # not a GGUF file, truncated, an unknown architecture, no accelerate
+        first_line = str(e).splitlines()[0]
+        raise UserError(f"init_from={path!r} cannot be read as a GGUF model ({first_line}); give a "
+                        f"whole .gguf file of a supported architecture, or a save_pretrained "
+                        f"directory") from None
+
+def load_gguf_model(path, attn):
+    """The causal LM in a .gguf file, its weights dequantized to float32 and no longer marked as
+    quantized (unmark_quantized), so that it saves with save_pretrained like any other."""
+    model = gguf_read(path, AutoModelForCausalLM.from_pretrained, attn_implementation=attn,
+                      dtype=torch.float32)
+    return unmark_quantized(model)
+
+def unmark_quantized(model):
+    """Clear the marks transformers sets on a model loaded from a GGUF file. Its weights are plain
+    float32 tensors, but the marks make save_pretrained refuse ("The model is quantized with gguf
+    and is not serializable") and .float() / .half() raise. Without them the model is an ordinary
+    one: its save_pretrained directory reloads bit-identical."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._is_quantized = False
+    return model
 
 def max_positions(hf_config):
     """The positions a model can take (GPT-2: n_positions; Llama and most others:

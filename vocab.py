@@ -8,12 +8,13 @@ start from, and an example encoded as question, steps and answer.
 """
 
 import dataclasses
+import os
 import re
 from functools import cached_property
 
 from tokenizers import Regex, models, pre_tokenizers
 from tokenizers import Tokenizer as _RustTokenizer
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
 from configurator import UserError
 from formats import (ARC_INSTRUCTION, COCONUT_MARKERS, COCONUT_SPECIAL_TOKENS, STEP_BY_STEP,
@@ -58,6 +59,10 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, name_or_path):
+        """A Hugging Face tokenizer: a hub name, a directory, or the one inside a .gguf file (read
+        by transformers, which needs the `gguf` package)."""
+        if is_gguf(name_or_path):
+            return cls(gguf_tokenizer(name_or_path))
         return cls(AutoTokenizer.from_pretrained(name_or_path))
 
     @classmethod
@@ -296,18 +301,47 @@ def tokenizer_name(name, model, saved=""):
     return name or saved or ("words" if model == "scratch" else model)
 
 
+def is_gguf(name):
+    """Does a tokenizer name (or init_from) name a GGUF file? (model.is_gguf, for the model)"""
+    return isinstance(name, str) and name.lower().endswith(".gguf")
+
+
+def gguf_tokenizer(path):
+    """The Hugging Face tokenizer inside a .gguf file, with the special tokens the file names.
+    transformers 5.17 misreads them in a Llama file with a BPE vocabulary: eos := bos and no pad
+    (SmolLM2 would end its turns with <|im_start|>); 5.24 reads them right. When the tokenizer
+    shows that sign (eos == bos, or no pad), bos/eos/pad/unk are set from the file's config, which
+    both versions read right (one more pass over the file's header, a few seconds)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    hf = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if hf.eos_token_id != hf.bos_token_id and hf.pad_token_id is not None:
+        return hf
+    cfg = AutoConfig.from_pretrained(folder, gguf_file=name)
+    for role in ("bos", "eos", "pad", "unk"):
+        i = getattr(cfg, f"{role}_token_id", None)
+        if isinstance(i, int) and getattr(hf, f"{role}_token_id") != i:
+            setattr(hf, f"{role}_token", hf.convert_ids_to_tokens(i))
+    return hf
+
+
 def build_tokenizer(name, examples, saved_words=None):
     """'words': a closed word-level vocabulary over the examples and the fixed templates (or,
-    saved_words given, the one a checkpoint saved: Tokenizer.word_list); else a HF tokenizer."""
+    saved_words given, the one a checkpoint saved: Tokenizer.word_list); else a HF tokenizer (a
+    hub name, a directory or a .gguf file)."""
     if name == "words" and saved_words:
         return Tokenizer.from_word_list(saved_words)
     if name != "words":
+        if is_gguf(name) and not os.path.isfile(name):
+            raise UserError(f"tokenizer {name!r}: no such .gguf file; give the path of a GGUF "
+                            f"file, a directory with the tokenizer's files, a hub name or 'words'")
         try:
             return Tokenizer.from_pretrained(name)
-        except OSError as e:  # no such directory, not on the hub, or offline and not cached
+        # OSError: no such directory, not on the hub, or offline and not cached; ValueError: a
+        # .gguf file that is not one (or is truncated); ImportError: no gguf package
+        except (OSError, ValueError, ImportError) as e:
             raise UserError(f"tokenizer {name!r} cannot be loaded ({str(e).splitlines()[0]}): give "
-                            f"a directory with its files, a hub name (offline: one in the cache) "
-                            f"or 'words'") from None
+                            f"a directory with its files, a whole .gguf file, a hub name (offline: "
+                            f"one in the cache) or 'words'") from None
     texts = [t for ex in examples for t in example_texts(ex)]
     # the templates the scripts wrap around examples must be in the vocabulary too
     # (LaTRO also stops rationales at "Answer:", so it must be encodable)

@@ -20,10 +20,12 @@ def pytest_configure(config):
         os.environ["OMP_NUM_THREADS"] = "1"                    # the workers (and their children)
 
 
-# the files that start second processes (torchrun, kills) take most of the time: handing them out
-# first lets the two workers finish together instead of one waiting for the other's last long file
-LONG_FIRST = ("test_latro_script.py", "test_coconut_script.py", "test_fsdp.py", "test_run.py",
-              "test_bad_inputs.py", "test_loops.py", "test_faults.py", "test_invariants_latro.py")
+# the files that start second processes (torchrun, kills) and the real model's (a 135M model
+# converted and run on the CPU) take most of the time: handing them out first lets the two workers
+# finish together instead of one waiting for the other's last long file
+LONG_FIRST = ("test_real_model.py", "test_latro_script.py", "test_coconut_script.py",
+              "test_fsdp.py", "test_run.py", "test_bad_inputs.py", "test_loops.py",
+              "test_faults.py", "test_invariants_latro.py")
 
 
 def pytest_collection_modifyitems(config, items):

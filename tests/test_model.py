@@ -6,8 +6,10 @@ import warnings
 import pytest
 import torch
 
-from model import (generate, left_pad, load_model, position_ids_from_mask, sample_next,
-                   token_logprobs, backbone, cache_kwargs, output_cache)
+from configurator import UserError
+from model import (generate, left_pad, load_model, model_config, position_ids_from_mask,
+                   sample_next, token_logprobs, backbone, cache_kwargs, output_cache)
+from vocab import build_tokenizer
 
 V = 40
 
@@ -121,6 +123,23 @@ def test_unknown_arch_and_file_init_from(tmp_path):
     f.write_bytes(b"x")
     with pytest.raises(ValueError, match="is a file"):
         load_model(str(f), V)
+
+def test_missing_or_bad_gguf_file_is_a_one_line_user_error(tmp_path):
+    # the real GGUF model: tests/test_real_model.py; here only what a wrong path gives
+    missing, bad = str(tmp_path / "none.gguf"), tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file" * 100)
+    for load in (lambda p: load_model(p, V), model_config):
+        with pytest.raises(UserError, match="no such .gguf file; give the path of a GGUF") as e:
+            load(missing)
+        assert "\n" not in str(e.value)
+        with pytest.raises(UserError, match="cannot be read as a GGUF model") as e:
+            load(str(bad))
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="no such .gguf file"):
+        build_tokenizer(missing, [])
+    with pytest.raises(UserError, match="cannot be loaded") as e:
+        build_tokenizer(str(bad), [])
+    assert "\n" not in str(e.value)
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_cache_passed_under_the_name_the_installed_transformers_expects(arch, monkeypatch):
