@@ -470,6 +470,13 @@ def check_config(c, world_size):
     if c.thoughts_sweep and c.method not in MARKER_METHODS:
         raise UserError(f"thoughts_sweep needs thoughts or pauses; method={c.method!r} has none "
                         f"(use one of {', '.join(MARKER_METHODS)})")
+    # the demo's learning rate is for a tiny model from scratch: far too high for a pretrained one
+    pretrained = c.init_from not in ("scratch", "resume") and not c.init_from.endswith(".pt")
+    if pretrained and not c.eval_only and "learning_rate" not in c.given:
+        raise UserError(f"init_from={c.init_from!r} is a pretrained model and learning_rate="
+                        f"{c.learning_rate:g} is the CPU demo's (a tiny model from scratch): give "
+                        f"--learning_rate (paper: 1e-4 for GPT-2), or start from a preset in "
+                        f"config/")
     # checkpointed layers drop the KV cache that carries the thought passes (with gradients)
     if c.gradient_checkpointing and c.method == "coconut":
         raise UserError("gradient_checkpointing=True does not work with method=coconut: its "
@@ -548,7 +555,7 @@ if __name__ == "__main__":
                         grad_accum=grad_accum, kv_cache=(eval_batch_size, eval_len),
                         activations=(micro_batch_size * train_len, micro_batch_size * train_len,
                                      gradient_checkpointing),
-                        out_dir=None if eval_only else out_dir,
+                        out_dir=None if eval_only else out_dir, training=not eval_only,
                         extra_weights=num_epochs if keep_epoch_checkpoints else 0)
 
     # ---- model: scratch, an HF model, a checkpoint of this script (e.g. the CoT stage), or resume

@@ -252,7 +252,8 @@ def check_system(c, script, distributed, own_checkpoints=False):
     pt = own_checkpoints and c.init_from.endswith(".pt")
     if pt and not os.path.isfile(c.init_from):
         raise ConfigError(f"init_from={c.init_from!r}: no such checkpoint file")
-    if pt or c.init_from in ("scratch", "resume") or not os.path.isfile(c.init_from):
+    named = pt or c.init_from in ("scratch", "resume") or c.init_from.lower().endswith(".gguf")
+    if named or not os.path.isfile(c.init_from):
         return
     if own_checkpoints:
         raise ConfigError(f"init_from={c.init_from!r} is a file but not a .pt checkpoint: give a "
@@ -274,13 +275,14 @@ def launch():
     return int(env["WORLD_SIZE"] or 1), env["RANK"] is not None
 
 def run_checks(config, world_size=1, distributed=False, *, choices=None, bounds=None, notes=None,
-               check=None, script="", own_checkpoints=False):
+               check=None, script="", own_checkpoints=False, given=None):
     """Every check of a script's configuration, in order: the per-key limits, the rules both
     scripts share (check_system) and the script's own `check(c, world_size)`."""
     check_limits(config, choices, bounds, notes)
     if check is None:
         return
-    c = SimpleNamespace(**config)
+    # c.given: the keys a config file or an argument set (None: every key counts as given)
+    c = SimpleNamespace(**config, given=set(config) if given is None else set(given))
     check_system(c, script, distributed, own_checkpoints)
     check(c, world_size)
 
@@ -315,5 +317,5 @@ def configure(scope, argv, verbose=None, renamed=None, **checks):
             print(f"  {'*' if k in updates else ' '} {k:<{width}} = {v!r}")
     world_size, distributed = launch()
     script = os.path.basename(scope.get("__file__") or "")
-    run_checks(config, world_size, distributed, script=script, **checks)
+    run_checks(config, world_size, distributed, script=script, given=updates, **checks)
     return config

@@ -421,6 +421,16 @@ def check_config(c, world_size):
     if c.eval_prompt == "8shot" and vocab.tokenizer_name(c.tokenizer, c.init_from) == "words":
         raise UserError("eval_prompt=8shot needs a model's own tokenizer: the word vocabulary of a "
                         "model from scratch does not hold the words of its eight worked examples")
+    # the demo's warm-up and learning rates are for a tiny model from scratch: a pretrained model
+    # gets them only when asked for (the paper's LaTRO runs no warm-up, at lr 5e-7)
+    pretrained = c.init_from not in ("scratch", "resume") and not c.pre_experiment
+    chosen = "learning_rate" in c.given and ("sft_steps" in c.given or "sft_epochs" in c.given)
+    if pretrained and not chosen:
+        raise UserError(f"init_from={c.init_from!r} is a pretrained model and the defaults are the "
+                        f"CPU demo's (a tiny model from scratch: an SFT warm-up of {c.sft_steps} "
+                        f"steps at {c.sft_learning_rate:g}, then learning_rate="
+                        f"{c.learning_rate:g}): give --learning_rate (paper: 5e-7) and --sft_steps "
+                        f"(0: no warm-up, as the paper), or start from config/latro_gsm8k.py")
     # runs that would report an untrained model
     if c.init_from == "scratch" and not (c.sft_steps or c.sft_epochs or c.latro_steps):
         raise UserError("init_from='scratch' with no SFT warm-up (sft_steps=0) and latro_steps=0 "
@@ -499,6 +509,7 @@ if __name__ == "__main__":
         model_cfg, device, longest=longest, out_dir=None if pre_experiment else out_dir,
         fsdp=fsdp, precision="bf16" if device_type == "cuda" else "fp32", grad_accum=grad_accum,
         reference="sharded" if fsdp else "full", kv_cache=(gen_batch_size, tokens),
+        training=not pre_experiment and bool(sft_total or latro_steps),
         activations=(micro_batch_size * tokens, micro_batch_size * (max_rationale_tokens + 16),
                      gradient_checkpointing))
 
@@ -641,26 +652,30 @@ if __name__ == "__main__":
         loss_sum = latro_backward(train_scorer, (xs, zs, ys), advantages, sft_coef,
                                   micro_batch_size=micro_batch_size, pad_id=tok.pad_id, ctx=ctx,
                                   device=device)
-        # means over all ranks' rollouts, for the log and the non-finite guard (every rank agrees)
+        # means over all ranks' rollouts, for the log and the non-finite guard (every rank agrees);
+        # a group none of whose rationales stopped gets equal raw rewards (γ x its mean): its
+        # advantages are only the KL's differences, about 0, so it teaches nothing this step
         n = prompts_per_rank * rloo_k * ddp_world_size
+        no_stop = (~stopped.view(-1, rloo_k)).all(1).sum().item()
         sums = [rewards.sum().item(), kl.sum().item(), advantages.sum().item(),
-                stopped.sum().item(), sum(map(len, zs)), loss_sum]
+                stopped.sum().item(), sum(map(len, zs)), loss_sum, no_stop]
         stats = parallel.all_sum(torch.tensor(sums), device)
         reward_m, kl_m, adv_m, stop_m, len_m = (stats[:5] / n).tolist()
-        loss_m = stats[5].item() / ddp_world_size
+        loss_m, no_stop = stats[5].item() / ddp_world_size, int(stats[6].item())
         # a nan/inf stops every rank together, before the update; ckpt.pt keeps the last good state
         run.require_finite(f"step {step + 1}", loss_m, model)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         iter_num = step + 1
         t3 = time.time()
+        stuck = f" (no stop in {no_stop}/{batch_size} groups)" if no_stop else ""
         print0(f"step {iter_num}/{latro_steps} | reward {reward_m:.4f} | kl {kl_m:.4f} | adv "
-               f"{adv_m:.1e} | stopped {100 * stop_m:.0f}% | len {len_m:.1f} | loss {loss_m:.4f} | "
-               f"lr {lr:.2e} | tok/s {n_gen / (t1 - t0):.0f} | {1000 * (t3 - t0):.0f}ms (rollout "
-               f"{1000 * (t1 - t0):.0f} / score {1000 * (t2 - t1):.0f} / update "
-               f"{1000 * (t3 - t2):.0f})")
+               f"{adv_m:.1e} | stopped {100 * stop_m:.0f}%{stuck} | len {len_m:.1f} | loss "
+               f"{loss_m:.4f} | lr {lr:.2e} | tok/s {n_gen / (t1 - t0):.0f} | "
+               f"{1000 * (t3 - t0):.0f}ms (rollout {1000 * (t1 - t0):.0f} / score "
+               f"{1000 * (t2 - t1):.0f} / update {1000 * (t3 - t2):.0f})")
         run.log({"reward": reward_m, "kl": kl_m, "stopped": stop_m, "len": len_m, "loss": loss_m,
-                 "lr": lr}, step=iter_num)
+                 "lr": lr, "no_stop_groups": no_stop}, step=iter_num)
         # model selection on val every eval_interval steps and at the end
         evaluating = iter_num % eval_interval == 0 or iter_num == latro_steps
         if evaluating:
@@ -683,12 +698,17 @@ if __name__ == "__main__":
         if best_step > 0:
             print0(f"testing the weights of step {best_step} on {len(test_ex)} questions")
             after = split_metrics(model, train_scorer, test_ex, maj_k, ev)
+        stuck = sum(1 for n in run.logged("no_stop_groups") if n)
+        if stuck:
+            print0(f"{stuck} of {latro_steps} steps had a group in which no rationale stopped (its "
+                   f"advantages about 0): a longer max_rationale_tokens lets more of them stop")
         if latro_steps:
             print0(f"before LaTRO | test {format_metrics(before)}")
             print0(f"after LaTRO  | test {format_metrics(after)} (weights of step {best_step}, "
                    f"best val {run.best:.4f})")
-        else:  # latro_steps=0: the SFT baseline alone
-            print0(f"SFT baseline | test {format_metrics(before)}")
+        else:  # latro_steps=0: the SFT baseline alone, or (no warm-up either) the model as loaded
+            label = "SFT baseline" if sft_total else "no training"
+            print0(f"{label} | test {format_metrics(before)}")
         if export_hf:
             run.export(model, tok)
     run.close()

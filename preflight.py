@@ -46,7 +46,8 @@ def estimate_activation_bytes(cfg, tokens, *, logit_positions=0, checkpointing=F
     return layers + logit_positions * cfg.vocab_size * (dtype_bytes + 8)
 
 def memory_plan(n_params, *, mode, world_size, precision, reference="none", optimizer="adamw",
-                grad_accum=1, kv_cache_bytes=0, activations_bytes=0, device_bytes=None):
+                grad_accum=1, kv_cache_bytes=0, activations_bytes=0, device_bytes=None,
+                training=True):
     """Estimated bytes per GPU. mode 'ddp' (every rank holds everything) or 'fsdp' (weights,
     gradients, optimizer state and a 'sharded' reference split over world_size); precision 'fp32'
     or 'bf16' (fp32 master weights, bf16 compute); reference: the frozen reference model, 'none',
@@ -54,7 +55,9 @@ def memory_plan(n_params, *, mode, world_size, precision, reference="none", opti
     and the update (activations) do not overlap: the larger one counts. grad_accum > 1 means
     gradients synced on the last micro-step only: FSDP then holds full fp32 gradients in between
     (pass 1 when every micro-step syncs). Returns a dict of the parts, 'total', 'bytes_per_param'
-    (of the persistent parts) and 'device'. (The keywords are the parts of the plan, one each.)"""
+    (of the persistent parts) and 'device'. training=False (an evaluation): no gradients, no
+    optimizer state, no activations kept for a backward. (The keywords are the parts of the plan,
+    one each.)"""
     if mode not in ("ddp", "fsdp"):
         raise ValueError(f"mode={mode!r}: use 'ddp' or 'fsdp'")
     if precision not in ("fp32", "bf16"):
@@ -69,6 +72,8 @@ def memory_plan(n_params, *, mode, world_size, precision, reference="none", opti
         grads += 4  # DDP's communication buckets: a second fp32 copy of the gradients
     if mode == "fsdp" and grad_accum > 1:
         grads += 4  # the non-syncing micro-steps accumulate each layer's full fp32 gradient
+    if not training:
+        grads, optimizer, activations_bytes = 0, "none", 0
     parts = dict(weights=4 / shard * n_params, grads=grads * n_params,
                  optimizer=OPTIMIZER_BYTES[optimizer] / shard * n_params,
                  reference=ref_bytes[reference] * n_params,
@@ -160,10 +165,10 @@ def check_disk(out_dir, n_params, with_reference, extra_weights=0):
                         f"is replaced, best.pt{kept}): free space or choose another --out_dir")
 
 def plan_memory(hf_cfg, device, *, fsdp, precision, grad_accum, reference="none", kv_cache,
-                activations):
+                activations, training=True):
     """The memory plan of a run, printed, and refused before any weight is loaded when it cannot
     fit the device. kv_cache: (rows, tokens) of the largest generate call; activations: (tokens,
-    logit positions, checkpointing) of one micro-step."""
+    logit positions, checkpointing) of one micro-step; training=False: an evaluation."""
     n_params = n_params_of_config(hf_cfg)
     unit = 2 if precision == "bf16" else 4                            # bytes per activation value
     kv = estimate_kv_cache_bytes(hf_cfg, *kv_cache, dtype_bytes=unit)
@@ -174,7 +179,7 @@ def plan_memory(hf_cfg, device, *, fsdp, precision, grad_accum, reference="none"
     plan = memory_plan(n_params, mode="fsdp" if fsdp else "ddp", world_size=world_size,
                        precision=precision, reference=reference, grad_accum=grad_accum,
                        kv_cache_bytes=kv, activations_bytes=acts,
-                       device_bytes=device_memory_bytes(device))
+                       device_bytes=device_memory_bytes(device), training=training)
     plan["host"] = not str(device).startswith("cuda")
     print0(format_memory_plan(plan))
     check_memory_plan(plan)

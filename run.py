@@ -191,6 +191,15 @@ class Run:
         """out_dir/name: the weights alone (best.pt, epoch_N.pt), with what this run is."""
         checkpoints.save_run(os.path.join(self.out_dir, name), {**self.info, **entries}, model)
 
+    def logged(self, key):
+        """Every value of `key` in this run's metrics log, in order (rank 0; [] elsewhere): a
+        resumed run's log holds each step once, so a count over it is the whole run's."""
+        if self.rank != 0 or not self.log_path or not os.path.isfile(self.log_path):
+            return []
+        with open(self.log_path, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return [row[key] for row in rows if key in row]
+
     def write_json(self, name, obj):
         """out_dir/name: a JSON file of results (rank 0), written atomically."""
         if self.rank == 0:
