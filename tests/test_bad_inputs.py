@@ -176,7 +176,8 @@ CLI_CASES = [
      "init_from='{tmp}/nope.pt': no such checkpoint file"),
     (["coconut.py", "--init_from={tmp}/preds.jsonl"], "is a file but not a .pt checkpoint"),
     (["coconut.py", "--init_from={tmp}/no_model_here", "--n_train=8", "--n_val=2", "--n_test=2",
-      "--batch_size=8", "--micro_batch_size=8"], "init_from='{tmp}/no_model_here': no model there"),
+      "--batch_size=8", "--micro_batch_size=8", "--learning_rate=1e-4"],
+     "init_from='{tmp}/no_model_here': no model there"),
     (["coconut.py", "--init_from=resume", "--out_dir={tmp}/fresh"], "has no ckpt.pt"),
     (["coconut.py", "--out_dir={tmp}/preds.jsonl"], "is a file, not a directory"),
     (["coconut.py", "--task=json", "--task_options={}", "--data_path={tmp}/mydata.jsonl"],
@@ -346,7 +347,8 @@ ONE_LINE_CASES = [
     (["data.py", "prosqa_smal", "train", "3"], "task 'prosqa_smal' is unknown"),
     (["latro.py", "--temperature=0"], "temperature=0.0: greedy rollouts make the K rationales"),
     (["coconut.py", "--init_from={tmp}/no_model_here", "--n_train=8", "--n_val=2", "--n_test=2",
-      "--batch_size=8", "--micro_batch_size=8"], "init_from='{tmp}/no_model_here': no model there"),
+      "--batch_size=8", "--micro_batch_size=8", "--learning_rate=1e-4"],
+     "init_from='{tmp}/no_model_here': no model there"),
 ]
 
 

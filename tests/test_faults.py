@@ -164,7 +164,9 @@ def test_init_from_that_is_not_a_checkpoint_or_a_model(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     save_checkpoint(str(run_dir / "best.pt"), {"model": {}, "iter_num": 3})
-    refused("coconut.py", COCONUT + [f"--init_from={run_dir}", f"--out_dir={tmp_path / 'o1'}"],
+    # (a learning rate given: a pretrained model's run refuses the demo's)
+    refused("coconut.py", COCONUT + [f"--init_from={run_dir}", f"--out_dir={tmp_path / 'o1'}",
+                                     "--learning_rate=1e-4"],
             "is an out_dir of this project, not a Hugging Face model: give its best.pt")
     torch.save(torch.ones(3), tmp_path / "tensor.pt")
     refused("coconut.py", COCONUT + [f"--init_from={tmp_path / 'tensor.pt'}",
