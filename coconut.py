@@ -494,10 +494,9 @@ if __name__ == "__main__":
     config = configurator.configure(globals(), sys.argv[1:], renamed=configurator.RENAMED,
                                     choices=CHOICES, bounds=BOUNDS, check=check_config,
                                     own_checkpoints=True)
-    # ---- processes and device; rank 0 claims out_dir; the checkpoint to start from: resume (this
-    # run's ckpt.pt, the same settings) or a .pt file of this script (e.g. the GSM8k CoT stage)
-    writes = "results" if eval_only and thoughts_sweep else not eval_only  # evaluations: a table
-    run = Run("coconut", config, resume_keys=RESUME_KEYS, writes=writes)
+    # ---- processes, device, out_dir; the checkpoint to start from (resume, or e.g. the CoT stage)
+    run = Run("coconut", config, resume_keys=RESUME_KEYS, shape_keys=SHAPE_KEYS,
+              writes=not eval_only, results=bool(thoughts_sweep))
     device, ddp_rank, ddp_world_size = run.device, run.rank, run.world_size
     grad_accum = batch_size // (micro_batch_size * ddp_world_size)
     print0(f"global batch {batch_size} = {micro_batch_size} per micro-step x {grad_accum} "
@@ -507,12 +506,10 @@ if __name__ == "__main__":
     # ---- data: every split, identical on every rank, no question in two splits
     splits = data.load_splits(task, (n_train, n_val, n_test), path=data_path, seed=seed,
                               split_layout=split_layout, allow_overlap=allow_split_overlap,
+                              batch_size=0 if eval_only else batch_size,
                               **ast.literal_eval(task_options))
     data.check_coconut_answers(splits)                                 # the '#' scoring rule
     steps_per_epoch = len(splits["train"]) // batch_size               # the last partial batch: no
-    if steps_per_epoch == 0 and not eval_only:
-        raise UserError(f"{len(splits['train'])} training examples < batch_size={batch_size}: "
-                        f"lower batch_size or give more data (n_train)")
 
     # ---- tokens: the tokenizer, the examples as (question, steps, answer) ids, the three markers
     ckpt = run.ckpt or {}
@@ -522,14 +519,13 @@ if __name__ == "__main__":
     tok = vocab.build_tokenizer(tok_name, [ex for exs in splits.values() for ex in exs],
                                 saved_words=ckpt.get("vocab"))         # a checkpoint's own words
     encoded = {s: [vocab.encode_example(tok, ex) for ex in exs] for s, exs in splits.items()}
-    print0(f"tokenizer: {tok_name}" + ("" if tokenizer else " (the model's own)"))
-    print0(f"{task}: {', '.join(f'{s} {len(e)}' for s, e in splits.items())} examples, "
-           f"vocabulary {len(tok)}")
+    sizes = ", ".join(f"{s} {len(e)}" for s, e in splits.items())
+    print0(f"tokenizer: {tok_name}" + ("" if tokenizer else " (the model's own)") + f" | {task}: "
+           f"{sizes} examples, vocabulary {len(tok)}")
     run.agree("data", {"sizes": [len(e) for e in encoded.values()], "vocabulary": len(tok)})
     markers = vocab.coconut_markers(tok, method in MARKER_METHODS, run.ckpt, marker_init, base)
-    latent_id = markers.ids[1]
-    # pause_as_thought: <latent> stays a learned token; only coconut feeds hidden states back
-    feedback_id = latent_id if method == "coconut" else None
+    latent_id = markers.ids[1]                                         # (<bot>, <latent>, <eot>)
+    feedback_id = latent_id if method == "coconut" else None           # pause_as_thought: a token
 
     # ---- the curriculum: the stage of each epoch; where model selection starts
     cur = Curriculum(method=method, c_thought=c_thought, max_latent_stage=max_latent_stage,
@@ -540,12 +536,7 @@ if __name__ == "__main__":
     sweep_counts = configurator.counts(thoughts_sweep) or []
 
     # ---- the model's shape (no weights yet): positions against the longest sequences, memory plan
-    shape = ckpt.get("config", config)                                 # a checkpoint's own shape
-    shape_kw = {**{k: shape[k] for k in SHAPE_KEYS}, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-                "pad_id": tok.pad_id}
-    if run.ckpt and not run.resuming:
-        print0(f"model shape from {init_from}: " + ", ".join(f"{k} {shape[k]}" for k in SHAPE_KEYS)
-               + " (the config's values do not apply)")
+    shape_kw = {**run.shape, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}
     hf_cfg = base_cfg if base != "scratch" else scratch_config(markers.n_rows, **shape_kw)
     longest = longest_rows(encoded, cur, stages=[] if eval_only else cur.stages(num_epochs),
                            uniform_prob=uniform_prob, max_new_tokens=max_new_tokens,
@@ -560,21 +551,20 @@ if __name__ == "__main__":
 
     # ---- model: scratch, an HF model, a checkpoint of this script (e.g. the CoT stage), or resume
     torch.manual_seed(seed)
-    model = load_model(base, markers.n_rows, device_type=torch.device(device).type, **shape_kw)
+    model = load_model(base, markers.n_rows, device_type=torch.device(device).type,
+                       checkpointing=gradient_checkpointing, **shape_kw)
     if run.ckpt:
         run.restore(model)                                             # its weights
     if markers.new:                                                    # as released
         copy_token_rows(model, len(tok), markers.ids, markers.source_id)
         print0(f"markers: added, ids {list(markers.ids)}, {markers.describe(tok)}")
-    if gradient_checkpointing:
-        parallel.enable_activation_checkpointing(model)
     print0(f"model: {base} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     # every thought pass inside one forward: DDP sees one forward per backward. FSDP: each decoder
     # layer and the root sharded; the model moves to the device a unit at a time
     train_model = parallel.distribute(Coconut(model, feedback_id), device, fsdp,
                                       bf16=precision == "bf16")
-    # AdamW as released: no schedule, no clipping
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate,  # as released: no schedule
+                                  weight_decay=weight_decay)            # and no clipping
     start_epoch, start_step, iter_num = map(run.resumed, ("epoch", "step_in_epoch", "iter_num"))
     if run.resuming:                                                   # and AdamW's moments
         run.restore(model, optimizer)
@@ -587,8 +577,7 @@ if __name__ == "__main__":
     dec = Decoding(tok=tok, latent_id=feedback_id, batch_size=eval_batch_size,
                    max_new_tokens=max_new_tokens, ctx=ctx, device=device, progress=progress)
 
-    # ---- training: each epoch has one stage; every rank draws the same global batches and takes
-    # its own block of each
+    # ---- training: an epoch has one stage; each rank takes its block of the same global batches
     model.train()
     n_steps_list = [len(s) for _, s, _ in encoded["train"]]
     for epoch in range(start_epoch, 0 if eval_only else num_epochs):

@@ -250,10 +250,10 @@ def load_task(task, split, *, path="", n=0, seed=0, split_layout="", **task_kwar
 
 
 def load_splits(task, sizes, *, path="", seed=0, split_layout="", allow_overlap=False,
-                **task_kwargs):
+                batch_size=0, **task_kwargs):
     """{split: examples} of train, val and test (sizes: their counts, 0 = the task's default),
     refused when a question is in two of them, or with allow_overlap=True printed as a warning
-    (check_split_overlap)."""
+    (check_split_overlap), and when the training split holds fewer than one batch_size."""
     splits = {split: load_task(task, split, path=path, n=n, seed=seed, split_layout=split_layout,
                                **task_kwargs)
               for split, n in zip(SPLITS, sizes)}
@@ -262,6 +262,9 @@ def load_splits(task, sizes, *, path="", seed=0, split_layout="", allow_overlap=
             source = split_file(path, split) if path else f"task {task}"
             raise UserError(f"the {split} split is empty ({source}): give it examples")
     check_split_overlap(splits, allow_overlap)
+    if len(splits["train"]) < batch_size:
+        raise UserError(f"{len(splits['train'])} training examples < batch_size={batch_size}: "
+                        f"lower batch_size or give more data (n_train)")
     return splits
 
 

@@ -457,18 +457,16 @@ if __name__ == "__main__":
     config = configurator.configure(globals(), sys.argv[1:], renamed=configurator.RENAMED,
                                     choices=CHOICES, bounds=BOUNDS, notes=NOTES,
                                     check=check_config)
-    # ---- processes and device; rank 0 claims out_dir; resume: this run's ckpt.pt (the same
-    # settings) says what the weights were first loaded from, and the phase it was written in
+    # ---- processes, device, out_dir; resume: ckpt.pt says the model's source and the phase
     run = Run("latro", config, resume_keys=RESUME_KEYS, scratch_keys=MODEL_KEYS,
               writes=not pre_experiment)
     device, ddp_rank, ddp_world_size = run.device, run.rank, run.world_size
     source = run.resumed("source", init_from)
     phase = run.ckpt.get("phase", "latro") if run.resuming else "sft"
-    # each rank owns whole groups of K and runs the same number of micro-steps
-    prompts_per_rank = batch_size // ddp_world_size
+    prompts_per_rank = batch_size // ddp_world_size  # whole groups of K, the same micro-steps
     grad_accum = prompts_per_rank * rloo_k // micro_batch_size
-    device_type = torch.device(device).type
-    ctx = autocast_ctx(device_type)  # bf16 on CUDA, fp32 on the CPU; log-probs are fp32 either way
+    precision = "bf16" if device.startswith("cuda") else "fp32"  # log-probs are fp32 either way
+    ctx = autocast_ctx(torch.device(device).type, precision)
 
     # ---- data: prompts x in the model's chat template, answers y = "The answer is {gold}." + eot
     splits = data.load_splits(task, (n_train, n_val, n_test), path=data_path, seed=seed,
@@ -486,8 +484,7 @@ if __name__ == "__main__":
     stops = formats.parse_stop_strings(stop_strings)
     print0(f"data: {task} train {len(train_ex)} val {len(val_ex)} test {len(test_ex)}, vocab "
            f"{len(tok)}, {len(stops)} stop strings, checker {checker}")
-    # the warm-up's gold rows [x, z*, y]: a share of the training questions with their rationales;
-    # the released SFT baseline (prompt=sft) trains one target text, then end-of-turn
+    # the warm-up's gold rows [x, z*, y] (prompt=sft, the released SFT baseline: one target text)
     gold = train_ex[:max(1, int(sft_share * len(train_ex)))]
     gold_x, gold_z, gold_y = formats.gold_rows(tok, gold, task, arc_options, style=prompt,
                                                 answer_y=answer_y)
@@ -498,16 +495,18 @@ if __name__ == "__main__":
                  dropout=dropout, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     if source == "scratch":
         model_cfg = scratch_config(len(tok), **shape)
-    shape.update(attn_implementation=attn_implementation, device_type=device_type)
-    eval_ex = val_ex + test_ex
-    eval_x = formats.encode_prompts(tok, eval_ex, task, arc_options, eval_prompt or prompt)
-    longest = longest_sequences(train_x + eval_x, train_y + formats.encode_answers(
-        tok, eval_ex, task, answer_y), list(zip(gold_x, gold_z, gold_y)),
-        max_rationale_tokens=max_rationale_tokens, max_new_tokens=max_new_tokens)
+    shape.update(attn_implementation=attn_implementation, device_type=torch.device(device).type,
+                 checkpointing=gradient_checkpointing)
+    eval_x = formats.encode_prompts(tok, val_ex + test_ex, task, arc_options, eval_prompt or prompt)
+    eval_y = formats.encode_answers(tok, val_ex + test_ex, task, answer_y)
+    longest = longest_sequences(train_x + eval_x, train_y + eval_y,
+                                list(zip(gold_x, gold_z, gold_y)),
+                                max_rationale_tokens=max_rationale_tokens,
+                                max_new_tokens=max_new_tokens)
     tokens = max(n for n, _, _ in longest)
     n_params = preflight.preflight(
         model_cfg, device, longest=longest, out_dir=None if pre_experiment else out_dir,
-        fsdp=fsdp, precision="bf16" if device_type == "cuda" else "fp32", grad_accum=grad_accum,
+        fsdp=fsdp, precision=precision, grad_accum=grad_accum,
         reference="sharded" if fsdp else "full", kv_cache=(gen_batch_size, tokens),
         training=not pre_experiment and bool(sft_total or latro_steps),
         activations=(micro_batch_size * tokens, micro_batch_size * (max_rationale_tokens + 16),
@@ -515,16 +514,12 @@ if __name__ == "__main__":
 
     # ---- model: the same seed on every rank (DDP also broadcasts rank 0's weights)
     model = fresh_model(source, len(tok), shape, seed)
-    if gradient_checkpointing:
-        parallel.enable_activation_checkpointing(model)
     scorer = SequenceScorer(model)  # generation, evaluation and checkpoints use the model itself
     train_scorer = parallel.distribute(scorer, device, fsdp, bf16=True)  # (FSDP: in place)
+    torch.manual_seed(seed + ddp_rank)
     if run.resuming:
-        run.restore(model)                                             # and the RNG
-    else:
-        torch.manual_seed(seed + ddp_rank)
-    print0(f"model: {source}, {n_params / 1e6:.2f}M parameters, on {device}"
-           f"{' (FSDP)' if fsdp else ''}")
+        run.restore(model)                                             # and the RNG it saved
+    print0(f"model: {source}, {n_params / 1e6:.2f}M parameters, on {device}")  # (FSDP: the plan)
     ends = {tok.eos_id, tok.pad_id, tok.end_of_turn_id}  # where outputs end, as released
     ev = Evaluation(task=task, style=eval_prompt or prompt, arc_options=arc_options,
                     checker=checker, stop_strings=stops, max_new_tokens=max_new_tokens, seed=seed,
@@ -537,9 +532,8 @@ if __name__ == "__main__":
         run.close()
         sys.exit(0)
 
-    # ---- the SFT warm-up on gold rows [x, z*, y], until val accuracy reaches sft_target_acc: a
-    # scratch model learns the answer format here, so that LaTRO's rollouts can reach an answer at
-    # all; with latro_steps=0 this is the SFT baseline
+    # ---- the SFT warm-up on gold rows [x, z*, y] until val accuracy reaches sft_target_acc: the
+    # answer format, so that rollouts can reach an answer at all (latro_steps=0: the SFT baseline)
     if phase == "sft" and sft_total > 0:
         sft_optimizer = torch.optim.AdamW(model.parameters(), lr=sft_learning_rate,
                                           weight_decay=0.0)

@@ -57,10 +57,13 @@ def scratch_config(vocab_size, arch="gpt2", n_layer=2, n_head=4, n_embd=128, blo
             pad_token_id=pad_id)
     raise ValueError(f"arch={arch!r} is not known for init_from='scratch': use 'gpt2' or 'llama'")
 
-def load_model(init_from, vocab_size, attn_implementation="auto", device_type="cpu", **shape):
+def load_model(init_from, vocab_size, attn_implementation="auto", device_type="cpu",
+               checkpointing=False, **shape):
     """A causal LM in fp32 on the CPU (the caller moves it). init_from='scratch' builds a tiny model
     of the given shape (scratch_config's keywords) and vocabulary; a path ending in .gguf is a GGUF
-    file (load_gguf_model); anything else is a hub name or a local directory for from_pretrained."""
+    file (load_gguf_model); anything else is a hub name or a local directory for from_pretrained.
+    checkpointing=True: each decoder layer's activations recomputed in the backward
+    (parallel.enable_activation_checkpointing says when that works)."""
     attn = pick_attention(attn_implementation, device_type)
     if init_from == "scratch":
         cfg = scratch_config(vocab_size, **shape)
@@ -76,6 +79,8 @@ def load_model(init_from, vocab_size, attn_implementation="auto", device_type="c
     if model.get_input_embeddings().weight.shape[0] < vocab_size:
         # added special tokens (e.g. Coconut's three markers) need rows
         model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 def fresh_model(source, n_vocab, shape, seed, weights=None):

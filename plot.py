@@ -63,12 +63,14 @@ def draw(run_dirs, out):
               ("stopped", "share of rationales that stopped"), ("val/acc", "val accuracy")]
     if not latro:
         panels = [("loss", "training loss"), ("val_acc", "val accuracy (greedy)")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    rows = 1 if len(panels) <= 2 else 2
+    fig, axes = plt.subplots(rows, len(panels) // rows, figsize=(10, 3.6 * rows), squeeze=False)
+    axes = axes.flatten()
     for ax, (key, title) in zip(axes, panels):
         for name, rows in logs.items():
             steps, values = series(rows, key)
             ax.plot(steps, values, marker="o" if key.startswith("val") else None, ms=3, label=name)
-            if key == "val/acc":  # the SFT warm-up's evaluations, before LaTRO's step 0
+            if key == "val/acc":  # the SFT warm-up's evaluations, before LaTRO's step 0 (x < 0)
                 sft_steps, sft_acc = series(rows, "sft_val_acc")
                 if sft_steps:
                     ax.plot([s - sft_steps[-1] for s in sft_steps], sft_acc, ls=":",

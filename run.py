@@ -84,16 +84,18 @@ class Run:
     saves and its end. Every rank makes one and calls each method at the same point (the saves and
     the stop check are collectives under torchrun)."""
 
-    def __init__(self, script, config, *, resume_keys=(), scratch_keys=(), writes=True):
+    def __init__(self, script, config, *, resume_keys=(), scratch_keys=(), shape_keys=(),
+                 writes=True, results=False):
         """script: 'coconut' or 'latro'. Rank 0 claims out_dir before the process group, so that a
-        refusal ends every rank (writes=False: an evaluation that writes nothing; 'results': one
-        that writes a results file, so out_dir must be writable). The checkpoint
+        refusal ends every rank (writes=False: an evaluation; results=True: it writes a results
+        file, so out_dir must be writable). The checkpoint
         to start from: out_dir/ckpt.pt for init_from='resume' (this script's, its best.pt whole, the
         same resume_keys, and scratch_keys too when its model was built from scratch), or a .pt
-        file of this script given as init_from; else None."""
+        file of this script given as init_from; else None. self.shape: the model's shape_keys, the
+        checkpoint's own when it brings a model (its config's values apply, not this run's)."""
         self.script, self.config, self.out_dir = script, config, config["out_dir"]
         self.resuming = config["init_from"] == "resume"
-        if int(os.environ.get("RANK", 0)) == 0 and writes == "results":  # an evaluation's files
+        if int(os.environ.get("RANK", 0)) == 0 and not writes and results:
             checkpoints.check_writable(self.out_dir)
         elif int(os.environ.get("RANK", 0)) == 0 and writes:
             checkpoints.prepare_out_dir(self.out_dir, resume=self.resuming,
@@ -114,12 +116,16 @@ class Run:
             self.best = self.ckpt.get("best_val_acc", self.ckpt.get("best_dev_acc", -1.0))
         elif config["init_from"].endswith(".pt"):
             self.ckpt = checkpoints.load_run(config["init_from"], script)
+            shape = ", ".join(f"{k} {self.ckpt['config'][k]}" for k in shape_keys)
+            parallel.print0(f"model shape from {config['init_from']}: {shape} (the config's values "
+                            f"do not apply)")
+        self.shape = {k: (self.ckpt or {"config": config})["config"][k] for k in shape_keys}
         self.info = {"script": script, "config": config}  # in every checkpoint of this run
         self.frozen = {}  # {name: module}: weights that every ckpt.pt carries too (LaTRO's π0)
         self.stop = StopRequest()  # Ctrl-C / SIGTERM: a checkpoint at the next step boundary
         # the metrics log, one JSON object a line (rank 0): a resume keeps the lines its
         # checkpoint had seen and appends, so every step is in it exactly once
-        self.log_path = os.path.join(self.out_dir, "log.jsonl") if writes is True else None
+        self.log_path = os.path.join(self.out_dir, "log.jsonl") if writes else None
         self.log_lines, self._wandb = 0, None
         if self.log_path and self.rank == 0:
             self.log_lines = self.resumed("log_lines")
