@@ -58,6 +58,8 @@ def draw(run_dirs, out):
         raise UserError("plot.py needs matplotlib: pip install matplotlib (or pip install -r "
                         "requirements-test.txt)") from None
     logs = {os.path.basename(os.path.normpath(d)) or d: read_log(d) for d in run_dirs}
+    if os.path.dirname(out) and not os.path.isdir(os.path.dirname(out)):
+        raise UserError(f"--out={out}: no directory {os.path.dirname(out)!r}")
     latro = any("reward" in r for rows in logs.values() for r in rows)
     panels = [("reward", "reward (log π(y|x⊕z) − β·KL)"), ("kl", "KL to π0 (nats)"),
               ("stopped", "share of rationales that stopped"), ("val/acc", "val accuracy")]
@@ -101,10 +103,7 @@ def main(argv):
             dirs.append(arg)
     if not dirs:
         raise UserError("usage: python plot.py RUN_DIR [RUN_DIR ...] [--out=PNG]")
-    out = out or os.path.join(dirs[0], "curves.png")
-    if os.path.dirname(out) and not os.path.isdir(os.path.dirname(out)):
-        raise UserError(f"--out={out}: no directory {os.path.dirname(out)!r}")
-    print(f"wrote {draw(dirs, out)}")
+    print(f"wrote {draw(dirs, out or os.path.join(dirs[0], 'curves.png'))}")
 
 if __name__ == "__main__":
     exit_cleanly_on_user_error()
