@@ -40,8 +40,8 @@ import sys
 import tasks  # tasks.generate_split is looked up when called (tests replace it)
 from configurator import UserError
 from formats import GSM8K_SHOTS
-from loaders import (DataFileNotFound, gsm8k_val_rule, load_arc, load_gsm8k, load_gsm8k_aug,
-                     load_json, read_text)
+from loaders import (DataFileNotFound, gsm8k_val_rule, json_depth, load_arc, load_gsm8k,
+                     load_gsm8k_aug, load_json, read_text)
 from tasks import (DEFAULT_SIZES, GENERATORS, SPLIT_GENERATORS, check_task_options, same_question,
                    task_options)
 
@@ -284,10 +284,15 @@ def prontoqa_from_raw(path):
     ...}) read as the released `preprocessing/prontoqa.py` reads it, in file order: question =
     question + " " + query; steps = the chain_of_thought sentences joined two at a time with one
     space (an odd last one alone); answer as written. In-context examples are ignored."""
+    text = read_text(path)  # UTF-8 text, not gzip or UTF-16; a byte-order mark dropped
     try:
-        raw = json.loads(read_text(path))  # (read_text: UTF-8 text, not gzip or UTF-16)
+        raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except RecursionError:
+        depth, _, line = json_depth(text)
+        raise UserError(f"{path}: line {line}: JSON nested {depth} levels deep, deeper than "
+                        f"Python's json reader goes: fix the file") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected ProntoQA's raw JSON object {{\"example1\": "
                         f"{{\"test_example\": ...}}, ...}}, got a {type(raw).__name__}")

@@ -461,7 +461,7 @@ def read_predictions(path, task):
         raise UserError(f"predictions file not found: {path}")
     examples, outputs = [], []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is dropped
             lines = f.read().split("\n")
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text (a binary file?): give a JSON Lines file, "
@@ -476,6 +476,9 @@ def read_predictions(path, task):
             r = json.loads(line)
         except json.JSONDecodeError as e:
             raise _row_error(path, row, f"invalid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise _row_error(path, row, "JSON nested deeper than Python's json reader goes: fix "
+                                        "the row") from None
         example, output = read_prediction(r, path, row, task)
         examples.append(example)
         outputs.append(output)

@@ -76,8 +76,29 @@ FILES = {
     "v_test.jsonl": jsonl({"question": "r?", "answer": "2"}),
     "e_test.jsonl": jsonl({"question": "r?", "answer": "2"}),
     "array.jsonl": json.dumps([GOOD], indent=1) + "\n",
+    "deeppreds.jsonl": jsonl('{"answer": "7", "output": ' + "[" * 200_000 + "]" * 200_000 + "}"),
     "pq_nocot.json": json.dumps({"example1": {"test_example": {
         "question": "Rex is hot.", "query": "True or false: Rex is hot.", "answer": "True"}}}),
+    # the word vocabulary's special tokens as text, in each field
+    "eosq_train.jsonl": jsonl({"question": "q <eos> ?", "answer": "1"}),
+    "padstep_train.jsonl": jsonl({"question": "q?", "answer": "1"},
+                                 {"question": "r?", "steps": ["a", "b<pad>"], "answer": "1"}),
+    "unkans_train.json": json.dumps([{"question": "q?", "answer": "<unk>"}]),
+    "bosopt_test.jsonl": jsonl({**ARC_ROW, "answerKey": "A"}, {**ARC_ROW, "answerKey": "A",
+                                "choices": {"text": ["x", "<bos>y"], "label": ["A", "B"]}}),
+    "aug_eos_train.txt": "q1||<<1+1=2>> #### 2\nq2 <eos>||<<1+2=3>> #### 3\n",
+    # GSM8K golds whose commas are not thousands groups
+    "commas_test.jsonl": jsonl({"question": "q?", "answer": "1+2=3\n#### 1,2,3"}),
+    "commas2_test.jsonl": jsonl({"question": "q?", "answer": "#### 1,234"},
+                                {"question": "r?", "answer": "#### 12,34"}),
+    # rows json cannot read (RecursionError), ARC options json reads but no check could use
+    "deep_train.json": '[{"question": "q?", "answer": "1"},\n {"question": ' + "[" * 200_000
+                       + "]" * 200_000 + ', "answer": "1"}]',
+    "deep_train.jsonl": jsonl({"question": "q?", "answer": "1"},
+                              '{"question": ' + "[" * 200_000 + "]" * 200_000 + "}"),
+    "arcnum_test.jsonl": jsonl({**ARC_ROW, "choices": {"text": [1, 2.5], "label": ["A", "B"]}}),
+    "arcdup_test.jsonl": jsonl(ARC_ROW, {**ARC_ROW, "choices": {"text": ["x", "y"],
+                                                               "label": ["B", "B"]}}),
 }
 
 # files that are not UTF-8 text
@@ -85,6 +106,9 @@ BYTES = {
     "utf16_train.json": '[{"question": "q?", "answer": "1"}]'.encode("utf-16"),
     "gz_train.json": gzip.compress(b'[{"question": "q?", "answer": "1"}]'),
     "binary.jsonl": bytes(range(256)) * 4,
+    # UTF-16 without its byte-order mark, in both byte orders
+    "u16le_train.jsonl": jsonl({"question": "q?", "answer": "1"}).encode("utf-16-le"),
+    "u16be_train.txt": "q1||<<1+1=2>> #### 2\n".encode("utf-16-be"),
 }
 
 EVAL = ["evaluate.py", "--task", "gsm8k", "--preds"]
@@ -103,6 +127,8 @@ CLI_CASES = [
     (EVAL + ["{tmp}/array.jsonl"], "array.jsonl holds a JSON array over several lines, not JSON "
                                    "Lines"),
     (EVAL + ["{tmp}/noanswer.jsonl"], "noanswer.jsonl: row 1: needs 'answer' and 'output'"),
+    (EVAL + ["{tmp}/deeppreds.jsonl"], "deeppreds.jsonl: row 1: JSON nested deeper than Python's "
+                                       "json reader goes: fix the row"),
     (EVAL + ["{tmp}/intoutput.jsonl"], "row 2: 'output' must be a string, got int"),
     (EVAL + ["{tmp}/emptyoutputs.jsonl"], "row 1: 'outputs' must be a non-empty list of strings"),
     (EVAL + ["{tmp}/mixedoutputs.jsonl"], "row 1: 'outputs' must be a non-empty list of strings"),
@@ -297,6 +323,48 @@ LOADER_CASES = [
                                                    "max_hops=2: give min <= max"),
     (load("prosqa_small", min_hops="two"), "task_options min_hops='two': task 'prosqa_small' "
                                            "expects int"),
+    # issue 30: the word vocabulary's special tokens as text, named by file, row and field
+    (load("json", path="{tmp}/eosq_train.jsonl"),
+     "eosq_train.jsonl: row 1: holds '<eos>', a special token of the word vocabulary, in its "
+     "question: remove it"),
+    (load("json", path="{tmp}/padstep_train.jsonl"),
+     "padstep_train.jsonl: row 2: holds '<pad>', a special token of the word vocabulary, in its "
+     "step 2"),
+    (load("json", path="{tmp}/unkans_train.json"), "unkans_train.json: row 1: holds '<unk>', a "
+                                                  "special token of the word vocabulary, in its "
+                                                  "answer"),
+    (load("arc", "test", path="{tmp}/bosopt_test.jsonl"),
+     "bosopt_test.jsonl: row 2: holds '<bos>', a special token of the word vocabulary, in its "
+     "option B"),
+    (load("gsm8k_aug", path="{tmp}/aug_eos_train.txt"),
+     "aug_eos_train.txt: row 2: holds '<eos>', a special token of the word vocabulary, in its "
+     "question"),
+    # issue 30: a GSM8K gold's commas are thousands groups
+    (load("gsm8k", "test", path="{tmp}/commas_test.jsonl"),
+     "commas_test.jsonl: row 1: answer '1,2,3' after '####' has commas that are not thousands "
+     "groups (1,234 or 1,234,567): fix the number"),
+    (load("gsm8k", "test", path="{tmp}/commas2_test.jsonl"),
+     "commas2_test.jsonl: row 2: answer '12,34' after '####' has commas that are not thousands "
+     "groups"),
+    # issue 30: JSON nested deeper than json reads, for a list file and a JSON Lines file
+    (load("json", path="{tmp}/deep_train.json"),
+     "deep_train.json: row 2 (line 2): JSON nested 200002 levels deep, deeper than Python's json "
+     "reader goes"),
+    (load("json", path="{tmp}/deep_train.jsonl"),
+     "deep_train.jsonl: row 2: JSON nested 200001 levels deep, deeper than Python's json reader "
+     "goes"),
+    # issue 30: ARC options that are numbers (refused, not guessed at) or share a label
+    (load("arc", "test", path="{tmp}/arcnum_test.jsonl"),
+     "arcnum_test.jsonl: row 1: option text 1 is not a string (JSON int): write every label and "
+     "text in quotes (\"1\")"),
+    (load("arc", "test", path="{tmp}/arcdup_test.jsonl"),
+     "arcdup_test.jsonl: row 2: duplicate label 'B' in the choices ['B', 'B']: give each option "
+     "its own label"),
+    # issue 30: UTF-16 without a byte-order mark, the message of UTF-16 with one
+    (load("json", path="{tmp}/u16le_train.jsonl"), "u16le_train.jsonl is UTF-16 text: save it as "
+                                                   "UTF-8"),
+    (load("gsm8k_aug", path="{tmp}/u16be_train.txt"), "u16be_train.txt is UTF-16 text: save it "
+                                                      "as UTF-8"),
 ]
 
 
@@ -391,3 +459,65 @@ def test_numeric_answers_are_scored_as_their_text(tmp_path):
                            {"answer": 3, "output": "The answer is 4."}))
     r = run(["evaluate.py", "--task", "gsm8k", "--preds", str(preds)], str(tmp_path))
     assert r.returncode == 0 and r.stdout == "gsm8k: 3/4 correct = 0.7500\n", r.stderr
+
+
+def test_a_utf8_byte_order_mark_is_dropped_so_row_1_meets_every_check(tmp_path):
+    # issue 30: the BOM stayed on row 1's question, and the 8-shot and split-overlap checks missed it
+    from formats import GSM8K_SHOTS
+    shot = {"question": GSM8K_SHOTS[0][0], "answer": GSM8K_SHOTS[0][2]}
+    (tmp_path / "d_test.jsonl").write_bytes(b"\xef\xbb\xbf" + jsonl(shot).encode())
+    (tmp_path / "d_train.jsonl").write_text(jsonl(shot, {"question": "q?", "answer": "1"}))
+    test = data.load_task("json", "test", path=str(tmp_path / "d_{split}.jsonl"))
+    assert test[0]["question"] == shot["question"]
+    with pytest.raises(UserError, match="the test split holds 1 question"):
+        data.check_shots_unseen({"train": [], "val": [], "test": test})
+    train = data.load_task("json", "train", path=str(tmp_path / "d_{split}.jsonl"))
+    with pytest.raises(UserError, match=r"questions found in two splits \(train/test 1\)"):
+        data.check_split_overlap({"train": train, "test": test})
+    aug = tmp_path / "bom_train.txt"
+    aug.write_bytes(b"\xef\xbb\xbfq1||<<1+1=2>> #### 2\n")
+    assert data.load_task("gsm8k_aug", "train", path=str(aug))[0]["question"] == "q1"
+
+
+def small_hf_tokenizer(path):
+    """A Hugging Face tokenizer (WordPiece, not word-level) with eos '</s>' and an added special
+    token '<|im_end|>', saved and loaded as a hub tokenizer is."""
+    from tokenizers import Tokenizer as RustTokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = "<s> </s> <unk> hello world".split()
+    rust = RustTokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    rust.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=rust, bos_token="<s>", eos_token="</s>",
+                                 unk_token="<unk>")
+    hf.add_tokens(["<|im_end|>"], special_tokens=True)
+    hf.save_pretrained(path)
+    return vocab.build_tokenizer(str(path), [])
+
+
+@pytest.mark.parametrize("field, text, named", [
+    ("question", "hello <|im_end|> world", "in its question ('hello <|im_end|> world')"),
+    ("steps", ["a", "b </s>"], "in its step 2 ('b </s>')"),
+    ("answer", "<s>7", "in its answer ('<s>7')"),
+])
+def test_a_tokenizers_own_special_tokens_in_the_data_are_refused(tmp_path, field, text, named):
+    # issue 30: vocab.check_no_special_text, which the scripts call after build_tokenizer
+    tok = small_hf_tokenizer(tmp_path / "tok")
+    good = {"question": "hello world", "steps": [], "answer": "7"}
+    splits = {"train": [good], "val": [good], "test": [good, {**good, field: text}]}
+    vocab.check_no_special_text(tok, splits["train"])                   # clean data: no error
+    token = re.search(r"<\|im_end\|>|</s>|<s>", str(text))[0]
+    with pytest.raises(UserError) as e:
+        vocab.check_no_special_text(tok, splits)
+    assert str(e.value) == (f"the test split's example 2 holds {token!r} {named}, a special token "
+                            f"of tokenizer {str(tmp_path / 'tok')!r}: it would be read as that "
+                            f"token; remove it from the data")
+    with pytest.raises(UserError, match=r"^example 2 holds"):               # a plain list
+        vocab.check_no_special_text(tok, splits["test"])
+
+
+def test_the_word_vocabularys_special_tokens_are_checked_the_same_way():
+    words = vocab.build_tokenizer("words", [{"question": "a b", "steps": [], "answer": "c"}])
+    vocab.check_no_special_text(words, [{"question": "a b", "steps": [], "answer": "c"}])
+    with pytest.raises(UserError, match="example 1 holds '<eos>' in its option B"):
+        vocab.check_no_special_text(words, [{"question": "a", "steps": [], "answer": "c",
+                                             "options": [("A", "c"), ("B", "<eos>")]}])

@@ -411,3 +411,11 @@ def test_the_released_checker_keeps_float_semantics_at_the_extremes_without_rais
                                       {"answer": "0"}, checker="fixed")
     # a gold with an exponent: its number finder reads no exponent ('1e9999999' -> 9999999)
     assert evaluate.released_number_correct("1e9999999", "The answer is 9999999.")
+
+
+def test_a_predictions_file_with_a_utf8_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "preds.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"answer": "7", "output": "The answer is 7."})
+                     .encode() + b"\n")
+    examples, outputs = evaluate.read_predictions(str(path), "gsm8k")
+    assert examples[0]["answer"] == "7" and outputs == ["The answer is 7."]
