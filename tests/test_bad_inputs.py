@@ -323,6 +323,41 @@ LOADER_CASES = [
                                                    "max_hops=2: give min <= max"),
     (load("prosqa_small", min_hops="two"), "task_options min_hops='two': task 'prosqa_small' "
                                            "expects int"),
+    # issue 30: each generator's options bounded, before any example is drawn
+    (load("multiplication", digits=0), "task_options for multiplication: digits=0: give digits "
+                                       ">= 1"),
+    (load("multiplication", digits=3000), "task_options for multiplication: digits=3000: "
+                                          "products of more than 4300 digits exceed Python's"),
+    (load("prontoqa", hops=0), "task_options for prontoqa: hops=0: give 1 <= hops <= 15"),
+    (load("prontoqa", hops=16), "task_options for prontoqa: hops=16: give 1 <= hops <= 15 (a "
+                                "chain of hops concepts and a distractor chain of 2 use 17"),
+    (load("prosqa", hop_weights=(0, 0, 0, 0)),
+     "task_options for prosqa: hop_weights=(0, 0, 0, 0): weights are shares of the hop counts: "
+     "give numbers >= 0, not all 0"),
+    (load("prosqa", hop_weights=(1, -1, 1, 1)), "hop_weights=(1, -1, 1, 1): weights are shares"),
+    (load("prosqa_small", hop_weights=[0, 0, 0]), "task_options for prosqa_small: "
+                                                  "hop_weights=[0, 0, 0]: weights are shares"),
+    (load("prosqa", hop_weights=(1, 2)), "task_options for prosqa: hop_weights=(1, 2) needs one "
+                                         "weight per hop count 3..6 (4), got 2"),
+    (load("prosqa", hop_weights=3), "hop_weights=3: give a list of 4 numbers, the share of "
+                                    "questions of each hop count 3..6"),
+    (load("prosqa", min_nodes=0), "task_options for prosqa: min_nodes=0: a graph has two roots "
+                                  "at least; give min_nodes >= 2"),
+    (load("prosqa_small", min_hops=0), "min_hops=0: an answer is one hop away at least"),
+    (load("kgraph", entities=1), "task_options for kgraph: needs entities >= 2, relations >= 1 "
+                                 "and 1 <= held_out < entities, got entities=1"),
+    (load("kgraph", held_out=200), "1 <= held_out < entities, got entities=200, relations=4, "
+                                   "held_out=200"),
+    (load("kgraph", relations=0), "got entities=200, relations=0, held_out=40"),
+    (load("kgraph", hops=1), "task_options for kgraph: hops=1: give hop counts >= 2"),
+    (load("kgraph", hops=(2, 2.5)), "hops=(2, 2.5): give hop counts >= 2 (an int or a list"),
+    (load("kgraph", val_share=1.0), "needs 0 < val_share < 1 and fact_repeat >= 1, got "
+                                    "val_share=1.0"),
+    (load("kgraph", fact_repeat=0), "got val_share=0.2, fact_repeat=0"),
+    (load("kgraph", hops=(10,)), "hops=(10,), fact_repeat=3 make more than 5,000,000 training "
+                                 "questions: give fewer"),
+    (load("modsum", terms=0), "task_options for modsum: terms=0: give terms >= 1"),
+    (load("modsum", modulus=0), "task_options for modsum: modulus=0: give modulus >= 2"),
     # issue 30: the word vocabulary's special tokens as text, named by file, row and field
     (load("json", path="{tmp}/eosq_train.jsonl"),
      "eosq_train.jsonl: row 1: holds '<eos>', a special token of the word vocabulary, in its "
@@ -521,3 +556,15 @@ def test_the_word_vocabularys_special_tokens_are_checked_the_same_way():
     with pytest.raises(UserError, match="example 1 holds '<eos>' in its option B"):
         vocab.check_no_special_text(words, [{"question": "a", "steps": [], "answer": "c",
                                              "options": [("A", "c"), ("B", "<eos>")]}])
+
+
+@pytest.mark.parametrize("task, options", [
+    ("prontoqa", {"hops": 1}), ("prontoqa", {"hops": 15}), ("multiplication", {"digits": 1}),
+    ("modsum", {"terms": 1, "modulus": 2}), ("prosqa_small", {"hop_weights": None}),
+    ("prosqa_small", {"hop_weights": [0, 0, 1]}), ("prosqa_small", {"min_nodes": 2}),
+    ("kgraph", {"entities": 2, "held_out": 1, "relations": 1}),
+])
+def test_the_edges_of_the_generator_option_bounds_are_accepted(task, options):
+    # issue 30: the one value past each bound is refused in LOADER_CASES; the bound itself works
+    tasks.check_task_options(task, options)
+    assert len(data.load_task(task, "train", n=2, **options)) == 2
