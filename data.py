@@ -356,9 +356,9 @@ def prepare_gsm8k_aug(raw_path, out_path):
     return {out_path: len(examples)}
 
 
-USAGE = ("usage: python data.py TASK [SPLIT] [N] (a look at N examples) | python data.py prepare "
-         "prontoqa RAW.json OUT_DIR [--sizes=TRAIN,VALID] | python data.py prepare gsm8k_aug "
-         "RAW.txt OUT.json")
+USAGE = ("usage: python data.py TASK [SPLIT] [N] [--data_path=PATH] (a look at N examples) | "
+         "python data.py prepare prontoqa RAW.json OUT_DIR [--sizes=TRAIN,VALID] | python data.py "
+         "prepare gsm8k_aug RAW.txt OUT.json")
 
 
 def parse_sizes(text):
@@ -399,13 +399,16 @@ def main(argv):
     prepare (prepare_main)."""
     if argv[:1] == ["prepare"]:
         return prepare_main(argv[1:])
+    paths = [a.split("=", 1)[1] for a in argv if a.startswith("--data_path=")]
+    argv = [a for a in argv if not a.startswith("--data_path=")]  # local files, as in the scripts
+    path = paths[-1] if paths else ""
     if not 1 <= len(argv) <= 3 or argv[0].startswith("-"):
         raise UserError(USAGE)
     split = argv[1] if len(argv) > 1 else "train"
     if len(argv) > 2 and not argv[2].isdigit():
         raise UserError(f"N={argv[2]!r} is not a count; {USAGE}")
     n = int(argv[2]) if len(argv) > 2 else 3
-    for ex in load_task(argv[0], split, n=n):
+    for ex in load_task(argv[0], split, n=n, path=path):
         print(json.dumps({k: ex[k] for k in ("question", "steps", "answer")}, indent=1))
 
 

@@ -226,6 +226,29 @@ def _hub_datasets(name):
     return datasets
 
 
+# what a local file in place of each hub dataset looks like (one JSON object per line)
+LOCAL_FORMATS = {
+    "gsm8k": ("data/gsm8k_{split}.jsonl",
+              '{"question": "...", "answer": "<solution lines>\\n#### 42"}'),
+    "arc": ("data/arc_{split}.jsonl", '{"question": "...", "choices": {"text": ["...", ...], '
+                                      '"label": ["A", ...]}, "answerKey": "A"}'),
+}
+
+
+def load_hub(name, repo, config, split):
+    """One split of a hub dataset through `datasets`; offline, not cached or not found (the
+    ConnectionError / OSError load_dataset raises) is one line saying how to give local files."""
+    datasets = _hub_datasets(name)
+    try:
+        return datasets.load_dataset(repo, config, split=split)
+    except OSError as e:  # ConnectionError offline, FileNotFoundError for a dataset not found
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        example, row = LOCAL_FORMATS[name]
+        raise UserError(f"{name}: the hub's {repo} cannot be loaded ({reason}); without the "
+                        f"network give local files, one per split: --data_path={example} "
+                        f"(load_task: path=), one JSON object per line: {row}") from None
+
+
 def gsm8k_val_rule(rows, split, where):
     """The hub's rule for GSM8K's missing val split, applied to the training rows (printed)."""
     if len(rows) <= GSM8K_VAL_TAIL:
@@ -245,9 +268,7 @@ def load_gsm8k(split, path=""):
         for row, r in rows:
             _check_fields(r, ("question", "answer"), path, row)
         return [gsm8k_example(r["question"], r["answer"], path, row) for row, r in rows]
-    datasets = _hub_datasets("gsm8k")
-    hub = datasets.load_dataset("openai/gsm8k", "main",
-                                split="test" if split == "test" else "train")
+    hub = load_hub("gsm8k", "openai/gsm8k", "main", "test" if split == "test" else "train")
     rows = list(enumerate(hub, 1))
     if split != "test":
         rows = gsm8k_val_rule(rows, split, "the hub (openai/gsm8k)")
@@ -329,7 +350,6 @@ def load_arc(split, path=""):
     """ARC-Challenge from a local jsonl or the hub (`allenai/ai2_arc`, config ARC-Challenge)."""
     if path:
         return [arc_example(r, path, row) for row, r in read_rows(path)]
-    datasets = _hub_datasets("arc")
     hub_split = {"train": "train", "val": "validation", "test": "test"}[split]
-    hub = datasets.load_dataset("allenai/ai2_arc", "ARC-Challenge", split=hub_split)
+    hub = load_hub("arc", "allenai/ai2_arc", "ARC-Challenge", hub_split)
     return [arc_example(dict(r), "allenai/ai2_arc", row) for row, r in enumerate(hub, 1)]

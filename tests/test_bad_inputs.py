@@ -230,6 +230,28 @@ def no_datasets(tmp):
     return data.load_task("gsm8k", "train")
 
 
+def fake_datasets(error):
+    """A `datasets` module whose load_dataset raises `error`, as the real one raises offline (a
+    ConnectionError) or for a dataset it cannot find (an OSError)."""
+    def load_dataset(*args, **kwargs):
+        raise error
+
+    module = type(sys)("datasets")
+    module.load_dataset = load_dataset
+    return module
+
+
+def offline(task, split, error):
+    """A case that loads a hub dataset with load_dataset raising `error`."""
+    def call(tmp):
+        sys.modules["datasets"] = fake_datasets(error)  # restored by the test
+        return data.load_task(task, split)
+    return call
+
+
+OFFLINE = ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (OfflineModeIsEnabled)")
+
+
 def empty_val(tmp):
     return data.load_splits("json", (0, 0, 0), path=f"{tmp}/e_{{split}}.jsonl")
 
@@ -274,6 +296,19 @@ LOADER_CASES = [
     (load("json"), "task 'json' needs path= local files, one per split"),
     (load("gsm8k_aug"), "task 'gsm8k_aug' needs path= local files, one per split"),
     (no_datasets, "loading gsm8k from the hub needs `pip install datasets`"),
+    # issue 30: the hub out of reach: how to give local files instead, with their format
+    (offline("gsm8k", "train", OFFLINE),
+     "gsm8k: the hub's openai/gsm8k cannot be loaded (Couldn't reach 'openai/gsm8k' on the Hub "
+     "(OfflineModeIsEnabled)); without the network give local files, one per split: "
+     "--data_path=data/gsm8k_{split}.jsonl (load_task: path=), one JSON object per line: "
+     "{\"question\": \"...\", \"answer\": \"<solution lines>\\n#### 42\"}"),
+    (offline("gsm8k", "test", OSError("[Errno -2] Name or service not known")),
+     "gsm8k: the hub's openai/gsm8k cannot be loaded ([Errno -2] Name or service not known)"),
+    (offline("arc", "val", FileNotFoundError("Dataset 'allenai/ai2_arc' doesn't exist")),
+     "arc: the hub's allenai/ai2_arc cannot be loaded (Dataset 'allenai/ai2_arc' doesn't exist); "
+     "without the network give local files, one per split: --data_path=data/arc_{split}.jsonl "
+     "(load_task: path=), one JSON object per line: {\"question\": \"...\", \"choices\": "
+     "{\"text\": "),
     # which file serves which split: no leakage
     (load("json", path="{tmp}/mydata.jsonl"), "mydata.jsonl names no split, and one file for"),
     (load("json", "test", path="{tmp}/mydata.jsonl"), "mydata.jsonl names no split"),
@@ -568,3 +603,23 @@ def test_the_edges_of_the_generator_option_bounds_are_accepted(task, options):
     # issue 30: the one value past each bound is refused in LOADER_CASES; the bound itself works
     tasks.check_task_options(task, options)
     assert len(data.load_task(task, "train", n=2, **options)) == 2
+
+
+def test_data_py_offline_is_one_line_saying_how_to_give_local_files(tmp, tmp_path, monkeypatch):
+    # issue 30: `python data.py gsm8k train 3` without network; in process with load_dataset
+    # raising what it raises offline, then as a real process with the hub really out of reach
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets(OFFLINE))
+    r = run_main("data.py", ["gsm8k", "train", "3"], cwd=tmp_path)
+    assert r.code == 1 and "--data_path=data/gsm8k_{split}.jsonl" in str(r.error), r.out
+    monkeypatch.undo()
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf")}
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "gsm8k", "train", "3"],
+                       cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert_one_clear_line(p, "gsm8k: the hub's openai/gsm8k cannot be loaded (", tmp)
+    assert "--data_path=data/gsm8k_{split}.jsonl (load_task: path=)" in p.stderr
+    # and the way out it names works: the same look at a local file
+    local = tmp_path / "gsm8k_train.jsonl"
+    local.write_text(jsonl({"question": "q?", "answer": "1+1=2\n#### 2"}))
+    r = run_main("data.py", ["gsm8k", "train", "1", f"--data_path={local}"], cwd=tmp_path)
+    assert r.code == 0 and '"answer": "2"' in r.out, r.out
