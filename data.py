@@ -315,14 +315,59 @@ def prontoqa_from_raw(path):
 
 
 def write_json(examples, path):
-    """A list of examples as the released conversions write it (json.dump, its default format)."""
+    """A list of examples as the released conversions write it (json.dump, its default format),
+    atomically (write_json_files)."""
+    write_json_files({path: examples})
+
+
+def write_json_files(parts):
+    """{path: examples}, each written as the released conversions write it (json.dump, its default
+    format), all or none: every file goes to a temporary file beside it first, then each is
+    renamed over its path (os.replace). A failure (a full disk, a read-only directory, an
+    interruption) removes the temporary files and keeps the files that were there before."""
+    temps, path = {}, None
     try:
-        if os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(examples, f)
+        for path, examples in parts.items():
+            temps[path] = _write_temp(examples, path)
+        for path, temp in temps.items():
+            os.replace(temp, path)
     except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror})") from None
+        raise UserError(f"cannot write {path} ({e.strerror or e}); a file already there is kept "
+                        f"as it was") from None
+    finally:
+        for temp in temps.values():
+            if os.path.exists(temp):
+                os.remove(temp)
+
+
+def _write_temp(examples, path):
+    """examples json.dump-ed to a new temporary file beside path, synced; its name. Removed again
+    when the write fails."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    temp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "w", encoding="utf-8") as f:
+            json.dump(examples, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+    return temp
+
+
+def check_not_the_input(raw_path, out_paths):
+    """No output may be the raw input file (the same path, or a link to it): writing it would
+    destroy the input before the conversion is known to be right."""
+    for out in out_paths:
+        same = os.path.realpath(out) == os.path.realpath(raw_path)
+        if not same and os.path.exists(out) and os.path.exists(raw_path):
+            same = os.path.samefile(out, raw_path)
+        if same:
+            raise UserError(f"the output {out} is the input file {raw_path}: it would be "
+                            f"overwritten; write the converted file to another path")
 
 
 def prepare_prontoqa(raw_path, out_dir, sizes=PRONTOQA_SIZES):
@@ -331,6 +376,12 @@ def prepare_prontoqa(raw_path, out_dir, sizes=PRONTOQA_SIZES):
     (file order, no shuffle, no dedup). A question in two splits is printed (the runs refuse such
     files unless allow_split_overlap=True). Returns {path: examples written}."""
     n_train, n_val = sizes
+    if os.path.isfile(out_dir):
+        raise UserError(f"OUT_DIR {out_dir} is a file: prepare prontoqa writes "
+                        f"prontoqa_{{train,valid,test}}.json into a directory")
+    paths = {split: os.path.join(out_dir, f"prontoqa_{split}.json")
+             for split in ("train", "valid", "test")}
+    check_not_the_input(raw_path, paths.values())
     examples = prontoqa_from_raw(raw_path)
     if len(examples) <= n_train + n_val:
         raise UserError(f"{raw_path}: {len(examples)} examples, too few for {n_train} train + "
@@ -340,17 +391,14 @@ def prepare_prontoqa(raw_path, out_dir, sizes=PRONTOQA_SIZES):
              "test": examples[n_train + n_val:]}
     if check_split_overlap(parts, allow_overlap=True):
         print("note: runs on these files stop at the overlap unless --allow_split_overlap=True")
-    written = {}
-    for split, part in parts.items():
-        path = os.path.join(out_dir, f"prontoqa_{split}.json")
-        write_json(part, path)
-        written[path] = len(part)
-    return written
+    write_json_files({paths[split]: part for split, part in parts.items()})
+    return {paths[split]: len(part) for split, part in parts.items()}
 
 
 def prepare_gsm8k_aug(raw_path, out_path):
     """The released iCoT conversion (`preprocessing/gsm_icot.py`) of one split's text file to the
     unified JSON the GSM8k presets read (data/gsm_{split}.json). Returns {path: examples}."""
+    check_not_the_input(raw_path, [out_path])
     examples = load_gsm8k_aug(raw_path)
     write_json(examples, out_path)
     return {out_path: len(examples)}

@@ -76,6 +76,8 @@ FILES = {
     "v_test.jsonl": jsonl({"question": "r?", "answer": "2"}),
     "e_test.jsonl": jsonl({"question": "r?", "answer": "2"}),
     "array.jsonl": json.dumps([GOOD], indent=1) + "\n",
+    "aug_ok_train.txt": "q1||<<1+1=2>> #### 2\n",
+    "prontoqa_train.json": '{"example1": {}}',
     "deeppreds.jsonl": jsonl('{"answer": "7", "output": ' + "[" * 200_000 + "]" * 200_000 + "}"),
     "pq_nocot.json": json.dumps({"example1": {"test_example": {
         "question": "Rex is hot.", "query": "True or false: Rex is hot.", "answer": "True"}}}),
@@ -154,6 +156,19 @@ CLI_CASES = [
      "aug_train.txt: row 2: no '||' between"),
     (["data.py", "prepare", "gsm8k", "{tmp}/mydata.jsonl", "{tmp}/x.json"],
      "usage: python data.py TASK [SPLIT] [N]"),
+    # issue 30: prepare never writes over its input
+    (["data.py", "prepare", "gsm8k_aug", "{tmp}/aug_ok_train.txt", "{tmp}/aug_ok_train.txt"],
+     "the output {tmp}/aug_ok_train.txt is the input file {tmp}/aug_ok_train.txt: it would be "
+     "overwritten; write the converted file to another path"),
+    (["data.py", "prepare", "gsm8k_aug", "{tmp}/aug_ok_train.txt", "{tmp}/./aug_ok_train.txt"],
+     "the output {tmp}/./aug_ok_train.txt is the input file {tmp}/aug_ok_train.txt"),
+    (["data.py", "prepare", "prontoqa", "{tmp}/prontoqa_train.json", "{tmp}"],
+     "the output {tmp}/prontoqa_train.json is the input file {tmp}/prontoqa_train.json"),
+    (["data.py", "prepare", "prontoqa", "{tmp}/pq_nocot.json", "{tmp}/pq_nocot.json"],
+     "OUT_DIR {tmp}/pq_nocot.json is a file: prepare prontoqa writes "
+     "prontoqa_{train,valid,test}.json into a directory"),
+    (["data.py", "prepare", "gsm8k_aug", "{tmp}/aug_ok_train.txt", "{tmp}/preds.jsonl/x.json"],
+     "cannot write {tmp}/preds.jsonl/x.json (File exists); a file already there is kept"),
     # coconut.py / latro.py cases go here: (["latro.py", "--n_train=-5"], "n_train"), ...
     # latro.py: all found by the up-front check, before data, model or out_dir (more in
     # test_latro.py's CONFIG_ERRORS, which call the check directly)
@@ -623,3 +638,67 @@ def test_data_py_offline_is_one_line_saying_how_to_give_local_files(tmp, tmp_pat
     local.write_text(jsonl({"question": "q?", "answer": "1+1=2\n#### 2"}))
     r = run_main("data.py", ["gsm8k", "train", "1", f"--data_path={local}"], cwd=tmp_path)
     assert r.code == 0 and '"answer": "2"' in r.out, r.out
+
+
+def dump_that_fails_midway(error):
+    """json.dump that writes the first half of its text, then raises `error` (a full disk)."""
+    def dump(obj, f, **kwargs):
+        text = json.dumps(obj, **kwargs)
+        f.write(text[:len(text) // 2])
+        f.flush()
+        raise error
+    return dump
+
+
+def leftovers(folder):
+    return sorted(n for n in os.listdir(folder) if n.endswith(".tmp"))
+
+
+def test_prepare_writes_atomically_and_keeps_the_old_file_when_a_write_fails(tmp_path,
+                                                                             monkeypatch):
+    # issue 30: a temp file beside the output, then os.replace; a failure keeps the previous file
+    import errno
+    raw = tmp_path / "valid.txt"
+    raw.write_text("q1||<<1+1=2>> #### 2\nq2||<<2+2=4>> #### 4\n")
+    out = tmp_path / "out" / "gsm_valid.json"
+    data.main(["prepare", "gsm8k_aug", str(raw), str(out)])
+    before = out.read_text()
+    raw.write_text("q3||<<3+3=6>> #### 6\n")
+    full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(json, "dump", dump_that_fails_midway(full))
+    with pytest.raises(UserError, match=r"cannot write .*gsm_valid.json \(No space left on "
+                                        r"device\); a file already there is kept as it was"):
+        data.main(["prepare", "gsm8k_aug", str(raw), str(out)])
+    assert out.read_text() == before and leftovers(out.parent) == []
+    # an interruption (or a bug) midway: it goes on up, and the same holds
+    monkeypatch.setattr(json, "dump", dump_that_fails_midway(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        data.main(["prepare", "gsm8k_aug", str(raw), str(out)])
+    assert out.read_text() == before and leftovers(out.parent) == []
+    monkeypatch.undo()
+    data.main(["prepare", "gsm8k_aug", str(raw), str(out)])
+    assert json.loads(out.read_text())[0]["question"] == "q3" and leftovers(out.parent) == []
+
+
+def test_prepare_prontoqa_writes_its_three_files_all_or_none(tmp_path, monkeypatch):
+    import errno
+    raw = {f"example{i}": {"test_example": {
+        "question": f"Rex{i} is hot.", "query": f"True or false: Rex{i} is hot.",
+        "chain_of_thought": [f"Rex{i} is hot."], "answer": "True"}} for i in range(1, 6)}
+    raw_path = tmp_path / "raw.json"
+    raw_path.write_text(json.dumps(raw))
+    out = tmp_path / "pq"
+    data.prepare_prontoqa(str(raw_path), str(out), (2, 1))
+    before = {p.name: p.read_text() for p in out.iterdir()}
+    calls, dump = [], json.dump
+
+    def third_fails(obj, f, **kwargs):                        # train and valid written, test not
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.EROFS, "Read-only file system")
+        dump(obj, f, **kwargs)
+
+    monkeypatch.setattr(json, "dump", third_fails)
+    with pytest.raises(UserError, match=r"prontoqa_test.json \(Read-only file system\)"):
+        data.prepare_prontoqa(str(raw_path), str(out), (1, 1))
+    assert {p.name: p.read_text() for p in out.iterdir()} == before   # no file replaced, no temp
