@@ -547,7 +547,7 @@ def test_numeric_answers_are_scored_as_their_text(tmp_path):
 
 
 def test_a_utf8_byte_order_mark_is_dropped_so_row_1_meets_every_check(tmp_path):
-    # issue 30: the BOM stayed on row 1's question, and the 8-shot and split-overlap checks missed it
+    # issue 30: the BOM stayed on row 1's question; the 8-shot and split-overlap checks missed it
     from formats import GSM8K_SHOTS
     shot = {"question": GSM8K_SHOTS[0][0], "answer": GSM8K_SHOTS[0][2]}
     (tmp_path / "d_test.jsonl").write_bytes(b"\xef\xbb\xbf" + jsonl(shot).encode())
