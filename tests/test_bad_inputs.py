@@ -169,6 +169,25 @@ CLI_CASES = [
      "prontoqa_{train,valid,test}.json into a directory"),
     (["data.py", "prepare", "gsm8k_aug", "{tmp}/aug_ok_train.txt", "{tmp}/preds.jsonl/x.json"],
      "cannot write {tmp}/preds.jsonl/x.json (File exists); a file already there is kept"),
+    # issue 30: bench.py's options, checked before minutes of measuring (and before out_json)
+    (["bench.py", "--sections=coconut_trian"],
+     "sections='coconut_trian': 'coconut_trian' is unknown; did you mean coconut_train?"),
+    (["bench.py", "--sections=memory,mfu,latro"], "'latro' is unknown; did you mean latro_step?"),
+    (["bench.py", "--sections="], "sections='': give one or more of coconut_train, coconut_eval"),
+    (["bench.py", "--sizes=tiny,gtp2"], "sizes='tiny,gtp2': 'gtp2' is unknown; did you mean "
+                                        "gpt2?"),
+    (["bench.py", "--sections=latro_step", "--sizes=gpt2"],
+     "sections=latro_step runs on the sizes ('tiny',) of preset=cpu, and sizes='gpt2' has none: "
+     "nothing would be measured"),
+    (["bench.py", "--repeats=0"], "repeats=0: give 1 or more timed repetitions per side"),
+    (["bench.py", "--repeats=-3"], "repeats=-3: give 1 or more timed repetitions per side"),
+    (["bench.py", "--warmup=-1"], "warmup=-1: give 0 or more untimed repetitions"),
+    (["bench.py", "--out_json={tmp}/no_dir/bench.json"],
+     "out_json='{tmp}/no_dir/bench.json': its directory {tmp}/no_dir does not exist: create it or "
+     "give another path"),
+    (["bench.py", "--out_json={tmp}"], "out_json='{tmp}' is a directory: give a file name"),
+    (["bench.py", "--out_json=/proc/bench.json"],
+     "out_json='/proc/bench.json': cannot write in /proc ("),
     # coconut.py / latro.py cases go here: (["latro.py", "--n_train=-5"], "n_train"), ...
     # latro.py: all found by the up-front check, before data, model or out_dir (more in
     # test_latro.py's CONFIG_ERRORS, which call the check directly)
@@ -478,7 +497,7 @@ def assert_one_clear_line(r, message, tmp):
     assert not WORK.search(r.stdout), r.stdout
 
 
-IN_PROCESS = ("coconut.py", "latro.py", "data.py")  # they import torch: seconds as a subprocess
+IN_PROCESS = ("coconut.py", "latro.py", "data.py", "bench.py")  # they import torch: seconds as a subprocess
 
 
 @pytest.mark.parametrize("argv, message", CLI_CASES, ids=[" ".join(c[0][:2]) + f" #{i}"
@@ -497,6 +516,7 @@ def test_cli_bad_input_is_a_clear_error_and_no_work(argv, message, tmp, tmp_path
 # and one found after the data, when the model is looked up)
 ONE_LINE_CASES = [
     (["data.py", "prosqa_smal", "train", "3"], "task 'prosqa_smal' is unknown"),
+    (["bench.py", "--sections=coconut_trian"], "did you mean coconut_train?"),
     (["latro.py", "--temperature=0"], "temperature=0.0: greedy rollouts make the K rationales"),
     (["coconut.py", "--init_from={tmp}/no_model_here", "--n_train=8", "--n_val=2", "--n_test=2",
       "--batch_size=8", "--micro_batch_size=8"], "init_from='{tmp}/no_model_here': no model there"),
@@ -702,3 +722,25 @@ def test_prepare_prontoqa_writes_its_three_files_all_or_none(tmp_path, monkeypat
     with pytest.raises(UserError, match=r"prontoqa_test.json \(Read-only file system\)"):
         data.prepare_prontoqa(str(raw_path), str(out), (1, 1))
     assert {p.name: p.read_text() for p in out.iterdir()} == before   # no file replaced, no temp
+
+
+def test_a_refused_bench_run_leaves_the_results_file_as_it_was(tmp_path):
+    # issue 30: a typo in --sections ran nothing and wrote an empty table over the results
+    results = tmp_path / "bench.json"
+    results.write_text('{"rows": ["earlier results"]}')
+    for argv in (["--sections=coconut_trian"], ["--sizes=gtp2"], ["--repeats=0"]):
+        r = run_main("bench.py", argv + [f"--out_json={results}"], cwd=tmp_path)
+        assert r.code == 1 and r.error is not None and r.out == "", r.out
+    assert results.read_text() == '{"rows": ["earlier results"]}'
+    assert os.listdir(tmp_path) == ["bench.json"]                  # the write probe left nothing
+
+
+def test_bench_writes_its_results_file_whole(tmp_path):
+    # the good path past the checks: the memory table (no model is run), written atomically
+    results = tmp_path / "bench.json"
+    results.write_text("earlier")
+    r = run_main("bench.py", ["--sections=memory", f"--out_json={results}"], cwd=tmp_path)
+    assert r.code == 0, r.out
+    rows = json.loads(results.read_text())["rows"]
+    assert rows and {row["section"] for row in rows} == {"memory"}
+    assert os.listdir(tmp_path) == ["bench.json"]
