@@ -444,9 +444,23 @@ def prepare_main(args):
 
 def main(argv):
     """The command line: a quick look at a task (python data.py prosqa_small train 3), or
-    prepare (prepare_main)."""
-    if argv[:1] == ["prepare"]:
-        return prepare_main(argv[1:])
+    prepare (prepare_main). Ctrl-C ends it with one line saying what was interrupted."""
+    try:
+        if argv[:1] == ["prepare"]:
+            return prepare_main(argv[1:])
+        return look_main(argv)
+    except KeyboardInterrupt:
+        if argv[:1] == ["prepare"]:
+            raise UserError("interrupted (Ctrl-C) while preparing: no output file was left "
+                            "half-written (each is renamed into place whole)") from None
+        task = argv[0] if argv else ""
+        split = argv[1] if len(argv) > 1 and not argv[1].startswith("-") else "train"
+        raise UserError(f"interrupted (Ctrl-C) while generating or loading the {task} {split} "
+                        f"examples: nothing was written") from None
+
+
+def look_main(argv):
+    """python data.py TASK [SPLIT] [N] [--data_path=PATH]: the first N examples, as JSON."""
     paths = [a.split("=", 1)[1] for a in argv if a.startswith("--data_path=")]
     argv = [a for a in argv if not a.startswith("--data_path=")]  # local files, as in the scripts
     path = paths[-1] if paths else ""

@@ -52,18 +52,53 @@ def split_of(question):
 
 def generate_split(make_example, task, split, n, seed, **task_kwargs):
     """n distinct examples of one split; `make_example(rng, **task_kwargs)` returns an example or
-    None (rejected)."""
+    None (rejected). Progress goes to stderr when it takes a while (release-size ProsQA: ~30 s);
+    an error or Ctrl-C ends that line first, so that its message starts a line of its own."""
     # str seeds are hashed with sha512: stable across runs
     rng = random.Random(f"{task}/{split}/{seed}")
+    progress = Progress(f"{task} {split}", n)
+    try:
+        out = draw_distinct(make_example, rng, task, split, n, task_kwargs, progress)
+    except BaseException:
+        progress.end_line()
+        raise
+    progress.done()
+    return out
+
+
+class Progress:
+    """'generating TASK SPLIT: i/n' on stderr, rewritten in place at most every 2 seconds, only
+    once the work has taken that long."""
+
+    def __init__(self, what, n):
+        self.what, self.n = what, n
+        self.t0 = self.last = time.time()
+
+    def update(self, i):
+        if time.time() - self.last > 2:
+            self.last = time.time()
+            print(f"\rgenerating {self.what}: {i}/{self.n}", end="", file=sys.stderr, flush=True)
+
+    def shown(self):
+        return self.last > self.t0
+
+    def end_line(self):
+        if self.shown():
+            print(file=sys.stderr, flush=True)
+
+    def done(self):
+        if self.shown():
+            print(f"\rgenerated {self.what}: {self.n} examples in {time.time() - self.t0:.0f}s",
+                  file=sys.stderr)
+
+
+def draw_distinct(make_example, rng, task, split, n, task_kwargs, progress):
+    """Draw examples until n distinct ones of `split` are found; a UserError when the task is too
+    small or its options give no example."""
     out, seen, tries, failed = [], set(), 0, 0
     max_tries = 200 * n + 10_000
-    t0 = last_print = time.time()
     while len(out) < n:
-        # progress only when it takes a while (release-size ProsQA: ~30 s)
-        if time.time() - last_print > 2:
-            last_print = time.time()
-            print(f"\rgenerating {task} {split}: {len(out)}/{n}", end="", file=sys.stderr,
-                  flush=True)
+        progress.update(len(out))
         tries += 1
         if tries > max_tries:
             raise UserError(f"{task}: found only {len(out)} of {n} distinct {split} examples in "
@@ -84,9 +119,6 @@ def generate_split(make_example, task, split, n, seed, **task_kwargs):
             continue
         seen.add(key)
         out.append(ex)
-    if last_print > t0:
-        print(f"\rgenerated {task} {split}: {n} examples in {time.time() - t0:.0f}s",
-              file=sys.stderr)
     return out
 
 # -----------------------------------------------------------------------------

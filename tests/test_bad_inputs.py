@@ -744,3 +744,37 @@ def test_bench_writes_its_results_file_whole(tmp_path):
     rows = json.loads(results.read_text())["rows"]
     assert rows and {row["section"] for row in rows} == {"memory"}
     assert os.listdir(tmp_path) == ["bench.json"]
+
+
+def test_ctrl_c_while_generating_is_one_line(tmp_path):
+    # issue 30: `python data.py prosqa train 20000` stopped with Ctrl-C once its progress shows
+    import signal
+    import time
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "data.py"), "prosqa", "train",
+                          "20000"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    seen, deadline = b"", time.time() + 120
+    while b"generating prosqa train" not in seen and time.time() < deadline:
+        seen += os.read(p.stderr.fileno(), 256)                     # progress after ~2 s
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    err = (seen + err).decode()
+    assert p.returncode == 1 and "Traceback" not in err, err
+    # the progress line is ended, then the one line of the error
+    assert err.splitlines()[-1] == ("error: interrupted (Ctrl-C) while generating or loading the "
+                                    "prosqa train examples: nothing was written"), err
+    assert err.count("error:") == 1 and out == b""
+
+
+def test_ctrl_c_in_data_py_is_a_user_error_for_a_look_and_for_prepare(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tasks, "generate_split", interrupted)
+    with pytest.raises(UserError, match=r"^interrupted \(Ctrl-C\) while generating or loading "
+                                        r"the modsum val examples"):
+        data.main(["modsum", "val", "5"])
+    monkeypatch.setattr(data, "load_gsm8k_aug", interrupted)
+    with pytest.raises(UserError, match=r"^interrupted \(Ctrl-C\) while preparing: no output"):
+        data.main(["prepare", "gsm8k_aug", str(tmp_path / "a.txt"), str(tmp_path / "b.json")])
