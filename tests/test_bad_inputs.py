@@ -690,9 +690,13 @@ def test_prepare_writes_atomically_and_keeps_the_old_file_when_a_write_fails(tmp
                                         r"device\); a file already there is kept as it was"):
         data.main(["prepare", "gsm8k_aug", str(raw), str(out)])
     assert out.read_text() == before and leftovers(out.parent) == []
-    # an interruption (or a bug) midway: it goes on up, and the same holds
+    # Ctrl-C midway: one line, and the same holds; a bug midway goes on up, and the same holds
     monkeypatch.setattr(json, "dump", dump_that_fails_midway(KeyboardInterrupt()))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(UserError, match=r"^interrupted \(Ctrl-C\) while preparing: no output"):
+        data.main(["prepare", "gsm8k_aug", str(raw), str(out)])
+    assert out.read_text() == before and leftovers(out.parent) == []
+    monkeypatch.setattr(json, "dump", dump_that_fails_midway(TypeError("a bug")))
+    with pytest.raises(TypeError, match="a bug"):
         data.main(["prepare", "gsm8k_aug", str(raw), str(out)])
     assert out.read_text() == before and leftovers(out.parent) == []
     monkeypatch.undo()
