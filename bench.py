@@ -26,7 +26,10 @@ Rows:
   memory         preflight.py's per-GPU memory plan for the papers' models on 8 x 80 GiB, DDP vs
                  FSDP: estimated from the published shapes, no GPU, no download
                  (--sections=memory).
-The gpu preset needs CUDA; without it the run stops with one line `error: ...` and status 1.
+The gpu preset needs CUDA; without it the run stops with one line `error: ...` and status 1, as
+does any option it cannot use (a section or size that is not one, with the closest name; repeats <
+1; an out_json that cannot be written), before any measuring. out_json is replaced whole at the end
+(a temporary file, then a rename), never by an empty table.
 """
 
 import json
@@ -34,6 +37,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -80,6 +84,8 @@ PRESETS = {
 GPU_PEAKS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
              "A100": 312e12}
 
+SECTIONS = ("coconut_train", "coconut_eval", "latro_step", "mfu", "memory")
+
 def check_config(c):
     """The configuration's rules, before any work (c: {key: value}): the first one broken is a
     UserError saying what to do instead."""
@@ -87,6 +93,17 @@ def check_config(c):
     preset, device = c["preset"], c["device"]
     if preset not in PRESETS:
         raise UserError(f"preset={preset!r}: use one of {', '.join(PRESETS)}")
+    todo = names_in("sections", c["sections"], SECTIONS)
+    shapes = names_in("sizes", c["sizes"] or PRESETS[preset]["sizes"], tuple(SHAPES))
+    if todo == ["latro_step"] and not set(shapes) & set(PRESETS[preset]["latro_sizes"]):
+        raise UserError(f"sections=latro_step runs on the sizes {PRESETS[preset]['latro_sizes']} "
+                        f"of preset={preset}, and sizes={c['sizes']!r} has none: nothing would be "
+                        f"measured; add one or choose other sections")
+    if c["repeats"] < 1:
+        raise UserError(f"repeats={c['repeats']}: give 1 or more timed repetitions per side")
+    if c["warmup"] < 0:
+        raise UserError(f"warmup={c['warmup']}: give 0 or more untimed repetitions")
+    check_out_json(c["out_json"])
     if preset == "gpu" and not torch.cuda.is_available():
         raise UserError("preset=gpu needs a CUDA GPU and this torch sees none; run `python "
                         "bench.py` (the CPU preset) here")
@@ -95,6 +112,48 @@ def check_config(c):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={device!r} but this torch sees no CUDA GPU: use --device=cpu or "
                         f"'auto'")
+
+def names_in(key, text, known):
+    """A comma-separated list of known names, as a list; an unknown one (a typo) is a UserError
+    with the closest known name."""
+    from configurator import UserError, suggest
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise UserError(f"{key}={text!r}: give one or more of {', '.join(known)}")
+    for name in names:
+        if name not in known:
+            raise UserError(f"{key}={text!r}: {name!r} is unknown; {suggest(name, known)}")
+    return names
+
+def check_out_json(path):
+    """out_json must be a file that can be written, found out before minutes of measuring: its
+    directory exists and takes a new file (tried), and it is no directory itself."""
+    from configurator import UserError
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"out_json={path!r} is a directory: give a file name (e.g. "
+                        f"{os.path.join(path, 'bench.json')})")
+    if not os.path.isdir(folder):
+        raise UserError(f"out_json={path!r}: its directory {folder} does not exist: create it or "
+                        f"give another path")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"out_json={path!r}: cannot write in {folder} ({e.strerror}): give a "
+                        f"writable path") from None
+
+def write_results(path, results):
+    """The results as JSON, atomically (a temp file beside it, then os.replace): an interrupted
+    write keeps the previous file."""
+    temp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp")
+    try:
+        with open(temp, "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
 
 if __name__ == "__main__":
     from configurator import configure, exit_cleanly_on_user_error
@@ -480,8 +539,11 @@ if __name__ == "__main__":
     torch.manual_seed(seed)
     ctx = autocast_ctx(device_type)
     P = PRESETS[preset]
-    shapes = (sizes or P["sizes"]).split(",")
-    todo = sections.split(",")
+    shapes = names_in("sizes", sizes or P["sizes"], tuple(SHAPES))
+    todo = names_in("sections", sections, SECTIONS)
+    if "latro_step" in todo and not set(shapes) & set(P["latro_sizes"]):
+        print(f"note: latro_step runs on the sizes {P['latro_sizes']} of preset={preset} only: "
+              f"not measured here")
     print("config: " + " ".join(f"{k}={v}" for k, v in config.items()))
     spec = False
     if device_type == "cuda":
@@ -516,7 +578,10 @@ if __name__ == "__main__":
             print(f"latro_step {shape} done ({time.time() - t0:.0f}s)", flush=True)
     if "memory" in todo:
         bench_memory(rows)
+    if not rows:  # never an empty table over the results of an earlier run
+        from configurator import UserError
+        raise UserError(f"nothing was measured (sections={sections}, sizes={sizes!r}): "
+                        f"{out_json} is left as it was")
     print(table(rows))
     print(f"\nbench time {time.time() - t0:.0f}s")
-    with open(out_json, "w") as f:
-        json.dump({"header": header, "config": config, "rows": rows}, f, indent=1)
+    write_results(out_json, {"header": header, "config": config, "rows": rows})

@@ -40,8 +40,8 @@ import sys
 import tasks  # tasks.generate_split is looked up when called (tests replace it)
 from configurator import UserError
 from formats import GSM8K_SHOTS
-from loaders import (DataFileNotFound, gsm8k_val_rule, load_arc, load_gsm8k, load_gsm8k_aug,
-                     load_json, read_text)
+from loaders import (DataFileNotFound, gsm8k_val_rule, json_depth, load_arc, load_gsm8k,
+                     load_gsm8k_aug, load_json, read_text)
 from tasks import (DEFAULT_SIZES, GENERATORS, SPLIT_GENERATORS, check_task_options, same_question,
                    task_options)
 
@@ -287,10 +287,15 @@ def prontoqa_from_raw(path):
     ...}) read as the released `preprocessing/prontoqa.py` reads it, in file order: question =
     question + " " + query; steps = the chain_of_thought sentences joined two at a time with one
     space (an odd last one alone); answer as written. In-context examples are ignored."""
+    text = read_text(path)  # UTF-8 text, not gzip or UTF-16; a byte-order mark dropped
     try:
-        raw = json.loads(read_text(path))  # (read_text: UTF-8 text, not gzip or UTF-16)
+        raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    except RecursionError:
+        depth, _, line = json_depth(text)
+        raise UserError(f"{path}: line {line}: JSON nested {depth} levels deep, deeper than "
+                        f"Python's json reader goes: fix the file") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: expected ProntoQA's raw JSON object {{\"example1\": "
                         f"{{\"test_example\": ...}}, ...}}, got a {type(raw).__name__}")
@@ -313,14 +318,59 @@ def prontoqa_from_raw(path):
 
 
 def write_json(examples, path):
-    """A list of examples as the released conversions write it (json.dump, its default format)."""
+    """A list of examples as the released conversions write it (json.dump, its default format),
+    atomically (write_json_files)."""
+    write_json_files({path: examples})
+
+
+def write_json_files(parts):
+    """{path: examples}, each written as the released conversions write it (json.dump, its default
+    format), all or none: every file goes to a temporary file beside it first, then each is
+    renamed over its path (os.replace). A failure (a full disk, a read-only directory, an
+    interruption) removes the temporary files and keeps the files that were there before."""
+    temps, path = {}, None
     try:
-        if os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(examples, f)
+        for path, examples in parts.items():
+            temps[path] = _write_temp(examples, path)
+        for path, temp in temps.items():
+            os.replace(temp, path)
     except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror})") from None
+        raise UserError(f"cannot write {path} ({e.strerror or e}); a file already there is kept "
+                        f"as it was") from None
+    finally:
+        for temp in temps.values():
+            if os.path.exists(temp):
+                os.remove(temp)
+
+
+def _write_temp(examples, path):
+    """examples json.dump-ed to a new temporary file beside path, synced; its name. Removed again
+    when the write fails."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    temp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "w", encoding="utf-8") as f:
+            json.dump(examples, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+    return temp
+
+
+def check_not_the_input(raw_path, out_paths):
+    """No output may be the raw input file (the same path, or a link to it): writing it would
+    destroy the input before the conversion is known to be right."""
+    for out in out_paths:
+        same = os.path.realpath(out) == os.path.realpath(raw_path)
+        if not same and os.path.exists(out) and os.path.exists(raw_path):
+            same = os.path.samefile(out, raw_path)
+        if same:
+            raise UserError(f"the output {out} is the input file {raw_path}: it would be "
+                            f"overwritten; write the converted file to another path")
 
 
 def prepare_prontoqa(raw_path, out_dir, sizes=PRONTOQA_SIZES):
@@ -329,6 +379,12 @@ def prepare_prontoqa(raw_path, out_dir, sizes=PRONTOQA_SIZES):
     (file order, no shuffle, no dedup). A question in two splits is printed (the runs refuse such
     files unless allow_split_overlap=True). Returns {path: examples written}."""
     n_train, n_val = sizes
+    if os.path.isfile(out_dir):
+        raise UserError(f"OUT_DIR {out_dir} is a file: prepare prontoqa writes "
+                        f"prontoqa_{{train,valid,test}}.json into a directory")
+    paths = {split: os.path.join(out_dir, f"prontoqa_{split}.json")
+             for split in ("train", "valid", "test")}
+    check_not_the_input(raw_path, paths.values())
     examples = prontoqa_from_raw(raw_path)
     if len(examples) <= n_train + n_val:
         raise UserError(f"{raw_path}: {len(examples)} examples, too few for {n_train} train + "
@@ -338,25 +394,22 @@ def prepare_prontoqa(raw_path, out_dir, sizes=PRONTOQA_SIZES):
              "test": examples[n_train + n_val:]}
     if check_split_overlap(parts, allow_overlap=True):
         print("note: runs on these files stop at the overlap unless --allow_split_overlap=True")
-    written = {}
-    for split, part in parts.items():
-        path = os.path.join(out_dir, f"prontoqa_{split}.json")
-        write_json(part, path)
-        written[path] = len(part)
-    return written
+    write_json_files({paths[split]: part for split, part in parts.items()})
+    return {paths[split]: len(part) for split, part in parts.items()}
 
 
 def prepare_gsm8k_aug(raw_path, out_path):
     """The released iCoT conversion (`preprocessing/gsm_icot.py`) of one split's text file to the
     unified JSON the GSM8k presets read (data/gsm_{split}.json). Returns {path: examples}."""
+    check_not_the_input(raw_path, [out_path])
     examples = load_gsm8k_aug(raw_path)
     write_json(examples, out_path)
     return {out_path: len(examples)}
 
 
-USAGE = ("usage: python data.py TASK [SPLIT] [N] (a look at N examples) | python data.py prepare "
-         "prontoqa RAW.json OUT_DIR [--sizes=TRAIN,VALID] | python data.py prepare gsm8k_aug "
-         "RAW.txt OUT.json")
+USAGE = ("usage: python data.py TASK [SPLIT] [N] [--data_path=PATH] (a look at N examples) | "
+         "python data.py prepare prontoqa RAW.json OUT_DIR [--sizes=TRAIN,VALID] | python data.py "
+         "prepare gsm8k_aug RAW.txt OUT.json")
 
 
 def parse_sizes(text):
@@ -394,16 +447,33 @@ def prepare_main(args):
 
 def main(argv):
     """The command line: a quick look at a task (python data.py prosqa_small train 3), or
-    prepare (prepare_main)."""
-    if argv[:1] == ["prepare"]:
-        return prepare_main(argv[1:])
+    prepare (prepare_main). Ctrl-C ends it with one line saying what was interrupted."""
+    try:
+        if argv[:1] == ["prepare"]:
+            return prepare_main(argv[1:])
+        return look_main(argv)
+    except KeyboardInterrupt:
+        if argv[:1] == ["prepare"]:
+            raise UserError("interrupted (Ctrl-C) while preparing: no output file was left "
+                            "half-written (each is renamed into place whole)") from None
+        task = argv[0] if argv else ""
+        split = argv[1] if len(argv) > 1 and not argv[1].startswith("-") else "train"
+        raise UserError(f"interrupted (Ctrl-C) while generating or loading the {task} {split} "
+                        f"examples: nothing was written") from None
+
+
+def look_main(argv):
+    """python data.py TASK [SPLIT] [N] [--data_path=PATH]: the first N examples, as JSON."""
+    paths = [a.split("=", 1)[1] for a in argv if a.startswith("--data_path=")]
+    argv = [a for a in argv if not a.startswith("--data_path=")]  # local files, as in the scripts
+    path = paths[-1] if paths else ""
     if not 1 <= len(argv) <= 3 or argv[0].startswith("-"):
         raise UserError(USAGE)
     split = argv[1] if len(argv) > 1 else "train"
     if len(argv) > 2 and not argv[2].isdigit():
         raise UserError(f"N={argv[2]!r} is not a count; {USAGE}")
     n = int(argv[2]) if len(argv) > 2 else 3
-    for ex in load_task(argv[0], split, n=n):
+    for ex in load_task(argv[0], split, n=n, path=path):
         print(json.dumps({k: ex[k] for k in ("question", "steps", "answer")}, indent=1))
 
 

@@ -34,7 +34,7 @@ import json
 import os
 import re
 import sys
-from decimal import Decimal, InvalidOperation, localcontext
+from decimal import Decimal, InvalidOperation
 
 from configurator import UserError, exit_cleanly_on_user_error
 
@@ -49,18 +49,43 @@ _NUMBER_RE = re.compile(r"(?:(?<![\w)\]])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?
 # -----------------------------------------------------------------------------
 # numbers
 
+# a canonical number's plain form holds at most this many zeros beyond its digits ('1' + 1000 zeros,
+# '0.' + 999 zeros + '1'); further out it is written '1e1001', '1e-1001': no string of a million
+# zeros for '1e999999', and the same value always gives the same text
+PLAIN_ZEROS = 1000
+_DECIMAL_TEXT = re.compile(r"(-?)(\d*)\.?(\d*)(?:E([+-]\d+))?")
+
+
 def canonical_number(s):
-    """'1,000' -> '1000', '18.0' -> '18', '-0.50' -> '-0.5'; None if s is not a number."""
+    """'1,000' -> '1000', '18.0' -> '18', '-0.50' -> '-0.5', '1e9999999' -> '1e9999999'; None if s
+    is not a number. Exact (no rounding, no context: '1e-5000000' is not '0') and never raises;
+    its cost grows with the length of s only, whatever the exponent."""
     try:
         d = Decimal(s.replace(",", "").replace("$", "").strip())
-    except InvalidOperation:
+    except InvalidOperation:  # not a number, or an exponent beyond what Decimal holds
         return None
     if not d.is_finite():
         return None
-    with localcontext() as ctx:  # exact: the default context would round to 28 digits
-        ctx.prec = max(28, len(d.as_tuple().digits) + 1)
-        d = d.normalize()
-    return format(d if d != 0 else Decimal(0), "f")  # format 'f' avoids '1E+2'; -0 prints as 0
+    sign, whole, frac, exp = _DECIMAL_TEXT.fullmatch(str(d)).groups()  # str(d): no context used
+    digits = (whole + frac).lstrip("0")
+    exp = int(exp or 0) - len(frac)
+    stripped = digits.rstrip("0")
+    exp += len(digits) - len(stripped)
+    if not stripped:
+        return "0"                                                         # -0 is 0
+    return sign + _digits_times_ten_to(stripped, exp)
+
+
+def _digits_times_ten_to(digits, exp):
+    """The text of the integer `digits` (no leading or trailing zero) times 10**exp: plain within
+    PLAIN_ZEROS zeros, else '<d>.<ddd>e<adjusted exponent>'."""
+    if 0 <= exp <= PLAIN_ZEROS:
+        return digits + "0" * exp
+    if -exp <= len(digits) + PLAIN_ZEROS and exp < 0:
+        whole, frac = digits[:exp], digits[exp:].rjust(-exp, "0")
+        return f"{whole or '0'}.{frac}"
+    mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+    return f"{mantissa}e{exp + len(digits) - 1}"
 
 
 def after_last_answer_prefix(text):
@@ -208,7 +233,12 @@ def released_find_number(text):
 
 def released_number_correct(gold, output_text):
     """is_equiv_gsm8k: both sides through released_find_number, commas dropped, float equality;
-    when a side is no float, the strings are compared (the output's number extracted once more)."""
+    when a side is no float, the strings are compared (the output's number extracted once more).
+    At the extremes it keeps the released float semantics and never raises: a number beyond
+    float's range reads as inf (any two such numbers are equal: 400 nines equals 400 eights), one
+    below its smallest value reads as 0.0 (0.000...0001 with 400 zeros equals 0); its number
+    finder reads no exponent ('1e9999999' is the numbers 1 and 9999999). The fixed checker compares
+    canonical_number texts, exactly."""
     attempted = released_find_number(output_text).replace(",", "")
     want = released_find_number(gold).replace(",", "")
     try:
@@ -431,7 +461,7 @@ def read_predictions(path, task):
         raise UserError(f"predictions file not found: {path}")
     examples, outputs = [], []
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is dropped
             lines = f.read().split("\n")
     except UnicodeDecodeError:
         raise UserError(f"{path} is not UTF-8 text (a binary file?): give a JSON Lines file, "
@@ -446,6 +476,9 @@ def read_predictions(path, task):
             r = json.loads(line)
         except json.JSONDecodeError as e:
             raise _row_error(path, row, f"invalid JSON ({e.msg} at column {e.colno})") from None
+        except RecursionError:
+            raise _row_error(path, row, "JSON nested deeper than Python's json reader goes: fix "
+                                        "the row") from None
         example, output = read_prediction(r, path, row, task)
         examples.append(example)
         outputs.append(output)

@@ -12,6 +12,8 @@ COCONUT_MARKERS = {"bot": "<|start-latent|>", "latent": "<|latent|>", "eot": "<|
 # the order they join a vocabulary, as released (start, end, latent): the ids (GPT-2: 50257, 50258,
 # 50259) and the marker rows of existing checkpoints stay as they are
 COCONUT_SPECIAL_TOKENS = [COCONUT_MARKERS["bot"], COCONUT_MARKERS["eot"], COCONUT_MARKERS["latent"]]
+# the word-level vocabulary's own special tokens (vocab.py): text holding one would be read as it
+WORD_SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
 STEP_BY_STEP = " Let's think step by step."
 ARC_INSTRUCTION = ("Let's think step by step first then print your answer like "
                    "'The answer is (one of the options)'.")
@@ -207,3 +209,12 @@ def gold_rows(tok, examples, task, arc_options, style, answer_y="released"):
 def latro_rationale(ex):
     """SFT warm-up / baseline: the gold rationale, one step per line."""
     return "\n".join(ex["steps"])
+
+
+def example_fields(ex):
+    """(field, text) of every text of an example a model reads: 'question', 'step 1', ...,
+    'answer', and ARC's 'option A', ..."""
+    yield "question", ex["question"]
+    yield from ((f"step {i}", step) for i, step in enumerate(ex.get("steps", []), 1))
+    yield "answer", ex["answer"]
+    yield from ((f"option {label}", text) for label, text in ex.get("options", []))

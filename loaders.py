@@ -11,7 +11,7 @@ import os
 import re
 
 from configurator import UserError
-from formats import COCONUT_SPECIAL_TOKENS
+from formats import COCONUT_SPECIAL_TOKENS, WORD_SPECIALS, example_fields
 
 
 class DataFileNotFound(UserError, FileNotFoundError):
@@ -29,18 +29,63 @@ def _require_file(path):
 
 
 def read_text(path):
-    """A data file's text, refused in one line unless it is UTF-8 text (a gzipped file, UTF-16)."""
+    """A data file's text, refused in one line unless it is UTF-8 text (a gzipped file, UTF-16
+    with or without its byte-order mark). A UTF-8 byte-order mark is dropped: the first question
+    would carry it, and no check comparing questions would see that question."""
     _require_file(path)
     with open(path, "rb") as f:
         raw = f.read()
     if raw[:2] == b"\x1f\x8b":
         raise UserError(f"{path} is gzip-compressed: decompress it (gunzip) and give the text file")
-    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or looks_like_utf16(raw):
         raise UserError(f"{path} is UTF-16 text: save it as UTF-8")
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def looks_like_utf16(raw, sample=4096):
+    """UTF-16 without a byte-order mark: in its first `sample` bytes, nearly every other byte is
+    NUL (the high byte of each ASCII character), in either byte order. UTF-8 text holds no NUL."""
+    head = raw[:sample]
+    for half in (head[0::2], head[1::2]):
+        if half and half.count(0) >= 0.9 * len(half):
+            return True
+    return False
+
+
+def json_depth(text):
+    """(depth, row, line) of the deepest nesting in a JSON text: row counts the elements of the
+    top-level list (1-based), line the text's lines. A plain scan, for the message of a
+    RecursionError (json gives no position)."""
+    depth, deepest, row, line = 0, (0, 1, 1), 1, 1
+    in_string = escaped = False
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > deepest[0]:
+                deepest = (depth, row, line)
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 1:
+            row += 1
+    return deepest
+
+
+def _too_deep(path, text, row=None):
+    """The one-line refusal of a JSON text that nests deeper than Python's json reader goes."""
+    depth, row_in_text, line = json_depth(text)
+    where = f"row {row}" if row is not None else f"row {row_in_text} (line {line})"
+    return UserError(f"{path}: {where}: JSON nested {depth} levels deep, deeper than Python's "
+                     f"json reader goes (no example nests like that): fix the row")
 
 
 def read_rows(path):
@@ -55,9 +100,13 @@ def read_rows(path):
                     rows.append((i, json.loads(line)))
                 except json.JSONDecodeError as e:
                     _fail(path, i, f"invalid JSON ({e.msg})")
+                except RecursionError:
+                    raise _too_deep(path, line, i) from None
         return rows
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise _too_deep(path, text) from None
     except json.JSONDecodeError as e:
         lines = [l for l in text.split("\n") if l.strip()]
         if e.msg == "Extra data" and all(l.lstrip().startswith("{") for l in lines):
@@ -90,19 +139,25 @@ def validate_example(ex, path, row):
 
 def check_texts(ex, where, row):
     """What no loader may pass on: an empty answer (every output would end with it and score), the
-    text of Coconut's markers (it would become a thought), a lone surrogate (no tokenizer encodes
-    it)."""
+    text of Coconut's markers (it would become a thought) or of the word vocabulary's special
+    tokens (it would be read as <eos>, <pad>, ...), a lone surrogate (no tokenizer encodes it).
+    The message names the field."""
     if not ex["answer"].strip():
         _fail(where, row, "empty answer: every output would match it")
-    for text in [ex["question"], ex["answer"], *ex.get("steps", [])]:
+    for field, text in example_fields(ex):
         marker = next((m for m in COCONUT_SPECIAL_TOKENS if m in text), None)
         if marker:
-            _fail(where, row, f"holds {marker!r}, the text of a Coconut marker: remove it")
+            _fail(where, row, f"holds {marker!r}, the text of a Coconut marker, in its {field}: "
+                              f"remove it")
+        special = next((t for t in WORD_SPECIALS if t in text), None)
+        if special:
+            _fail(where, row, f"holds {special!r}, a special token of the word vocabulary, in its "
+                              f"{field}: remove it (a tokenizer would read it as that token)")
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            _fail(where, row, "holds a lone surrogate (\\ud800-\\udfff), not valid text: fix "
-                              "the file's escapes")
+            _fail(where, row, f"holds a lone surrogate (\\ud800-\\udfff) in its {field}, not valid "
+                              f"text: fix the file's escapes")
 
 
 def load_json(path):
@@ -124,13 +179,28 @@ def gsm8k_example(question, solution, where="", row=0):
     answer = answer.strip()  # as written: the released answer text keeps thousands commas
     if not question.strip() or not answer:
         _fail(where, row, "empty question" if not question.strip() else "empty answer after '####'")
-    if not re.fullmatch(r"-?[\d,]*\.?\d+", answer):
-        _fail(where, row, f"answer {answer!r} after '####' is not a number, as every GSM8K answer "
-                          f"is: fix the row, or load other answers with task=json")
+    check_gsm8k_number(answer, where, row)
     steps = [line.strip() for line in body.strip().split("\n") if line.strip()]
     ex = {"question": question.strip(), "steps": steps, "answer": answer}
     check_texts(ex, where, row)
     return ex
+
+
+# a GSM8K gold: digits with commas only between thousands groups, optional decimals and sign
+_GSM8K_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+")
+
+
+def check_gsm8k_number(answer, where, row):
+    """The text after '####' must be a number, its commas between thousands groups ('1,234',
+    '-1,000.5'): '1,2,3' would be read as 123 by the released checker, and no output could state
+    it as a number the fixed checker reads."""
+    if _GSM8K_NUMBER.fullmatch(answer):
+        return
+    if re.fullmatch(r"-?[\d,]*\.?\d+", answer):
+        _fail(where, row, f"answer {answer!r} after '####' has commas that are not thousands "
+                          f"groups (1,234 or 1,234,567): fix the number")
+    _fail(where, row, f"answer {answer!r} after '####' is not a number, as every GSM8K answer "
+                      f"is: fix the row, or load other answers with task=json")
 
 
 def _check_fields(row_dict, fields, path, row):
@@ -156,6 +226,29 @@ def _hub_datasets(name):
     return datasets
 
 
+# what a local file in place of each hub dataset looks like (one JSON object per line)
+LOCAL_FORMATS = {
+    "gsm8k": ("data/gsm8k_{split}.jsonl",
+              '{"question": "...", "answer": "<solution lines>\\n#### 42"}'),
+    "arc": ("data/arc_{split}.jsonl", '{"question": "...", "choices": {"text": ["...", ...], '
+                                      '"label": ["A", ...]}, "answerKey": "A"}'),
+}
+
+
+def load_hub(name, repo, config, split):
+    """One split of a hub dataset through `datasets`; offline, not cached or not found (the
+    ConnectionError / OSError load_dataset raises) is one line saying how to give local files."""
+    datasets = _hub_datasets(name)
+    try:
+        return datasets.load_dataset(repo, config, split=split)
+    except OSError as e:  # ConnectionError offline, FileNotFoundError for a dataset not found
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        example, row = LOCAL_FORMATS[name]
+        raise UserError(f"{name}: the hub's {repo} cannot be loaded ({reason}); without the "
+                        f"network give local files, one per split: --data_path={example} "
+                        f"(load_task: path=), one JSON object per line: {row}") from None
+
+
 def gsm8k_val_rule(rows, split, where):
     """The hub's rule for GSM8K's missing val split, applied to the training rows (printed)."""
     if len(rows) <= GSM8K_VAL_TAIL:
@@ -175,9 +268,7 @@ def load_gsm8k(split, path=""):
         for row, r in rows:
             _check_fields(r, ("question", "answer"), path, row)
         return [gsm8k_example(r["question"], r["answer"], path, row) for row, r in rows]
-    datasets = _hub_datasets("gsm8k")
-    hub = datasets.load_dataset("openai/gsm8k", "main",
-                                split="test" if split == "test" else "train")
+    hub = load_hub("gsm8k", "openai/gsm8k", "main", "test" if split == "test" else "train")
     rows = list(enumerate(hub, 1))
     if split != "test":
         rows = gsm8k_val_rule(rows, split, "the hub (openai/gsm8k)")
@@ -226,6 +317,7 @@ def arc_example(r, where, row):
             or len(choices["text"]) != len(choices["label"]):
         _fail(where, row, "field 'choices' must be {'text': [...], 'label': [...]} of equal length")
     options = list(zip(choices["label"], choices["text"]))
+    check_options(options, where, row)
     gold = [text for label, text in options if label == r["answerKey"]]
     if len(gold) != 1:
         _fail(where, row,
@@ -238,11 +330,26 @@ def arc_example(r, where, row):
     return ex
 
 
+def check_options(options, where, row):
+    """ARC options [(label, text), ...]: strings (a JSON number as option text is refused, not
+    guessed at: 1.50 would read as 1.5), each label once."""
+    for label, text in options:
+        for what, value in (("label", label), ("text", text)):
+            if not isinstance(value, str):
+                _fail(where, row, f"option {what} {value!r} is not a string (JSON "
+                                  f"{type(value).__name__}): write every label and text in quotes "
+                                  f"(\"{value}\")")
+    labels = [label for label, _ in options]
+    duplicate = next((label for label in labels if labels.count(label) > 1), None)
+    if duplicate is not None:
+        _fail(where, row, f"duplicate label {duplicate!r} in the choices {labels}: give each "
+                          f"option its own label")
+
+
 def load_arc(split, path=""):
     """ARC-Challenge from a local jsonl or the hub (`allenai/ai2_arc`, config ARC-Challenge)."""
     if path:
         return [arc_example(r, path, row) for row, r in read_rows(path)]
-    datasets = _hub_datasets("arc")
     hub_split = {"train": "train", "val": "validation", "test": "test"}[split]
-    hub = datasets.load_dataset("allenai/ai2_arc", "ARC-Challenge", split=hub_split)
+    hub = load_hub("arc", "allenai/ai2_arc", "ARC-Challenge", hub_split)
     return [arc_example(dict(r), "allenai/ai2_arc", row) for row, r in enumerate(hub, 1)]

@@ -18,7 +18,8 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
 from configurator import UserError
 from formats import (ARC_INSTRUCTION, COCONUT_MARKERS, COCONUT_SPECIAL_TOKENS, STEP_BY_STEP,
-                     answer_text, latro_answer, latro_prompt, question_text, step_text)
+                     WORD_SPECIALS, answer_text, example_fields, latro_answer, latro_prompt,
+                     question_text, step_text)
 
 # Word-level pre-tokenization: "\n" is a token; . , ? ! : ; are tokens when they end a word
 # ("terpus." -> "terpus" "."), but stay inside a word ("3.5", "Let's"); everything else splits on
@@ -26,7 +27,7 @@ from formats import (ARC_INSTRUCTION, COCONUT_MARKERS, COCONUT_SPECIAL_TOKENS, S
 _WORD_PUNCT = ".,?!:;"
 _WORD_PATTERN = r"\n|[.,?!:;](?=[.,?!:;]*(?:\s|$))|[^\s]+?(?=[.,?!:;]*(?:\s|$))"
 _WORD_RE = re.compile(_WORD_PATTERN)
-_WORD_SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+_WORD_SPECIALS = list(WORD_SPECIALS)
 
 
 def split_words(text):
@@ -210,6 +211,37 @@ def example_texts(ex):
     if "options" in ex:
         texts += [text for _, text in ex["options"]]
     return texts
+
+
+def special_texts(tok):
+    """The texts `tok` reads as special tokens, longest first: its named ones (bos, eos, unk, pad,
+    additional) and every token added as special (Llama-3's <|eot_id|>, Qwen's <|im_end|>, ...)."""
+    texts = set(tok.hf.all_special_tokens)
+    texts.update(t.content for t in tok.hf.added_tokens_decoder.values() if t.special)
+    return sorted((t for t in texts if t.strip()), key=lambda t: (-len(t), t))
+
+
+def check_no_special_text(tok, examples):
+    """Refuse data whose text holds one of the tokenizer's special tokens as plain text: encoding
+    reads `<|im_end|>` or `</s>` in a question as that token (an end of turn, an eos in the
+    middle of the prompt). examples: a list, or {split: examples}; the one line names the token,
+    the first example holding it (split, number, field) and its tokenizer. Call it after
+    build_tokenizer, before Coconut's markers are added (loaders refuse their text already)."""
+    texts = special_texts(tok)
+    if not texts:
+        return
+    pattern = re.compile("|".join(map(re.escape, texts)))
+    groups = examples.items() if isinstance(examples, dict) else [("", examples)]
+    for split, exs in groups:
+        for i, ex in enumerate(exs, 1):
+            for field, text in example_fields(ex):
+                found = pattern.search(text)
+                if found:
+                    where = f"the {split} split's example {i}" if split else f"example {i}"
+                    raise UserError(
+                        f"{where} holds {found[0]!r} in its {field} ({text[:60]!r}), a special "
+                        f"token of tokenizer {tok.hf.name_or_path or 'words'!r}: it would be "
+                        f"read as that token; remove it from the data")
 
 
 def marker_ids(tok):

@@ -76,8 +76,31 @@ FILES = {
     "v_test.jsonl": jsonl({"question": "r?", "answer": "2"}),
     "e_test.jsonl": jsonl({"question": "r?", "answer": "2"}),
     "array.jsonl": json.dumps([GOOD], indent=1) + "\n",
+    "aug_ok_train.txt": "q1||<<1+1=2>> #### 2\n",
+    "prontoqa_train.json": '{"example1": {}}',
+    "deeppreds.jsonl": jsonl('{"answer": "7", "output": ' + "[" * 200_000 + "]" * 200_000 + "}"),
     "pq_nocot.json": json.dumps({"example1": {"test_example": {
         "question": "Rex is hot.", "query": "True or false: Rex is hot.", "answer": "True"}}}),
+    # the word vocabulary's special tokens as text, in each field
+    "eosq_train.jsonl": jsonl({"question": "q <eos> ?", "answer": "1"}),
+    "padstep_train.jsonl": jsonl({"question": "q?", "answer": "1"},
+                                 {"question": "r?", "steps": ["a", "b<pad>"], "answer": "1"}),
+    "unkans_train.json": json.dumps([{"question": "q?", "answer": "<unk>"}]),
+    "bosopt_test.jsonl": jsonl({**ARC_ROW, "answerKey": "A"}, {**ARC_ROW, "answerKey": "A",
+                                "choices": {"text": ["x", "<bos>y"], "label": ["A", "B"]}}),
+    "aug_eos_train.txt": "q1||<<1+1=2>> #### 2\nq2 <eos>||<<1+2=3>> #### 3\n",
+    # GSM8K golds whose commas are not thousands groups
+    "commas_test.jsonl": jsonl({"question": "q?", "answer": "1+2=3\n#### 1,2,3"}),
+    "commas2_test.jsonl": jsonl({"question": "q?", "answer": "#### 1,234"},
+                                {"question": "r?", "answer": "#### 12,34"}),
+    # rows json cannot read (RecursionError), ARC options json reads but no check could use
+    "deep_train.json": '[{"question": "q?", "answer": "1"},\n {"question": ' + "[" * 200_000
+                       + "]" * 200_000 + ', "answer": "1"}]',
+    "deep_train.jsonl": jsonl({"question": "q?", "answer": "1"},
+                              '{"question": ' + "[" * 200_000 + "]" * 200_000 + "}"),
+    "arcnum_test.jsonl": jsonl({**ARC_ROW, "choices": {"text": [1, 2.5], "label": ["A", "B"]}}),
+    "arcdup_test.jsonl": jsonl(ARC_ROW, {**ARC_ROW, "choices": {"text": ["x", "y"],
+                                                               "label": ["B", "B"]}}),
 }
 
 # files that are not UTF-8 text
@@ -85,6 +108,9 @@ BYTES = {
     "utf16_train.json": '[{"question": "q?", "answer": "1"}]'.encode("utf-16"),
     "gz_train.json": gzip.compress(b'[{"question": "q?", "answer": "1"}]'),
     "binary.jsonl": bytes(range(256)) * 4,
+    # UTF-16 without its byte-order mark, in both byte orders
+    "u16le_train.jsonl": jsonl({"question": "q?", "answer": "1"}).encode("utf-16-le"),
+    "u16be_train.txt": "q1||<<1+1=2>> #### 2\n".encode("utf-16-be"),
 }
 
 EVAL = ["evaluate.py", "--task", "gsm8k", "--preds"]
@@ -103,6 +129,8 @@ CLI_CASES = [
     (EVAL + ["{tmp}/array.jsonl"], "array.jsonl holds a JSON array over several lines, not JSON "
                                    "Lines"),
     (EVAL + ["{tmp}/noanswer.jsonl"], "noanswer.jsonl: row 1: needs 'answer' and 'output'"),
+    (EVAL + ["{tmp}/deeppreds.jsonl"], "deeppreds.jsonl: row 1: JSON nested deeper than Python's "
+                                       "json reader goes: fix the row"),
     (EVAL + ["{tmp}/intoutput.jsonl"], "row 2: 'output' must be a string, got int"),
     (EVAL + ["{tmp}/emptyoutputs.jsonl"], "row 1: 'outputs' must be a non-empty list of strings"),
     (EVAL + ["{tmp}/mixedoutputs.jsonl"], "row 1: 'outputs' must be a non-empty list of strings"),
@@ -128,6 +156,38 @@ CLI_CASES = [
      "aug_train.txt: row 2: no '||' between"),
     (["data.py", "prepare", "gsm8k", "{tmp}/mydata.jsonl", "{tmp}/x.json"],
      "usage: python data.py TASK [SPLIT] [N]"),
+    # issue 30: prepare never writes over its input
+    (["data.py", "prepare", "gsm8k_aug", "{tmp}/aug_ok_train.txt", "{tmp}/aug_ok_train.txt"],
+     "the output {tmp}/aug_ok_train.txt is the input file {tmp}/aug_ok_train.txt: it would be "
+     "overwritten; write the converted file to another path"),
+    (["data.py", "prepare", "gsm8k_aug", "{tmp}/aug_ok_train.txt", "{tmp}/./aug_ok_train.txt"],
+     "the output {tmp}/./aug_ok_train.txt is the input file {tmp}/aug_ok_train.txt"),
+    (["data.py", "prepare", "prontoqa", "{tmp}/prontoqa_train.json", "{tmp}"],
+     "the output {tmp}/prontoqa_train.json is the input file {tmp}/prontoqa_train.json"),
+    (["data.py", "prepare", "prontoqa", "{tmp}/pq_nocot.json", "{tmp}/pq_nocot.json"],
+     "OUT_DIR {tmp}/pq_nocot.json is a file: prepare prontoqa writes "
+     "prontoqa_{train,valid,test}.json into a directory"),
+    (["data.py", "prepare", "gsm8k_aug", "{tmp}/aug_ok_train.txt", "{tmp}/preds.jsonl/x.json"],
+     "cannot write {tmp}/preds.jsonl/x.json (File exists); a file already there is kept"),
+    # issue 30: bench.py's options, checked before minutes of measuring (and before out_json)
+    (["bench.py", "--sections=coconut_trian"],
+     "sections='coconut_trian': 'coconut_trian' is unknown; did you mean coconut_train?"),
+    (["bench.py", "--sections=memory,mfu,latro"], "'latro' is unknown; did you mean latro_step?"),
+    (["bench.py", "--sections="], "sections='': give one or more of coconut_train, coconut_eval"),
+    (["bench.py", "--sizes=tiny,gtp2"], "sizes='tiny,gtp2': 'gtp2' is unknown; did you mean "
+                                        "gpt2?"),
+    (["bench.py", "--sections=latro_step", "--sizes=gpt2"],
+     "sections=latro_step runs on the sizes ('tiny',) of preset=cpu, and sizes='gpt2' has none: "
+     "nothing would be measured"),
+    (["bench.py", "--repeats=0"], "repeats=0: give 1 or more timed repetitions per side"),
+    (["bench.py", "--repeats=-3"], "repeats=-3: give 1 or more timed repetitions per side"),
+    (["bench.py", "--warmup=-1"], "warmup=-1: give 0 or more untimed repetitions"),
+    (["bench.py", "--out_json={tmp}/no_dir/bench.json"],
+     "out_json='{tmp}/no_dir/bench.json': its directory {tmp}/no_dir does not exist: create it or "
+     "give another path"),
+    (["bench.py", "--out_json={tmp}"], "out_json='{tmp}' is a directory: give a file name"),
+    (["bench.py", "--out_json=/proc/bench.json"],
+     "out_json='/proc/bench.json': cannot write in /proc ("),
     # coconut.py / latro.py cases go here: (["latro.py", "--n_train=-5"], "n_train"), ...
     # latro.py: all found by the up-front check, before data, model or out_dir (more in
     # test_latro.py's CONFIG_ERRORS, which call the check directly)
@@ -205,6 +265,28 @@ def no_datasets(tmp):
     return data.load_task("gsm8k", "train")
 
 
+def fake_datasets(error):
+    """A `datasets` module whose load_dataset raises `error`, as the real one raises offline (a
+    ConnectionError) or for a dataset it cannot find (an OSError)."""
+    def load_dataset(*args, **kwargs):
+        raise error
+
+    module = type(sys)("datasets")
+    module.load_dataset = load_dataset
+    return module
+
+
+def offline(task, split, error):
+    """A case that loads a hub dataset with load_dataset raising `error`."""
+    def call(tmp):
+        sys.modules["datasets"] = fake_datasets(error)  # restored by the test
+        return data.load_task(task, split)
+    return call
+
+
+OFFLINE = ConnectionError("Couldn't reach 'openai/gsm8k' on the Hub (OfflineModeIsEnabled)")
+
+
 def empty_val(tmp):
     return data.load_splits("json", (0, 0, 0), path=f"{tmp}/e_{{split}}.jsonl")
 
@@ -249,6 +331,19 @@ LOADER_CASES = [
     (load("json"), "task 'json' needs path= local files, one per split"),
     (load("gsm8k_aug"), "task 'gsm8k_aug' needs path= local files, one per split"),
     (no_datasets, "loading gsm8k from the hub needs `pip install datasets`"),
+    # issue 30: the hub out of reach: how to give local files instead, with their format
+    (offline("gsm8k", "train", OFFLINE),
+     "gsm8k: the hub's openai/gsm8k cannot be loaded (Couldn't reach 'openai/gsm8k' on the Hub "
+     "(OfflineModeIsEnabled)); without the network give local files, one per split: "
+     "--data_path=data/gsm8k_{split}.jsonl (load_task: path=), one JSON object per line: "
+     "{\"question\": \"...\", \"answer\": \"<solution lines>\\n#### 42\"}"),
+    (offline("gsm8k", "test", OSError("[Errno -2] Name or service not known")),
+     "gsm8k: the hub's openai/gsm8k cannot be loaded ([Errno -2] Name or service not known)"),
+    (offline("arc", "val", FileNotFoundError("Dataset 'allenai/ai2_arc' doesn't exist")),
+     "arc: the hub's allenai/ai2_arc cannot be loaded (Dataset 'allenai/ai2_arc' doesn't exist); "
+     "without the network give local files, one per split: --data_path=data/arc_{split}.jsonl "
+     "(load_task: path=), one JSON object per line: {\"question\": \"...\", \"choices\": "
+     "{\"text\": "),
     # which file serves which split: no leakage
     (load("json", path="{tmp}/mydata.jsonl"), "mydata.jsonl names no split, and one file for"),
     (load("json", "test", path="{tmp}/mydata.jsonl"), "mydata.jsonl names no split"),
@@ -298,6 +393,83 @@ LOADER_CASES = [
                                                    "max_hops=2: give min <= max"),
     (load("prosqa_small", min_hops="two"), "task_options min_hops='two': task 'prosqa_small' "
                                            "expects int"),
+    # issue 30: each generator's options bounded, before any example is drawn
+    (load("multiplication", digits=0), "task_options for multiplication: digits=0: give digits "
+                                       ">= 1"),
+    (load("multiplication", digits=3000), "task_options for multiplication: digits=3000: "
+                                          "products of more than 4300 digits exceed Python's"),
+    (load("prontoqa", hops=0), "task_options for prontoqa: hops=0: give 1 <= hops <= 15"),
+    (load("prontoqa", hops=16), "task_options for prontoqa: hops=16: give 1 <= hops <= 15 (a "
+                                "chain of hops concepts and a distractor chain of 2 use 17"),
+    (load("prosqa", hop_weights=(0, 0, 0, 0)),
+     "task_options for prosqa: hop_weights=(0, 0, 0, 0): weights are shares of the hop counts: "
+     "give numbers >= 0, not all 0"),
+    (load("prosqa", hop_weights=(1, -1, 1, 1)), "hop_weights=(1, -1, 1, 1): weights are shares"),
+    (load("prosqa_small", hop_weights=[0, 0, 0]), "task_options for prosqa_small: "
+                                                  "hop_weights=[0, 0, 0]: weights are shares"),
+    (load("prosqa", hop_weights=(1, 2)), "task_options for prosqa: hop_weights=(1, 2) needs one "
+                                         "weight per hop count 3..6 (4), got 2"),
+    (load("prosqa", hop_weights=3), "hop_weights=3: give a list of 4 numbers, the share of "
+                                    "questions of each hop count 3..6"),
+    (load("prosqa", min_nodes=0), "task_options for prosqa: min_nodes=0: a graph has two roots "
+                                  "at least; give min_nodes >= 2"),
+    (load("prosqa_small", min_hops=0), "min_hops=0: an answer is one hop away at least"),
+    (load("kgraph", entities=1), "task_options for kgraph: needs entities >= 2, relations >= 1 "
+                                 "and 1 <= held_out < entities, got entities=1"),
+    (load("kgraph", held_out=200), "1 <= held_out < entities, got entities=200, relations=4, "
+                                   "held_out=200"),
+    (load("kgraph", relations=0), "got entities=200, relations=0, held_out=40"),
+    (load("kgraph", hops=1), "task_options for kgraph: hops=1: give hop counts >= 2"),
+    (load("kgraph", hops=(2, 2.5)), "hops=(2, 2.5): give hop counts >= 2 (an int or a list"),
+    (load("kgraph", val_share=1.0), "needs 0 < val_share < 1 and fact_repeat >= 1, got "
+                                    "val_share=1.0"),
+    (load("kgraph", fact_repeat=0), "got val_share=0.2, fact_repeat=0"),
+    (load("kgraph", hops=(10,)), "hops=(10,), fact_repeat=3 make more than 5,000,000 training "
+                                 "questions: give fewer"),
+    (load("modsum", terms=0), "task_options for modsum: terms=0: give terms >= 1"),
+    (load("modsum", modulus=0), "task_options for modsum: modulus=0: give modulus >= 2"),
+    # issue 30: the word vocabulary's special tokens as text, named by file, row and field
+    (load("json", path="{tmp}/eosq_train.jsonl"),
+     "eosq_train.jsonl: row 1: holds '<eos>', a special token of the word vocabulary, in its "
+     "question: remove it"),
+    (load("json", path="{tmp}/padstep_train.jsonl"),
+     "padstep_train.jsonl: row 2: holds '<pad>', a special token of the word vocabulary, in its "
+     "step 2"),
+    (load("json", path="{tmp}/unkans_train.json"), "unkans_train.json: row 1: holds '<unk>', a "
+                                                  "special token of the word vocabulary, in its "
+                                                  "answer"),
+    (load("arc", "test", path="{tmp}/bosopt_test.jsonl"),
+     "bosopt_test.jsonl: row 2: holds '<bos>', a special token of the word vocabulary, in its "
+     "option B"),
+    (load("gsm8k_aug", path="{tmp}/aug_eos_train.txt"),
+     "aug_eos_train.txt: row 2: holds '<eos>', a special token of the word vocabulary, in its "
+     "question"),
+    # issue 30: a GSM8K gold's commas are thousands groups
+    (load("gsm8k", "test", path="{tmp}/commas_test.jsonl"),
+     "commas_test.jsonl: row 1: answer '1,2,3' after '####' has commas that are not thousands "
+     "groups (1,234 or 1,234,567): fix the number"),
+    (load("gsm8k", "test", path="{tmp}/commas2_test.jsonl"),
+     "commas2_test.jsonl: row 2: answer '12,34' after '####' has commas that are not thousands "
+     "groups"),
+    # issue 30: JSON nested deeper than json reads, for a list file and a JSON Lines file
+    (load("json", path="{tmp}/deep_train.json"),
+     "deep_train.json: row 2 (line 2): JSON nested 200002 levels deep, deeper than Python's json "
+     "reader goes"),
+    (load("json", path="{tmp}/deep_train.jsonl"),
+     "deep_train.jsonl: row 2: JSON nested 200001 levels deep, deeper than Python's json reader "
+     "goes"),
+    # issue 30: ARC options that are numbers (refused, not guessed at) or share a label
+    (load("arc", "test", path="{tmp}/arcnum_test.jsonl"),
+     "arcnum_test.jsonl: row 1: option text 1 is not a string (JSON int): write every label and "
+     "text in quotes (\"1\")"),
+    (load("arc", "test", path="{tmp}/arcdup_test.jsonl"),
+     "arcdup_test.jsonl: row 2: duplicate label 'B' in the choices ['B', 'B']: give each option "
+     "its own label"),
+    # issue 30: UTF-16 without a byte-order mark, the message of UTF-16 with one
+    (load("json", path="{tmp}/u16le_train.jsonl"), "u16le_train.jsonl is UTF-16 text: save it as "
+                                                   "UTF-8"),
+    (load("gsm8k_aug", path="{tmp}/u16be_train.txt"), "u16be_train.txt is UTF-16 text: save it "
+                                                      "as UTF-8"),
 ]
 
 
@@ -326,7 +498,7 @@ def assert_one_clear_line(r, message, tmp):
     assert not WORK.search(r.stdout), r.stdout
 
 
-IN_PROCESS = ("coconut.py", "latro.py", "data.py")  # they import torch: seconds as a subprocess
+IN_PROCESS = ("coconut.py", "latro.py", "data.py", "bench.py")  # they import torch: seconds as a subprocess
 
 
 @pytest.mark.parametrize("argv, message", CLI_CASES, ids=[" ".join(c[0][:2]) + f" #{i}"
@@ -345,6 +517,7 @@ def test_cli_bad_input_is_a_clear_error_and_no_work(argv, message, tmp, tmp_path
 # and one found after the data, when the model is looked up)
 ONE_LINE_CASES = [
     (["data.py", "prosqa_smal", "train", "3"], "task 'prosqa_smal' is unknown"),
+    (["bench.py", "--sections=coconut_trian"], "did you mean coconut_train?"),
     (["latro.py", "--temperature=0"], "temperature=0.0: greedy rollouts make the K rationales"),
     (["coconut.py", "--init_from={tmp}/no_model_here", "--n_train=8", "--n_val=2", "--n_test=2",
       "--batch_size=8", "--micro_batch_size=8", "--learning_rate=1e-4"],
@@ -393,3 +566,221 @@ def test_numeric_answers_are_scored_as_their_text(tmp_path):
                            {"answer": 3, "output": "The answer is 4."}))
     r = run(["evaluate.py", "--task", "gsm8k", "--preds", str(preds)], str(tmp_path))
     assert r.returncode == 0 and r.stdout == "gsm8k: 3/4 correct = 0.7500\n", r.stderr
+
+
+def test_a_utf8_byte_order_mark_is_dropped_so_row_1_meets_every_check(tmp_path):
+    # issue 30: the BOM stayed on row 1's question; the 8-shot and split-overlap checks missed it
+    from formats import GSM8K_SHOTS
+    shot = {"question": GSM8K_SHOTS[0][0], "answer": GSM8K_SHOTS[0][2]}
+    (tmp_path / "d_test.jsonl").write_bytes(b"\xef\xbb\xbf" + jsonl(shot).encode())
+    (tmp_path / "d_train.jsonl").write_text(jsonl(shot, {"question": "q?", "answer": "1"}))
+    test = data.load_task("json", "test", path=str(tmp_path / "d_{split}.jsonl"))
+    assert test[0]["question"] == shot["question"]
+    with pytest.raises(UserError, match="the test split holds 1 question"):
+        data.check_shots_unseen({"train": [], "val": [], "test": test})
+    train = data.load_task("json", "train", path=str(tmp_path / "d_{split}.jsonl"))
+    with pytest.raises(UserError, match=r"questions found in two splits \(train/test 1\)"):
+        data.check_split_overlap({"train": train, "test": test})
+    aug = tmp_path / "bom_train.txt"
+    aug.write_bytes(b"\xef\xbb\xbfq1||<<1+1=2>> #### 2\n")
+    assert data.load_task("gsm8k_aug", "train", path=str(aug))[0]["question"] == "q1"
+
+
+def small_hf_tokenizer(path):
+    """A Hugging Face tokenizer (WordPiece, not word-level) with eos '</s>' and an added special
+    token '<|im_end|>', saved and loaded as a hub tokenizer is."""
+    from tokenizers import Tokenizer as RustTokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = "<s> </s> <unk> hello world".split()
+    rust = RustTokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    rust.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=rust, bos_token="<s>", eos_token="</s>",
+                                 unk_token="<unk>")
+    hf.add_tokens(["<|im_end|>"], special_tokens=True)
+    hf.save_pretrained(path)
+    return vocab.build_tokenizer(str(path), [])
+
+
+@pytest.mark.parametrize("field, text, named", [
+    ("question", "hello <|im_end|> world", "in its question ('hello <|im_end|> world')"),
+    ("steps", ["a", "b </s>"], "in its step 2 ('b </s>')"),
+    ("answer", "<s>7", "in its answer ('<s>7')"),
+])
+def test_a_tokenizers_own_special_tokens_in_the_data_are_refused(tmp_path, field, text, named):
+    # issue 30: vocab.check_no_special_text, which the scripts call after build_tokenizer
+    tok = small_hf_tokenizer(tmp_path / "tok")
+    good = {"question": "hello world", "steps": [], "answer": "7"}
+    splits = {"train": [good], "val": [good], "test": [good, {**good, field: text}]}
+    vocab.check_no_special_text(tok, splits["train"])                   # clean data: no error
+    token = re.search(r"<\|im_end\|>|</s>|<s>", str(text))[0]
+    with pytest.raises(UserError) as e:
+        vocab.check_no_special_text(tok, splits)
+    assert str(e.value) == (f"the test split's example 2 holds {token!r} {named}, a special token "
+                            f"of tokenizer {str(tmp_path / 'tok')!r}: it would be read as that "
+                            f"token; remove it from the data")
+    with pytest.raises(UserError, match=r"^example 2 holds"):               # a plain list
+        vocab.check_no_special_text(tok, splits["test"])
+
+
+def test_the_word_vocabularys_special_tokens_are_checked_the_same_way():
+    words = vocab.build_tokenizer("words", [{"question": "a b", "steps": [], "answer": "c"}])
+    vocab.check_no_special_text(words, [{"question": "a b", "steps": [], "answer": "c"}])
+    with pytest.raises(UserError, match="example 1 holds '<eos>' in its option B"):
+        vocab.check_no_special_text(words, [{"question": "a", "steps": [], "answer": "c",
+                                             "options": [("A", "c"), ("B", "<eos>")]}])
+
+
+@pytest.mark.parametrize("task, options", [
+    ("prontoqa", {"hops": 1}), ("prontoqa", {"hops": 15}), ("multiplication", {"digits": 1}),
+    ("modsum", {"terms": 1, "modulus": 2}), ("prosqa_small", {"hop_weights": None}),
+    ("prosqa_small", {"hop_weights": [0, 0, 1]}), ("prosqa_small", {"min_nodes": 2}),
+    ("kgraph", {"entities": 2, "held_out": 1, "relations": 1}),
+])
+def test_the_edges_of_the_generator_option_bounds_are_accepted(task, options):
+    # issue 30: the one value past each bound is refused in LOADER_CASES; the bound itself works
+    tasks.check_task_options(task, options)
+    assert len(data.load_task(task, "train", n=2, **options)) == 2
+
+
+def test_data_py_offline_is_one_line_saying_how_to_give_local_files(tmp, tmp_path, monkeypatch):
+    # issue 30: `python data.py gsm8k train 3` without network; in process with load_dataset
+    # raising what it raises offline, then as a real process with the hub really out of reach
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets(OFFLINE))
+    r = run_main("data.py", ["gsm8k", "train", "3"], cwd=tmp_path)
+    assert r.code == 1 and "--data_path=data/gsm8k_{split}.jsonl" in str(r.error), r.out
+    monkeypatch.undo()
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(tmp_path / "hf")}
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "gsm8k", "train", "3"],
+                       cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert_one_clear_line(p, "gsm8k: the hub's openai/gsm8k cannot be loaded (", tmp)
+    assert "--data_path=data/gsm8k_{split}.jsonl (load_task: path=)" in p.stderr
+    # and the way out it names works: the same look at a local file
+    local = tmp_path / "gsm8k_train.jsonl"
+    local.write_text(jsonl({"question": "q?", "answer": "1+1=2\n#### 2"}))
+    r = run_main("data.py", ["gsm8k", "train", "1", f"--data_path={local}"], cwd=tmp_path)
+    assert r.code == 0 and '"answer": "2"' in r.out, r.out
+
+
+def dump_that_fails_midway(error):
+    """json.dump that writes the first half of its text, then raises `error` (a full disk)."""
+    def dump(obj, f, **kwargs):
+        text = json.dumps(obj, **kwargs)
+        f.write(text[:len(text) // 2])
+        f.flush()
+        raise error
+    return dump
+
+
+def leftovers(folder):
+    return sorted(n for n in os.listdir(folder) if n.endswith(".tmp"))
+
+
+def test_prepare_writes_atomically_and_keeps_the_old_file_when_a_write_fails(tmp_path,
+                                                                             monkeypatch):
+    # issue 30: a temp file beside the output, then os.replace; a failure keeps the previous file
+    import errno
+    raw = tmp_path / "valid.txt"
+    raw.write_text("q1||<<1+1=2>> #### 2\nq2||<<2+2=4>> #### 4\n")
+    out = tmp_path / "out" / "gsm_valid.json"
+    data.main(["prepare", "gsm8k_aug", str(raw), str(out)])
+    before = out.read_text()
+    raw.write_text("q3||<<3+3=6>> #### 6\n")
+    full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(json, "dump", dump_that_fails_midway(full))
+    with pytest.raises(UserError, match=r"cannot write .*gsm_valid.json \(No space left on "
+                                        r"device\); a file already there is kept as it was"):
+        data.main(["prepare", "gsm8k_aug", str(raw), str(out)])
+    assert out.read_text() == before and leftovers(out.parent) == []
+    # Ctrl-C midway: one line, and the same holds; a bug midway goes on up, and the same holds
+    monkeypatch.setattr(json, "dump", dump_that_fails_midway(KeyboardInterrupt()))
+    with pytest.raises(UserError, match=r"^interrupted \(Ctrl-C\) while preparing: no output"):
+        data.main(["prepare", "gsm8k_aug", str(raw), str(out)])
+    assert out.read_text() == before and leftovers(out.parent) == []
+    monkeypatch.setattr(json, "dump", dump_that_fails_midway(TypeError("a bug")))
+    with pytest.raises(TypeError, match="a bug"):
+        data.main(["prepare", "gsm8k_aug", str(raw), str(out)])
+    assert out.read_text() == before and leftovers(out.parent) == []
+    monkeypatch.undo()
+    data.main(["prepare", "gsm8k_aug", str(raw), str(out)])
+    assert json.loads(out.read_text())[0]["question"] == "q3" and leftovers(out.parent) == []
+
+
+def test_prepare_prontoqa_writes_its_three_files_all_or_none(tmp_path, monkeypatch):
+    import errno
+    raw = {f"example{i}": {"test_example": {
+        "question": f"Rex{i} is hot.", "query": f"True or false: Rex{i} is hot.",
+        "chain_of_thought": [f"Rex{i} is hot."], "answer": "True"}} for i in range(1, 6)}
+    raw_path = tmp_path / "raw.json"
+    raw_path.write_text(json.dumps(raw))
+    out = tmp_path / "pq"
+    data.prepare_prontoqa(str(raw_path), str(out), (2, 1))
+    before = {p.name: p.read_text() for p in out.iterdir()}
+    calls, dump = [], json.dump
+
+    def third_fails(obj, f, **kwargs):                        # train and valid written, test not
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(errno.EROFS, "Read-only file system")
+        dump(obj, f, **kwargs)
+
+    monkeypatch.setattr(json, "dump", third_fails)
+    with pytest.raises(UserError, match=r"prontoqa_test.json \(Read-only file system\)"):
+        data.prepare_prontoqa(str(raw_path), str(out), (1, 1))
+    assert {p.name: p.read_text() for p in out.iterdir()} == before   # no file replaced, no temp
+
+
+def test_a_refused_bench_run_leaves_the_results_file_as_it_was(tmp_path):
+    # issue 30: a typo in --sections ran nothing and wrote an empty table over the results
+    results = tmp_path / "bench.json"
+    results.write_text('{"rows": ["earlier results"]}')
+    for argv in (["--sections=coconut_trian"], ["--sizes=gtp2"], ["--repeats=0"]):
+        r = run_main("bench.py", argv + [f"--out_json={results}"], cwd=tmp_path)
+        assert r.code == 1 and r.error is not None and r.out == "", r.out
+    assert results.read_text() == '{"rows": ["earlier results"]}'
+    assert os.listdir(tmp_path) == ["bench.json"]                  # the write probe left nothing
+
+
+def test_bench_writes_its_results_file_whole(tmp_path):
+    # the good path past the checks: the memory table (no model is run), written atomically
+    results = tmp_path / "bench.json"
+    results.write_text("earlier")
+    r = run_main("bench.py", ["--sections=memory", f"--out_json={results}"], cwd=tmp_path)
+    assert r.code == 0, r.out
+    rows = json.loads(results.read_text())["rows"]
+    assert rows and {row["section"] for row in rows} == {"memory"}
+    assert os.listdir(tmp_path) == ["bench.json"]
+
+
+def test_ctrl_c_while_generating_is_one_line(tmp_path):
+    # issue 30: `python data.py prosqa train 20000` stopped with Ctrl-C once its progress shows
+    import signal
+    import time
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "data.py"), "prosqa", "train",
+                          "20000"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    seen, deadline = b"", time.time() + 120
+    while b"generating prosqa train" not in seen and time.time() < deadline:
+        seen += os.read(p.stderr.fileno(), 256)                     # progress after ~2 s
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    err = (seen + err).decode()
+    assert p.returncode == 1 and "Traceback" not in err, err
+    # the progress line is ended, then the one line of the error
+    assert err.splitlines()[-1] == ("error: interrupted (Ctrl-C) while generating or loading the "
+                                    "prosqa train examples: nothing was written"), err
+    assert err.count("error:") == 1 and out == b""
+
+
+def test_ctrl_c_in_data_py_is_a_user_error_for_a_look_and_for_prepare(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tasks, "generate_split", interrupted)
+    with pytest.raises(UserError, match=r"^interrupted \(Ctrl-C\) while generating or loading "
+                                        r"the modsum val examples"):
+        data.main(["modsum", "val", "5"])
+    monkeypatch.setattr(data, "load_gsm8k_aug", interrupted)
+    with pytest.raises(UserError, match=r"^interrupted \(Ctrl-C\) while preparing: no output"):
+        data.main(["prepare", "gsm8k_aug", str(tmp_path / "a.txt"), str(tmp_path / "b.json")])

@@ -369,3 +369,53 @@ def test_the_strict_arc_check_reads_a_long_output():
     big = "The answer is " + "heat and light " * 70000
     assert evaluate.arc_extract(big, options, strict=True) == "heat and light"
     assert evaluate.arc_extract(big + " light", options, strict=True) is None  # B and C named
+
+
+@pytest.mark.parametrize("gold,output,same", [
+    ("1e9999999", "1e9999999", True),                # Decimal's default context overflowed here
+    ("1e9999999", "1E+9999999", True),
+    ("1e9999999", "1e9999998", False),
+    ("0", "1e-5000000", False),                      # underflow would have made it 0
+    ("1e-5000000", "0.1e-4999999", True),
+    ("1e1001", "1" + "0" * 1001, True),              # past PLAIN_ZEROS: the same text either way
+    ("-1,000.50", "-1000.5", True),
+    ("0", "-0.000", True),
+])
+def test_canonical_numbers_are_exact_at_any_exponent(gold, output, same):
+    # the fixed checker and maj@k compare canonical_number texts: equal exactly when the values are
+    assert (evaluate.canonical_number(gold) == evaluate.canonical_number(output)) is same
+    answer = evaluate.canonical_number(output)
+    assert evaluate.latro_match("gsm8k", answer, {"answer": gold}, checker="fixed") is same
+    assert len(evaluate.canonical_number("1e9999999")) < 20  # no ten million zeros written out
+
+
+def test_a_two_million_digit_output_is_scored_wrong_fast_by_both_checkers():
+    import time
+    output = "The answer is " + "7" * 2_000_000
+    t0 = time.perf_counter()
+    assert not evaluate.latro_correct("gsm8k", output, {"answer": "7"}, checker="fixed")
+    assert not evaluate.majority_correct("gsm8k", [output], {"answer": "7"}, "fixed")
+    assert time.perf_counter() - t0 < 1.0
+    # the released checker: float("7" * 2_000_000) is inf, no exception, and not 7
+    assert not evaluate.latro_correct("gsm8k", output, {"answer": "7"}, checker="released")
+
+
+def test_the_released_checker_keeps_float_semantics_at_the_extremes_without_raising():
+    # beyond float's range both sides read as inf, below it as 0.0: equal, as released
+    assert evaluate.released_number_correct("9" * 400, "The answer is " + "8" * 400)
+    assert evaluate.released_number_correct("0", "The answer is 0." + "0" * 400 + "1")
+    # the fixed checker tells them apart
+    assert not evaluate.latro_correct("gsm8k", "The answer is " + "8" * 400, {"answer": "9" * 400},
+                                      checker="fixed")
+    assert not evaluate.latro_correct("gsm8k", "The answer is 0." + "0" * 400 + "1",
+                                      {"answer": "0"}, checker="fixed")
+    # a gold with an exponent: its number finder reads no exponent ('1e9999999' -> 9999999)
+    assert evaluate.released_number_correct("1e9999999", "The answer is 9999999.")
+
+
+def test_a_predictions_file_with_a_utf8_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "preds.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"answer": "7", "output": "The answer is 7."})
+                     .encode() + b"\n")
+    examples, outputs = evaluate.read_predictions(str(path), "gsm8k")
+    assert examples[0]["answer"] == "7" and outputs == ["The answer is 7."]
