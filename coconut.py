@@ -429,21 +429,23 @@ def schedule_lines(cur, num_epochs, note=True):
 
 def longest_rows(encoded, cur, stages, uniform_prob, max_new_tokens, test_counts):
     """The longest sequences as preflight's (tokens, what, how to shorten) triples: a training row
-    at every stage it can be drawn at (with uniform_prob > 0 also 0..#steps of that row), and an
-    evaluation prompt + max_new_tokens (the test at each thought count, val at each stage run)."""
+    at every stage it can be drawn at (with uniform_prob > 0 also 0..#steps of that row) and a val
+    row at each stage run (the validation loss), and an evaluation prompt + max_new_tokens (the
+    test at each thought count, val at each stage run)."""
     best = (0, None, None)
-    for i, ex in enumerate(encoded["train"]):
-        drawn = set(stages)
-        if uniform_prob > 0 and stages:
-            drawn |= set(range(len(ex[1]) + 1))
-        for st in drawn:
-            n = sum(map(len, layout(*ex, st, cur)))
-            if n > best[0]:
-                best = (n, i, st)
+    for split, rows in (("training", encoded["train"]), ("val", encoded["val"])):
+        for i, ex in enumerate(rows):
+            drawn = set(stages)
+            if uniform_prob > 0 and stages and split == "training":
+                drawn |= set(range(len(ex[1]) + 1))
+            for st in drawn:
+                n = sum(map(len, layout(*ex, st, cur)))
+                if n > best[0]:
+                    best = (n, f"{split} example {i}", st)
     prompts = [p for n in test_counts
                for p in eval_prompts(encoded["test"], cur.final_stage, cur, n)]
     prompts += [p for st in stages for p in eval_prompts(encoded["val"], st, cur)]
-    return [(best[0], f"training example {best[1]} at stage {best[2]}", "raise --block_size "
+    return [(best[0], f"{best[1]} at stage {best[2]}", "raise --block_size "
              "(scratch), lower max_latent_stage or c_thought, or drop long examples"),
             (max(map(len, prompts), default=0) + max_new_tokens, f"the longest evaluation prompt "
              f"+ max_new_tokens={max_new_tokens}", "lower --max_new_tokens or raise --block_size "
@@ -522,6 +524,7 @@ if __name__ == "__main__":
     sizes = ", ".join(f"{s} {len(e)}" for s, e in splits.items())
     print0(f"tokenizer: {tok_name}" + ("" if tokenizer else " (the model's own)") + f" | {task}: "
            f"{sizes} examples, vocabulary {len(tok)}")
+    vocab.check_no_special_text(tok, splits)                           # e.g. '</s>' in a question
     run.agree("data", {"sizes": [len(e) for e in encoded.values()], "vocabulary": len(tok)})
     markers = vocab.coconut_markers(tok, method in MARKER_METHODS, run.ckpt, marker_init, base)
     latent_id = markers.ids[1]                                         # (<bot>, <latent>, <eot>)

@@ -58,7 +58,7 @@ class ConfigError(UserError):
 
 def exit_cleanly_on_user_error():
     """Install a sys.excepthook: an uncaught UserError prints `error: <message>` to stderr and the
-    process exits with status 1 (atexit handlers, e.g. the out_dir lock release, still run); any
+    process exits with status 1 (a KeyboardInterrupt: one line too, and the status of a Ctrl-C) (atexit handlers, e.g. the out_dir lock release, still run); any
     other exception goes to the hook installed before (the normal traceback). Under torchrun every
     rank that fails prints, rank 0 as `error: ...` and the others as `[rank N] error: ...`: an
     error that only one rank meets is never lost."""
@@ -67,7 +67,9 @@ def exit_cleanly_on_user_error():
         return  # installed already
 
     def hook(kind, value, tb):
-        if not issubclass(kind, UserError):
+        if issubclass(kind, KeyboardInterrupt):  # Ctrl-C where the run has no stop to make
+            value = "interrupted (Ctrl-C): stopped at once; a ckpt.pt written before is kept"
+        elif not issubclass(kind, UserError):
             previous(kind, value, tb)
             return
         rank = int(os.environ.get("RANK", "0"))

@@ -478,6 +478,7 @@ if __name__ == "__main__":
     tok = vocab.build_tokenizer(vocab.tokenizer_name(tokenizer, source),
                                 train_ex + val_ex + test_ex,
                                 saved_words=run.resumed("vocab", None))  # a checkpoint's own words
+    vocab.check_no_special_text(tok, {"train": train_ex, "val": val_ex, "test": test_ex})
     run.agree("data", {"sizes": [len(train_ex), len(val_ex), len(test_ex)], "vocabulary": len(tok)})
     train_x = formats.encode_prompts(tok, train_ex, task, arc_options, prompt)
     train_y = formats.encode_answers(tok, train_ex, task, answer_y)

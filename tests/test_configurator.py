@@ -134,3 +134,15 @@ def test_renamed_key_is_refused_with_its_new_name(tmp_path):
                   renamed={"lr": "learning_rate"})
     with pytest.raises(ConfigError, match="unknown config key 'lr'"):
         configure({"learning_rate": 1.0}, ["--lr=0.1"], verbose=False)
+
+
+def test_ctrl_c_where_a_run_has_no_stop_to_make_is_one_line():
+    # a KeyboardInterrupt (a second Ctrl-C, or one before the run's stop handler) ends the process
+    # with one line and the status of a Ctrl-C, not a traceback
+    script = ("from configurator import exit_cleanly_on_user_error\n"
+              "exit_cleanly_on_user_error()\nraise KeyboardInterrupt\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": ROOT})
+    assert r.returncode in (130, -2)                       # 128 + SIGINT, as a killed process
+    assert r.stderr == "error: interrupted (Ctrl-C): stopped at once; a ckpt.pt written before " \
+                       "is kept\n"
