@@ -522,10 +522,10 @@ if __name__ == "__main__":
                                 saved_words=ckpt.get("vocab"))         # a checkpoint's own words
     encoded = {s: [vocab.encode_example(tok, ex) for ex in exs] for s, exs in splits.items()}
     sizes = ", ".join(f"{s} {len(e)}" for s, e in splits.items())
-    print0(f"tokenizer: {tok_name}" + ("" if tokenizer else " (the model's own)") + f" | {task}: "
-           f"{sizes} examples, vocabulary {len(tok)}")
+    print0(f"tokenizer: {tok_name}" + ("" if tokenizer else " (the model's own)"))
+    print0(f"{task}: {sizes} examples, vocabulary {len(tok)}")
     vocab.check_no_special_text(tok, splits)                           # e.g. '</s>' in a question
-    run.agree("data", {"sizes": [len(e) for e in encoded.values()], "vocabulary": len(tok)})
+    run.agree("data", {"sizes": list(map(len, encoded.values())), "vocabulary": len(tok)})
     markers = vocab.coconut_markers(tok, method in MARKER_METHODS, run.ckpt, marker_init, base)
     latent_id = markers.ids[1]                                         # (<bot>, <latent>, <eot>)
     feedback_id = latent_id if method == "coconut" else None           # pause_as_thought: a token
@@ -582,7 +582,6 @@ if __name__ == "__main__":
 
     # ---- training: an epoch has one stage; each rank takes its block of the same global batches
     model.train()
-    n_steps_list = [len(s) for _, s, _ in encoded["train"]]
     for epoch in range(start_epoch, 0 if eval_only else num_epochs):
         stage = cur.stage(epoch)
         first = start_step if epoch == start_epoch else 0              # a resumed epoch continues
@@ -591,7 +590,8 @@ if __name__ == "__main__":
             optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate,
                                           weight_decay=weight_decay)
         # seeded by (seed, epoch) only: the same on every rank, and on resume
-        stages, perm = epoch_order(seed, epoch, stage, uniform_prob, n_steps_list)
+        stages, perm = epoch_order(seed, epoch, stage, uniform_prob,
+                                   [len(steps) for _, steps, _ in encoded["train"]])
         for step in range(first, steps_per_epoch):
             # dropout reseeded every step from (seed, step, rank): resuming at any step is exact
             torch.manual_seed((seed * 1_000_003 + iter_num) * 1009 + ddp_rank)

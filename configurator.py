@@ -58,8 +58,9 @@ class ConfigError(UserError):
 
 def exit_cleanly_on_user_error():
     """Install a sys.excepthook: an uncaught UserError prints `error: <message>` to stderr and the
-    process exits with status 1 (a KeyboardInterrupt: one line too, and the status of a Ctrl-C) (atexit handlers, e.g. the out_dir lock release, still run); any
-    other exception goes to the hook installed before (the normal traceback). Under torchrun every
+    process exits with status 1 (atexit handlers, e.g. the out_dir lock release, still run); an
+    uncaught KeyboardInterrupt prints one line too (the status is a Ctrl-C's); any other
+    exception goes to the hook installed before (the normal traceback). Under torchrun every
     rank that fails prints, rank 0 as `error: ...` and the others as `[rank N] error: ...`: an
     error that only one rank meets is never lost."""
     previous = sys.excepthook

@@ -349,10 +349,13 @@ def format_metrics(metrics):
 # -----------------------------------------------------------------------------
 # the run's small decisions, as functions the loop calls and the tests import
 
-def selection_splits(splits, val_split, task):
+def selection_splits(splits, val_split, task, eval_prompt):
     """(train, val, test) examples: val selects the model (val_split='heldout'), or, as released,
     the test split does (val_split='test': GSM8K's val tail then trains too; the test accuracy of
-    the selected weights is then optimistic, as the message says)."""
+    the selected weights is then optimistic, as the message says). The 8-shot prompt's eight
+    worked examples must not be scored: refused in val or test."""
+    if eval_prompt == "8shot":
+        data.check_shots_unseen(splits)
     train, val, test = splits["train"], splits["val"], splits["test"]
     if val_split != "test":
         return train, val, test
@@ -471,9 +474,7 @@ if __name__ == "__main__":
     # ---- data: prompts x in the model's chat template, answers y = "The answer is {gold}." + eot
     splits = data.load_splits(task, (n_train, n_val, n_test), path=data_path, seed=seed,
                               split_layout=split_layout, allow_overlap=allow_split_overlap)
-    if eval_prompt == "8shot":  # its eight worked examples must not be scored
-        data.check_shots_unseen(splits)
-    train_ex, val_ex, test_ex = selection_splits(splits, val_split, task)
+    train_ex, val_ex, test_ex = selection_splits(splits, val_split, task, eval_prompt)
     model_cfg = model_config(source) if source != "scratch" else None  # a wrong name fails here
     tok = vocab.build_tokenizer(vocab.tokenizer_name(tokenizer, source),
                                 train_ex + val_ex + test_ex,
@@ -520,13 +521,13 @@ if __name__ == "__main__":
     torch.manual_seed(seed + ddp_rank)
     if run.resuming:
         run.restore(model)                                             # and the RNG it saved
-    print0(f"model: {source}, {n_params / 1e6:.2f}M parameters, on {device}")  # (FSDP: the plan)
-    ends = {tok.eos_id, tok.pad_id, tok.end_of_turn_id}  # where outputs end, as released
+    print0(f"model: {source}, {n_params / 1e6:.2f}M parameters, on {device}"
+           f"{' (FSDP)' if fsdp else ''}")
     ev = Evaluation(task=task, style=eval_prompt or prompt, arc_options=arc_options,
                     checker=checker, stop_strings=stops, max_new_tokens=max_new_tokens, seed=seed,
-                    sampler=Sampler(tok=tok, stop_ids=ends, stop_strings=[], pad_id=tok.pad_id,
-                                    chunk=gen_batch_size, ctx=ctx, progress=progress),
-                    answer_y=answer_y)
+                    sampler=Sampler(tok=tok, stop_ids={tok.eos_id, tok.pad_id, tok.end_of_turn_id},
+                                    stop_strings=[], pad_id=tok.pad_id, chunk=gen_batch_size,
+                                    ctx=ctx, progress=progress), answer_y=answer_y)
     run.info.update(source=source, vocab=tok.word_list())
     if pre_experiment:  # the paper's Figure 2 on this model, then exit
         answer_likelihoods(model, train_scorer, [ex for ex in train_ex if ex["steps"]], ev)
@@ -594,7 +595,8 @@ if __name__ == "__main__":
            f"({n_prompts / len(train_ex):.2f} epochs of {len(train_ex)}), x K={rloo_k} = "
            f"{n_prompts * rloo_k} rollouts; per rank {prompts_per_rank} prompts, "
            f"{prompts_per_rank * rloo_k} rollouts, {grad_accum} micro-steps of {micro_batch_size}")
-    rollouts = Sampler(tok=tok, stop_ids=ends, stop_strings=stops, pad_id=tok.pad_id,
+    # rationales end where outputs end (eos, pad, end-of-turn, as released) and at a stop string
+    rollouts = Sampler(tok=tok, stop_ids=ev.sampler.stop_ids, stop_strings=stops, pad_id=tok.pad_id,
                        chunk=gen_batch_size, ctx=ctx)
     generator = torch.Generator(device=device)
     last_step = min(latro_steps, stop_at_step or latro_steps)  # stop_at_step: resume continues
