@@ -122,12 +122,6 @@ BOUNDS = {"c_thought epochs_per_stage batch_size micro_batch_size eval_batch_siz
           "n_train n_val n_test max_latent_stage start_stage probe ckpt_interval learning_rate "
           "weight_decay": ">= 0", "n_thoughts_eval": ">= -1", "uniform_prob": "[0, 1]",
           "dropout": "[0, 1)"}
-SHAPE_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "dropout")  # a model's shape
-# what a resumed run must share with its checkpoint (num_epochs, out_dir, eval settings may change)
-RESUME_KEYS = SHAPE_KEYS + ("task", "task_options", "data_path", "split_layout", "n_train",
-                            "tokenizer", "seed", "method", "c_thought", "epochs_per_stage",
-                            "max_latent_stage", "start_stage", "pad_latent_to_max",
-                            "uniform_prob", "batch_size", "n_val", "max_new_tokens")
 
 # -----------------------------------------------------------------------------
 # the curriculum: which tokens an example is at stage k, and what is learned
@@ -453,6 +447,13 @@ def longest_rows(encoded, cur, stages, uniform_prob, max_new_tokens, test_counts
 
 # -----------------------------------------------------------------------------
 # the rules that tie keys together (each key's own CHOICES and BOUNDS are checked first)
+
+SHAPE_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "dropout")  # a model's shape
+# what a resumed run must share with its checkpoint (num_epochs, out_dir, eval settings may change)
+RESUME_KEYS = SHAPE_KEYS + ("task", "task_options", "data_path", "split_layout", "n_train",
+                            "tokenizer", "seed", "method", "c_thought", "epochs_per_stage",
+                            "max_latent_stage", "start_stage", "pad_latent_to_max",
+                            "uniform_prob", "batch_size", "n_val", "max_new_tokens")
 
 def check_config(c, world_size):
     """configurator.py calls this before any work, with c.key the value of each key and the number

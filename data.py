@@ -42,8 +42,9 @@ from configurator import UserError
 from formats import GSM8K_SHOTS
 from loaders import (DataFileNotFound, gsm8k_val_rule, json_depth, load_arc, load_gsm8k,
                      load_gsm8k_aug, load_json, read_text)
-from tasks import (DEFAULT_SIZES, GENERATORS, SPLIT_GENERATORS, check_task_options, same_question,
-                   task_options)
+from task_options import (DEFAULT_SIZES, GENERATORS, SPLIT_GENERATORS, check_task_options,
+                          task_options)
+from tasks import same_question
 
 SPLITS = ("train", "val", "test")
 TASKS = tuple(GENERATORS) + ("gsm8k", "gsm8k_aug", "arc", "json")

@@ -138,16 +138,6 @@ BOUNDS = {"batch_size micro_batch_size gen_batch_size max_new_tokens eval_interv
           "sft_target_acc": "[0, 1]", "dropout": "[0, 1)"}
 NOTES = {"sft_share": "a share of the training questions", "sft_target_acc": "an accuracy; 0 = run "
          "all sft_steps", "dropout": "keep 0, see its comment"}
-MODEL_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size")  # a scratch model's shape
-# what a resumed run must share with its checkpoint (+ MODEL_KEYS for a model from scratch): the
-# data, and what defines the objective and the update (latro_steps, intervals and evaluation
-# settings may change)
-RESUME_KEYS = ("task", "data_path", "split_layout", "n_train", "tokenizer", "seed", "prompt",
-               "arc_options", "answer_y", "val_split", "batch_size", "rloo_k", "learning_rate",
-               "beta", "gamma", "penalty", "sft_coef", "sft_learning_rate", "sft_batch_size",
-               # what the rollouts sample and what model selection measures
-               "temperature", "top_p", "max_rationale_tokens", "stop_strings", "n_val", "checker",
-               "max_new_tokens", "eval_prompt")
 
 # -----------------------------------------------------------------------------
 # the method: rollouts (model.sample: cut at their first stop), one-pass scoring, rewards, RLOO,
@@ -390,6 +380,17 @@ def longest_sequences(prompts, answers, gold, max_rationale_tokens, max_new_toke
 
 # -----------------------------------------------------------------------------
 # the rules that tie keys together (each key's own CHOICES and BOUNDS are checked first)
+
+MODEL_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size")  # a scratch model's shape
+# what a resumed run must share with its checkpoint (+ MODEL_KEYS for a model from scratch): the
+# data, and what defines the objective and the update (latro_steps, intervals and evaluation
+# settings may change)
+RESUME_KEYS = ("task", "data_path", "split_layout", "n_train", "tokenizer", "seed", "prompt",
+               "arc_options", "answer_y", "val_split", "batch_size", "rloo_k", "learning_rate",
+               "beta", "gamma", "penalty", "sft_coef", "sft_learning_rate", "sft_batch_size",
+               # what the rollouts sample and what model selection measures
+               "temperature", "top_p", "max_rationale_tokens", "stop_strings", "n_val", "checker",
+               "max_new_tokens", "eval_prompt")
 
 def check_config(c, world_size):
     """configurator.py calls this before any work, with c.key the value of each key and the number

@@ -22,6 +22,7 @@ import torch
 
 import data
 import evaluate
+import task_options
 import tasks
 import vocab
 from configurator import UserError
@@ -638,7 +639,7 @@ def test_the_word_vocabularys_special_tokens_are_checked_the_same_way():
 ])
 def test_the_edges_of_the_generator_option_bounds_are_accepted(task, options):
     # issue 30: the one value past each bound is refused in LOADER_CASES; the bound itself works
-    tasks.check_task_options(task, options)
+    task_options.check_task_options(task, options)
     assert len(data.load_task(task, "train", n=2, **options)) == 2
 
 
