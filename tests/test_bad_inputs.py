@@ -228,6 +228,8 @@ CLI_CASES = [
     (["coconut.py", "--task_options=min_hops"], "task_options='min_hops' must be a dict literal"),
     (["coconut.py", "--uniform_prob=1.5"], "uniform_prob=1.5: give a value in [0, 1]"),
     (["coconut.py", "--ckpt_interval=-1"], "ckpt_interval=-1: give a value >= 0"),
+    # a learning rate of 0 trains nothing (issue 30): refused as in latro.py
+    (["coconut.py", "--learning_rate=0"], "learning_rate=0.0: give a value > 0"),
     (["coconut.py", "--thoughts_sweep=0,x"], "thoughts_sweep='0,x': give thought counts >= 0"),
     (["coconut.py", "--batch_size=10"],
      "batch_size=10 (global) must be a multiple of micro_batch_size=128 x 1 ranks"),

@@ -478,15 +478,15 @@ def test_precision_bf16_autocast_keeps_loss_fp32():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 def test_cot_checkpoint_gets_markers_added_and_initialised(tmp_path):
-    # the GSM8k path: a CoT run (no markers in its vocabulary), then coconut from its best.pt; lr=0
-    # leaves the weights as set up, so the coconut run's ckpt.pt shows the new rows: copies of
+    # the GSM8k path: a CoT run (no markers in its vocabulary), then coconut from its best.pt; lr=1e-30
+    # (a learning rate must be > 0) moves no float32 weight, so it leaves the weights as set up, so the coconut run's ckpt.pt shows the new rows: copies of
     # '###', the rest unchanged
     cot = run_script(["--method=cot", "--num_epochs=1"], tmp_path / "cot")
     assert cot.returncode == 0, cot.stderr[-2000:]
     cot_ckpt = torch.load(tmp_path / "cot" / "best.pt", weights_only=True)
     assert cot_ckpt["markers"] is False
     r = run_script(["--init_from=" + str(tmp_path / "cot" / "best.pt"), "--marker_init=###",
-                    "--num_epochs=1", "--start_stage=1", "--learning_rate=0"], tmp_path / "coco")
+                    "--num_epochs=1", "--start_stage=1", "--learning_rate=1e-30"], tmp_path / "coco")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "markers: added" in r.stdout and "copies of '###'" in r.stdout
     old, new = cot_ckpt["model"], weights(tmp_path / "coco")
@@ -522,9 +522,10 @@ def test_epoch_checkpoints_hold_each_epoch_and_start_another_run(tmp_path):
     assert all(torch.equal(v, weights(tmp_path / "one")[k]) for k, v in first["model"].items())
     assert not any(torch.equal(v, last["model"][k]) for k, v in first["model"].items()
                    if k.endswith("wte.weight"))
-    # the GSM8k path: coconut from a CoT epoch checkpoint (lr 0: the weights as loaded)
+    # the GSM8k path: coconut from a CoT epoch checkpoint (lr 1e-30: no float32 weight moves, so the
+    # weights as loaded)
     r = run_script(["--init_from=" + str(tmp_path / "two" / "epoch_1.pt"), "--num_epochs=1",
-                    "--start_stage=1", "--learning_rate=0"], tmp_path / "coco")
+                    "--start_stage=1", "--learning_rate=1e-30"], tmp_path / "coco")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "markers: added" in r.stdout
     key = "transformer.wte.weight"
