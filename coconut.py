@@ -119,7 +119,8 @@ CHOICES = {"task": data.TASKS, "method": METHODS, "reset_optimizer": ("stage", "
            "precision": ("fp32", "bf16"), "arch": ("gpt2", "llama")}
 BOUNDS = {"c_thought epochs_per_stage batch_size micro_batch_size eval_batch_size max_new_tokens "
           "probe_topk n_layer n_head n_embd block_size ddp_timeout learning_rate": "> 0",
-          "n_train n_val n_test max_latent_stage start_stage probe ckpt_interval weight_decay": ">= 0", "n_thoughts_eval": ">= -1", "uniform_prob": "[0, 1]",
+          "n_train n_val n_test max_latent_stage start_stage probe ckpt_interval "
+          "weight_decay": ">= 0", "n_thoughts_eval": ">= -1", "uniform_prob": "[0, 1]",
           "dropout": "[0, 1)"}
 
 # -----------------------------------------------------------------------------

@@ -501,7 +501,8 @@ def assert_one_clear_line(r, message, tmp):
     assert not WORK.search(r.stdout), r.stdout
 
 
-IN_PROCESS = ("coconut.py", "latro.py", "data.py", "bench.py")  # they import torch: seconds as a subprocess
+# they import torch: seconds as a subprocess
+IN_PROCESS = ("coconut.py", "latro.py", "data.py", "bench.py")
 
 
 @pytest.mark.parametrize("argv, message", CLI_CASES, ids=[" ".join(c[0][:2]) + f" #{i}"

@@ -478,15 +478,16 @@ def test_precision_bf16_autocast_keeps_loss_fp32():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
 
 def test_cot_checkpoint_gets_markers_added_and_initialised(tmp_path):
-    # the GSM8k path: a CoT run (no markers in its vocabulary), then coconut from its best.pt; lr=1e-30
-    # (a learning rate must be > 0) moves no float32 weight, so it leaves the weights as set up, so the coconut run's ckpt.pt shows the new rows: copies of
-    # '###', the rest unchanged
+    # the GSM8k path: a CoT run (no markers in its vocabulary), then coconut from its best.pt;
+    # lr=1e-30 (a learning rate must be > 0) moves no float32 weight, so the coconut run's ckpt.pt
+    # shows the weights as set up: the new rows copies of '###', the rest unchanged
     cot = run_script(["--method=cot", "--num_epochs=1"], tmp_path / "cot")
     assert cot.returncode == 0, cot.stderr[-2000:]
     cot_ckpt = torch.load(tmp_path / "cot" / "best.pt", weights_only=True)
     assert cot_ckpt["markers"] is False
     r = run_script(["--init_from=" + str(tmp_path / "cot" / "best.pt"), "--marker_init=###",
-                    "--num_epochs=1", "--start_stage=1", "--learning_rate=1e-30"], tmp_path / "coco")
+                    "--num_epochs=1", "--start_stage=1", "--learning_rate=1e-30"],
+                   tmp_path / "coco")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "markers: added" in r.stdout and "copies of '###'" in r.stdout
     old, new = cot_ckpt["model"], weights(tmp_path / "coco")

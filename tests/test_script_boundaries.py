@@ -64,8 +64,8 @@ def assert_positions_boundary(script, args, out_dir):
 # runs it, so preflight must count it (it once did not, and the validation loss then indexed past
 # the position table)
 @pytest.mark.parametrize("seed, longest", [(1, "training example"), (0, "val example")])
-def test_coconut_preflight_passes_exactly_block_size_positions_and_refuses_one_fewer(tmp_path,
-                                                                                      seed, longest):
+def test_coconut_preflight_passes_exactly_block_size_positions_and_refuses_one_fewer(
+        tmp_path, seed, longest):
     args = COCONUT_TINY + [f"--seed={seed}", "--num_epochs=1"]
     _, what = assert_positions_boundary("coconut.py", args, tmp_path)
     assert what.startswith(longest)
