@@ -27,7 +27,6 @@ The other node: --node_rank=1. Baselines (--method=), thought sweep, all options
 
 import ast
 import dataclasses
-import os
 import random
 import sys
 import time
