@@ -38,11 +38,11 @@ class StopRequest:
     step boundary with a checkpoint instead of dying mid-step. A second signal acts at once, as the
     handlers installed before would (KeyboardInterrupt for Ctrl-C, termination for SIGTERM).
 
-        stop = StopRequest()                   # once, before the loop (main thread)
+        stop = StopRequest()                   # once, in the main thread (Run.__init__ does)
         for step in range(start, max_steps):
             train_step()
             if stop.requested(device):         # under DDP: every rank, at the same step
-                save_run(...); exit_on_signal(stop, ...)
+                ...                            # save, then end (Run.after_step)
 
     requested() all-reduces the flag (max) when torch.distributed is initialized, so every rank
     stops at the same step even when only one rank got the signal."""
