@@ -37,14 +37,13 @@ from transformers import DynamicCache
 
 import configurator
 import data
+import metrics
 import parallel
 import preflight
 import vocab
 from configurator import UserError
-from evaluate import coconut_correct
 from model import (autocast_ctx, copy_token_rows, decode, hidden_states, left_pad, lm_head,
-                   load_model, model_config, position_ids_from_mask, progress_bar, scratch_config,
-                   token_logprobs)
+                   load_model, model_config, position_ids_from_mask, scratch_config, token_logprobs)
 from parallel import print0
 from run import Run
 
@@ -156,6 +155,15 @@ class Curriculum:
         """Where every step is latent (0 for the methods without a curriculum)."""
         return self.max_latent_stage + 1 if self.method in CURRICULUM_METHODS else 0
 
+    def thoughts(self, stage):
+        """The thoughts (or pauses) layout() gives at `stage` to an example with more steps than
+        any stage replaces: what the schedule and the step log report."""
+        if self.method == "pause":
+            return self.max_latent_stage * self.c_thought
+        if self.method in ("coconut", "pause_as_thought"):
+            return min(stage, self.max_latent_stage) * self.c_thought
+        return 0
+
 def layout(q, steps, answer, stage, cur, n_thoughts=None, inference=False):
     """One example at curriculum `stage` as (prompt, target) token lists; the loss is on target
     only. q, answer: token ids (answer ends with eos); steps: list of token-id lists. n_thoughts
@@ -185,15 +193,6 @@ def layout(q, steps, answer, stage, cur, n_thoughts=None, inference=False):
         k = min(k, len(steps))
     n = k * cur.c_thought if n_thoughts is None else n_thoughts
     return q + [bot] + [latent] * n + [eot], sum(kept, []) + answer
-
-def thoughts_at_stage(stage, cur):
-    """The thoughts (or pauses) layout() gives at `stage` to an example with more steps than any
-    stage replaces: what the schedule and the step log report."""
-    if cur.method == "pause":
-        return cur.max_latent_stage * cur.c_thought
-    if cur.method in ("coconut", "pause_as_thought"):
-        return min(stage, cur.max_latent_stage) * cur.c_thought
-    return 0
 
 def collate(rows, latent_id, pad_id, c0=None, width=None):
     """rows: list of (prompt, target). Left-pad so every row's first thought (the end of a prompt
@@ -320,57 +319,6 @@ def eval_prompts(rows, stage, cur, n_thoughts=None):
     return [layout(q, steps, [], stage, cur, n_thoughts=n_thoughts, inference=True)[0]
             for q, steps, _ in rows]
 
-@dataclasses.dataclass
-class Decoding:
-    """How the evaluations decode, the same for every split."""
-    tok: object              # vocab.Tokenizer
-    latent_id: int           # the thought fed back (None: a plain LM)
-    batch_size: int          # prompts per generate call
-    max_new_tokens: int
-    ctx: object              # autocast (or nullcontext)
-    device: str
-    progress: bool = False   # a progress bar over the generate calls (rank 0, terminals only)
-
-def greedy_accuracy(model, wrapper, prompts, golds, dec):
-    """(accuracy, mean tokens generated with thoughts, this rank's texts) over all ranks: exact
-    match of the text after the last '#' (evaluate.coconut_correct). FSDP: the weights are gathered
-    once for the whole call, so ranks may run different numbers of forwards."""
-    n_correct, n_tokens, texts, tok, step = 0, 0, [], dec.tok, dec.batch_size
-    model.eval()
-    with dec.ctx, parallel.gathered(wrapper):
-        for i in progress_bar(range(0, len(prompts), step), dec.progress, "evaluating"):
-            batch, answers = prompts[i:i + step], golds[i:i + step]
-            tokens, n_gen = generate_answers(model, batch, dec.latent_id, eos_id=tok.eos_id,
-                                             pad_id=tok.pad_id, max_new_tokens=dec.max_new_tokens,
-                                             device=dec.device)
-            for row, n, prompt, gold in zip(tokens.tolist(), n_gen.tolist(), batch, answers):
-                texts.append(tok.decode(row[:n]))
-                n_correct += coconut_correct(texts[-1], gold)
-                n_tokens += n + prompt.count(dec.latent_id)            # the paper counts thoughts
-    model.train()
-    acc, mean_tokens = parallel.mean_over_ranks([n_correct, n_tokens], len(prompts), dec.device)
-    return acc, mean_tokens, texts
-
-@torch.no_grad()
-def validation_loss(wrapper, rows, stage, cur, dec):
-    """Mean next-token loss per labelled token at the epoch's training layout, over all ranks (the
-    released code prints it each epoch). The forward is the module's inside a DDP wrapper (a DDP
-    forward expects a backward); FSDP shards the module itself."""
-    coconut_model = getattr(wrapper, "module", wrapper)
-    total, count = 0.0, 0
-    coconut_model.model.eval()
-    with parallel.gathered(wrapper):
-        for i in range(0, len(rows), dec.batch_size):
-            batch = [layout(*ex, stage, cur) for ex in rows[i:i + dec.batch_size]]
-            ids, mask, labels = (t.to(dec.device) for t in collate(batch, cur.special[1],
-                                                                   dec.tok.pad_id))
-            n = (labels[:, 1:] != -100).sum().item()
-            with dec.ctx:
-                total += coconut_model(ids, mask, labels).item() * n   # (a mean over n tokens)
-            count += n
-    coconut_model.model.train()
-    return parallel.mean_over_ranks([total], count, dec.device)[0]
-
 # -----------------------------------------------------------------------------
 # the training loop's decisions, as small functions the loop calls and the tests import
 
@@ -391,94 +339,15 @@ def resets_optimizer(epoch, cur, mode):
         return False
     return mode == "epoch" or cur.stage(epoch) != cur.stage(epoch - 1)
 
-def aligned_columns(rows, latent_id, feedback_id, device, fsdp):
-    """FSDP: every pass all-gathers each layer, so every rank must run the same passes even when its
-    rows hold fewer thoughts. The max over the ranks of the anchor column, the length after it and
-    the thought count: every rank then lays its micro-batch out alike and splits at the same
-    columns. Returns (c0, width, cols) for collate() and the forward; Nones without FSDP."""
-    if not fsdp:
-        return None, None, None
-    anchors = [p.index(latent_id) if latent_id in p else len(p) for p, _ in rows]
-    n = max(p.count(feedback_id) for p, _ in rows) if feedback_id is not None else 0
-    after = max(len(p) + len(t) - a for (p, t), a in zip(rows, anchors))
-    c0, after, n = parallel.max_over_ranks([max(anchors), after, n], device)
-    return c0, c0 + after, list(range(c0, c0 + n))
-
-def schedule_lines(cur, num_epochs, note=True):
-    """The stages of a run's epochs as log lines, one per stage with its first and last epoch, and
-    (note) a note when no epoch reaches the final stage, where model selection happens."""
-    lines, first_stage, last_stage = [], cur.stage(0), cur.stage(num_epochs - 1)
-    for st in cur.stages(num_epochs) if num_epochs > 0 else ():
-        first = 0 if st == first_stage else (st - cur.start_stage) * cur.epochs_per_stage
-        last = num_epochs - 1 if st == last_stage else first + cur.epochs_per_stage - 1
-        replaced = "all" if st > cur.max_latent_stage else st
-        lines.append(f"schedule: epochs {first}-{last} {cur.method} stage {st}: "
-                     f"{thoughts_at_stage(st, cur)} thoughts/pauses, "
-                     f"{replaced if cur.method in CURRICULUM_METHODS else 'no'} steps replaced")
-    if note and cur.final_stage > last_stage:
-        lines.append(f"note: no epoch reaches the final stage {cur.final_stage}, so no best.pt: "
-                     f"the last weights are tested")
-    return "\n".join(lines)
-
-def longest_rows(encoded, cur, stages, uniform_prob, max_new_tokens, test_counts):
-    """The longest sequences as preflight's (tokens, what, how to shorten) triples: a training row
-    at every stage it can be drawn at (with uniform_prob > 0 also 0..#steps of that row) and a val
-    row at each stage run (the validation loss), and an evaluation prompt + max_new_tokens (the
-    test at each thought count, val at each stage run)."""
-    best = (0, None, None)
-    for split, rows in (("training", encoded["train"]), ("val", encoded["val"])):
-        for i, ex in enumerate(rows):
-            drawn = set(stages)
-            if uniform_prob > 0 and stages and split == "training":
-                drawn |= set(range(len(ex[1]) + 1))
-            for st in drawn:
-                n = sum(map(len, layout(*ex, st, cur)))
-                if n > best[0]:
-                    best = (n, f"{split} example {i}", st)
-    prompts = [p for n in test_counts
-               for p in eval_prompts(encoded["test"], cur.final_stage, cur, n)]
-    prompts += [p for st in stages for p in eval_prompts(encoded["val"], st, cur)]
-    return [(best[0], f"{best[1]} at stage {best[2]}", "raise --block_size "
-             "(scratch), lower max_latent_stage or c_thought, or drop long examples"),
-            (max(map(len, prompts), default=0) + max_new_tokens, f"the longest evaluation prompt "
-             f"+ max_new_tokens={max_new_tokens}", "lower --max_new_tokens or raise --block_size "
-             "(scratch)")]
-
 # -----------------------------------------------------------------------------
 # the rules that tie keys together (each key's own CHOICES and BOUNDS are checked first)
-
-SHAPE_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size", "dropout")  # a model's shape
-# what a resumed run must share with its checkpoint (num_epochs, out_dir, eval settings may change)
-RESUME_KEYS = SHAPE_KEYS + ("task", "task_options", "data_path", "split_layout", "n_train",
-                            "tokenizer", "seed", "method", "c_thought", "epochs_per_stage",
-                            "max_latent_stage", "start_stage", "pad_latent_to_max",
-                            "uniform_prob", "batch_size", "n_val", "max_new_tokens")
 
 def check_config(c, world_size):
     """configurator.py calls this before any work, with c.key the value of each key and the number
     of processes of the launch: the first rule broken is the error, saying what to do instead."""
-    if not isinstance(configurator.literal(c.task_options), dict):
-        raise UserError(f"task_options={c.task_options!r} must be a dict literal, e.g. "
-                        f"\"{{'min_hops': 2}}\" or \"{{}}\"")
-    if c.num_epochs <= 0 and not c.eval_only:
-        raise UserError(f"num_epochs={c.num_epochs} must be > 0 (eval_only=True evaluates without "
-                        f"training)")
-    if c.eval_only and c.init_from == "scratch":
-        raise UserError("eval_only=True with init_from='scratch' would score an untrained model: "
-                        "give --init_from=resume, a .pt checkpoint or a trained model")
-    if c.thoughts_sweep and not configurator.counts(c.thoughts_sweep):
-        raise UserError(f"thoughts_sweep={c.thoughts_sweep!r}: give thought counts >= 0 separated "
-                        f"by commas, e.g. 0,1,2,3")
     if c.thoughts_sweep and c.method not in MARKER_METHODS:
         raise UserError(f"thoughts_sweep needs thoughts or pauses; method={c.method!r} has none "
                         f"(use one of {', '.join(MARKER_METHODS)})")
-    # the demo's learning rate is for a tiny model from scratch: far too high for a pretrained one
-    pretrained = c.init_from not in ("scratch", "resume") and not c.init_from.endswith(".pt")
-    if pretrained and not c.eval_only and "learning_rate" not in c.given:
-        raise UserError(f"init_from={c.init_from!r} is a pretrained model and learning_rate="
-                        f"{c.learning_rate:g} is the CPU demo's (a tiny model from scratch): give "
-                        f"--learning_rate (paper: 1e-4 for GPT-2), or start from a preset in "
-                        f"config/")
     # checkpointed layers drop the KV cache that carries the thought passes (with gradients)
     if c.gradient_checkpointing and c.method == "coconut":
         raise UserError("gradient_checkpointing=True does not work with method=coconut: its "
@@ -493,12 +362,11 @@ def check_config(c, world_size):
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
-    config = configurator.configure(globals(), sys.argv[1:], renamed=configurator.RENAMED,
-                                    choices=CHOICES, bounds=BOUNDS, check=check_config,
-                                    own_checkpoints=True)
+    config = configurator.configure(globals(), sys.argv[1:], choices=CHOICES, bounds=BOUNDS,
+                                    check=check_config, own_checkpoints=True,
+                                    renamed=configurator.RENAMED)
     # ---- processes, device, out_dir; the checkpoint to start from (resume, or e.g. the CoT stage)
-    run = Run("coconut", config, resume_keys=RESUME_KEYS, shape_keys=SHAPE_KEYS,
-              writes=not eval_only, results=bool(thoughts_sweep))
+    run = Run("coconut", config, writes=not eval_only, results=bool(thoughts_sweep))
     device, ddp_rank, ddp_world_size = run.device, run.rank, run.world_size
     grad_accum = batch_size // (micro_batch_size * ddp_world_size)
     print0(f"global batch {batch_size} = {micro_batch_size} per micro-step x {grad_accum} "
@@ -534,16 +402,17 @@ if __name__ == "__main__":
     cur = Curriculum(method=method, c_thought=c_thought, max_latent_stage=max_latent_stage,
                      pad_latent_to_max=pad_latent_to_max, special=markers.ids,
                      start_stage=start_stage, epochs_per_stage=epochs_per_stage)
-    print0(schedule_lines(cur, num_epochs, note=not eval_only))
+    print0(preflight.schedule_lines(cur, num_epochs, note=not eval_only))
     n_test_thoughts = n_thoughts_eval if n_thoughts_eval >= 0 else None  # None: the final stage's
     sweep_counts = configurator.counts(thoughts_sweep) or []
 
     # ---- the model's shape (no weights yet): positions against the longest sequences, memory plan
     shape_kw = {**run.shape, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}
     hf_cfg = base_cfg if base != "scratch" else scratch_config(markers.n_rows, **shape_kw)
-    longest = longest_rows(encoded, cur, stages=[] if eval_only else cur.stages(num_epochs),
-                           uniform_prob=uniform_prob, max_new_tokens=max_new_tokens,
-                           test_counts=[n_test_thoughts] + sweep_counts)
+    longest = preflight.coconut_longest(encoded, cur, layout=layout, eval_prompts=eval_prompts,
+                                        stages=[] if eval_only else cur.stages(num_epochs),
+                                        uniform_prob=uniform_prob, max_new_tokens=max_new_tokens,
+                                        test_counts=[n_test_thoughts] + sweep_counts)
     train_len, eval_len = longest[0][0], longest[1][0]
     preflight.preflight(hf_cfg, device, longest=longest, fsdp=fsdp, precision=precision,
                         grad_accum=grad_accum, kv_cache=(eval_batch_size, eval_len),
@@ -577,8 +446,9 @@ if __name__ == "__main__":
                     vocab=tok.word_list())
     mine = slice(ddp_rank, None, ddp_world_size)                       # this rank's eval examples
     golds = {s: [ex["answer"] for ex in splits[s][mine]] for s in ("val", "test")}
-    dec = Decoding(tok=tok, latent_id=feedback_id, batch_size=eval_batch_size,
-                   max_new_tokens=max_new_tokens, ctx=ctx, device=device, progress=progress)
+    dec = metrics.Decoding(tok=tok, latent_id=feedback_id, batch_size=eval_batch_size,
+                           max_new_tokens=max_new_tokens, ctx=ctx, device=device,
+                           progress=progress, generate=generate_answers)
 
     # ---- training: an epoch has one stage; each rank takes its block of the same global batches
     model.train()
@@ -604,7 +474,8 @@ if __name__ == "__main__":
                 rows = [layout(*encoded["train"][i], stages[i], cur) for i in block]
                 # the first thoughts of every row line up in one column: one pass per thought column
                 # (FSDP: the same columns on every rank, so that every rank runs the same passes)
-                c0, width, cols = aligned_columns(rows, latent_id, feedback_id, device, fsdp)
+                c0, width, cols = parallel.aligned_columns(rows, latent_id, feedback_id, device,
+                                                           fsdp)
                 input_ids, mask, labels = (t.to(device) for t in
                                            collate(rows, latent_id, tok.pad_id, c0, width))
                 # the gradients are all-reduced on the last micro-step only
@@ -624,7 +495,7 @@ if __name__ == "__main__":
             iter_num += 1
             dt = time.time() - t0
             print0(f"step {iter_num}/{steps_per_epoch * num_epochs} | epoch {epoch} stage {stage} "
-                   f"thoughts {thoughts_at_stage(stage, cur)} | loss {loss_sum:.4f} | "
+                   f"thoughts {cur.thoughts(stage)} | loss {loss_sum:.4f} | "
                    f"lr {learning_rate:.1e} | dt {dt * 1000:.0f}ms | tok/s {n_tok / dt:.0f}")
             run.log({"loss": loss_sum, "epoch": epoch, "stage": stage, "grad_norm": gnorm},
                     step=iter_num)
@@ -634,9 +505,13 @@ if __name__ == "__main__":
                            step_in_epoch=step + 1, stage=stage, iter_num=iter_num)
 
         # ---- end of epoch: validation at this stage's layout, then the checkpoints from rank 0
-        val_loss = validation_loss(train_model, encoded["val"][mine], stage, cur, dec)
+        val_rows = [layout(*ex, stage, cur) for ex in encoded["val"][mine]]
+        val_loss = metrics.validation_loss(train_model, [
+            collate(val_rows[i:i + eval_batch_size], latent_id, tok.pad_id)
+            for i in range(0, len(val_rows), eval_batch_size)], dec)
         prompts = eval_prompts(encoded["val"][mine], stage, cur)
-        val_acc, val_tok, _ = greedy_accuracy(model, train_model, prompts, golds["val"], dec)
+        val_acc, val_tok, _ = metrics.greedy_accuracy(model, train_model, prompts, golds["val"],
+                                                      dec)
         print0(f"epoch {epoch} stage {stage} | val loss {val_loss:.4f} | val acc {val_acc:.4f} | "
                f"tokens {val_tok:.1f}")
         run.log({"val_loss": val_loss, "val_acc": val_acc, "val_tokens": val_tok, "epoch": epoch,
@@ -661,8 +536,8 @@ if __name__ == "__main__":
     if base != "scratch" and not eval_only:
         run.export(model, tok)
     test_prompts = eval_prompts(encoded["test"][mine], cur.final_stage, cur, n_test_thoughts)
-    test_acc, test_tok, texts = greedy_accuracy(model, train_model, test_prompts, golds["test"],
-                                                dec)
+    test_acc, test_tok, texts = metrics.greedy_accuracy(model, train_model, test_prompts,
+                                                        golds["test"], dec)
     print0(f"test acc {test_acc:.4f} | tokens generated {test_tok:.1f} (thoughts included) | "
            f"{len(encoded['test'])} examples")
     run.log({"test_acc": test_acc, "test_tokens": test_tok}, step=iter_num)
@@ -672,7 +547,8 @@ if __name__ == "__main__":
     sweep = []
     for n in sweep_counts:
         prompts = eval_prompts(encoded["test"][mine], cur.final_stage, cur, n)
-        acc, n_tokens, _ = greedy_accuracy(model, train_model, prompts, golds["test"], dec)
+        acc, n_tokens, _ = metrics.greedy_accuracy(model, train_model, prompts, golds["test"],
+                                                   dec)
         sweep.append({"thoughts": n, "accuracy": acc, "tokens": n_tokens})
         if len(sweep) == 1:
             print0("| thoughts | test acc | tokens generated (thoughts included) |\n|---|---|---|")

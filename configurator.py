@@ -22,6 +22,7 @@ The checks, in this order, the first that fails being the error:
 - what each key may hold, given by the script as plain data: `choices` ({key: allowed values})
   and `bounds` ({"key key ...": "> 0" | ">= 0" | "[0, 1)" ...}, `notes` adding a word on a key);
 - the rules on the launch and the machine that both scripts share (check_system);
+- each script's bookkeeping rules across keys (check_coconut_keys, check_latro_keys);
 - the script's own rules across keys: `check(c, world_size)`, plain Python with c.key for each key.
 
 User errors: a mistake in the user's input (a config key, a data file, an out_dir, a checkpoint
@@ -264,6 +265,71 @@ def check_system(c, script, distributed, own_checkpoints=False):
     raise ConfigError(f"init_from={c.init_from!r} is a file; give a directory written by "
                       f"save_pretrained, a hub name, 'scratch' or 'resume'")
 
+# -----------------------------------------------------------------------------
+# each script's bookkeeping rules across keys (the rules that teach the method stay in the script,
+# its check_config, after the method)
+
+def check_coconut_keys(c):
+    """coconut.py: values that parse, runs that train or evaluate something, a pretrained model's
+    learning rate."""
+    if not isinstance(literal(c.task_options), dict):
+        raise UserError(f"task_options={c.task_options!r} must be a dict literal, e.g. "
+                        f"\"{{'min_hops': 2}}\" or \"{{}}\"")
+    if c.num_epochs <= 0 and not c.eval_only:
+        raise UserError(f"num_epochs={c.num_epochs} must be > 0 (eval_only=True evaluates without "
+                        f"training)")
+    if c.eval_only and c.init_from == "scratch":
+        raise UserError("eval_only=True with init_from='scratch' would score an untrained model: "
+                        "give --init_from=resume, a .pt checkpoint or a trained model")
+    if c.thoughts_sweep and not counts(c.thoughts_sweep):
+        raise UserError(f"thoughts_sweep={c.thoughts_sweep!r}: give thought counts >= 0 separated "
+                        f"by commas, e.g. 0,1,2,3")
+    # the demo's learning rate is for a tiny model from scratch: far too high for a pretrained one
+    pretrained = c.init_from not in ("scratch", "resume") and not c.init_from.endswith(".pt")
+    if pretrained and not c.eval_only and "learning_rate" not in c.given:
+        raise UserError(f"init_from={c.init_from!r} is a pretrained model and learning_rate="
+                        f"{c.learning_rate:g} is the CPU demo's (a tiny model from scratch): give "
+                        f"--learning_rate (paper: 1e-4 for GPT-2), or start from a preset in "
+                        f"config/")
+
+def check_latro_keys(c):
+    """latro.py: stop strings, the prompts a task has, runs that train something, a pretrained
+    model's learning rates."""
+    import formats, vocab  # (they import this module)
+    if c.stop_strings != "released" and difflib.get_close_matches(c.stop_strings, ["released"],
+                                                                  cutoff=0.75):
+        raise UserError(f"stop_strings={c.stop_strings!r}: did you mean 'released'? (to stop at "
+                        f"that text, write it as '{c.stop_strings}|' )")
+    if not all(s.strip() for s in formats.parse_stop_strings(c.stop_strings)):
+        raise UserError(f"stop_strings={c.stop_strings!r} holds a blank stop string: it would cut "
+                        f"every rationale at the first space; separate real strings with '|'")
+    if c.pre_experiment and c.init_from in ("scratch", "resume"):
+        raise UserError("pre_experiment=True scores a trained model: give --init_from=<a "
+                        "save_pretrained directory, e.g. out/latro/hf>")
+    if c.eval_prompt == "8shot" and c.task != "gsm8k":
+        raise UserError("the 8-shot prompt is GSM8K's, for evaluation: use --eval_prompt=8shot "
+                        "with --task=gsm8k")
+    if c.eval_prompt == "8shot" and vocab.tokenizer_name(c.tokenizer, c.init_from) == "words":
+        raise UserError("eval_prompt=8shot needs a model's own tokenizer: the word vocabulary of a "
+                        "model from scratch does not hold the words of its eight worked examples")
+    # the demo's warm-up and learning rates are for a tiny model from scratch: a pretrained model
+    # gets them only when asked for (the paper's LaTRO runs no warm-up, at lr 5e-7)
+    pretrained = c.init_from not in ("scratch", "resume") and not c.pre_experiment
+    chosen = "learning_rate" in c.given and ("sft_steps" in c.given or "sft_epochs" in c.given)
+    if pretrained and not chosen:
+        raise UserError(f"init_from={c.init_from!r} is a pretrained model and the defaults are the "
+                        f"CPU demo's (a tiny model from scratch: an SFT warm-up of {c.sft_steps} "
+                        f"steps at {c.sft_learning_rate:g}, then learning_rate="
+                        f"{c.learning_rate:g}): give --learning_rate (paper: 5e-7) and --sft_steps "
+                        f"(0: no warm-up, as the paper), or start from config/latro_gsm8k.py")
+    # runs that would report an untrained model
+    if c.init_from == "scratch" and not (c.sft_steps or c.sft_epochs or c.latro_steps):
+        raise UserError("init_from='scratch' with no SFT warm-up (sft_steps=0) and latro_steps=0 "
+                        "trains nothing: the test accuracy would be a random model's; set "
+                        "sft_steps or latro_steps, or evaluate a trained model with evaluate.py")
+
+SCRIPT_KEYS = {"coconut.py": check_coconut_keys, "latro.py": check_latro_keys}
+
 def launch():
     """(world_size, distributed) of the launch: torchrun sets RANK, WORLD_SIZE, MASTER_ADDR and
     MASTER_PORT together; one without the others (a stale RANK in the shell) is an error here, not
@@ -280,13 +346,16 @@ def launch():
 def run_checks(config, world_size=1, distributed=False, *, choices=None, bounds=None, notes=None,
                check=None, script="", own_checkpoints=False, given=None):
     """Every check of a script's configuration, in order: the per-key limits, the rules both
-    scripts share (check_system) and the script's own `check(c, world_size)`."""
+    scripts share (check_system), the script's bookkeeping rules (SCRIPT_KEYS) and the script's
+    own `check(c, world_size)`."""
     check_limits(config, choices, bounds, notes)
     if check is None:
         return
     # c.given: the keys a config file or an argument set (None: every key counts as given)
     c = SimpleNamespace(**config, given=set(config) if given is None else set(given))
     check_system(c, script, distributed, own_checkpoints)
+    if script in SCRIPT_KEYS:
+        SCRIPT_KEYS[script](c)
     check(c, world_size)
 
 def configure(scope, argv, verbose=None, renamed=None, **checks):

@@ -269,6 +269,24 @@ def load_splits(task, sizes, *, path="", seed=0, split_layout="", allow_overlap=
     return splits
 
 
+def selection_splits(splits, val_split, task, eval_prompt):
+    """latro.py's (train, val, test) examples: val selects the model (val_split='heldout'), or, as
+    released, the test split does (val_split='test': GSM8K's val tail then trains too; the test
+    accuracy of the selected weights is then optimistic, as the message says). The 8-shot prompt's
+    eight worked examples must not be scored: refused in val or test."""
+    if eval_prompt == "8shot":
+        check_shots_unseen(splits)
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    if val_split != "test":
+        return train, val, test
+    if task == "gsm8k":
+        train = train + val
+    if int(os.environ.get("RANK", 0)) == 0:  # printed once, by rank 0
+        print(f"val_split='test': model selection on the test split, as released (its accuracy is "
+              f"then optimistic); {len(train)} training questions")
+    return train, test, test
+
+
 def _first(examples, n, split):
     if n > len(examples):
         print(f"note: asked for {n} {split} examples, the data has {len(examples)}")

@@ -19,20 +19,12 @@ second term of ∇J has weight `sft_coef`: 0 in the released code (the default h
 
 Read first: docs/walkthrough.md (every piece at the prompt). Launch:
     python latro.py                          # CPU demo: modsum, tiny model, SFT warm-up then LaTRO
-    python latro.py --latro_steps=0          # the SFT warm-up alone (the SFT baseline)
     python latro.py --init_from=resume       # continue out_dir/ckpt.pt exactly
-    python latro.py config/latro_gsm8k.py --init_from=Qwen/Qwen2.5-1.5B-Instruct \\
-        --batch_size=3                       # 1 GPU
     torchrun --standalone --nproc_per_node=8 latro.py config/latro_gsm8k.py   # 8 GPUs, as the paper
-    torchrun --standalone --nproc_per_node=8 latro.py config/latro_sft_gsm8k.py   # SFT baseline
-    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --master_addr=HOST --master_port=29500 \\
-        latro.py config/latro_gsm8k.py --batch_size=48    # 2 nodes (--node_rank=1 on the other)
+The SFT baseline, one GPU, several nodes: docs/latro.md and docs/scaling.md.
 """
 
-import dataclasses
-import difflib
 import math
-import os
 import sys
 import time
 
@@ -41,12 +33,14 @@ import torch
 import configurator
 import data
 import formats
+import metrics
 import parallel
 import preflight
 import vocab
 from configurator import UserError
-from evaluate import CHECKERS, latro_correct, majority_correct
-from model import (Sampler, autocast_ctx, cut_at_stop, fresh_model, hidden_states, model_config,
+from evaluate import CHECKERS
+from metrics import format_metrics
+from model import (Sampler, autocast_ctx, fresh_model, hidden_states, model_config,
                    position_ids_from_mask, sample, scratch_config, token_logprobs)
 from parallel import print0
 from run import Run
@@ -125,11 +119,10 @@ ddp_timeout = 1800             # seconds a rank waits in a collective (a dead pe
 
 # what each key may hold, checked by configurator.py before any work (the rules that tie keys
 # together: check_config, after the method)
-CHOICES = {"task": data.TASKS, "arch": ("gpt2", "llama"),
-           "penalty": ("group", "rank_mean", "none"), "checker": CHECKERS,
-           "prompt": ("cot", "sft"), "eval_prompt": ("",) + formats.PROMPT_STYLES,
+CHOICES = {"task": data.TASKS, "arch": ("gpt2", "llama"), "penalty": ("group", "rank_mean", "none"),
+           "checker": CHECKERS, "prompt": ("cot", "sft"), "val_split": ("heldout", "test"),
            "arc_options": ("released", "lettered"), "answer_y": ("released", "clean"),
-           "val_split": ("heldout", "test")}
+           "eval_prompt": ("",) + formats.PROMPT_STYLES}
 BOUNDS = {"batch_size micro_batch_size gen_batch_size max_new_tokens eval_interval sft_batch_size "
           "sft_eval_interval learning_rate sft_learning_rate ddp_timeout gamma n_layer n_head "
           "n_embd block_size": "> 0",
@@ -260,100 +253,7 @@ def sft_loss_backward(scorer, rows, micro_batch_size, pad_id, ctx, device):
     return total
 
 # -----------------------------------------------------------------------------
-# evaluation: greedy accuracy, maj@k and the answer's log-likelihood, with the released checker
-
-@dataclasses.dataclass
-class Evaluation:
-    """How a split is scored, the same for val and test."""
-    task: str
-    style: str               # the prompt style (formats.latro_prompt)
-    arc_options: str
-    checker: str             # evaluate.py's released or fixed checker
-    stop_strings: list       # where the answer log-likelihood cuts the output
-    max_new_tokens: int
-    seed: int                # maj@k samples: seed + rank, the same at every evaluation
-    sampler: Sampler         # outputs end at eos, pad or end-of-turn (no stop strings), as released
-    answer_y: str = "released"  # the text of y (formats.latro_answer)
-
-@torch.no_grad()
-def split_metrics(model, wrapper, examples, maj_k, ev):
-    """Greedy accuracy, maj@k and the mean log π(y | x, z_greedy) over a split, each rank scoring
-    examples r, r+W, ... and the sums added over the ranks. The answer log-likelihood puts the gold
-    answer after the greedy output cut at its first stop, as the reward does."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    mine, tok, how = examples[rank::world], ev.sampler.tok, ev.sampler
-    xs = formats.encode_prompts(tok, mine, ev.task, ev.arc_options, ev.style)
-    device = next(model.parameters()).device
-    model.eval()
-    with parallel.gathered(wrapper):  # FSDP: weights gathered once for the whole split
-        outs, _, _ = sample(model, xs, ev.max_new_tokens, how)
-        texts = [tok.decode(o, cleanup=True) for o in outs]
-        correct = sum(latro_correct(ev.task, t, ex, checker=ev.checker)
-                      for t, ex in zip(texts, mine))
-        cut = [o[:cut_at_stop(tok, o, how.stop_ids | {tok.pad_id}, ev.stop_strings)[0]]
-               for o in outs]
-        ys = formats.encode_answers(tok, mine, ev.task, ev.answer_y)
-        _, logp_y = score_rows(SequenceScorer(model), xs, cut, ys, pad_id=tok.pad_id,
-                               chunk=how.chunk, ctx=how.ctx)
-        maj = 0
-        if maj_k:
-            # a fixed seed: evaluations do not disturb training's random state
-            g = torch.Generator(device=device).manual_seed(ev.seed + rank)
-            many = [p for p in xs for _ in range(maj_k)]
-            outs, _, _ = sample(model, many, ev.max_new_tokens, how, g, temperature=1.0)
-            texts = [tok.decode(o, cleanup=True) for o in outs]
-            maj = sum(majority_correct(ev.task, texts[i * maj_k:(i + 1) * maj_k], ex, ev.checker)
-                      for i, ex in enumerate(mine))
-    acc, maj, answer_logp = parallel.mean_over_ranks([correct, maj, logp_y.sum().item()],
-                                                     len(mine), device)
-    if not maj_k:
-        return {"acc": acc, "answer_logp": answer_logp}
-    return {"acc": acc, f"maj@{maj_k}": maj, "answer_logp": answer_logp}
-
-@torch.no_grad()
-def answer_likelihoods(model, wrapper, examples, ev):
-    """The paper's motivation (its Figure 2): does a good rationale raise the model's likelihood
-    of the answer? The mean Σ log π(y | x) with no rationale, and Σ log π(y | x ⊕ z*) after the
-    gold one, over the gold rows of `examples` (rank r scores r, r+W, ...), over all ranks;
-    printed, and returned."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    how, scorer = ev.sampler, SequenceScorer(model)
-    xs, zs, ys = formats.gold_rows(how.tok, examples[rank::world], ev.task, ev.arc_options,
-                                   style="cot", answer_y=ev.answer_y)
-    model.eval()
-    with parallel.gathered(wrapper):
-        _, without = score_rows(scorer, xs, [[] for _ in xs], ys, pad_id=how.pad_id,
-                                chunk=how.chunk, ctx=how.ctx)
-        _, with_z = score_rows(scorer, xs, zs, ys, pad_id=how.pad_id, chunk=how.chunk, ctx=how.ctx)
-    device = next(model.parameters()).device
-    without, with_z = parallel.mean_over_ranks([without.sum().item(), with_z.sum().item()], len(xs),
-                                               device)
-    print0(f"answer log-likelihood on {ev.task} train gold rows: without a rationale {without:.4f}"
-           f" | after the gold rationale {with_z:.4f} | difference {with_z - without:+.4f}")
-    return without, with_z
-
-def format_metrics(metrics):
-    """'acc 0.5000 maj@8 0.6250 answer_logp -1.2345' for a log line."""
-    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-
-# -----------------------------------------------------------------------------
 # the run's small decisions, as functions the loop calls and the tests import
-
-def selection_splits(splits, val_split, task, eval_prompt):
-    """(train, val, test) examples: val selects the model (val_split='heldout'), or, as released,
-    the test split does (val_split='test': GSM8K's val tail then trains too; the test accuracy of
-    the selected weights is then optimistic, as the message says). The 8-shot prompt's eight
-    worked examples must not be scored: refused in val or test."""
-    if eval_prompt == "8shot":
-        data.check_shots_unseen(splits)
-    train, val, test = splits["train"], splits["val"], splits["test"]
-    if val_split != "test":
-        return train, val, test
-    if task == "gsm8k":
-        train = train + val
-    print0(f"val_split='test': model selection on the test split, as released (its accuracy is "
-           f"then optimistic); {len(train)} training questions")
-    return train, test, test
 
 def rollout_seed(seed, step, rank):
     """The seed of the rollout sampler at optimizer step `step` on a rank: a function of
@@ -366,31 +266,8 @@ def lr_at(step, lr, total_steps):
     to 0, no warm-up, as released (the first step uses lr, the last lr / total_steps)."""
     return lr * (1 - step / total_steps)
 
-def longest_sequences(prompts, answers, gold, max_rationale_tokens, max_new_tokens):
-    """The longest sequences as preflight's (tokens, what, how to shorten) triples: a rollout or
-    evaluation (a prompt + its answer + max(max_rationale_tokens, max_new_tokens)) and a gold
-    warm-up row (the whole [x, z*, y]; gold: token lists of prompt, rationale, answer)."""
-    need = max(len(x) + len(y) for x, y in zip(prompts, answers))
-    need += max(max_rationale_tokens, max_new_tokens)
-    return [(need, "the longest rollout or evaluation (prompt + answer + max(max_rationale_tokens, "
-             "max_new_tokens))", "raise block_size (scratch) or lower max_rationale_tokens / "
-             "max_new_tokens"),
-            (max((sum(map(len, row)) for row in gold), default=0), "the longest gold warm-up row",
-             "raise block_size (scratch)")]
-
 # -----------------------------------------------------------------------------
 # the rules that tie keys together (each key's own CHOICES and BOUNDS are checked first)
-
-MODEL_KEYS = ("arch", "n_layer", "n_head", "n_embd", "block_size")  # a scratch model's shape
-# what a resumed run must share with its checkpoint (+ MODEL_KEYS for a model from scratch): the
-# data, and what defines the objective and the update (latro_steps, intervals and evaluation
-# settings may change)
-RESUME_KEYS = ("task", "data_path", "split_layout", "n_train", "tokenizer", "seed", "prompt",
-               "arc_options", "answer_y", "val_split", "batch_size", "rloo_k", "learning_rate",
-               "beta", "gamma", "penalty", "sft_coef", "sft_learning_rate", "sft_batch_size",
-               # what the rollouts sample and what model selection measures
-               "temperature", "top_p", "max_rationale_tokens", "stop_strings", "n_val", "checker",
-               "max_new_tokens", "eval_prompt")
 
 def check_config(c, world_size):
     """configurator.py calls this before any work, with c.key the value of each key and the number
@@ -409,37 +286,6 @@ def check_config(c, world_size):
     if c.max_rationale_tokens <= 0:
         raise UserError(f"max_rationale_tokens={c.max_rationale_tokens}: LaTRO optimises the "
                         f"rationale, so it needs at least one token (paper: 500)")
-    if c.stop_strings != "released" and difflib.get_close_matches(c.stop_strings, ["released"],
-                                                                  cutoff=0.75):
-        raise UserError(f"stop_strings={c.stop_strings!r}: did you mean 'released'? (to stop at "
-                        f"that text, write it as '{c.stop_strings}|' )")
-    if not all(s.strip() for s in formats.parse_stop_strings(c.stop_strings)):
-        raise UserError(f"stop_strings={c.stop_strings!r} holds a blank stop string: it would cut "
-                        f"every rationale at the first space; separate real strings with '|'")
-    if c.pre_experiment and c.init_from in ("scratch", "resume"):
-        raise UserError("pre_experiment=True scores a trained model: give --init_from=<a "
-                        "save_pretrained directory, e.g. out/latro/hf>")
-    if c.eval_prompt == "8shot" and c.task != "gsm8k":
-        raise UserError("the 8-shot prompt is GSM8K's, for evaluation: use --eval_prompt=8shot "
-                        "with --task=gsm8k")
-    if c.eval_prompt == "8shot" and vocab.tokenizer_name(c.tokenizer, c.init_from) == "words":
-        raise UserError("eval_prompt=8shot needs a model's own tokenizer: the word vocabulary of a "
-                        "model from scratch does not hold the words of its eight worked examples")
-    # the demo's warm-up and learning rates are for a tiny model from scratch: a pretrained model
-    # gets them only when asked for (the paper's LaTRO runs no warm-up, at lr 5e-7)
-    pretrained = c.init_from not in ("scratch", "resume") and not c.pre_experiment
-    chosen = "learning_rate" in c.given and ("sft_steps" in c.given or "sft_epochs" in c.given)
-    if pretrained and not chosen:
-        raise UserError(f"init_from={c.init_from!r} is a pretrained model and the defaults are the "
-                        f"CPU demo's (a tiny model from scratch: an SFT warm-up of {c.sft_steps} "
-                        f"steps at {c.sft_learning_rate:g}, then learning_rate="
-                        f"{c.learning_rate:g}): give --learning_rate (paper: 5e-7) and --sft_steps "
-                        f"(0: no warm-up, as the paper), or start from config/latro_gsm8k.py")
-    # runs that would report an untrained model
-    if c.init_from == "scratch" and not (c.sft_steps or c.sft_epochs or c.latro_steps):
-        raise UserError("init_from='scratch' with no SFT warm-up (sft_steps=0) and latro_steps=0 "
-                        "trains nothing: the test accuracy would be a random model's; set "
-                        "sft_steps or latro_steps, or evaluate a trained model with evaluate.py")
     # each rank owns whole groups of K (the leave-one-out baseline needs no other rank's rewards),
     # and every rank runs the same number of micro-steps (or DDP's backward hangs)
     if c.sft_batch_size % world_size:
@@ -458,12 +304,10 @@ def check_config(c, world_size):
 
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
-    config = configurator.configure(globals(), sys.argv[1:], renamed=configurator.RENAMED,
-                                    choices=CHOICES, bounds=BOUNDS, notes=NOTES,
-                                    check=check_config)
+    config = configurator.configure(globals(), sys.argv[1:], choices=CHOICES, bounds=BOUNDS,
+                                    notes=NOTES, check=check_config, renamed=configurator.RENAMED)
     # ---- processes, device, out_dir; resume: ckpt.pt says the model's source and the phase
-    run = Run("latro", config, resume_keys=RESUME_KEYS, scratch_keys=MODEL_KEYS,
-              writes=not pre_experiment)
+    run = Run("latro", config, writes=not pre_experiment)
     device, ddp_rank, ddp_world_size = run.device, run.rank, run.world_size
     source = run.resumed("source", init_from)
     phase = run.ckpt.get("phase", "latro") if run.resuming else "sft"
@@ -475,7 +319,7 @@ if __name__ == "__main__":
     # ---- data: prompts x in the model's chat template, answers y = "The answer is {gold}." + eot
     splits = data.load_splits(task, (n_train, n_val, n_test), path=data_path, seed=seed,
                               split_layout=split_layout, allow_overlap=allow_split_overlap)
-    train_ex, val_ex, test_ex = selection_splits(splits, val_split, task, eval_prompt)
+    train_ex, val_ex, test_ex = data.selection_splits(splits, val_split, task, eval_prompt)
     model_cfg = model_config(source) if source != "scratch" else None  # a wrong name fails here
     tok = vocab.build_tokenizer(vocab.tokenizer_name(tokenizer, source),
                                 train_ex + val_ex + test_ex,
@@ -502,10 +346,10 @@ if __name__ == "__main__":
                  checkpointing=gradient_checkpointing)
     eval_x = formats.encode_prompts(tok, val_ex + test_ex, task, arc_options, eval_prompt or prompt)
     eval_y = formats.encode_answers(tok, val_ex + test_ex, task, answer_y)
-    longest = longest_sequences(train_x + eval_x, train_y + eval_y,
-                                list(zip(gold_x, gold_z, gold_y)),
-                                max_rationale_tokens=max_rationale_tokens,
-                                max_new_tokens=max_new_tokens)
+    longest = preflight.latro_longest(train_x + eval_x, train_y + eval_y,
+                                      list(zip(gold_x, gold_z, gold_y)),
+                                      max_rationale_tokens=max_rationale_tokens,
+                                      max_new_tokens=max_new_tokens)
     tokens = max(n for n, _, _ in longest)
     n_params = preflight.preflight(
         model_cfg, device, longest=longest, out_dir=None if pre_experiment else out_dir,
@@ -522,16 +366,19 @@ if __name__ == "__main__":
     torch.manual_seed(seed + ddp_rank)
     if run.resuming:
         run.restore(model)                                             # and the RNG it saved
-    print0(f"model: {source}, {n_params / 1e6:.2f}M parameters, on {device}"
-           f"{' (FSDP)' if fsdp else ''}")
-    ev = Evaluation(task=task, style=eval_prompt or prompt, arc_options=arc_options,
-                    checker=checker, stop_strings=stops, max_new_tokens=max_new_tokens, seed=seed,
-                    sampler=Sampler(tok=tok, stop_ids={tok.eos_id, tok.pad_id, tok.end_of_turn_id},
-                                    stop_strings=[], pad_id=tok.pad_id, chunk=gen_batch_size,
-                                    ctx=ctx, progress=progress), answer_y=answer_y)
+    print0(f"model: {source}, {n_params / 1e6:.2f}M parameters, on {device}{' (FSDP)' * fsdp}")
+    # evaluations: outputs end at eos, pad or end-of-turn (no stop strings), as released; the
+    # answer's log-likelihood comes from the method's own scorer
+    ends = {tok.eos_id, tok.pad_id, tok.end_of_turn_id}
+    ev = metrics.Evaluation(task=task, style=eval_prompt or prompt, arc_options=arc_options,
+                            checker=checker, stop_strings=stops, max_new_tokens=max_new_tokens,
+                            seed=seed, answer_y=answer_y, sampler=Sampler(
+                                tok=tok, stop_ids=ends, stop_strings=[], pad_id=tok.pad_id,
+                                chunk=gen_batch_size, ctx=ctx, progress=progress),
+                            score=lambda m, *rows, **kw: score_rows(SequenceScorer(m), *rows, **kw))
     run.info.update(source=source, vocab=tok.word_list())
     if pre_experiment:  # the paper's Figure 2 on this model, then exit
-        answer_likelihoods(model, train_scorer, [ex for ex in train_ex if ex["steps"]], ev)
+        metrics.answer_likelihoods(model, train_scorer, [ex for ex in train_ex if ex["steps"]], ev)
         run.close()
         sys.exit(0)
 
@@ -548,7 +395,7 @@ if __name__ == "__main__":
         t0 = time.time()
         for it in range(run.resumed("sft_iter"), sft_total + 1):
             if it % sft_eval_interval == 0 or it == sft_total:
-                acc = split_metrics(model, train_scorer, val_ex, 0, ev)["acc"]
+                acc = metrics.split_metrics(model, train_scorer, val_ex, 0, ev)["acc"]
                 print0(f"sft {it}/{sft_total} | val acc {acc:.4f} | {time.time() - t0:.1f}s")
                 run.log({"sft_val_acc": acc}, step=it)
                 if it == sft_total or 0 < sft_target_acc <= acc:
@@ -575,10 +422,8 @@ if __name__ == "__main__":
     # in the policy's dtype and attention kernel, so the KL is exactly 0 at step 0. A pretrained
     # model without warm-up is its own π0 (weights None: checkpoints leave it out)
     resumed = run.resuming and phase == "latro"
-    pi0 = None
-    if resumed:
-        pi0 = run.ckpt["ref_model"]
-    elif source == "scratch" or sft_total > 0:
+    pi0 = run.ckpt["ref_model"] if resumed else None                   # resume: the saved π0
+    if not resumed and (source == "scratch" or sft_total > 0):
         pi0 = parallel.gather_full(model.state_dict())                 # a collective under FSDP
     ref_model = fresh_model(source, len(tok), shape, seed, weights=pi0)
     ref_scorer = SequenceScorer(ref_model.eval().requires_grad_(False))
@@ -597,18 +442,20 @@ if __name__ == "__main__":
            f"{n_prompts * rloo_k} rollouts; per rank {prompts_per_rank} prompts, "
            f"{prompts_per_rank * rloo_k} rollouts, {grad_accum} micro-steps of {micro_batch_size}")
     # rationales end where outputs end (eos, pad, end-of-turn, as released) and at a stop string
-    rollouts = Sampler(tok=tok, stop_ids=ev.sampler.stop_ids, stop_strings=stops, pad_id=tok.pad_id,
+    rollouts = Sampler(tok=tok, stop_ids=ends, stop_strings=stops, pad_id=tok.pad_id,
                        chunk=gen_batch_size, ctx=ctx)
     generator = torch.Generator(device=device)
     last_step = min(latro_steps, stop_at_step or latro_steps)  # stop_at_step: resume continues
+    def select(step):  # model selection on val: printed, logged, best.pt when the best so far
+        scores = metrics.split_metrics(model, train_scorer, val_ex, maj_k, ev)
+        print0(f"eval step {step} | val {format_metrics(scores)}")
+        run.keep_best(scores["acc"], model, iter_num=step)
+        run.log({f"val/{k}": v for k, v in scores.items()}, step=step)
     if before is None:  # step 0: the warm-up's result saved first, then π0 on test and on val
         run.save(model, optimizer, announce=True, phase="latro", iter_num=0, before=None)
-        before = split_metrics(model, train_scorer, test_ex, maj_k, ev)
+        before = metrics.split_metrics(model, train_scorer, test_ex, maj_k, ev)
         print0(f"before LaTRO | test {format_metrics(before)}")
-        metrics = split_metrics(model, train_scorer, val_ex, maj_k, ev)   # model selection on val
-        print0(f"eval step 0 | val {format_metrics(metrics)}")
-        run.keep_best(metrics["acc"], model, iter_num=0)
-        run.log({f"val/{k}": v for k, v in metrics.items()}, step=0)
+        select(0)
         run.save(model, optimizer, announce=True, phase="latro", iter_num=0, before=before)
     for step in range(iter_num, last_step):
         t0 = time.time()
@@ -677,10 +524,7 @@ if __name__ == "__main__":
         # model selection on val every eval_interval steps and at the end
         evaluating = iter_num % eval_interval == 0 or iter_num == latro_steps
         if evaluating:
-            metrics = split_metrics(model, train_scorer, val_ex, maj_k, ev)
-            print0(f"eval step {iter_num} | val {format_metrics(metrics)}")
-            run.keep_best(metrics["acc"], model, iter_num=iter_num)
-            run.log({f"val/{k}": v for k, v in metrics.items()}, step=iter_num)
+            select(iter_num)
         # ckpt.pt at each evaluation and where this run stops; Ctrl-C / SIGTERM: ckpt.pt, then exit
         run.after_step(model, optimizer, f"at step {iter_num}", save=evaluating or
                        iter_num == last_step, announce=True, phase="latro", iter_num=iter_num,
@@ -695,7 +539,7 @@ if __name__ == "__main__":
         after = before  # step 0's weights are π0's: measured already
         if best_step > 0:
             print0(f"testing the weights of step {best_step} on {len(test_ex)} questions")
-            after = split_metrics(model, train_scorer, test_ex, maj_k, ev)
+            after = metrics.split_metrics(model, train_scorer, test_ex, maj_k, ev)
         stuck = sum(1 for n in run.logged("no_stop_groups") if n)
         if stuck:
             print0(f"{stuck} of {latro_steps} steps had a group in which no rationale stopped (its "

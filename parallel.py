@@ -93,6 +93,20 @@ def max_over_ranks(values, device="cpu"):
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
+def aligned_columns(rows, latent_id, feedback_id, device, fsdp):
+    """coconut.py under FSDP: every pass all-gathers each layer, so every rank must run the same
+    passes even when its rows hold fewer thoughts. The max over the ranks of the anchor column, the
+    length after it and the thought count: every rank then lays its micro-batch out alike and splits
+    at the same columns. Returns (c0, width, cols) for collate() and the forward; Nones without
+    FSDP."""
+    if not fsdp:
+        return None, None, None
+    anchors = [p.index(latent_id) if latent_id in p else len(p) for p, _ in rows]
+    n = max(p.count(feedback_id) for p, _ in rows) if feedback_id is not None else 0
+    after = max(len(p) + len(t) - a for (p, t), a in zip(rows, anchors))
+    c0, after, n = max_over_ranks([max(anchors), after, n], device)
+    return c0, c0 + after, list(range(c0, c0 + n))
+
 def rank_block(batch, rank, micro, grad_accum, micro_batch_size):
     """This rank's examples at this micro-step: the global batch is cut into world x grad_accum
     blocks, rank r takes blocks r*grad_accum .. (r+1)*grad_accum-1, so 2 ranks x 1 micro-step == 1

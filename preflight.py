@@ -135,6 +135,66 @@ def check_memory_plan(plan):
                       f"{plan['device'] / GiB:.1f} GiB:\n{format_memory_plan(plan)}\n"
                       f"fixes (any of):\n  " + "\n  ".join(fixes))
 
+# -----------------------------------------------------------------------------
+# the longest sequences of each script, as preflight's (tokens, what, how to shorten) triples
+
+def coconut_longest(encoded, cur, *, layout, eval_prompts, stages, uniform_prob, max_new_tokens,
+                    test_counts):
+    """coconut.py's longest sequences (cur: its Curriculum; layout, eval_prompts: its functions): a
+    training row at every stage it can be drawn at (with uniform_prob > 0 also 0..#steps of that
+    row) and a val row at each stage run (the validation loss), and an evaluation prompt +
+    max_new_tokens (the test at each thought count, val at each stage run)."""
+    best = (0, None, None)
+    for split, rows in (("training", encoded["train"]), ("val", encoded["val"])):
+        for i, ex in enumerate(rows):
+            drawn = set(stages)
+            if uniform_prob > 0 and stages and split == "training":
+                drawn |= set(range(len(ex[1]) + 1))
+            for st in drawn:
+                n = sum(map(len, layout(*ex, st, cur)))
+                if n > best[0]:
+                    best = (n, f"{split} example {i}", st)
+    evals = [p for n in test_counts for p in eval_prompts(encoded["test"], cur.final_stage, cur, n)]
+    evals += [p for st in stages for p in eval_prompts(encoded["val"], st, cur)]
+    return [(best[0], f"{best[1]} at stage {best[2]}", "raise --block_size "
+             "(scratch), lower max_latent_stage or c_thought, or drop long examples"),
+            (max(map(len, evals), default=0) + max_new_tokens, f"the longest evaluation prompt "
+             f"+ max_new_tokens={max_new_tokens}", "lower --max_new_tokens or raise --block_size "
+             "(scratch)")]
+
+def latro_longest(prompts, answers, gold, max_rationale_tokens, max_new_tokens):
+    """latro.py's longest sequences: a rollout or evaluation (a prompt + its answer +
+    max(max_rationale_tokens, max_new_tokens)) and a gold warm-up row (the whole [x, z*, y]; gold:
+    token lists of prompt, rationale, answer)."""
+    need = max(len(x) + len(y) for x, y in zip(prompts, answers))
+    need += max(max_rationale_tokens, max_new_tokens)
+    return [(need, "the longest rollout or evaluation (prompt + answer + max(max_rationale_tokens, "
+             "max_new_tokens))", "raise block_size (scratch) or lower max_rationale_tokens / "
+             "max_new_tokens"),
+            (max((sum(map(len, row)) for row in gold), default=0), "the longest gold warm-up row",
+             "raise block_size (scratch)")]
+
+
+# -----------------------------------------------------------------------------
+# coconut.py's stage schedule, printed before the run
+
+def schedule_lines(cur, num_epochs, note=True):
+    """coconut.py's plan: the stages of a run's epochs (cur: its Curriculum) as log lines, one per
+    stage with its first and last epoch, and (note) a note when no epoch reaches the final stage,
+    where model selection happens."""
+    lines, first_stage, last_stage = [], cur.stage(0), cur.stage(num_epochs - 1)
+    for st in cur.stages(num_epochs) if num_epochs > 0 else ():
+        first = 0 if st == first_stage else (st - cur.start_stage) * cur.epochs_per_stage
+        last = num_epochs - 1 if st == last_stage else first + cur.epochs_per_stage - 1
+        replaced = "all" if st > cur.max_latent_stage else st
+        lines.append(f"schedule: epochs {first}-{last} {cur.method} stage {st}: "
+                     f"{cur.thoughts(st)} thoughts/pauses, "
+                     f"{replaced if cur.final_stage else 'no'} steps replaced")
+    if note and cur.final_stage > last_stage:
+        lines.append(f"note: no epoch reaches the final stage {cur.final_stage}, so no best.pt: "
+                     f"the last weights are tested")
+    return "\n".join(lines)
+
 def preflight(hf_cfg, device, *, longest, out_dir=None, extra_weights=0, **memory):
     """What both scripts check once the data is tokenized, before any weight is loaded: each kind
     of sequence against the model's positions (longest: (tokens, what it is, how to shorten it)

@@ -1,7 +1,7 @@
 """
 The run's life, the same for both scripts, so that each event of a training loop is one line:
 
-    run = Run("coconut", config, resume_keys=RESUME_KEYS)  # processes, device, out_dir claimed,
+    run = Run("coconut", config)                           # processes, device, out_dir claimed,
                                                            # the checkpoint to start from
     run.restore(model, optimizer)                          # resume: weights, AdamW state, RNG
     ... every step:  run.require_finite(what, loss, model)         # before the update
@@ -32,6 +32,24 @@ from configurator import RENAMED, UserError
 
 # -----------------------------------------------------------------------------
 # stop signals
+
+# which configuration keys make a run: a resume (init_from='resume') must share them with its
+# checkpoint; the others (num_epochs / latro_steps, out_dir, intervals, most evaluation settings)
+# may change. SHAPE_KEYS: a model's shape, checked too when the model was built from scratch
+SHAPE_KEYS = {"coconut": ("arch", "n_layer", "n_head", "n_embd", "block_size", "dropout"),
+              "latro": ("arch", "n_layer", "n_head", "n_embd", "block_size")}
+RESUME_KEYS = {
+    "coconut": SHAPE_KEYS["coconut"] + (
+        "task", "task_options", "data_path", "split_layout", "n_train", "tokenizer", "seed",
+        "method", "c_thought", "epochs_per_stage", "max_latent_stage", "start_stage",
+        "pad_latent_to_max", "uniform_prob", "batch_size", "n_val", "max_new_tokens"),
+    # the data, what defines the objective and the update, what the rollouts sample and what
+    # model selection measures
+    "latro": ("task", "data_path", "split_layout", "n_train", "tokenizer", "seed", "prompt",
+              "arc_options", "answer_y", "val_split", "batch_size", "rloo_k", "learning_rate",
+              "beta", "gamma", "penalty", "sft_coef", "sft_learning_rate", "sft_batch_size",
+              "temperature", "top_p", "max_rationale_tokens", "stop_strings", "n_val", "checker",
+              "max_new_tokens", "eval_prompt")}
 
 class StopRequest:
     """SIGINT (Ctrl-C) and SIGTERM (preemption, kill, torchrun) become a flag, so the run stops at a
@@ -84,7 +102,7 @@ class Run:
     saves and its end. Every rank makes one and calls each method at the same point (the saves and
     the stop check are collectives under torchrun)."""
 
-    def __init__(self, script, config, *, resume_keys=(), scratch_keys=(), shape_keys=(),
+    def __init__(self, script, config, *, resume_keys=None, scratch_keys=None, shape_keys=None,
                  writes=True, results=False):
         """script: 'coconut' or 'latro'. Rank 0 claims out_dir before the process group, so that a
         refusal ends every rank (writes=False: an evaluation; results=True: it writes a results
@@ -94,6 +112,14 @@ class Run:
         file of this script given as init_from; else None. self.shape: the model's shape_keys, the
         checkpoint's own when it brings a model (its config's values apply, not this run's)."""
         self.script, self.config, self.out_dir = script, config, config["out_dir"]
+        # the tables above unless given: Coconut's checkpoints bring their model's shape (a .pt
+        # init_from), LaTRO's scratch shape is checked on resume
+        if resume_keys is None:
+            resume_keys = RESUME_KEYS.get(script, ())
+        if shape_keys is None:
+            shape_keys = SHAPE_KEYS[script] if script == "coconut" else ()
+        if scratch_keys is None:
+            scratch_keys = SHAPE_KEYS[script] if script == "latro" else ()
         self.resuming = config["init_from"] == "resume"
         if int(os.environ.get("RANK", 0)) == 0 and not writes and results:
             checkpoints.check_writable(self.out_dir)

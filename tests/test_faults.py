@@ -14,6 +14,7 @@ import checkpoints
 import configurator
 import latro
 import preflight
+import run
 from checkpoints import check_same_run, load_checkpoint, save_checkpoint
 from configurator import ConfigError, UserError, configure
 from inprocess import COCONUT_TINY, run_main
@@ -116,7 +117,7 @@ def test_latro_resume_refuses_a_changed_objective_and_reads_renamed_keys():
     cfg = configure(dict(vars(latro)), [], verbose=False)
     ckpt = {"source": "scratch", "config": dict(cfg)}
     # the keys run.Run checks on a resume of a model from scratch
-    keys = latro.RESUME_KEYS + latro.MODEL_KEYS
+    keys = run.RESUME_KEYS["latro"] + run.SHAPE_KEYS["latro"]
     renamed = configurator.RENAMED
     for key, value in [("learning_rate", 3e-4), ("batch_size", 16), ("rloo_k", 4), ("beta", 0.1)]:
         with pytest.raises(UserError, match=f"{key}: checkpoint "):

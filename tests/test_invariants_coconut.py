@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import coconut
-from coconut import Decoding, generate_answers, greedy_accuracy, probe_thoughts
+from coconut import generate_answers, probe_thoughts
+from metrics import Decoding, greedy_accuracy
 from inprocess import check_rules_of
 from configurator import configure
 from model import backbone, lm_head, load_model
@@ -65,10 +66,12 @@ def test_generated_token_count_includes_the_eos_of_rows_that_stop_and_the_though
     assert tokens.tolist() == [[9] * 6] * 2 and n_gen.tolist() == [6, 6]
     # (accuracy, mean tokens, texts) over the 2 prompts: x 2 gives the counts
     acc, n_tok, texts = greedy_accuracy(tiny(emit=EOS), None, prompts, ["a", "b"],
-                                        Decoding(IdTokenizer(), LAT, 1, 6, nullcontext(), "cpu"))
+                                        Decoding(IdTokenizer(), LAT, 1, 6, nullcontext(), "cpu",
+                                                 generate=generate_answers))
     assert (acc * 2, n_tok * 2, texts) == (0, 2 * (1 + 2), [str(EOS)] * 2)
     acc, n_tok, texts = greedy_accuracy(tiny(emit=9), None, prompts, ["9", "b"],
-                                        Decoding(IdTokenizer(), LAT, 2, 5, nullcontext(), "cpu"))
+                                        Decoding(IdTokenizer(), LAT, 2, 5, nullcontext(), "cpu",
+                                                 generate=generate_answers))
     assert (acc * 2, n_tok * 2, texts) == (0, 2 * (5 + 2), ["9 9 9 9 9"] * 2)
 
 

@@ -11,12 +11,13 @@ from checkpoints import save_checkpoint
 from configurator import RENAMED, ConfigError, UserError, configure
 from formats import RELEASED_STOP_STRINGS, parse_stop_strings
 from inprocess import run_main
-from latro import (SequenceScorer, build_batch, longest_sequences, latro_loss, latro_rewards,
+from latro import (SequenceScorer, build_batch, latro_loss, latro_rewards,
                    lr_at, rloo_advantages, score_rows)
 from inprocess import check_rules_of
 from model import Sampler, cut_at_stop, disable_dropout, load_model, sample
 from parallel import rank_prompts, step_indices
-from run import Run
+from preflight import latro_longest
+from run import RESUME_KEYS, SHAPE_KEYS, Run
 from vocab import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -408,14 +409,14 @@ def test_longest_sequences_count_prompt_rationale_and_answer():
     prompts, answers, gold = [[1] * 10, [1] * 4], [[2] * 3, [2] * 9], [([1] * 5, [3] * 20, [2] * 3)]
     # the longest rollout: 4 + 9 answer tokens + max(12, 8) = 25; the gold row 28
     def lengths(*args):
-        return tuple(n for n, _, _ in longest_sequences(*args))
+        return tuple(n for n, _, _ in latro_longest(*args))
     assert lengths(prompts, answers, gold, 12, 8) == (25, 28)
     assert lengths(prompts, answers, [], 12, 8) == (25, 0)
     # the evaluation's length counts too
     assert lengths(prompts, answers, [], 8, 12) == (25, 0)
     longest = [(25, "the longest rollout", "lower it"),
                (28, "the longest gold warm-up row", "raise it")]
-    assert [what for _, what, _ in longest_sequences(prompts, answers, gold, 12, 8)] == [
+    assert [what for _, what, _ in latro_longest(prompts, answers, gold, 12, 8)] == [
         "the longest rollout or evaluation (prompt + answer + max(max_rationale_tokens, "
         "max_new_tokens))", "the longest gold warm-up row"]
     with pytest.raises(UserError, match="gold warm-up row needs 28 positions but the model has 27"):
@@ -430,7 +431,7 @@ def check_resume(ckpt, config, tmp_path):
     (writes=False: out_dir is not claimed)."""
     save_checkpoint(str(tmp_path / "ckpt.pt"), ckpt)
     config = {**config, "out_dir": str(tmp_path), "init_from": "resume", "device": "cpu"}
-    Run("latro", config, resume_keys=latro.RESUME_KEYS, scratch_keys=latro.MODEL_KEYS,
+    Run("latro", config, resume_keys=RESUME_KEYS["latro"], scratch_keys=SHAPE_KEYS["latro"],
         writes=False).stop.restore()
 
 def test_resume_refuses_another_scripts_or_another_runs_checkpoint(tmp_path):

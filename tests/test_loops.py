@@ -14,9 +14,11 @@ import torch
 
 import formats
 import latro
-from coconut import Coconut, Curriculum, Decoding, layout, validation_loss
+import metrics
+from coconut import Coconut, Curriculum, collate, layout
 from evaluate import arc_extract
 from inprocess import COCONUT_TINY, run_main
+from metrics import Decoding, validation_loss
 from model import Sampler, load_model, sample
 from vocab import Tokenizer, build_tokenizer, marker_source
 
@@ -109,7 +111,8 @@ def test_the_validation_loss_is_the_mean_per_labelled_token_over_the_split():
             ([6, 7], [], [10, 11, 12, EOS])]
     dec = Decoding(None, LAT, 2, 4, torch.no_grad(), "cpu")             # batches of 2 rows, then 1
     dec.tok = types.SimpleNamespace(pad_id=PAD)
-    got = validation_loss(Coconut(m, LAT), rows, 1, cur, dec)
+    laid = [layout(*ex, 1, cur) for ex in rows]
+    got = validation_loss(Coconut(m, LAT), [collate(laid[i:i + 2], LAT, PAD) for i in (0, 2)], dec)
     # by hand: each row alone, its summed next-token loss over its labelled tokens, then the total
     # over all labelled tokens (batch means would weigh the last batch's single row as much as two)
     total, count = 0.0, 0
@@ -192,16 +195,18 @@ def test_the_evaluation_scores_the_answer_after_the_output_cut_at_its_stop():
     m = tiny(len(tok), seed=3)
     examples = [{"question": "a b", "answer": "3", "steps": []},
                 {"question": "c d e", "answer": "7", "steps": []}]
-    ev = latro.Evaluation(task="json", style="cot", arc_options="released", checker="released",
-                          stop_strings=[], max_new_tokens=8, seed=0,
-                          sampler=Sampler(tok, {tok.eos_id, tok.end_of_turn_id}, [], tok.pad_id, 2,
-                                          torch.no_grad()))
+    ev = metrics.Evaluation(task="json", style="cot", arc_options="released", checker="released",
+                            stop_strings=[], max_new_tokens=8, seed=0,
+                            sampler=Sampler(tok, {tok.eos_id, tok.end_of_turn_id}, [], tok.pad_id,
+                                            2, torch.no_grad()),
+                            score=lambda m, *rows, **kw: latro.score_rows(
+                                latro.SequenceScorer(m), *rows, **kw))
     xs = formats.encode_prompts(tok, examples, "json", "released", "cot")
     outs, _, _ = sample(m, xs, 8, ev.sampler)
     # a stop string that the first greedy output holds after its first token
     stop = tok.decode(outs[0][2:3])
     ev.stop_strings = [stop]
-    got = latro.split_metrics(m, m, examples, 0, ev)["answer_logp"]
+    got = metrics.split_metrics(m, m, examples, 0, ev)["answer_logp"]
     want = 0.0
     for x, out, ex in zip(xs, outs, examples):  # by hand: decode, cut before the stop, score y
         ids = [t for t in out if t not in (tok.eos_id, tok.pad_id)]
