@@ -13,16 +13,11 @@ once. A staged curriculum trains it: stage 0 is plain chain of thought `Q\\n S1\
 at stage k the first k steps are replaced by k*c_thought thoughts between <bot> and <eot>; past
 max_latent_stage every step is gone. Read first: docs/walkthrough.md (every piece at the prompt).
 
-Launch (the defaults: two-hop questions over a random knowledge graph whose facts are learned in
-the weights, a tiny GPT-2 from scratch, minutes on a CPU; the one thought learns the bridge entity):
-    python coconut.py                                        # CPU demo (tasks.py: kgraph)
-    python coconut.py config/coconut_prosqa_small.py         # the mechanics on ProsQA-style data
-    python coconut.py config/coconut_prosqa.py               # 1 GPU (batch 128 by accumulation)
-    torchrun --standalone --nproc_per_node=8 coconut.py config/coconut_gsm8k.py \\
-        --micro_batch_size=16                                # 8 GPUs; FSDP2: add --fsdp=True
-    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 \\
-        --master_port=29500 coconut.py config/coconut_gsm8k.py --micro_batch_size=8  # 2 nodes
-The other node: --node_rank=1. Baselines (--method=), thought sweep, all options: docs/coconut.md.
+Launch:
+    python coconut.py                                  # CPU demo: two-hop questions, tiny GPT-2
+    python coconut.py config/coconut_prosqa.py         # 1 GPU (batch 128 by accumulation)
+    torchrun --standalone --nproc_per_node=8 coconut.py config/coconut_gsm8k.py  # 8 GPUs
+Baselines (--method=), the thought sweep, every option: docs/coconut.md; nodes: docs/scaling.md.
 """
 
 import ast
@@ -111,8 +106,7 @@ ddp_timeout = 1800              # seconds a collective (and init_process_group) 
 METHODS = ("coconut", "cot", "no_cot", "no_thoughts", "pause_as_thought", "pause")
 MARKER_METHODS = ("coconut", "pause_as_thought", "pause")  # sequences hold the 3 new tokens
 CURRICULUM_METHODS = ("coconut", "no_thoughts", "pause_as_thought")
-# what each key may hold, checked by configurator.py before any work (the rules that tie keys
-# together: check_config, after the method)
+# what each key may hold, checked before any work (the rules that tie keys: check_config)
 CHOICES = {"task": data.TASKS, "method": METHODS, "reset_optimizer": ("stage", "epoch", "never"),
            "precision": ("fp32", "bf16"), "arch": ("gpt2", "llama")}
 BOUNDS = {"c_thought epochs_per_stage batch_size micro_batch_size eval_batch_size max_new_tokens "
@@ -123,11 +117,6 @@ BOUNDS = {"c_thought epochs_per_stage batch_size micro_batch_size eval_batch_siz
 
 # -----------------------------------------------------------------------------
 # the curriculum: which tokens an example is at stage k, and what is learned
-
-def stage_of(epoch, start_stage, epochs_per_stage, max_latent_stage):
-    """The scheduled stage of an epoch; stages past max_latent_stage are all the same, so cap at
-    max + 1."""
-    return min(start_stage + epoch // epochs_per_stage, max_latent_stage + 1)
 
 @dataclasses.dataclass
 class Curriculum:
@@ -141,10 +130,11 @@ class Curriculum:
     epochs_per_stage: int = 1
 
     def stage(self, epoch):
-        """The scheduled stage of an epoch (0 for the methods without a curriculum)."""
+        """The scheduled stage of an epoch (0 for the methods without a curriculum); the stages
+        past max_latent_stage are all the same, so it stops at max_latent_stage + 1."""
         if self.method not in CURRICULUM_METHODS:
             return 0
-        return stage_of(epoch, self.start_stage, self.epochs_per_stage, self.max_latent_stage)
+        return min(self.start_stage + epoch // self.epochs_per_stage, self.max_latent_stage + 1)
 
     def stages(self, num_epochs):
         """The stages a run of num_epochs epochs trains at (each stage lasts whole epochs)."""
@@ -167,9 +157,8 @@ class Curriculum:
 def layout(q, steps, answer, stage, cur, n_thoughts=None, inference=False):
     """One example at curriculum `stage` as (prompt, target) token lists; the loss is on target
     only. q, answer: token ids (answer ends with eos); steps: list of token-id lists. n_thoughts
-    overrides the stage's thought count (inference with a chosen number of thoughts);
-    inference=True builds the prompt as the released evaluation does (matters only for
-    pad_latent_to_max=False)."""
+    overrides the stage's thought count; inference=True builds the prompt as the released
+    evaluation does (it matters only for pad_latent_to_max=False)."""
     bot, latent, eot = cur.special
     # the methods without a curriculum: the stage plays no part
     if cur.method == "cot":                                            # Q S1 .. Sn ### A
@@ -186,20 +175,35 @@ def layout(q, steps, answer, stage, cur, n_thoughts=None, inference=False):
         return q, sum(kept, []) + answer
     # coconut and pause_as_thought: c_thought thoughts per dropped step, up to the last stage
     k = min(stage, cur.max_latent_stage)
-    # pad_latent_to_max=False, as released: a training stage k <= max_latent_stage still gives k*c
-    # thoughts to an example with fewer than k steps; only past the last stage and at inference is
-    # k capped by the step count
+    # pad_latent_to_max=False, as released: k is capped by the step count only past the last stage
+    # and at inference (a training stage k gives k*c thoughts even to a shorter example)
     if not cur.pad_latent_to_max and (inference or stage > cur.max_latent_stage):
         k = min(k, len(steps))
     n = k * cur.c_thought if n_thoughts is None else n_thoughts
     return q + [bot] + [latent] * n + [eot], sum(kept, []) + answer
 
+def epoch_order(seed, epoch, stage, uniform_prob, n_steps_list):
+    """(stages, permutation) of an epoch, seeded by (seed, epoch) only: every rank and every resume
+    draws the same, so a run resumed mid-epoch continues with the same batches. Each example's
+    stage is the scheduled `stage`, or with probability uniform_prob a random stage in 0..#steps of
+    that example (released: uniform_prob=0): one rng.random() per example, a randint for the drawn
+    ones, in order."""
+    rng = random.Random(seed + epoch)
+    stages = [stage if rng.random() >= uniform_prob else rng.randint(0, n) for n in n_steps_list]
+    return stages, rng.sample(range(len(n_steps_list)), len(n_steps_list))
+
+def resets_optimizer(epoch, cur, mode):
+    """Does epoch `epoch` start with a new AdamW? 'epoch': every epoch but the first; 'stage': when
+    the stage changes (cur.stage); 'never'."""
+    if epoch == 0 or mode == "never":
+        return False
+    return mode == "epoch" or cur.stage(epoch) != cur.stage(epoch - 1)
+
 def collate(rows, latent_id, pad_id, c0=None, width=None):
     """rows: list of (prompt, target). Left-pad so every row's first thought (the end of a prompt
     without one) sits in the same column c0: thought j of every row is then column c0+j, and one
     tensor op per pass feeds the whole batch. Right-pad the rest. c0, width: at least this anchor
-    column and this many columns (FSDP: every rank's batch laid out alike).
-    Returns input_ids, attention_mask, labels (B, T)."""
+    column and this many columns (FSDP). Returns input_ids, attention_mask, labels (B, T)."""
     anchors = [p.index(latent_id) if latent_id in p else len(p) for p, _ in rows]
     c0 = max(max(anchors), c0 or 0)
     left = [c0 - a for a in anchors]
@@ -223,9 +227,8 @@ def naive_latent_forward(model, input_ids, attention_mask, latent_id):
     """Continuous thoughts the plain way, e_t = h_{t-1}: for each thought column, left to right,
     re-run the model over everything before it and feed its last hidden state in as the column's
     input embedding; then one pass over the whole sequence. n thoughts cost n+1 passes over ever
-    longer prefixes. latent_forward computes the same with each position encoded once (a test holds
-    them equal: tests/test_coconut.py::test_cached_forward_equals_naive_rerun; bench.py times both).
-    Returns (last hidden states (B, T, C), the input embeddings with the thoughts filled in)."""
+    longer prefixes; latent_forward computes the same with each position encoded once (the tests
+    hold them equal, bench.py times both). Returns (last hidden states (B, T, C), embeddings)."""
     embeds = model.get_input_embeddings()(input_ids)                   # (B, T, C)
     pos = position_ids_from_mask(attention_mask)
     for c in (input_ids == latent_id).any(0).nonzero().flatten().tolist():  # thought columns
@@ -238,20 +241,18 @@ def naive_latent_forward(model, input_ids, attention_mask, latent_id):
     return hidden_states(model, embeds, attention_mask, pos), embeds
 
 def latent_forward(model, input_ids, attention_mask, latent_id, cols=None):
-    """naive_latent_forward with each position encoded once (e_t = h_{t-1}; a test holds the two
-    equal): the columns that hold a thought in any row split the sequence into passes, and a
-    DynamicCache keeps every earlier position's keys and values. Gradients flow through every
-    thought and the cached keys/values. latent_id=None: one plain pass. cols (FSDP only): the
-    columns to split at, the same on every rank (a split at a token column changes nothing, the
-    cache carries it). Returns (last hidden states (B, T, C), cache)."""
+    """naive_latent_forward with each position encoded once: the columns that hold a thought in any
+    row split the sequence into passes, and a DynamicCache keeps every earlier position's keys and
+    values; gradients flow through every thought and the cache. latent_id=None: one plain pass.
+    cols (FSDP only): the columns to split at, the same on every rank (a split at a token column
+    changes nothing). Returns (last hidden states (B, T, C), cache)."""
     embeds = model.get_input_embeddings()(input_ids)                   # (B, T, C)
     # left padding: each row's positions start at its first real token
     pos = position_ids_from_mask(attention_mask)
     is_latent = torch.zeros_like(input_ids, dtype=torch.bool)          # (B, T)
     if latent_id is not None:
         is_latent = input_ids == latent_id
-    if cols is None:
-        # the thought columns (one device sync per forward)
+    if cols is None:  # the thought columns (one device sync per forward)
         cols = is_latent.any(0).nonzero().flatten().tolist()
     # the passes: [0, c0) [c0, c0+1) ... [c_last+1, T), each thought column on its own
     T = input_ids.shape[1]
@@ -310,9 +311,6 @@ def probe_thoughts(model, prompt, latent_id, k, device):
     probs = lm_head(model)(hidden[0, cols]).float().softmax(-1)        # (n, V)
     return probs.topk(min(k, probs.shape[-1]))
 
-# -----------------------------------------------------------------------------
-# evaluation over the ranks: rank r scores examples r, r+W, ... (each exactly once), sums added
-
 def eval_prompts(rows, stage, cur, n_thoughts=None):
     """The prompts (question + markers + thoughts, as the released evaluation lays them out) of
     encoded examples at `stage`; n_thoughts overrides the stage's thought count."""
@@ -320,31 +318,10 @@ def eval_prompts(rows, stage, cur, n_thoughts=None):
             for q, steps, _ in rows]
 
 # -----------------------------------------------------------------------------
-# the training loop's decisions, as small functions the loop calls and the tests import
-
-def epoch_order(seed, epoch, stage, uniform_prob, n_steps_list):
-    """(stages, permutation) of an epoch, seeded by (seed, epoch) only: every rank and every resume
-    draws the same, so a run resumed mid-epoch continues with the same batches. Each example's
-    stage is the scheduled `stage`, or with probability uniform_prob a random stage in 0..#steps of
-    that example (released: uniform_prob=0): one rng.random() per example, a randint for the drawn
-    ones, in order."""
-    rng = random.Random(seed + epoch)
-    stages = [stage if rng.random() >= uniform_prob else rng.randint(0, n) for n in n_steps_list]
-    return stages, rng.sample(range(len(n_steps_list)), len(n_steps_list))
-
-def resets_optimizer(epoch, cur, mode):
-    """Does epoch `epoch` start with a new AdamW? 'epoch': every epoch but the first; 'stage': when
-    the stage changes (cur.stage); 'never'."""
-    if epoch == 0 or mode == "never":
-        return False
-    return mode == "epoch" or cur.stage(epoch) != cur.stage(epoch - 1)
-
-# -----------------------------------------------------------------------------
 # the rules that tie keys together (each key's own CHOICES and BOUNDS are checked first)
 
 def check_config(c, world_size):
-    """configurator.py calls this before any work, with c.key the value of each key and the number
-    of processes of the launch: the first rule broken is the error, saying what to do instead."""
+    """Called before any work with c.key = each key's value: the first rule broken is the error."""
     if c.thoughts_sweep and c.method not in MARKER_METHODS:
         raise UserError(f"thoughts_sweep needs thoughts or pauses; method={c.method!r} has none "
                         f"(use one of {', '.join(MARKER_METHODS)})")
@@ -431,12 +408,11 @@ if __name__ == "__main__":
         copy_token_rows(model, len(tok), markers.ids, markers.source_id)
         print0(f"markers: added, ids {list(markers.ids)}, {markers.describe(tok)}")
     print0(f"model: {base} {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    # every thought pass inside one forward: DDP sees one forward per backward. FSDP: each decoder
-    # layer and the root sharded; the model moves to the device a unit at a time
-    train_model = parallel.distribute(Coconut(model, feedback_id), device, fsdp,
-                                      bf16=precision == "bf16")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate,  # as released: no schedule
-                                  weight_decay=weight_decay)            # and no clipping
+    # one forward holds every thought pass (DDP: one forward per backward); FSDP shards each decoder
+    # layer and the root. AdamW as released: no schedule, no clipping
+    bf16 = precision == "bf16"
+    train_model = parallel.distribute(Coconut(model, feedback_id), device, fsdp, bf16=bf16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=weight_decay)
     start_epoch, start_step, iter_num = map(run.resumed, ("epoch", "step_in_epoch", "iter_num"))
     if run.resuming:                                                   # and AdamW's moments
         run.restore(model, optimizer)

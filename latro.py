@@ -117,8 +117,7 @@ seed = 1337                    # data order, initial weights, rollouts (seeded b
 fsdp = False                   # FSDP2: shard weights, gradients, optimizer state and π0
 ddp_timeout = 1800             # seconds a rank waits in a collective (a dead peer) before it ends
 
-# what each key may hold, checked by configurator.py before any work (the rules that tie keys
-# together: check_config, after the method)
+# what each key may hold, checked before any work (the rules that tie keys: check_config)
 CHOICES = {"task": data.TASKS, "arch": ("gpt2", "llama"), "penalty": ("group", "rank_mean", "none"),
            "checker": CHECKERS, "prompt": ("cot", "sft"), "val_split": ("heldout", "test"),
            "arc_options": ("released", "lettered"), "answer_y": ("released", "clean"),
@@ -252,9 +251,6 @@ def sft_loss_backward(scorer, rows, micro_batch_size, pad_id, ctx, device):
         total += loss.item()
     return total
 
-# -----------------------------------------------------------------------------
-# the run's small decisions, as functions the loop calls and the tests import
-
 def rollout_seed(seed, step, rank):
     """The seed of the rollout sampler at optimizer step `step` on a rank: a function of
     (seed, step, rank) only, so a resumed run draws the same rationales, every step draws new ones
@@ -270,8 +266,7 @@ def lr_at(step, lr, total_steps):
 # the rules that tie keys together (each key's own CHOICES and BOUNDS are checked first)
 
 def check_config(c, world_size):
-    """configurator.py calls this before any work, with c.key the value of each key and the number
-    of processes of the launch: the first rule broken is the error, saying what to do instead."""
+    """Called before any work with c.key = each key's value: the first rule broken is the error."""
     # rollouts that cannot teach: K equal rationales get equal rewards, so every advantage is 0
     if c.temperature <= 0:
         raise UserError(f"temperature={c.temperature}: greedy rollouts make the K rationales of a "
@@ -418,9 +413,8 @@ if __name__ == "__main__":
             run.after_step(model, sft_optimizer, f"at sft step {it + 1}", phase="sft",
                            sft_iter=it + 1)
 
-    # ---- π0, the reference model: the policy as LaTRO starts (after the warm-up, if any), frozen,
-    # in the policy's dtype and attention kernel, so the KL is exactly 0 at step 0. A pretrained
-    # model without warm-up is its own π0 (weights None: checkpoints leave it out)
+    # ---- π0: the policy as LaTRO starts, frozen, in its dtype and attention kernel (the KL is
+    # exactly 0 at step 0); a pretrained model without warm-up is its own (checkpoints leave it out)
     resumed = run.resuming and phase == "latro"
     pi0 = run.ckpt["ref_model"] if resumed else None                   # resume: the saved π0
     if not resumed and (source == "scratch" or sft_total > 0):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from coconut import (Coconut, Curriculum, collate, generate_answers, latent_forward, layout,
-                     naive_latent_forward, stage_of)
+                     naive_latent_forward)
 from configurator import counts
 from inprocess import COCONUT_TINY, check_rules_of, run_main
 from model import (autocast_ctx, backbone, copy_token_rows, lm_head, load_model,
@@ -125,6 +125,12 @@ def test_baseline_layouts():
             == Q + [BOT] + [LAT] * 6 + [EOT])
     assert layout(Q, STEPS, [], 0, Curriculum(method="cot", **KW), n_thoughts=6)[0] == Q
 
+def stage_of(epoch, start_stage, epochs_per_stage, max_latent_stage):
+    """Curriculum.stage of the coconut method."""
+    return Curriculum(method="coconut", c_thought=1, max_latent_stage=max_latent_stage,
+                      pad_latent_to_max=True, special=(None,) * 3, start_stage=start_stage,
+                      epochs_per_stage=epochs_per_stage).stage(epoch)
+
 def test_stage_schedule():
     assert [stage_of(e, 0, 3, 3) for e in range(7)] == [0, 0, 0, 1, 1, 1, 2]
     assert [stage_of(e, 1, 2, 3) for e in range(4)] == [1, 1, 2, 2]  # continuing from a CoT run
@@ -173,12 +179,12 @@ def test_optimizer_resets_exactly_at_the_configured_epochs():
     from coconut import resets_optimizer
     sched = Curriculum(method="coconut", **dict(KW, max_latent_stage=2), start_stage=0,
                        epochs_per_stage=2)
-    assert [sched.stage(e) for e in range(8)] == [stage_of(e, 0, 2, 2) for e in range(8)]
+    assert [sched.stage(e) for e in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
     at = lambda mode: [e for e in range(8) if resets_optimizer(e, sched, mode)]  # 0 0 1 1 2 2 3 3
     assert at("stage") == [2, 4, 6] and at("epoch") == [1, 2, 3, 4, 5, 6, 7] and at("never") == []
     from_cot = Curriculum(method="coconut", **dict(KW, max_latent_stage=3), start_stage=1,
                           epochs_per_stage=3)
-    assert [from_cot.stage(e) for e in range(7)] == [stage_of(e, 1, 3, 3) for e in range(7)]
+    assert [from_cot.stage(e) for e in range(7)] == [1, 1, 1, 2, 2, 2, 3]
     assert [e for e in range(7) if resets_optimizer(e, from_cot, "stage")] == [3, 6]
     # and a real optimizer's step count: AdamW made anew at those epochs restarts at 0
     p = torch.nn.Parameter(torch.ones(2))

@@ -224,7 +224,7 @@ def rank_thought_columns(n_epochs=2):
     """Per optimizer step, the thought columns of each rank's micro-batch, as the script draws
     them."""
     import data
-    from coconut import Curriculum, epoch_order, layout, stage_of
+    from coconut import Curriculum, epoch_order, layout
     from parallel import rank_block
     exs = data.load_task("prosqa_small", "train", n=16, **OPTS)
     n_steps = [len(ex["steps"]) for ex in exs]
@@ -232,7 +232,8 @@ def rank_thought_columns(n_epochs=2):
                special=(-1, -2, -3))
     cols = []
     for epoch in range(n_epochs):
-        stages, perm = epoch_order(0, epoch, stage_of(epoch, 1, 1, 2), 0.5, n_steps)
+        stage = Curriculum(**lay, start_stage=1, epochs_per_stage=1).stage(epoch)
+        stages, perm = epoch_order(0, epoch, stage, 0.5, n_steps)
         for step in range(2):
             batch = perm[step * 8:(step + 1) * 8]
             cols.append([max(layout([0], [[0]] * n_steps[i], [0], stages[i],
