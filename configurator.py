@@ -41,6 +41,8 @@ import sys
 from importlib.util import find_spec
 from types import SimpleNamespace
 
+import formats
+
 TYPES = (bool, int, float, str, type(None))
 # what a bound's message adds about a key, in both scripts
 NOTES = {"n_train": "0 = the task's default size", "n_val": "0 = the task's default size",
@@ -295,7 +297,6 @@ def check_coconut_keys(c):
 def check_latro_keys(c):
     """latro.py: stop strings, the prompts a task has, runs that train something, a pretrained
     model's learning rates."""
-    import formats, vocab  # (they import this module)
     if c.stop_strings != "released" and difflib.get_close_matches(c.stop_strings, ["released"],
                                                                   cutoff=0.75):
         raise UserError(f"stop_strings={c.stop_strings!r}: did you mean 'released'? (to stop at "
@@ -309,7 +310,8 @@ def check_latro_keys(c):
     if c.eval_prompt == "8shot" and c.task != "gsm8k":
         raise UserError("the 8-shot prompt is GSM8K's, for evaluation: use --eval_prompt=8shot "
                         "with --task=gsm8k")
-    if c.eval_prompt == "8shot" and vocab.tokenizer_name(c.tokenizer, c.init_from) == "words":
+    words = c.tokenizer == "words" or not c.tokenizer and c.init_from == "scratch"  # (vocab's rule)
+    if c.eval_prompt == "8shot" and words:
         raise UserError("eval_prompt=8shot needs a model's own tokenizer: the word vocabulary of a "
                         "model from scratch does not hold the words of its eight worked examples")
     # the demo's warm-up and learning rates are for a tiny model from scratch: a pretrained model

@@ -427,7 +427,7 @@ def test_longest_sequences_count_prompt_rationale_and_answer():
 
 def check_resume(ckpt, config, tmp_path):
     """What latro.py does on --init_from=resume: its run.Run loads out_dir/ckpt.pt (load_run) and
-    checks it with check_same_run on RESUME_KEYS, plus MODEL_KEYS for a model from scratch
+    checks it with check_same_run on RESUME_KEYS, plus SHAPE_KEYS for a model from scratch
     (writes=False: out_dir is not claimed)."""
     save_checkpoint(str(tmp_path / "ckpt.pt"), ckpt)
     config = {**config, "out_dir": str(tmp_path), "init_from": "resume", "device": "cpu"}
