@@ -131,6 +131,16 @@ def test_latro_resume_refuses_a_changed_objective_and_reads_renamed_keys():
         check_same_run(old, {**cfg, "learning_rate": 1e-3}, keys, renamed)
 
 
+def test_the_resume_key_tables_name_only_keys_of_their_script():
+    # run.py holds the tables; check_same_run finds a key absent from both configurations equal,
+    # so a misspelt or removed key there would go unchecked without this
+    import coconut
+    for name, script in (("coconut", coconut), ("latro", latro)):
+        keys = set(configure(dict(vars(script)), [], verbose=False))
+        assert set(run.RESUME_KEYS[name]) | set(run.SHAPE_KEYS[name]) <= keys
+        assert "seed" in run.RESUME_KEYS[name] and "out_dir" not in run.RESUME_KEYS[name]
+
+
 # the script, with a SIGTERM sent to itself when the final test loads best.pt (a preemption then)
 SIGNAL_AT_FINAL_TEST = """
 import os, runpy, signal, sys
